@@ -1,0 +1,83 @@
+"""Every field the trainer reads, with the paper's CIFAR-10 recipe as defaults.
+
+Other configs start from `get_config()` here and change what differs. Fields
+left at None take their value from the model registry or the data set.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # "at" (PGD-AT, Madry et al.) or "natural" (no attack, the baseline arm).
+  config.method = "at"
+  # The paper's tricks, acting only on the training attack, with the shared
+  # warm-up r(t) = min(t / warmup_epochs, 1) * drop_rate.
+  config.ard = False
+  config.prm = False
+  config.warmup_epochs = 10.0     # n_w
+  config.drop_rate = 1.0          # keep probability reached after warm-up
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "deit_tiny_patch16_224"
+  config.model.img_size = config_dict.placeholder(int)    # default: data's
+  config.model.patch_size = config_dict.placeholder(int)
+  config.model.embed_dim = config_dict.placeholder(int)
+  config.model.depth = config_dict.placeholder(int)
+  config.model.num_heads = config_dict.placeholder(int)
+  config.model.mlp_ratio = config_dict.placeholder(float)
+  config.model.drop_path_rate = config_dict.placeholder(float)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "tfds"            # digits | image_folder | tfds
+  config.data.root = ""                # image_folder: root/{train,test}/<class>/
+  config.data.tfds_name = "cifar10"
+  config.data.tfds_data_dir = ""
+  config.data.train_split = "train"
+  config.data.test_split = "test"
+  config.data.image_size = 32
+  config.data.train_examples = 0       # 0 = all
+  config.data.test_examples = 0
+  config.data.subset_seed = 0
+  config.data.cache_dir = ""
+  config.data.mean = ()                # () = the data set's default
+  config.data.std = ()
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_padding = 4
+  config.augment.flip = True
+
+  # The training attack: PGD-10, eps 8/255, step 2/255.
+  config.attack = ml_collections.ConfigDict()
+  config.attack.eps = 8 / 255
+  config.attack.alpha = 2 / 255
+  config.attack.steps = 10
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "sgd"            # sgd | adamw
+  config.optim.lr = 0.1
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 1e-4
+  config.optim.grad_clip = 1.0         # global norm; 0 turns clipping off
+  config.optim.schedule = "piecewise"  # piecewise | cyclic | cosine | constant
+  config.optim.warmup_epochs = 0.0     # cosine only
+
+  config.epochs = 40.0
+  config.batch_size = 64
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 128
+  config.eval.alpha = 2 / 255
+  config.eval.restarts = 1
+  config.eval.num_examples = 0         # final evaluation; 0 = the whole test set
+  config.eval.attacks = ("clean", "pgd20", "cw20")
+  config.eval.epoch_num_examples = 500 # per-epoch subset; 0 = no epoch eval
+  config.eval.epoch_attacks = ("clean", "pgd20")
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  return config

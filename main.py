@@ -1,0 +1,69 @@
+"""Command-line entry point: train and evaluate a config in a workdir.
+
+    python main.py                                    # quickstart (digits)
+    python main.py --config=configs/cifar10.py:model=deit_tiny_patch16_224,ard=True,prm=True \
+                   --workdir=runs/x --config.optim.lr=0.05
+
+Rerunning a command with the same workdir resumes from its latest checkpoint.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs/quickstart.py"),
+    "Training configuration file (a get_config(arg) module).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints and metrics; default: "
+    "runs/<config>_<model>_<method>[_ard][_prm].")
+
+
+def default_workdir(config, config_path: str) -> str:
+  stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  parts = [stem, config.model.name, config.method]
+  parts += [trick for trick in ("ard", "prm") if config[trick]]
+  return os.path.join("runs", "_".join(parts))
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps orbax's and JAX's INFO chatter out of the run's log."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/jax/_src/"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Imported here so that --help and flag errors do not pay for JAX start-up.
+  import jax
+  from vitat_jax import train
+  from vitat_jax.errors import UserError
+
+  logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.devices())
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(
+      config, config_flags.get_config_filename(flags.FLAGS["config"]))
+  try:
+    result = train.train_and_evaluate(config, workdir)
+  except (UserError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(result["table"])
+  print(f"train {result['train_time_s']:.0f} s, evaluation "
+        f"{result['eval_time_s']:.0f} s, total {result['wall_time_s']:.0f} s; "
+        f"metrics in {os.path.join(workdir, 'metrics.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

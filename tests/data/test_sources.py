@@ -1,0 +1,426 @@
+"""Sources: digits, image folders (with cache) and tfds, behind `load`."""
+
+import pathlib
+import types
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+from sklearn import datasets as sk_datasets
+import tensorflow_datasets as tfds
+
+from vitat_jax import data
+from vitat_jax.data import sources
+from vitat_jax.errors import UserError
+
+
+def _config(**fields):
+  return ml_collections.ConfigDict(fields)
+
+
+def _assert_one_line_error(excinfo, *fragments):
+  message = str(excinfo.value)
+  assert "\n" not in message
+  for fragment in fragments:
+    assert fragment in message, message
+
+
+def _assert_split(source, size, length=None):
+  images, labels = source.get_batch(np.arange(len(source)))
+  assert images.dtype == np.uint8 and labels.dtype == np.int32
+  assert images.shape == (len(source), size, size, 3)
+  if length is not None:
+    assert len(source) == length
+  return images, labels
+
+
+# ----------------------------------------------------------------- digits ---
+
+
+def test_digits_default_split_shapes_and_range():
+  splits = data.load(_config(name="digits", image_size=0))
+  assert splits.image_size == 16 and splits.num_classes == 10
+  assert splits.class_names == tuple("0123456789")
+  assert splits.mean == (0.5, 0.5, 0.5) and splits.std == (0.5, 0.5, 0.5)
+  train_images, train_labels = _assert_split(splits.train, 16, 1437)
+  _, test_labels = _assert_split(splits.test, 16, 360)
+  assert train_images.min() == 0 and train_images.max() == 255
+  assert set(np.unique(train_labels)) == set(range(10))
+  assert set(np.unique(test_labels)) == set(range(10))
+  # Grey digits: all three channels are the same picture.
+  assert (train_images[..., 0] == train_images[..., 2]).all()
+
+
+def test_digits_split_follows_the_fixed_permutation():
+  digits = sk_datasets.load_digits()
+  order = np.random.default_rng(0).permutation(1797)
+  splits = data.load(_config(name="digits", image_size=8))
+  train_order, test_order = order[:1437], order[1437:]
+  np.testing.assert_array_equal(splits.train.labels, digits.target[train_order])
+  np.testing.assert_array_equal(splits.test.labels, digits.target[test_order])
+  expected = np.round(digits.images[test_order] * 255 / 16).astype(np.uint8)
+  np.testing.assert_array_equal(splits.test.images[..., 1], expected)
+
+
+def test_digits_upsampling_repeats_pixels_for_integer_factors():
+  native = data.load(_config(name="digits", image_size=8)).train.images
+  doubled = data.load(_config(name="digits", image_size=16)).train.images
+  np.testing.assert_array_equal(doubled, native.repeat(2, 1).repeat(2, 2))
+
+
+def test_digits_other_sizes_are_resized_bilinearly():
+  splits = data.load(_config(name="digits", image_size=12))
+  images, _ = _assert_split(splits.train, 12, 1437)
+  assert splits.image_size == 12
+  # Bilinear interpolation creates grey levels between the 17 native ones.
+  assert len(np.unique(images)) > 17
+
+
+def test_digits_is_deterministic():
+  first = data.load(_config(name="digits"))
+  second = data.load(_config(name="digits"))
+  np.testing.assert_array_equal(first.train.images, second.train.images)
+  np.testing.assert_array_equal(first.test.labels, second.test.labels)
+
+
+def test_digits_subsets_are_class_balanced_and_seeded():
+  full = data.load(_config(name="digits"))
+  subset = data.load(_config(name="digits", train_examples=100,
+                             test_examples=50, subset_seed=3))
+  np.testing.assert_array_equal(np.bincount(subset.train.labels), [10] * 10)
+  np.testing.assert_array_equal(np.bincount(subset.test.labels), [5] * 10)
+  # Every chosen example is one of the full split's.
+  full_rows = {row.tobytes() for row in full.train.images}
+  assert all(row.tobytes() in full_rows for row in subset.train.images)
+  again = data.load(_config(name="digits", train_examples=100, subset_seed=3))
+  other = data.load(_config(name="digits", train_examples=100, subset_seed=4))
+  np.testing.assert_array_equal(again.train.images, subset.train.images)
+  assert not np.array_equal(other.train.images, subset.train.images)
+  assert len(again.test) == 360
+
+
+def test_config_may_be_any_attribute_object_with_fields_missing():
+  splits = data.load(types.SimpleNamespace(name="digits", mean=None))
+  assert splits.image_size == 16 and len(splits.train) == 1437
+
+
+def test_mean_and_std_overrides():
+  splits = data.load(_config(name="digits", mean=(0.1, 0.2, 0.3),
+                             std=[1, 2, 3]))
+  assert splits.mean == (0.1, 0.2, 0.3) and splits.std == (1.0, 2.0, 3.0)
+  assert data.load(_config(name="digits", mean=(), std=())).mean == (0.5,) * 3
+
+
+@pytest.mark.parametrize("fields, fragments", [
+    (dict(name="imagenet"), ("'imagenet'", "digits, image_folder, tfds")),
+    (dict(name="digits", image_size=-1), ("data.image_size", "-1")),
+    (dict(name="digits", train_examples=5), ("data.train_examples=5",)),
+    (dict(name="digits", mean=(0.5, 0.5)), ("data.mean", "3 numbers")),
+    (dict(name="digits", std=(0.5, 0.0, 0.5)), ("data.std",)),
+    (dict(name="image_folder"), ("data.root",)),
+    (dict(name="tfds"), ("data.tfds_name",)),
+])
+def test_bad_configs_are_user_errors(fields, fragments):
+  with pytest.raises(UserError) as excinfo:
+    data.load(_config(**fields))
+  _assert_one_line_error(excinfo, *fragments)
+
+
+# ----------------------------------------------------------- image folder ---
+
+
+def _random_image(rng, size=8):
+  return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _make_folder(root: pathlib.Path, per_class: dict, split="train", size=8,
+                 seed=0) -> dict:
+  """Writes per_class[name] images per class, alternating PNG and JPEG.
+
+  Returns {class name: [the PNG images' arrays]} (PNG is lossless).
+  """
+  rng = np.random.default_rng(seed)
+  pngs = {}
+  for class_name, count in per_class.items():
+    class_dir = root / split / class_name
+    class_dir.mkdir(parents=True, exist_ok=True)
+    (class_dir / "notes.txt").write_text("not an image")
+    pngs[class_name] = []
+    for i in range(count):
+      image = _random_image(rng, size)
+      if i % 2 == 0:
+        Image.fromarray(image).save(class_dir / f"{i:03d}.png")
+        pngs[class_name].append(image)
+      else:
+        Image.fromarray(image).save(class_dir / f"{i:03d}.JPEG", quality=95)
+  return pngs
+
+
+def _make_dataset(root: pathlib.Path, train=None, test=None, size=8):
+  train = train or {"zebra": 4, "apple": 3, "mango": 2}
+  test = test or {name: 2 for name in train}
+  return (_make_folder(root, train, "train", size, seed=1),
+          _make_folder(root, test, "test", size, seed=2))
+
+
+def _folder_config(root, cache_dir, **fields):
+  return _config(name="image_folder", root=str(root), cache_dir=str(cache_dir),
+                 **fields)
+
+
+def test_image_folder_labels_follow_sorted_class_names(tmp_path):
+  train_pngs, _ = _make_dataset(tmp_path / "pets")
+  splits = data.load(_folder_config(tmp_path / "pets", tmp_path / "cache"))
+  assert splits.class_names == ("apple", "mango", "zebra")
+  assert splits.num_classes == 3 and splits.image_size == 8
+  assert splits.mean == sources.IMAGENET_STATS[0]
+  images, labels = _assert_split(splits.train, 8, 9)
+  _assert_split(splits.test, 8, 6)
+  np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 2, 2, 2, 2])
+  # Files are read in sorted order; the PNGs (000, 002, ...) come back exact.
+  np.testing.assert_array_equal(images[0], train_pngs["apple"][0])
+  np.testing.assert_array_equal(images[2], train_pngs["apple"][1])
+  np.testing.assert_array_equal(images[5], train_pngs["zebra"][0])
+
+
+def test_image_folder_resizes_and_subsets(tmp_path):
+  _make_dataset(tmp_path / "pets", train={"a": 6, "b": 5}, size=8)
+  splits = data.load(_folder_config(tmp_path / "pets", tmp_path / "cache",
+                                    image_size=12, train_examples=4))
+  assert splits.image_size == 12
+  _, labels = _assert_split(splits.train, 12, 4)
+  np.testing.assert_array_equal(np.bincount(labels), [2, 2])
+  _assert_split(splits.test, 12, 4)
+
+
+def test_image_folder_named_like_cifar10_gets_cifar10_stats(tmp_path):
+  _make_dataset(tmp_path / "my-cifar10-copy")
+  splits = data.load(_folder_config(tmp_path / "my-cifar10-copy",
+                                    tmp_path / "cache"))
+  assert (splits.mean, splits.std) == sources.CIFAR10_STATS
+
+
+def test_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
+  _make_dataset(tmp_path / "pets")
+  config = _folder_config(tmp_path / "pets", tmp_path / "cache")
+  first = data.load(config)
+  cache_files = sorted((tmp_path / "cache" / "image_folder").iterdir())
+  assert [p.suffix for p in cache_files] == [".npz", ".npz"]  # no temp files
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError("the cached folder was decoded again")
+
+  monkeypatch.setattr(Image, "open", no_decoding)
+  second = data.load(config)
+  np.testing.assert_array_equal(first.train.images, second.train.images)
+  np.testing.assert_array_equal(first.test.labels, second.test.labels)
+
+  # A changed file list is a different cache entry.
+  monkeypatch.undo()
+  Image.fromarray(_random_image(np.random.default_rng(9))).save(
+      tmp_path / "pets" / "train" / "apple" / "new.png")
+  assert len(data.load(config).train) == len(first.train) + 1
+
+
+def test_unreadable_cache_is_rebuilt(tmp_path):
+  _make_dataset(tmp_path / "pets")
+  config = _folder_config(tmp_path / "pets", tmp_path / "cache")
+  first = data.load(config)
+  for path in (tmp_path / "cache" / "image_folder").iterdir():
+    path.write_bytes(b"garbage")
+  np.testing.assert_array_equal(data.load(config).train.images,
+                                first.train.images)
+
+
+def test_few_corrupt_files_are_skipped_with_a_warning(tmp_path, caplog):
+  _make_dataset(tmp_path / "pets", train={"a": 50, "b": 50})
+  (tmp_path / "pets" / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+  splits = data.load(_folder_config(tmp_path / "pets", tmp_path / "cache"))
+  assert len(splits.train) == 100
+  assert "Skipped 1 of 101 image files" in caplog.text
+
+
+def test_many_corrupt_files_are_a_user_error(tmp_path):
+  _make_dataset(tmp_path / "pets", train={"a": 10, "b": 10})
+  for name in ("x.png", "y.jpg"):
+    (tmp_path / "pets" / "train" / "a" / name).write_bytes(b"\x89PNG junk")
+  with pytest.raises(UserError) as excinfo:
+    data.load(_folder_config(tmp_path / "pets", tmp_path / "cache"))
+  _assert_one_line_error(excinfo, "more than 1%", str(tmp_path / "pets"))
+
+
+def test_missing_root_is_a_user_error(tmp_path):
+  with pytest.raises(UserError) as excinfo:
+    data.load(_folder_config(tmp_path / "nowhere", tmp_path / "cache"))
+  _assert_one_line_error(excinfo, str(tmp_path / "nowhere"))
+
+
+def test_missing_test_folder_is_a_user_error(tmp_path):
+  _make_folder(tmp_path / "pets", {"a": 2})
+  with pytest.raises(UserError) as excinfo:
+    data.load(_folder_config(tmp_path / "pets", tmp_path / "cache"))
+  _assert_one_line_error(excinfo, str(tmp_path / "pets" / "test"))
+
+
+@pytest.mark.parametrize("layout", ["no_class_folders", "no_images"])
+def test_empty_folder_is_a_user_error(tmp_path, layout):
+  for split in ("train", "test"):
+    (tmp_path / "pets" / split).mkdir(parents=True)
+    if layout == "no_images":
+      (tmp_path / "pets" / split / "cat").mkdir()
+      (tmp_path / "pets" / split / "cat" / "readme.txt").write_text("hi")
+  with pytest.raises(UserError) as excinfo:
+    data.load(_folder_config(tmp_path / "pets", tmp_path / "cache"))
+  _assert_one_line_error(excinfo, str(tmp_path / "pets" / "train"))
+
+
+def test_different_test_classes_are_a_user_error(tmp_path):
+  _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2},
+                test={"a": 2, "c": 2})
+  with pytest.raises(UserError) as excinfo:
+    data.load(_folder_config(tmp_path / "pets", tmp_path / "cache"))
+  _assert_one_line_error(excinfo, "b, c")
+
+
+def test_mixed_native_sizes_need_image_size(tmp_path):
+  _make_dataset(tmp_path / "pets", size=8)
+  Image.fromarray(_random_image(np.random.default_rng(0), 10)).save(
+      tmp_path / "pets" / "train" / "zebra" / "zz.png")
+  config = _folder_config(tmp_path / "pets", tmp_path / "cache")
+  with pytest.raises(UserError) as excinfo:
+    data.load(config)
+  _assert_one_line_error(excinfo, "zz.png", "data.image_size")
+  config.image_size = 8
+  assert data.load(config).image_size == 8
+
+
+def test_real_cifar10_folder(cifar10_root, tmp_path):
+  splits = data.load(_folder_config(cifar10_root, tmp_path / "cache",
+                                    train_examples=100))
+  assert splits.class_names == ("airplane", "automobile", "bird", "cat", "deer",
+                                "dog", "frog", "horse", "ship", "truck")
+  assert splits.image_size == 32
+  assert (splits.mean, splits.std) == sources.CIFAR10_STATS
+  _, train_labels = _assert_split(splits.train, 32, 100)
+  np.testing.assert_array_equal(np.bincount(train_labels), [10] * 10)
+  test_images, test_labels = _assert_split(splits.test, 32, 10_000)
+  np.testing.assert_array_equal(np.bincount(test_labels), [1000] * 10)
+  # Real photographs: the channel means are CIFAR-10's published ones.
+  channel_means = test_images.reshape(-1, 3).mean(0) / 255
+  np.testing.assert_allclose(channel_means, sources.CIFAR10_STATS[0],
+                             atol=0.01)
+
+
+# ------------------------------------------------------------------- tfds ---
+
+
+class VitatTestTinyGray(tfds.core.GeneratorBasedBuilder):
+  """A real (not mocked) grayscale dataset, written without TensorFlow."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  NUM_EXAMPLES = {"train": 30, "test": 9}
+
+  def _info(self):
+    # A Tensor feature, as encoding an Image feature would need TensorFlow.
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(6, 6, 1), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(names=["low", "mid", "high"]),
+    })
+    return tfds.core.DatasetInfo(builder=self, features=features)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split)
+            for split in self.NUM_EXAMPLES}
+
+  def _generate_examples(self, split):
+    for i in range(self.NUM_EXAMPLES[split]):
+      label = i % 3
+      # The label is readable from the pixels, to check records stay paired.
+      image = np.full((6, 6, 1), 40 + 80 * label, np.uint8)
+      yield f"{split}{i}", {"image": image, "label": label}
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  VitatTestTinyGray(data_dir=str(data_dir),
+                    file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+def _tfds_config(**fields):
+  return _config(**{"name": "tfds", "tfds_data_dir": "", "train_split": "train",
+                    "test_split": "test", **fields})
+
+
+def test_tfds_mock_cifar10_through_load():
+  with tfds.testing.mock_data(num_examples=20):
+    splits = data.load(_tfds_config(tfds_name="cifar10"))
+    assert splits.num_classes == 10 and len(splits.class_names) == 10
+    assert splits.image_size == 32
+    assert (splits.mean, splits.std) == sources.CIFAR10_STATS
+    assert isinstance(splits.train, data.TfdsSource)
+    images, labels = _assert_split(splits.train, 32, 20)
+    assert labels.min() >= 0 and labels.max() < 10
+    again, _ = splits.train.get_batch(np.arange(20))
+    np.testing.assert_array_equal(images, again)
+    _assert_split(splits.test, 32, 20)
+
+    resized = data.load(_tfds_config(tfds_name="cifar10", image_size=16))
+    _assert_split(resized.test, 16, 20)
+
+
+def test_tfds_real_array_record_dataset(tiny_tfds_dir):
+  splits = data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
+                                  tfds_data_dir=str(tiny_tfds_dir)))
+  assert splits.class_names == ("low", "mid", "high")
+  assert splits.image_size == 6
+  assert splits.mean == sources.IMAGENET_STATS[0]
+  images, labels = _assert_split(splits.train, 6, 30)
+  _assert_split(splits.test, 6, 9)
+  np.testing.assert_array_equal(images[:, 0, 0, :],
+                                np.repeat(40 + 80 * labels[:, None], 3, 1))
+
+  subset = data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
+                                  tfds_data_dir=str(tiny_tfds_dir),
+                                  image_size=12, train_examples=12))
+  images, labels = _assert_split(subset.train, 12, 12)
+  np.testing.assert_array_equal(np.bincount(labels), [4, 4, 4])
+  # Flat images stay flat through the bilinear resize.
+  np.testing.assert_array_equal(images[:, 5, 7, 1], 40 + 80 * labels)
+
+
+def test_tfds_unprepared_dataset_is_a_user_error(tmp_path):
+  with pytest.raises(UserError) as excinfo:
+    data.load(_tfds_config(tfds_name="cifar10",
+                           tfds_data_dir=str(tmp_path / "empty")))
+  _assert_one_line_error(excinfo, "tfds build cifar10", "image_folder",
+                         str(tmp_path / "empty"))
+
+
+def test_tfds_unknown_dataset_is_a_user_error(tmp_path):
+  with pytest.raises(UserError) as excinfo:
+    data.load(_tfds_config(tfds_name="no_such_dataset_xyz",
+                           tfds_data_dir=str(tmp_path)))
+  _assert_one_line_error(excinfo, "no_such_dataset_xyz", "data.tfds_name")
+
+
+def test_tfds_unknown_split_is_a_user_error(tiny_tfds_dir):
+  with pytest.raises(UserError) as excinfo:
+    data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
+                           tfds_data_dir=str(tiny_tfds_dir), test_split="val"))
+  _assert_one_line_error(excinfo, "'val'", "data.train_split/test_split")
+
+
+def test_array_source_checks_its_arrays():
+  labels = np.arange(4, dtype=np.int32)
+  with pytest.raises(ValueError, match="uint8"):
+    data.ArraySource(np.zeros((4, 2, 2, 3), np.float32), labels)
+  with pytest.raises(ValueError, match="do not match"):
+    data.ArraySource(np.zeros((3, 2, 2, 3), np.uint8), labels)
+  source = data.ArraySource(np.zeros((4, 2, 2, 3), np.uint8), labels)
+  images, batch_labels = source.get_batch(np.array([3, 1]))
+  assert images.shape == (2, 2, 2, 3)
+  np.testing.assert_array_equal(batch_labels, [3, 1])

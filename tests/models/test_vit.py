@@ -1,0 +1,167 @@
+"""ViT / DeiT: timm-compatible sizes, the ARD gate, and one-line errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitat_jax import models
+from vitat_jax.errors import UserError
+
+
+def _num_params(model):
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, model.img_size, model.img_size, 3)))
+  return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize("name, expected", [
+    # Parameter counts of timm.create_model(name) (timm's model cards).
+    ("vit_tiny_patch16_224", 5_717_416),
+    ("deit_tiny_patch16_224", 5_717_416),
+    ("vit_small_patch16_224", 22_050_664),
+    ("vit_base_patch16_224", 86_567_656),
+    ("vit_large_patch16_224", 304_326_632),
+    ("deit_base_distilled_patch16_224", 87_338_192),
+    ("vit_small_patch16_224_legacy", 48_754_408),
+])
+def test_sizes_match_timm(name, expected):
+  assert _num_params(models.create(name)) == expected
+
+
+def test_timm_keywords_override_the_variant():
+  model = models.create("deit_tiny_patch16_224", num_classes=10, img_size=32,
+                        patch_size=4, embed_dim=48, depth=2, num_heads=3,
+                        mlp_ratio=2.0)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))["params"]
+  assert shapes["pos_embed"].shape == (1, 8 * 8 + 1, 48)
+  assert shapes["patch_embed"]["kernel"].shape == (4, 4, 3, 48)
+  assert shapes["blocks_1"]["mlp"]["fc1"]["kernel"].shape == (48, 96)
+  assert shapes["head"]["kernel"].shape == (48, 10)
+  assert "blocks_2" not in shapes
+  assert model.grid_size == 8 and model.num_attention_blocks == 2
+
+
+def test_in21k_has_pre_logits_and_can_drop_it():
+  model = models.create("vit_base_patch16_224_in21k", depth=1)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 224, 224, 3)))["params"]
+  assert shapes["pre_logits"]["kernel"].shape == (768, 768)
+  assert shapes["head"]["kernel"].shape == (768, 21843)
+  plain = models.create("vit_base_patch16_224_in21k", depth=1,
+                        representation_size=None, num_classes=10)
+  shapes = jax.eval_shape(plain.init, jax.random.key(0),
+                          jnp.zeros((1, 224, 224, 3)))["params"]
+  assert "pre_logits" not in shapes
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(name="vit_tiny_patch16_22"), "unknown model"),
+    (dict(name="vit_tiny_patch16_224", patch_size=5, img_size=32),
+     "does not divide"),
+    (dict(name="vit_tiny_patch16_224", embed_dim=50), "num_heads"),
+    (dict(name="vit_tiny_patch16_224", window_size=7), "unknown keyword"),
+])
+def test_bad_arguments_are_one_line_user_errors(kwargs, fragment):
+  with pytest.raises(UserError, match=fragment) as info:
+    models.create(**kwargs)
+  assert "\n" not in str(info.value)
+
+
+# One tiny model for the numerical tests of this module.
+MODEL = models.create("deit_tiny_patch16_224", num_classes=10, img_size=16,
+                      patch_size=4, embed_dim=32, depth=2, num_heads=2)
+IMAGES = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+LABELS = jnp.array([0, 3, 5, 9])
+PARAMS = MODEL.init(jax.random.key(0), IMAGES)["params"]
+
+
+def _loss(params, images, keep):
+  logits = MODEL.apply({"params": params}, images, attn_keep=keep)
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), LABELS[:, None],
+                              axis=1).mean()
+
+
+_grads = jax.jit(jax.grad(_loss, argnums=(0, 1)))
+_forward = jax.jit(lambda p, x, keep: MODEL.apply({"params": p}, x,
+                                                   attn_keep=keep))
+
+
+def test_input_is_normalised_inside_the_model():
+  model = models.create("deit_tiny_patch16_224", num_classes=10, img_size=16,
+                        patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                        mean=(0.2, 0.3, 0.4), std=(0.5, 0.5, 0.5))
+  shifted = models.create("deit_tiny_patch16_224", num_classes=10,
+                          img_size=16, patch_size=4, embed_dim=32, depth=2,
+                          num_heads=2, mean=(0.0, 0.0, 0.0),
+                          std=(0.5, 0.5, 0.5))
+  a = model.apply({"params": PARAMS}, IMAGES)
+  b = shifted.apply({"params": PARAMS},
+                    IMAGES - jnp.array([0.2, 0.3, 0.4]))
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_ard_gate_leaves_forward_values_unchanged():
+  plain = _forward(PARAMS, IMAGES, None)
+  for keep in ([0.0, 0.0], [1.0, 0.0], [1.0, 1.0]):
+    np.testing.assert_array_equal(_forward(PARAMS, IMAGES, jnp.array(keep)),
+                                  plain)
+
+
+def test_ard_keep_one_equals_the_plain_gradient():
+  plain = _grads(PARAMS, IMAGES, None)
+  kept = _grads(PARAMS, IMAGES, jnp.ones(2))
+  jax.tree.map(np.testing.assert_array_equal, kept, plain)
+
+
+def test_ard_keep_zero_drops_only_the_attention_branch_gradient():
+  param_grads, input_grads = _grads(PARAMS, IMAGES, jnp.array([0.0, 1.0]))
+  # Block 0's attention parameters reach the loss only through the gated
+  # branch, so their gradient vanishes; its MLP and block 1 are untouched.
+  for leaf in jax.tree.leaves(param_grads["blocks_0"]["attn"]):
+    assert not np.any(leaf)
+  for leaf in jax.tree.leaves(param_grads["blocks_0"]["norm1"]):
+    assert not np.any(leaf)
+  assert np.any(param_grads["blocks_0"]["mlp"]["fc1"]["kernel"])
+  assert np.any(param_grads["blocks_1"]["attn"]["qkv"]["kernel"])
+  # The input gradient still flows through the skip and MLP paths, and
+  # differs from the ungated one.
+  plain_input = _grads(PARAMS, IMAGES, None)[1]
+  assert np.any(input_grads)
+  assert not np.allclose(input_grads, plain_input)
+
+
+def test_all_dropped_equals_a_model_whose_attention_is_a_constant():
+  # With every keep at 0 the input gradient equals that of the same network
+  # in which each attention output is treated as a constant.
+  gated = jax.grad(lambda x: _loss(PARAMS, x, jnp.zeros(2)))(IMAGES)
+
+  def stopped_loss(images):
+    # Re-implement the gate as stop_gradient on every attention output.
+    def intercept(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.module.name == "attn":
+        return jax.lax.stop_gradient(out)
+      return out
+    with nn.intercept_methods(intercept):
+      logits = MODEL.apply({"params": PARAMS}, images)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), LABELS[:, None],
+                                axis=1).mean()
+  stopped = jax.grad(stopped_loss)(IMAGES)
+  np.testing.assert_allclose(gated, stopped, rtol=1e-5, atol=1e-7)
+
+
+def test_wrong_image_size_and_mask_shape_are_clear_errors():
+  with pytest.raises(ValueError, match="img_size=32"):
+    MODEL.apply({"params": PARAMS}, jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match="attn_keep"):
+    MODEL.apply({"params": PARAMS}, IMAGES, attn_keep=jnp.ones(3))
+
+
+def test_registry_lists_timm_names():
+  names = models.list_models()
+  for name in ("vit_base_patch16_224", "deit_tiny_patch16_224",
+               "deit_small_patch16_224", "vit_base_patch16_224_in21k"):
+    assert name in names

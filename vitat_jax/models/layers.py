@@ -1,0 +1,121 @@
+"""Building blocks shared by the transformer families.
+
+Parameter names follow timm's module names (`qkv`, `proj`, `fc1`, `fc2`,
+`norm1`, ...) so that converted checkpoints map onto them one to one.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# timm initialises linear layers with a truncated normal of std 0.02.
+dense_init = nn.initializers.xavier_uniform()
+
+
+def gate_attention(branch: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
+  """ARD gate: forward value unchanged, gradient scaled by `keep`.
+
+  `keep * a + (1 - keep) * stop_gradient(a)` equals `a` in the forward pass
+  for keep in {0, 1}; in the backward pass only the `keep` part carries the
+  gradient, so keep = 0 drops the attention branch's gradient entirely.
+  """
+  if keep is None:
+    return branch
+  keep = keep.astype(branch.dtype)
+  return keep * branch + (1 - keep) * jax.lax.stop_gradient(branch)
+
+
+def drop_path(x: jax.Array, rate: float, rng: Optional[jax.Array],
+              deterministic: bool) -> jax.Array:
+  """Stochastic depth: drops the whole branch per example, rescales the rest."""
+  if deterministic or rate == 0.0:
+    return x
+  keep_prob = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep_prob, jnp.zeros_like(x))
+
+
+class Mlp(nn.Module):
+  """Two dense layers with exact (erf) GELU, as timm's `Mlp`."""
+  hidden_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    out_dim = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init,
+                 name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init,
+                 name="fc2")(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (timm layout)."""
+  num_heads: int
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  attn_dropout: float = 0.0
+  proj_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    batch, tokens, dim = x.shape
+    head_dim = dim // self.num_heads
+    scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
+    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype,
+                   kernel_init=dense_init, name="qkv")(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, dim)
+    out = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init,
+                   name="proj")(out)
+    return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with the ARD gate on the attention branch.
+
+  As in the reference models, stochastic depth sits on the attention branch
+  only; the MLP branch and the skip path are never gated or dropped.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, keep=None, *, train: bool = False):
+    dim = x.shape[-1]
+    branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    branch = Attention(self.num_heads, self.qkv_bias, self.qk_scale,
+                       self.attn_dropout, self.dropout, dtype=self.dtype,
+                       name="attn")(branch, train=train)
+    branch = gate_attention(branch, keep)
+    rng = self.make_rng("dropout") if train and self.drop_path_rate else None
+    x = x + drop_path(branch, self.drop_path_rate, rng, not train)
+    branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    return x + Mlp(int(dim * self.mlp_ratio), self.dropout, dtype=self.dtype,
+                   name="mlp")(branch, train=train)
+
+
+def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """Maps [0, 1] pixels to the model's input statistics (NHWC)."""
+  mean = jnp.asarray(mean, x.dtype)
+  std = jnp.asarray(std, x.dtype)
+  return (x - mean) / std

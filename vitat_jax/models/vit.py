@@ -1,0 +1,180 @@
+"""Vision Transformer and DeiT (Dosovitskiy et al. 2021; Touvron et al. 2021).
+
+One module, sizes from a variant table, registered under timm's names. The
+model takes images in [0, 1] (NHWC), normalises them with its own mean/std,
+and takes the ARD keep-mask `attn_keep` (shape [depth], or None) as an
+ordinary argument.
+"""
+
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitat_jax.errors import UserError
+from vitat_jax.models import layers
+from vitat_jax.models import registry
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+class VisionTransformer(nn.Module):
+  """ViT with class token, learned position embedding and pre-norm blocks.
+
+  `distilled=True` adds DeiT's distillation token and head; the two heads'
+  logits are averaged (DeiT's inference rule, used here in training too since
+  no teacher is involved in adversarial training).
+  """
+  num_classes: int = 1000
+  img_size: int = 224
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  representation_size: Optional[int] = None
+  distilled: bool = False
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  mean: Tuple[float, ...] = IMAGENET_INCEPTION_MEAN
+  std: Tuple[float, ...] = IMAGENET_INCEPTION_STD
+  dtype: Any = jnp.float32
+
+  @property
+  def num_attention_blocks(self) -> int:
+    """Length of the ARD keep-mask this model takes."""
+    return self.depth
+
+  @property
+  def grid_size(self) -> int:
+    """Patches per image side (the PRM grid)."""
+    return self.img_size // self.patch_size
+
+  def check_config(self):
+    """Raises a one-line UserError for sizes that cannot build a model."""
+    if self.patch_size <= 0 or self.img_size % self.patch_size:
+      raise UserError(
+          f"patch_size={self.patch_size} does not divide img_size="
+          f"{self.img_size}: choose a patch size that divides the image size")
+    if self.embed_dim % self.num_heads:
+      raise UserError(
+          f"embed_dim={self.embed_dim} is not divisible by num_heads="
+          f"{self.num_heads}: choose num_heads dividing embed_dim")
+    if len(self.mean) != 3 or len(self.std) != 3:
+      raise UserError("mean and std need one value per RGB channel")
+
+  @nn.compact
+  def __call__(self, images, attn_keep=None, *, train: bool = False):
+    if images.shape[1:3] != (self.img_size, self.img_size):
+      raise ValueError(
+          f"model built for {self.img_size}x{self.img_size} images, got "
+          f"{images.shape[1]}x{images.shape[2]}; create it with img_size="
+          f"{images.shape[1]}")
+    if attn_keep is not None and attn_keep.shape != (self.depth,):
+      raise ValueError(f"attn_keep must have shape ({self.depth},), got "
+                       f"{attn_keep.shape}")
+    x = layers.normalize(images.astype(self.dtype), self.mean, self.std)
+    x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
+                strides=(self.patch_size,) * 2, padding="VALID",
+                dtype=self.dtype, name="patch_embed")(x)
+    batch = x.shape[0]
+    x = x.reshape(batch, -1, self.embed_dim)
+
+    prefix = [self.param("cls_token", nn.initializers.zeros,
+                         (1, 1, self.embed_dim))]
+    if self.distilled:
+      prefix.append(self.param("dist_token", layers.dense_init,
+                               (1, 1, self.embed_dim)))
+    prefix = [jnp.broadcast_to(t, (batch, 1, self.embed_dim)).astype(self.dtype)
+              for t in prefix]
+    x = jnp.concatenate(prefix + [x], axis=1)
+    pos_embed = self.param("pos_embed", layers.dense_init,
+                           (1, x.shape[1], self.embed_dim))
+    x = x + pos_embed.astype(self.dtype)
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+
+    path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    for i in range(self.depth):
+      keep = None if attn_keep is None else attn_keep[i]
+      x = layers.Block(self.num_heads, self.mlp_ratio, self.qkv_bias,
+                       self.qk_scale, self.drop_rate, self.attn_drop_rate,
+                       float(path_rates[i]), dtype=self.dtype,
+                       name=f"blocks_{i}")(x, keep, train=train)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+
+    cls = x[:, 0]
+    if self.representation_size is not None:
+      cls = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
+                             name="pre_logits")(cls))
+    if self.num_classes <= 0:
+      return cls
+    logits = nn.Dense(self.num_classes, dtype=self.dtype,
+                      kernel_init=layers.dense_init, name="head")(cls)
+    if self.distilled:
+      dist = nn.Dense(self.num_classes, dtype=self.dtype,
+                      kernel_init=layers.dense_init, name="head_dist")(x[:, 1])
+      logits = (logits + dist) / 2
+    return logits.astype(jnp.float32)
+
+
+# size: (embed_dim, depth, num_heads)
+_VIT_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+# The (patch, resolution) pairs timm defines for each size.
+_VIT_PATCH_RES = {
+    "tiny": ((16, 224), (16, 384)),
+    "small": ((16, 224), (16, 384), (32, 224), (32, 384)),
+    "base": ((16, 224), (16, 384), (32, 224), (32, 384)),
+    "large": ((16, 224), (16, 384), (32, 384)),
+}
+
+
+def _register_all():
+  for size, (dim, depth, heads) in _VIT_SIZES.items():
+    for patch, res in _VIT_PATCH_RES[size]:
+      registry.register(
+          f"vit_{size}_patch{patch}_{res}", VisionTransformer,
+          embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch,
+          img_size=res)
+    # ImageNet-21k checkpoints (21843 classes) with the pre-logits layer.
+    if size in ("base", "large"):
+      for patch in (16, 32):
+        registry.register(
+            f"vit_{size}_patch{patch}_224_in21k", VisionTransformer,
+            embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch,
+            img_size=224, num_classes=21843, representation_size=dim)
+  # DeiT: ViT architecture with ImageNet mean/std; distilled variants add a
+  # second token and head.
+  for size, (dim, depth, heads) in _VIT_SIZES.items():
+    if size == "large":
+      continue
+    for res in (224, 384) if size == "base" else (224,):
+      common = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=16,
+                    img_size=res, mean=IMAGENET_DEFAULT_MEAN,
+                    std=IMAGENET_DEFAULT_STD)
+      registry.register(f"deit_{size}_patch16_{res}", VisionTransformer,
+                        **common)
+      registry.register(f"deit_{size}_distilled_patch16_{res}",
+                        VisionTransformer, distilled=True, **common)
+  # The reference repository's `vit_small_patch16_224` is timm's early custom
+  # model, not today's ViT-S/16; it lives here under a distinct name.
+  registry.register(
+      "vit_small_patch16_224_legacy", VisionTransformer, embed_dim=768,
+      depth=8, num_heads=8, mlp_ratio=3.0, qkv_bias=False,
+      qk_scale=768 ** -0.5, patch_size=16, img_size=224)
+
+
+_register_all()

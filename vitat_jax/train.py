@@ -1,0 +1,229 @@
+"""The training loop: one jitted, state-donating step; evaluation; checkpoints.
+
+`train_and_evaluate(config, workdir)` is what `main.py` calls: it validates
+the config, loads the data, builds the model and optimiser, resumes from the
+latest checkpoint in `workdir` if there is one, trains, evaluates clean and
+robust accuracy on a fixed test subset after every epoch, and finally writes
+`metrics.json` with the full evaluation.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Dict
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from vitat_jax import data as data_lib
+from vitat_jax import evaluation
+from vitat_jax import masks
+from vitat_jax import models
+from vitat_jax import objectives
+from vitat_jax import optim
+from vitat_jax import parallel
+from vitat_jax import run_checkpoints
+from vitat_jax import validate
+from vitat_jax.data import augment
+from vitat_jax.data import pipeline
+from vitat_jax.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def build_model(config, splits=None):
+  """The model for `config`, sized and normalised for the data."""
+  data_kwargs = {"img_size": config.data.image_size or None}
+  if splits is not None:
+    data_kwargs = dict(img_size=config.data.image_size or splits.image_size,
+                       num_classes=splits.num_classes, mean=splits.mean,
+                       std=splits.std)
+  return models.create_from_config(config.model, **data_kwargs)
+
+
+def make_train_step(config, model, objective, tx, schedule,
+                    steps_per_epoch: int, num_classes: int):
+  """`train_step(state, images_uint8, labels, loop_key) -> (state, metrics)`."""
+  padding = config.augment.crop_padding
+  flip = config.augment.flip
+
+  def train_step(state, images, labels, loop_key):
+    step_key = jax.random.fold_in(loop_key, state.step)
+    augment_key, objective_key = jax.random.split(step_key)
+    x = augment.to_float(images)
+    if padding or flip:
+      x = augment.random_crop_flip(augment_key, x, padding=padding, flip=flip)
+    batch = {"image": x, "target": jax.nn.one_hot(labels, num_classes)}
+    t = masks.fractional_epoch(state.step, steps_per_epoch)
+    r = masks.warmup_value(t, config.warmup_epochs, config.drop_rate)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, objective_key, r)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   lr=schedule(state.step), r=r)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def _mean_metrics(history):
+  host = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _check_finite(metrics, step, config):
+  for name in ("loss", "grad_norm"):
+    if not math.isfinite(metrics[name]):
+      hint = (" (gradient clipping is off: set optim.grad_clip=1.0)"
+              if config.optim.grad_clip <= 0 else " (lower optim.lr)")
+      raise FloatingPointError(
+          f"non-finite {name}={metrics[name]} at step {step}{hint}; the last "
+          "good checkpoint is kept")
+
+
+class _JsonLines:
+  def __init__(self, path):
+    self._path = path
+
+  def write(self, record):
+    with open(self._path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def format_table(result: Dict[str, Any], attack_names) -> str:
+  rows = [("attack", "accuracy")]
+  rows += [(n, f"{100 * result[f'{n}_acc']:.2f}%") for n in attack_names]
+  width = max(len(r[0]) for r in rows) + 2
+  lines = [f"{a:<{width}}{b:>10}" for a, b in rows]
+  lines.insert(1, "-" * (width + 10))
+  lines.append(f"({result['num_eval_images']} test images, eps "
+               f"{result['eps'] * 255:.1f}/255)")
+  return "\n".join(lines)
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if possible); returns metrics."""
+  wall_start = time.perf_counter()
+  validate.check_config(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  os.makedirs(workdir, exist_ok=True)
+  validate.check_workdir_config(config, workdir)
+
+  splits = data_lib.load(config.data)
+  model = build_model(config, splits)
+  steps_per_epoch = pipeline.steps_per_epoch(len(splits.train),
+                                             config.batch_size)
+  total_steps = int(round(config.epochs * steps_per_epoch))
+  tx, schedule = optim.make_optimizer(config.optim, config.epochs,
+                                      steps_per_epoch)
+  objective = objectives.make_objective(config, model)
+
+  init_key, loop_key, eval_key = jax.random.split(
+      jax.random.key(config.seed), 3)
+  dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
+  params = jax.jit(model.init)(init_key, dummy)["params"]
+  state = TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+  num_params = sum(p.size for p in jax.tree.leaves(params))
+  logging.info("model %s: %.2fM parameters, %d steps/epoch, %d steps",
+               config.model.name, num_params / 1e6, steps_per_epoch,
+               total_steps)
+
+  ckpt = run_checkpoints.manager(workdir,
+                                 max_to_keep=config.keep_checkpoints)
+  restored, start_step = run_checkpoints.restore_latest(ckpt, state)
+  if restored is not None:
+    state = restored
+  start_step = start_step or 0
+  state = parallel.replicate(mesh, state)
+
+  train_step = jax.jit(
+      make_train_step(config, model, objective, tx, schedule,
+                      steps_per_epoch, splits.num_classes),
+      donate_argnums=0)
+  shard = functools.partial(parallel.shard_batch, mesh)
+  eval_cfg = config.eval
+  epoch_eval = evaluation.make_evaluator(
+      model, eval_cfg.epoch_attacks, eps=config.attack.eps,
+      alpha=eval_cfg.alpha, shard_fn=shard)
+  log = _JsonLines(os.path.join(workdir, "metrics.jsonl"))
+
+  batches = pipeline.train_batches(
+      splits.train, config.batch_size, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  history = []
+  train_seconds = 0.0
+  epoch_start = time.perf_counter()
+  for step in range(start_step, total_steps):
+    images, labels = next(batches)
+    images, labels = shard((images, labels.astype(np.int32)))
+    state, metrics = train_step(state, images, labels, loop_key)
+    history.append(metrics)
+    done = step + 1
+    if done % config.log_every_steps == 0 or done == total_steps:
+      summary = _mean_metrics(history)
+      history = []
+      _check_finite(summary, done, config)
+      log.write({"step": done, "epoch": done / steps_per_epoch,
+                 **{f"train_{k}": v for k, v in summary.items()}})
+      logging.info("step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
+                   "grad-norm %.3f  r %.3f", done, total_steps,
+                   summary["loss"], summary["accuracy"], summary["lr"],
+                   summary["grad_norm"], summary["r"])
+    if done % config.checkpoint_every_steps == 0 and done != total_steps:
+      run_checkpoints.save(ckpt, done, state)
+    if done % steps_per_epoch == 0 and eval_cfg.epoch_num_examples:
+      jax.block_until_ready(state)
+      train_seconds += time.perf_counter() - epoch_start
+      result = epoch_eval(
+          state.params,
+          pipeline.eval_batches(splits.test, eval_cfg.batch_size,
+                                eval_cfg.epoch_num_examples),
+          jax.random.fold_in(eval_key, done))
+      epoch = done // steps_per_epoch
+      log.write({"step": done, "epoch": epoch,
+                 **{f"test_{k}": v for k, v in result.items()}})
+      logging.info("epoch %d: %s", epoch, "  ".join(
+          f"{n} {result[n + '_acc']:.3f}" for n in eval_cfg.epoch_attacks))
+      epoch_start = time.perf_counter()
+  jax.block_until_ready(state)
+  train_seconds += time.perf_counter() - epoch_start
+  batches.close()
+  if start_step < total_steps:
+    run_checkpoints.save(ckpt, total_steps, state)
+  ckpt.wait_until_finished()
+
+  final_eval = evaluation.make_evaluator(
+      model, eval_cfg.attacks, eps=config.attack.eps, alpha=eval_cfg.alpha,
+      restarts=eval_cfg.restarts, shard_fn=shard)
+  eval_start = time.perf_counter()
+  result = final_eval(
+      state.params,
+      pipeline.eval_batches(splits.test, eval_cfg.batch_size,
+                            eval_cfg.num_examples or None),
+      eval_key)
+  result.update(
+      eps=config.attack.eps, model=config.model.name, method=config.method,
+      ard=config.ard, prm=config.prm, steps=total_steps,
+      resumed_from_step=start_step, train_time_s=train_seconds,
+      eval_time_s=time.perf_counter() - eval_start,
+      wall_time_s=time.perf_counter() - wall_start)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  result["table"] = format_table(result, eval_cfg.attacks)
+  return result

@@ -1,0 +1,96 @@
+"""Checks of a whole config before any data loading or compilation.
+
+Each failure is a `UserError` with one line saying what is wrong and what to
+do. Checks that need the data (image sizes of a folder, class counts) run
+right after loading, still before anything is compiled.
+"""
+
+import json
+import os
+
+from vitat_jax import evaluation
+from vitat_jax import models
+from vitat_jax import objectives
+from vitat_jax import optim
+from vitat_jax.errors import UserError
+
+DATASETS = ("digits", "image_folder", "tfds")
+
+
+def _check_data(config):
+  data = config.data
+  if data.name not in DATASETS:
+    raise UserError(f"unknown dataset {data.name!r}: use one of "
+                    f"{', '.join(DATASETS)}")
+  if data.name == "image_folder":
+    if not data.root:
+      raise UserError("data.root is empty: set --config.data.root=DIR, a "
+                      "folder holding train/<class>/*.jpg and test/<class>/")
+    if not os.path.isdir(data.root):
+      raise UserError(f"data directory {data.root!r} does not exist: set "
+                      "--config.data.root to a folder with train/ and test/")
+
+
+def _check_model(config):
+  """Names, keywords and divisibility, checked by building the module."""
+  image_size = config.model.get("img_size") or config.data.image_size
+  if image_size:
+    models.create_from_config(config.model, img_size=image_size)
+  else:  # the size comes from the data: check what can be checked now
+    models.model_defaults(config.model.name)
+
+
+def check_config(config):
+  """Raises UserError for the first problem found in `config`."""
+  if config.epochs <= 0:
+    raise UserError(f"epochs={config.epochs} must be positive")
+  if config.batch_size <= 0 or config.eval.batch_size <= 0:
+    raise UserError("batch_size and eval.batch_size must be positive")
+  if config.warmup_epochs < 0 or config.warmup_epochs > config.epochs:
+    raise UserError(f"warmup_epochs={config.warmup_epochs} must be in [0, "
+                    f"epochs={config.epochs}]: ARD/PRM warm up within the run")
+  if not 0 <= config.drop_rate <= 1:
+    raise UserError(f"drop_rate={config.drop_rate} must be in [0, 1] (the "
+                    "ARD keep probability reached after warm-up)")
+  if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
+    raise UserError("log_every_steps and checkpoint_every_steps must be "
+                    "positive")
+  objectives.check_config(config)
+  optim.check_config(config.optim)
+  for name in list(config.eval.attacks) + list(config.eval.epoch_attacks):
+    evaluation.parse_attack(name)
+  if config.method != "natural" or any(
+      n != "clean" for n in config.eval.attacks):
+    if not 0 < config.eval.alpha <= config.attack.eps:
+      raise UserError(f"eval.alpha={config.eval.alpha} must be in (0, "
+                      f"attack.eps={config.attack.eps}]")
+  _check_data(config)
+  _check_model(config)
+
+
+# Sections that may change between a run and its resumption.
+_RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
+                   "keep_checkpoints")
+
+
+def _run_defining(config_dict):
+  return {k: v for k, v in config_dict.items() if k not in _RESUMABLE_KEYS}
+
+
+def check_workdir_config(config, workdir: str):
+  """Writes config.json, or refuses a workdir holding a different run."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    old, new = _run_defining(previous), _run_defining(current)
+    if old != new:
+      changed = sorted(k for k in set(old) | set(new)
+                       if old.get(k) != new.get(k))
+      raise UserError(
+          f"workdir {workdir!r} holds a run with a different config "
+          f"(differs in: {', '.join(changed)}); use a new --workdir or "
+          "delete that one to start over")
+  with open(path, "w") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
