@@ -28,7 +28,8 @@ _WORKDIR = flags.DEFINE_string(
 def default_workdir(config, config_path: str) -> str:
   stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   parts = [stem, config.model.name, config.method]
-  parts += [trick for trick in ("ard", "prm") if config[trick]]
+  if config.method != "natural":
+    parts += [trick for trick in ("ard", "prm") if config[trick]]
   return os.path.join("runs", "_".join(parts))
 
 

@@ -70,6 +70,7 @@ def get_config():
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128
+  config.eval.eps = config_dict.placeholder(float)   # default: attack.eps
   config.eval.alpha = 2 / 255
   config.eval.restarts = 1
   config.eval.num_examples = 0         # final evaluation; 0 = the whole test set

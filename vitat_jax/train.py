@@ -156,8 +156,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       donate_argnums=0)
   shard = functools.partial(parallel.shard_batch, mesh)
   eval_cfg = config.eval
+  eval_eps = eval_cfg.eps or config.attack.eps
   epoch_eval = evaluation.make_evaluator(
-      model, eval_cfg.epoch_attacks, eps=config.attack.eps,
+      model, eval_cfg.epoch_attacks, eps=eval_eps,
       alpha=eval_cfg.alpha, shard_fn=shard)
   log = _JsonLines(os.path.join(workdir, "metrics.jsonl"))
 
@@ -208,7 +209,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   ckpt.wait_until_finished()
 
   final_eval = evaluation.make_evaluator(
-      model, eval_cfg.attacks, eps=config.attack.eps, alpha=eval_cfg.alpha,
+      model, eval_cfg.attacks, eps=eval_eps, alpha=eval_cfg.alpha,
       restarts=eval_cfg.restarts, shard_fn=shard)
   eval_start = time.perf_counter()
   result = final_eval(
@@ -217,7 +218,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                             eval_cfg.num_examples or None),
       eval_key)
   result.update(
-      eps=config.attack.eps, model=config.model.name, method=config.method,
+      eps=eval_eps, model=config.model.name, method=config.method,
       ard=config.ard, prm=config.prm, steps=total_steps,
       resumed_from_step=start_step, train_time_s=train_seconds,
       eval_time_s=time.perf_counter() - eval_start,

@@ -46,7 +46,8 @@ def check_config(config):
     raise UserError(f"epochs={config.epochs} must be positive")
   if config.batch_size <= 0 or config.eval.batch_size <= 0:
     raise UserError("batch_size and eval.batch_size must be positive")
-  if config.warmup_epochs < 0 or config.warmup_epochs > config.epochs:
+  if (config.ard or config.prm) and not (
+      0 <= config.warmup_epochs <= config.epochs):
     raise UserError(f"warmup_epochs={config.warmup_epochs} must be in [0, "
                     f"epochs={config.epochs}]: ARD/PRM warm up within the run")
   if not 0 <= config.drop_rate <= 1:
@@ -61,9 +62,12 @@ def check_config(config):
     evaluation.parse_attack(name)
   if config.method != "natural" or any(
       n != "clean" for n in config.eval.attacks):
-    if not 0 < config.eval.alpha <= config.attack.eps:
+    eval_eps = config.eval.eps or config.attack.eps
+    if not 0 < eval_eps <= 1:
+      raise UserError(f"eval.eps={eval_eps} must be in (0, 1] (pixel units)")
+    if not 0 < config.eval.alpha <= eval_eps:
       raise UserError(f"eval.alpha={config.eval.alpha} must be in (0, "
-                      f"attack.eps={config.attack.eps}]")
+                      f"eps={eval_eps}]: the step cannot exceed the radius")
   _check_data(config)
   _check_model(config)
 

@@ -1,0 +1,163 @@
+"""The training loop end to end on digits: one compile, resume, clear errors."""
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import quickstart
+from vitat_jax import run_checkpoints
+from vitat_jax import train
+from vitat_jax.errors import UserError
+
+
+def tiny_config(**overrides):
+  """A model and budget small enough for a few seconds of CPU."""
+  config = quickstart.get_config()
+  config.data.image_size = 8
+  config.data.train_examples = 320
+  config.model.patch_size = 4
+  config.model.embed_dim = 16
+  config.model.depth = 1
+  config.model.num_heads = 2
+  config.batch_size = 32
+  config.epochs = 2.0
+  config.warmup_epochs = 1.0
+  config.attack.steps = 2
+  config.eval.num_examples = 64
+  config.eval.batch_size = 32
+  config.eval.attacks = ("clean", "pgd20", "cw20")
+  config.eval.epoch_num_examples = 32
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 7
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def _final_params(workdir):
+  mngr = run_checkpoints.manager(workdir)
+  restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
+  return restored["params"], mngr.latest_step()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """One uninterrupted run, with the train step traced at most once."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  original = train.make_train_step
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train, "make_train_step",
+                  lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
+    result = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, result
+
+
+def test_metrics_json_and_logs(finished_run):
+  workdir, result = finished_run
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    metrics = json.load(f)
+  for key in ("clean_acc", "pgd20_acc", "cw20_acc"):
+    assert 0.0 <= metrics[key] <= 1.0
+  # Robust accuracy can't exceed clean accuracy on the same images.
+  assert metrics["pgd20_acc"] <= metrics["clean_acc"]
+  assert metrics["num_eval_images"] == 64
+  assert metrics["train_time_s"] > 0 and metrics["wall_time_s"] > 0
+  assert metrics["steps"] == 20
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  train_records = [r for r in records if "train_loss" in r]
+  assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+  assert all(np.isfinite(r["train_loss"]) for r in train_records)
+  # r(t) warms up over the first epoch (10 steps), then stays at 1.
+  assert train_records[0]["train_r"] < 1.0 and train_records[-1]["train_r"] == 1.0
+  epoch_records = [r for r in records if "test_clean_acc" in r]
+  assert [r["epoch"] for r in epoch_records] == [1, 2]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["embed_dim"] == 16
+  assert "pgd20" in result["table"] and "64 test images" in result["table"]
+
+
+def test_resume_after_interruption_is_bitwise_identical(finished_run,
+                                                        tmp_path, monkeypatch):
+  reference_params, _ = _final_params(finished_run[0])
+  workdir = str(tmp_path)
+  real_save = run_checkpoints.save
+
+  def save_then_die(mngr, step, state):
+    real_save(mngr, step, state)
+    mngr.wait_until_finished()
+    raise KeyboardInterrupt(f"simulated preemption after step {step}")
+
+  monkeypatch.setattr(run_checkpoints, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt, match="after step 7"):
+    train.train_and_evaluate(tiny_config(), workdir)
+  monkeypatch.setattr(run_checkpoints, "save", real_save)
+  result = train.train_and_evaluate(tiny_config(), workdir)
+  assert result["resumed_from_step"] == 7
+  params, step = _final_params(workdir)
+  assert step == 20
+  jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+  with open(os.path.join(finished_run[0], "metrics.json")) as f:
+    reference = json.load(f)
+  for key in ("clean_acc", "pgd20_acc", "cw20_acc"):
+    assert result[key] == reference[key]
+
+
+def test_a_different_config_in_the_same_workdir_is_refused(finished_run):
+  with pytest.raises(UserError, match="differs in: attack") as info:
+    train.train_and_evaluate(tiny_config(**{"attack.steps": 3}),
+                             finished_run[0])
+  assert "\n" not in str(info.value)
+
+
+def test_natural_training_is_one_switch(tmp_path):
+  result = train.train_and_evaluate(
+      tiny_config(method="natural", epochs=1.0,
+                  **{"eval.attacks": ("clean", "pgd20")}), str(tmp_path))
+  assert result["method"] == "natural"
+  assert 0.0 <= result["pgd20_acc"] <= result["clean_acc"]
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"model.name": "vit_tiny_patch16_22"}, "unknown model"),
+    ({"model.patch_size": 3}, "does not divide"),
+    ({"attack.eps": 0.0}, "eps=0.0 must be in"),
+    ({"attack.alpha": 16 / 255}, "cannot exceed the radius"),
+    ({"attack.steps": 0}, "steps=0"),
+    ({"method": "fgsm"}, "unknown method"),
+    ({"data.name": "image_folder", "data.root": "/nonexistent/cifar"},
+     "does not exist"),
+    ({"data.name": "imagenet21k"}, "unknown dataset"),
+    ({"eval.attacks": ("clean", "pgd")}, "unknown evaluation attack"),
+    ({"warmup_epochs": 5.0, "ard": True}, "warmup_epochs=5.0"),
+])
+def test_bad_config_fails_in_one_line_before_compiling(
+    overrides, fragment, tmp_path, monkeypatch):
+  def no_compile(*args, **kwargs):
+    raise AssertionError("reached compilation despite a bad config")
+  monkeypatch.setattr(train, "make_train_step", no_compile)
+  monkeypatch.setattr(jax, "jit", no_compile)
+  with pytest.raises(UserError, match=fragment) as info:
+    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "w"))
+  assert "\n" not in str(info.value)
+
+
+def test_empty_image_folder_fails_before_compiling(tmp_path, monkeypatch):
+  for split in ("train", "test"):
+    (tmp_path / "data" / split / "cat").mkdir(parents=True)
+  monkeypatch.setattr(train, "make_train_step", lambda *a, **k: 1 / 0)
+  with pytest.raises(UserError, match="images under") as info:
+    train.train_and_evaluate(
+        tiny_config(**{"data.name": "image_folder",
+                       "data.root": str(tmp_path / "data")}),
+        str(tmp_path / "w"))
+  assert "\n" not in str(info.value)
