@@ -1,0 +1,11 @@
+"""Pre-trained checkpoints in, timm checkpoints out.
+
+    params = checkpoints.load("deit_tiny.safetensors", model)  # or .pth, .npz
+    checkpoints.export_timm(params, model, "robust.safetensors")
+"""
+
+from vitat_jax.checkpoints.convert import export_timm, load, timm_state_dict
+from vitat_jax.checkpoints.io import read_safetensors, write_safetensors
+
+__all__ = ["export_timm", "load", "timm_state_dict", "read_safetensors",
+           "write_safetensors"]

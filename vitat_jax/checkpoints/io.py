@@ -1,0 +1,166 @@
+"""Checkpoint files to flat {name: numpy array} dicts, and back.
+
+`.safetensors` is read and written here without torch (the format is a JSON
+header plus raw little-endian buffers). `.pth`/`.pt` needs torch and loads
+with `weights_only=True`; arbitrary pickles only when the caller allows it.
+`.npz` is read with `allow_pickle=False`.
+"""
+
+import json
+import os
+import struct
+import zipfile
+from typing import Dict, Mapping, Optional
+
+import ml_dtypes
+import numpy as np
+
+from vitat_jax.errors import UserError
+
+FORMATS = ("safetensors", "torch", "npz")
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def detect_format(path: str) -> str:
+  """'safetensors', 'torch' or 'npz' from the suffix, else from the bytes."""
+  lower = path.lower()
+  if lower.endswith(".safetensors"):
+    return "safetensors"
+  if lower.endswith((".pth", ".pt", ".bin", ".ckpt")):
+    return "torch"
+  if lower.endswith(".npz"):
+    return "npz"
+  with open(path, "rb") as f:
+    head = f.read(9)
+  if head[:2] == b"PK":  # a zip: numpy's npz or torch's zip pickle
+    with zipfile.ZipFile(path) as z:
+      names = z.namelist()
+    return "npz" if all(n.endswith(".npy") for n in names) else "torch"
+  if len(head) == 9 and head[8:9] == b"{":
+    return "safetensors"
+  raise UserError(f"cannot tell the format of {path}: name it .safetensors, "
+                  ".pth/.pt or .npz, or pass format=")
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """All tensors of a .safetensors file as numpy arrays (no torch needed)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+  except (struct.error, ValueError) as e:
+    raise UserError(f"{path} is not a valid .safetensors file ({e})") from None
+  body = memoryview(data)[8 + size:]
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _ST_DTYPES:
+      raise UserError(f"{path}: tensor {name} has unsupported dtype "
+                      f"{info['dtype']}")
+    start, end = info["data_offsets"]
+    array = np.frombuffer(body[start:end], _ST_DTYPES[info["dtype"]])
+    out[name] = array.reshape(tuple(info["shape"])).copy()
+  return out
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
+                      metadata: Optional[Mapping[str, str]] = None):
+  """Writes numpy arrays to `path` in the safetensors format."""
+  header, chunks, offset = {}, [], 0
+  for name in sorted(tensors):
+    array = np.asarray(tensors[name])  # tobytes() is C order
+    if array.dtype not in _ST_NAMES:
+      raise ValueError(f"tensor {name}: dtype {array.dtype} not supported")
+    raw = array.astype(array.dtype.newbyteorder("<")).tobytes(order="C")
+    header[name] = {"dtype": _ST_NAMES[array.dtype], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  if metadata:
+    header["__metadata__"] = dict(metadata)
+  encoded = json.dumps(header, separators=(",", ":")).encode()
+  encoded += b" " * (-len(encoded) % 8)
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(encoded)))
+    f.write(encoded)
+    for raw in chunks:
+      f.write(raw)
+  os.replace(tmp, path)
+
+
+def read_torch(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
+  """A PyTorch state dict (`torch.save`) as numpy arrays; needs torch."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError(f"reading {path} needs torch (pip install torch), or "
+                    "convert it to .safetensors first") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    if not allow_pickle:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UserError(
+          f"{path} is not a plain weights file ({first[:120]}); pass "
+          "allow_pickle=True only if you trust its source") from None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+  return _flatten_torch(state, torch)
+
+
+def _flatten_torch(state, torch) -> Dict[str, np.ndarray]:
+  if isinstance(state, torch.nn.Module):
+    state = state.state_dict()
+  # Training checkpoints wrap the weights: {"model": ..., "optimizer": ...}.
+  for wrapper in ("model", "state_dict"):
+    if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+      state = state[wrapper]
+  out = {}
+  for name, value in _walk(state):
+    if isinstance(value, torch.Tensor):
+      value = value.detach().cpu()
+      if value.dtype == torch.bfloat16:
+        out[name] = value.float().numpy().astype(ml_dtypes.bfloat16)
+      else:
+        out[name] = value.numpy()
+  return out
+
+
+def _walk(tree, prefix=""):
+  if isinstance(tree, Mapping):
+    for key, value in tree.items():
+      yield from _walk(value, f"{prefix}{key}.")
+  else:
+    yield prefix[:-1], tree
+
+
+def read_npz(path: str) -> Dict[str, np.ndarray]:
+  """All arrays of a .npz file (Google ViT / big_vision checkpoints)."""
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  except ValueError as e:
+    raise UserError(f"{path} is not a plain .npz checkpoint ({e})") from None
+
+
+def read(path: str, format: str = "auto",  # pylint: disable=redefined-builtin
+         allow_pickle: bool = False):
+  """(tensors, format) from `path`; format 'auto' guesses from the file."""
+  if not os.path.isfile(path):
+    raise UserError(f"checkpoint {path} does not exist")
+  if format == "auto":
+    format = detect_format(path)
+  if format not in FORMATS:
+    raise UserError(f"unknown checkpoint format {format!r}: use one of "
+                    f"auto, {', '.join(FORMATS)}")
+  reader = {"safetensors": read_safetensors, "npz": read_npz,
+            "torch": lambda p: read_torch(p, allow_pickle)}[format]
+  return reader(path), format
