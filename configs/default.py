@@ -12,8 +12,10 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # "at" (PGD-AT, Madry et al.) or "natural" (no attack, the baseline arm).
+  # "at" (PGD-AT, Madry et al.), "trades", "mart", or "natural" (no attack,
+  # the baseline arm).
   config.method = "at"
+  config.beta = 6.0               # TRADES / MART trade-off
   # The paper's tricks, acting only on the training attack, with the shared
   # warm-up r(t) = min(t / warmup_epochs, 1) * drop_rate.
   config.ard = False
@@ -30,6 +32,14 @@ def get_config():
   config.model.num_heads = config_dict.placeholder(int)
   config.model.mlp_ratio = config_dict.placeholder(float)
   config.model.drop_path_rate = config_dict.placeholder(float)
+
+  # Initialisation: "" trains from scratch; otherwise a timm/PyTorch
+  # (.safetensors, .pth) or Google ViT (.npz) checkpoint, resampled to the
+  # model's image/patch/window sizes, with a new head for the data's classes.
+  config.init = ml_collections.ConfigDict()
+  config.init.checkpoint = ""
+  config.init.format = "auto"          # auto | safetensors | torch | npz
+  config.init.allow_pickle = False     # .pth holding arbitrary objects
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "tfds"            # digits | image_folder | tfds
@@ -49,6 +59,15 @@ def get_config():
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 4
   config.augment.flip = True
+
+  # Mixup / CutMix per batch (timm's Mixup, mode "batch"), active in the
+  # reference's AT runs; prob = 0 turns both off.
+  config.mixup = ml_collections.ConfigDict()
+  config.mixup.prob = 0.3
+  config.mixup.switch_prob = 0.5
+  config.mixup.mixup_alpha = 0.8
+  config.mixup.cutmix_alpha = 1.0
+  config.mixup.label_smoothing = 0.0
 
   # The training attack: PGD-10, eps 8/255, step 2/255.
   config.attack = ml_collections.ConfigDict()

@@ -27,6 +27,7 @@ def get_config():
   config.model.num_heads = 4
   config.augment.crop_padding = 0
   config.augment.flip = False
+  config.mixup.prob = 0.0
   config.ard = True
   config.prm = True
   config.attack.steps = 5

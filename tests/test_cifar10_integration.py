@@ -25,6 +25,7 @@ def _config(root, **overrides):
   config.data.test_examples = 500
   config.augment.crop_padding = 0   # hurts at these tiny budgets
   config.augment.flip = False
+  config.mixup.prob = 0.0
   config.optim.name = "adamw"
   config.optim.lr = 2e-3
   config.optim.weight_decay = 0.05

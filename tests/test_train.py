@@ -161,3 +161,53 @@ def test_empty_image_folder_fails_before_compiling(tmp_path, monkeypatch):
                        "data.root": str(tmp_path / "data")}),
         str(tmp_path / "w"))
   assert "\n" not in str(info.value)
+
+
+def test_training_starts_from_a_resampled_pretrained_checkpoint(tmp_path,
+                                                                monkeypatch):
+  from vitat_jax import checkpoints
+  from vitat_jax import models
+  # A "pre-trained" model at 16 px with 7 classes; the run uses 8 px, 10.
+  source = models.create("deit_tiny_patch16_224", num_classes=7, img_size=16,
+                         patch_size=4, embed_dim=16, depth=1, num_heads=2)
+  source_params = source.init(jax.random.key(3),
+                              np.zeros((1, 16, 16, 3), np.float32))["params"]
+  path = str(tmp_path / "pretrained.safetensors")
+  checkpoints.export_timm(source_params, source, path)
+  loaded = {}
+  real_load = checkpoints.load
+
+  def spy(*args, **kwargs):
+    loaded["params"] = real_load(*args, **kwargs)
+    return loaded["params"]
+
+  monkeypatch.setattr(checkpoints, "load", spy)
+  result = train.train_and_evaluate(
+      tiny_config(epochs=1.0, **{"init.checkpoint": path}),
+      str(tmp_path / "w"))
+  assert 0.0 <= result["clean_acc"] <= 1.0
+  params = loaded["params"]
+  np.testing.assert_array_equal(params["blocks_0"]["attn"]["qkv"]["kernel"],
+                                source_params["blocks_0"]["attn"]["qkv"]["kernel"])
+  assert params["pos_embed"].shape == (1, 2 * 2 + 1, 16)   # 4x4 grid -> 2x2
+  assert params["head"]["kernel"].shape == (16, 10)        # new head
+
+
+def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
+  with pytest.raises(UserError, match="does not exist") as info:
+    train.train_and_evaluate(
+        tiny_config(**{"init.checkpoint": str(tmp_path / "nope.safetensors")}),
+        str(tmp_path / "w"))
+  assert "\n" not in str(info.value)
+  from vitat_jax import checkpoints
+  from vitat_jax import models
+  wider = models.create("deit_tiny_patch16_224", num_classes=10, img_size=8,
+                        patch_size=4, embed_dim=32, depth=1, num_heads=2)
+  path = str(tmp_path / "wider.safetensors")
+  checkpoints.export_timm(
+      wider.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))["params"],
+      wider, path)
+  with pytest.raises(UserError) as info:
+    train.train_and_evaluate(tiny_config(**{"init.checkpoint": path}),
+                             str(tmp_path / "w2"))
+  assert "\n" not in str(info.value)

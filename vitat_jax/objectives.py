@@ -14,12 +14,13 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import xlogy
 
 from vitat_jax import attacks
 from vitat_jax import masks
 from vitat_jax.errors import UserError
 
-METHODS = ("at", "natural")
+METHODS = ("at", "trades", "mart", "natural")
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -44,34 +45,122 @@ def make_attack_masks(model, *, ard: bool, prm: bool):
   return ard_fn, prm_fn
 
 
-def training_attack(model, params, x, targets, key, r, *, eps, alpha, steps,
+def training_attack(model, params, x, key, r, *, eps, alpha, steps,
+                    attack_loss: Callable[[jax.Array], jax.Array],
+                    init: str = "uniform",
                     ard_fn: Optional[Callable] = None,
-                    prm_fn: Optional[Callable] = None,
-                    criterion: Callable = soft_cross_entropy):
-  """PGD-AT's inner maximisation with ARD and PRM, in inference mode."""
+                    prm_fn: Optional[Callable] = None):
+  """The inner maximisation of `attack_loss(logits)`, with ARD and PRM.
+
+  The model runs in inference mode on parameters whose gradient is stopped;
+  ARD keep-masks and PRM masks are drawn afresh in every iteration.
+  """
   params = jax.lax.stop_gradient(params)
 
   def objective(x_adv, iteration_key):
     keep = None if ard_fn is None else ard_fn(iteration_key, r)
-    logits = model.apply({"params": params}, x_adv, attn_keep=keep)
-    return criterion(logits, targets)
+    return attack_loss(model.apply({"params": params}, x_adv, attn_keep=keep))
 
   delta_mask_fn = None if prm_fn is None else (lambda k: prm_fn(k, r))
   return attacks.perturb(objective, key, x, eps=eps, alpha=alpha, steps=steps,
-                         init="uniform", delta_mask_fn=delta_mask_fn)
+                         init=init, delta_mask_fn=delta_mask_fn)
 
 
 def pgd_at_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm):
   """Madry et al.'s adversarial training loss on the (mixed) batch."""
   attack_key, dropout_key = jax.random.split(key)
   ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm)
-  x_adv = training_attack(model, params, batch["image"], batch["target"],
-                          attack_key, r, eps=eps, alpha=alpha, steps=steps,
-                          ard_fn=ard_fn, prm_fn=prm_fn)
+  targets = batch["target"]
+  x_adv = training_attack(
+      model, params, batch["image"], attack_key, r, eps=eps, alpha=alpha,
+      steps=steps, attack_loss=lambda z: soft_cross_entropy(z, targets),
+      ard_fn=ard_fn, prm_fn=prm_fn)
   logits = model.apply({"params": params}, x_adv, train=True,
                        rngs={"dropout": dropout_key})
-  loss = soft_cross_entropy(logits, batch["target"])
-  return loss, {"loss": loss, "accuracy": _accuracy(logits, batch["target"])}
+  loss = soft_cross_entropy(logits, targets)
+  return loss, {"loss": loss, "accuracy": _accuracy(logits, targets)}
+
+
+def _kl_sum(p_target, log_q):
+  """sum_i sum_c p log(p / q): torch's KLDivLoss(reduction="sum")(log_q, p)."""
+  return jnp.sum(xlogy(p_target, p_target) - p_target * log_q)
+
+
+def trades_outer_loss(logits, logits_adv, targets, beta):
+  """CE(f(x), y) + beta * sum KL(softmax(f(x)) || softmax(f(x'))) / batch."""
+  natural = soft_cross_entropy(logits, targets)
+  robust = _kl_sum(jax.nn.softmax(logits.astype(jnp.float32)),
+                   jax.nn.log_softmax(logits_adv.astype(jnp.float32)))
+  return natural + beta * robust / logits.shape[0]
+
+
+def mart_outer_loss(logits, logits_adv, labels, beta):
+  """The reference's MART loss from clean and adversarial logits."""
+  adv_probs = jax.nn.softmax(logits_adv.astype(jnp.float32))
+  # The most likely class other than the label (ties as argsort breaks them).
+  top2 = jnp.argsort(adv_probs, axis=-1)[:, -2:]
+  wrong = jnp.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
+  margin_term = -jnp.log(1.0001 - jnp.take_along_axis(
+      adv_probs, wrong[:, None], axis=-1)[:, 0] + 1e-12).mean()
+  loss_adv = attacks.cross_entropy_per_example(logits_adv, labels).mean() + \
+      margin_term
+  nat_probs = jax.nn.softmax(logits.astype(jnp.float32))
+  true_probs = jnp.take_along_axis(nat_probs, labels[:, None], axis=-1)[:, 0]
+  kl = jnp.sum(xlogy(nat_probs, nat_probs)
+               - nat_probs * jnp.log(adv_probs + 1e-12), axis=-1)
+  robust = jnp.sum(kl * (1.0000001 - true_probs)) / logits.shape[0]
+  return loss_adv + beta * robust
+
+
+def trades_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
+                beta=6.0):
+  """TRADES (Zhang et al. 2019) as the reference implements it.
+
+  Inner: maximise KL(softmax(f(x)) || softmax(f(x + delta))) from
+  delta = 0.001 N(0, 1). Outer: CE(f(x), y) + beta * KL_sum / batch.
+  """
+  attack_key, dropout_key = jax.random.split(key)
+  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm)
+  x, targets = batch["image"], batch["target"]
+  clean_probs = jax.nn.softmax(
+      model.apply({"params": jax.lax.stop_gradient(params)}, x))
+  x_adv = training_attack(
+      model, params, x, attack_key, r, eps=eps, alpha=alpha, steps=steps,
+      attack_loss=lambda z: _kl_sum(clean_probs, jax.nn.log_softmax(z)),
+      init="gaussian", ard_fn=ard_fn, prm_fn=prm_fn)
+  natural_key, adversarial_key = jax.random.split(dropout_key)
+  logits = model.apply({"params": params}, x, train=True,
+                       rngs={"dropout": natural_key})
+  logits_adv = model.apply({"params": params}, x_adv, train=True,
+                           rngs={"dropout": adversarial_key})
+  loss = trades_outer_loss(logits, logits_adv, targets, beta)
+  return loss, {"loss": loss, "accuracy": _accuracy(logits, targets),
+                "adversarial_accuracy": _accuracy(logits_adv, targets)}
+
+
+def mart_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
+              beta=6.0):
+  """MART (Wang et al. 2020) as the reference implements it.
+
+  Inner: CE steps from delta = 0.001 N(0, 1). Outer: CE(f(x'), y) +
+  NLL(log(1.0001 - p' + 1e-12), best wrong class) + beta * mean(sum_c
+  KL(p || p') * (1.0000001 - p_y)).
+  """
+  attack_key, dropout_key = jax.random.split(key)
+  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm)
+  x, targets = batch["image"], batch["target"]
+  labels = jnp.argmax(targets, axis=-1)
+  x_adv = training_attack(
+      model, params, x, attack_key, r, eps=eps, alpha=alpha, steps=steps,
+      attack_loss=lambda z: attacks.cross_entropy_per_example(z, labels).mean(),
+      init="gaussian", ard_fn=ard_fn, prm_fn=prm_fn)
+  natural_key, adversarial_key = jax.random.split(dropout_key)
+  logits = model.apply({"params": params}, x, train=True,
+                       rngs={"dropout": natural_key})
+  logits_adv = model.apply({"params": params}, x_adv, train=True,
+                           rngs={"dropout": adversarial_key})
+  loss = mart_outer_loss(logits, logits_adv, labels, beta)
+  return loss, {"loss": loss, "accuracy": _accuracy(logits_adv, targets)}
 
 
 def natural_loss(params, batch, key, r, *, model):
@@ -92,12 +181,16 @@ def check_config(config):
                          config.attack.steps)
 
 
+_ADVERSARIAL = {"at": pgd_at_loss, "trades": trades_loss, "mart": mart_loss}
+
+
 def make_objective(config, model):
   """The objective named by `config.method`, bound to `model` and budgets."""
   check_config(config)
   if config.method == "natural":
     return functools.partial(natural_loss, model=model)
-  return functools.partial(
-      pgd_at_loss, model=model, eps=config.attack.eps,
-      alpha=config.attack.alpha, steps=config.attack.steps,
-      ard=config.ard, prm=config.prm)
+  kwargs = dict(model=model, eps=config.attack.eps, alpha=config.attack.alpha,
+                steps=config.attack.steps, ard=config.ard, prm=config.prm)
+  if config.method in ("trades", "mart"):
+    kwargs["beta"] = config.beta
+  return functools.partial(_ADVERSARIAL[config.method], **kwargs)

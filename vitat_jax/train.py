@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from vitat_jax import checkpoints
 from vitat_jax import data as data_lib
 from vitat_jax import evaluation
 from vitat_jax import masks
@@ -31,6 +32,7 @@ from vitat_jax import parallel
 from vitat_jax import run_checkpoints
 from vitat_jax import validate
 from vitat_jax.data import augment
+from vitat_jax.data import mixup
 from vitat_jax.data import pipeline
 from vitat_jax.errors import UserError
 
@@ -57,14 +59,25 @@ def make_train_step(config, model, objective, tx, schedule,
   """`train_step(state, images_uint8, labels, loop_key) -> (state, metrics)`."""
   padding = config.augment.crop_padding
   flip = config.augment.flip
+  mix = config.mixup
+  # As in the reference, Mixup/CutMix feed PGD-AT (and natural) batches;
+  # TRADES and MART train on the plain labels.
+  use_mixup = mix.prob > 0 and config.method in ("at", "natural")
 
   def train_step(state, images, labels, loop_key):
     step_key = jax.random.fold_in(loop_key, state.step)
-    augment_key, objective_key = jax.random.split(step_key)
+    augment_key, mixup_key, objective_key = jax.random.split(step_key, 3)
     x = augment.to_float(images)
     if padding or flip:
       x = augment.random_crop_flip(augment_key, x, padding=padding, flip=flip)
-    batch = {"image": x, "target": jax.nn.one_hot(labels, num_classes)}
+    if use_mixup:
+      x, targets = mixup.mixup_cutmix(
+          mixup_key, x, labels, num_classes, mixup_alpha=mix.mixup_alpha,
+          cutmix_alpha=mix.cutmix_alpha, prob=mix.prob,
+          switch_prob=mix.switch_prob, label_smoothing=mix.label_smoothing)
+    else:
+      targets = mixup.smooth_one_hot(labels, num_classes, mix.label_smoothing)
+    batch = {"image": x, "target": targets}
     t = masks.fractional_epoch(state.step, steps_per_epoch)
     r = masks.warmup_value(t, config.warmup_epochs, config.drop_rate)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -136,6 +149,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       jax.random.key(config.seed), 3)
   dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
   params = jax.jit(model.init)(init_key, dummy)["params"]
+  if config.init.checkpoint:
+    params = checkpoints.load(config.init.checkpoint, model, init_params=params,
+                              format=config.init.format,
+                              allow_pickle=config.init.allow_pickle)
+    logging.info("initialised from %s", config.init.checkpoint)
   state = TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
   num_params = sum(p.size for p in jax.tree.leaves(params))
   logging.info("model %s: %.2fM parameters, %d steps/epoch, %d steps",

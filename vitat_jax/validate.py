@@ -56,6 +56,12 @@ def check_config(config):
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     raise UserError("log_every_steps and checkpoint_every_steps must be "
                     "positive")
+  mix = config.mixup
+  if not (0 <= mix.prob <= 1 and 0 <= mix.switch_prob <= 1
+          and mix.mixup_alpha >= 0 and mix.cutmix_alpha >= 0
+          and 0 <= mix.label_smoothing < 1):
+    raise UserError("mixup.prob and mixup.switch_prob must be in [0, 1], the "
+                    "alphas >= 0 and label_smoothing in [0, 1)")
   objectives.check_config(config)
   optim.check_config(config.optim)
   for name in list(config.eval.attacks) + list(config.eval.epoch_attacks):
@@ -70,6 +76,10 @@ def check_config(config):
                       f"eps={eval_eps}]: the step cannot exceed the radius")
   _check_data(config)
   _check_model(config)
+  if config.init.checkpoint and not os.path.isfile(config.init.checkpoint):
+    raise UserError(f"checkpoint {config.init.checkpoint!r} does not exist: "
+                    "fix --config.init.checkpoint or leave it empty to train "
+                    "from scratch")
 
 
 # Sections that may change between a run and its resumption.
