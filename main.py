@@ -20,9 +20,25 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs/quickstart.py"),
     "Training configuration file (a get_config(arg) module).",
     lock_config=True)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Delete the workdir's checkpoints and metrics and "
+    "start over, instead of resuming.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints and metrics; default: "
     "runs/<config>_<model>_<method>[_ard][_prm].")
+# Multi-host runs (one process per host); the JAX_* variables are the defaults.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 in a multi-host run "
+    "(default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-host run (default: "
+    "$JAX_NUM_PROCESSES, else 1).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes) "
+    "(default: $JAX_PROCESS_ID).")
+_AUTO_DISTRIBUTED = flags.DEFINE_bool(
+    "auto_distributed", False, "Let JAX detect a managed cluster (Cloud TPU "
+    "pod, SLURM, Open MPI) and join it.")
 
 
 def default_workdir(config, config_path: str) -> str:
@@ -47,8 +63,19 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that --help and flag errors do not pay for JAX start-up.
   import jax
+  from vitat_jax import parallel
   from vitat_jax import train
   from vitat_jax.errors import UserError
+
+  try:
+    # Before anything else touches JAX: the devices of all hosts form one mesh.
+    parallel.initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        auto=_AUTO_DISTRIBUTED.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  from vitat_jax.preemption import Preempted
 
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices())
@@ -56,10 +83,14 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(
       config, config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
-    result = train.train_and_evaluate(config, workdir)
+    result = train.train_and_evaluate(config, workdir,
+                                      overwrite=_OVERWRITE.value)
   except (UserError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Preempted as e:
+    print(f"{e} (workdir {workdir})", file=sys.stderr)
+    sys.exit(e.exit_code)
   print(result["table"])
   print(f"train {result['train_time_s']:.0f} s, evaluation "
         f"{result['eval_time_s']:.0f} s, total {result['wall_time_s']:.0f} s; "

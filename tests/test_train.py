@@ -45,8 +45,9 @@ def tiny_config(**overrides):
 
 def _final_params(workdir):
   mngr = run_checkpoints.manager(workdir)
-  restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
-  return restored["params"], mngr.latest_step()
+  restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  return restored.state["params"], mngr.latest_step()
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,8 @@ def test_resume_after_interruption_is_bitwise_identical(finished_run,
   workdir = str(tmp_path)
   real_save = run_checkpoints.save
 
-  def save_then_die(mngr, step, state):
-    real_save(mngr, step, state)
+  def save_then_die(mngr, step, state, meta=None):
+    real_save(mngr, step, state, meta)
     mngr.wait_until_finished()
     raise KeyboardInterrupt(f"simulated preemption after step {step}")
 

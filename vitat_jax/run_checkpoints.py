@@ -1,36 +1,92 @@
 """Orbax checkpoints of a training run in `<workdir>/checkpoints`.
 
-A checkpoint holds the train state (step, params, optimiser state). Nothing
-else is needed to resume exactly: the data order, the augmentation and the
-attack randomness (ARD/PRM masks included) are all functions of the seed and
-the step.
+Each checkpoint has two items: `state` (step, params, optimiser state) and
+`meta` (JSON: the seed, the input pipeline's position, the resolved config).
+Nothing else is needed to resume exactly: the data order, the augmentation
+and the attack randomness (ARD/PRM masks included) are functions of the seed
+and the step. Orbax writes each step into a temporary directory and renames
+it when complete, so a half-written step is never taken for a good one;
+an unreadable step is skipped with a warning in favour of the previous one.
 """
 
 import os
+import shutil
+import time
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vitat_jax.errors import UserError
+
+
+def directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
 
 def manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  path = os.path.join(os.path.abspath(workdir), "checkpoints")
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(path, options=options)
+  return ocp.CheckpointManager(directory(workdir), options=options,
+                               item_names=("state", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  """Saves asynchronously where orbax can; `wait` before reading it back."""
-  mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+def save(mngr: ocp.CheckpointManager, step: int, state,
+         meta: Optional[Dict[str, Any]] = None) -> None:
+  """Saves asynchronously; `mngr.wait_until_finished()` before relying on it."""
+  meta = dict(meta or {}, step=int(step))
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """(state, step) of the latest checkpoint, or (None, None) if there is none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None, None
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state
+                   ) -> Tuple[Any, Optional[int], Optional[dict]]:
+  """(state, step, meta) of the newest readable checkpoint, or Nones.
+
+  Raises:
+    UserError: checkpoints exist but none of them can be read.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None, None, None
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  state = mngr.restore(step, args=ocp.args.StandardRestore(target))
-  logging.info("restored checkpoint of step %d from %s", step,
-               mngr.directory)
-  return state, step
+  unreadable = []
+  for step in steps:
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("checkpoint of step %d in %s cannot be read (%s: %s); "
+                      "falling back to the previous one", step,
+                      mngr.directory, type(e).__name__, str(e)[:200])
+      unreadable.append(step)
+      continue
+    _set_aside(mngr, unreadable)
+    logging.info("resuming from the checkpoint of step %d in %s", step,
+                 mngr.directory)
+    return restored.state, step, dict(restored.meta)
+  raise UserError(f"none of the checkpoints in {mngr.directory} (steps "
+                  f"{', '.join(map(str, steps))}) can be read; pass "
+                  "--overwrite to start the run over")
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
+  """Moves unreadable steps out of the way (kept for inspection, not reused)."""
+  if not steps:
+    return
+  root = os.path.dirname(str(mngr.directory))
+  aside = os.path.join(root, "unreadable_checkpoints")
+  os.makedirs(aside, exist_ok=True)
+  for step in steps:
+    source = os.path.join(str(mngr.directory), str(step))
+    target = os.path.join(aside, f"{step}-{int(time.time())}")
+    shutil.move(source, target)
+    logging.warning("moved the unreadable checkpoint of step %d to %s", step,
+                    target)
+  mngr.reload()
+
+
+def delete_all(workdir: str) -> None:
+  """Removes a workdir's checkpoints (an explicit start-over)."""
+  shutil.rmtree(directory(workdir), ignore_errors=True)

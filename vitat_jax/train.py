@@ -29,6 +29,7 @@ from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
 from vitat_jax import parallel
+from vitat_jax import preemption
 from vitat_jax import run_checkpoints
 from vitat_jax import validate
 from vitat_jax.data import augment
@@ -126,14 +127,47 @@ def format_table(result: Dict[str, Any], attack_names) -> str:
   return "\n".join(lines)
 
 
-def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if possible); returns metrics."""
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """Drops records of steps after `last_step` (they are about to be redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
+def _start_over(workdir: str) -> None:
+  run_checkpoints.delete_all(workdir)
+  for name in ("config.json", "metrics.json", "metrics.jsonl"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def train_and_evaluate(config, workdir: str, *,
+                       overwrite: bool = False) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if possible); returns metrics.
+
+  Args:
+    config: the run's ConfigDict (see configs/default.py).
+    workdir: checkpoints, config.json and metrics files go here.
+    overwrite: delete the workdir's run (checkpoints and metrics) and start
+      over instead of resuming or refusing a different config.
+
+  Raises:
+    UserError: a bad config, data or checkpoint, before any compilation.
+    FloatingPointError: a non-finite loss or gradient norm.
+    preemption.Preempted: SIGTERM/SIGINT; the checkpoint of its step is saved.
+  """
   wall_start = time.perf_counter()
   validate.check_config(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   os.makedirs(workdir, exist_ok=True)
+  if overwrite:
+    _start_over(workdir)
   validate.check_workdir_config(config, workdir)
 
   splits = data_lib.load(config.data)
@@ -148,24 +182,31 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   init_key, loop_key, eval_key = jax.random.split(
       jax.random.key(config.seed), 3)
   dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
-  params = jax.jit(model.init)(init_key, dummy)["params"]
-  if config.init.checkpoint:
-    params = checkpoints.load(config.init.checkpoint, model, init_params=params,
-                              format=config.init.format,
-                              allow_pickle=config.init.allow_pickle)
-    logging.info("initialised from %s", config.init.checkpoint)
-  state = TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
-  num_params = sum(p.size for p in jax.tree.leaves(params))
-  logging.info("model %s: %.2fM parameters, %d steps/epoch, %d steps",
+  abstract_params = jax.eval_shape(model.init, init_key, dummy)["params"]
+  abstract_state = TrainState(jnp.asarray(0, jnp.int32), abstract_params,
+                              jax.eval_shape(tx.init, abstract_params))
+  ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
+  state, start_step, meta = run_checkpoints.restore_latest(ckpt,
+                                                           abstract_state)
+  if state is None:
+    params = jax.jit(model.init)(init_key, dummy)["params"]
+    if config.init.checkpoint:
+      params = checkpoints.load(
+          config.init.checkpoint, model, init_params=params,
+          format=config.init.format, allow_pickle=config.init.allow_pickle)
+      logging.info("initialised from %s", config.init.checkpoint)
+    state = TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+    start_step = 0
+  elif meta.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+    raise UserError(
+        f"the training data changed since the checkpoint of step {start_step}"
+        f" ({meta['steps_per_epoch']} steps per epoch then, {steps_per_epoch}"
+        " now): restore the data or pass --overwrite to start over")
+  num_params = sum(p.size for p in jax.tree.leaves(state.params))
+  logging.info("model %s: %.2fM parameters, %d steps/epoch, %d steps%s",
                config.model.name, num_params / 1e6, steps_per_epoch,
-               total_steps)
-
-  ckpt = run_checkpoints.manager(workdir,
-                                 max_to_keep=config.keep_checkpoints)
-  restored, start_step = run_checkpoints.restore_latest(ckpt, state)
-  if restored is not None:
-    state = restored
-  start_step = start_step or 0
+               total_steps, f", resuming at step {start_step}" if start_step
+               else "")
   state = parallel.replicate(mesh, state)
 
   train_step = jax.jit(
@@ -173,12 +214,25 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                       steps_per_epoch, splits.num_classes),
       donate_argnums=0)
   shard = functools.partial(parallel.shard_batch, mesh)
+  # Every host reads the whole evaluation batch; each device takes its rows.
+  shard_eval = functools.partial(parallel.shard_global_batch, mesh)
   eval_cfg = config.eval
   eval_eps = eval_cfg.eps or config.attack.eps
   epoch_eval = evaluation.make_evaluator(
       model, eval_cfg.epoch_attacks, eps=eval_eps,
-      alpha=eval_cfg.alpha, shard_fn=shard)
-  log = _JsonLines(os.path.join(workdir, "metrics.jsonl"))
+      alpha=eval_cfg.alpha, shard_fn=shard_eval)
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  _truncate_jsonl(log_path, start_step)
+  log = _JsonLines(log_path)
+
+  def save(step, state, history):
+    # Never checkpoint a state whose recent metrics are not finite.
+    if history:
+      _check_finite(_mean_metrics(history), step, config)
+    run_checkpoints.save(ckpt, step, state, meta={
+        "seed": config.seed, "steps_per_epoch": steps_per_epoch,
+        "epoch": step // steps_per_epoch,
+        "index_in_epoch": step % steps_per_epoch})
 
   batches = pipeline.train_batches(
       splits.train, config.batch_size, seed=config.seed,
@@ -187,48 +241,53 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   history = []
   train_seconds = 0.0
   epoch_start = time.perf_counter()
-  for step in range(start_step, total_steps):
-    images, labels = next(batches)
-    images, labels = shard((images, labels.astype(np.int32)))
-    state, metrics = train_step(state, images, labels, loop_key)
-    history.append(metrics)
-    done = step + 1
-    if done % config.log_every_steps == 0 or done == total_steps:
-      summary = _mean_metrics(history)
-      history = []
-      _check_finite(summary, done, config)
-      log.write({"step": done, "epoch": done / steps_per_epoch,
-                 **{f"train_{k}": v for k, v in summary.items()}})
-      logging.info("step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
-                   "grad-norm %.3f  r %.3f", done, total_steps,
-                   summary["loss"], summary["accuracy"], summary["lr"],
-                   summary["grad_norm"], summary["r"])
-    if done % config.checkpoint_every_steps == 0 and done != total_steps:
-      run_checkpoints.save(ckpt, done, state)
-    if done % steps_per_epoch == 0 and eval_cfg.epoch_num_examples:
-      jax.block_until_ready(state)
-      train_seconds += time.perf_counter() - epoch_start
-      result = epoch_eval(
-          state.params,
-          pipeline.eval_batches(splits.test, eval_cfg.batch_size,
-                                eval_cfg.epoch_num_examples),
-          jax.random.fold_in(eval_key, done))
-      epoch = done // steps_per_epoch
-      log.write({"step": done, "epoch": epoch,
-                 **{f"test_{k}": v for k, v in result.items()}})
-      logging.info("epoch %d: %s", epoch, "  ".join(
-          f"{n} {result[n + '_acc']:.3f}" for n in eval_cfg.epoch_attacks))
-      epoch_start = time.perf_counter()
+  with preemption.PreemptionGuard() as guard:
+    for step in range(start_step, total_steps):
+      images, labels = next(batches)
+      images, labels = shard((images, labels.astype(np.int32)))
+      state, metrics = train_step(state, images, labels, loop_key)
+      history.append(metrics)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        summary = _mean_metrics(history)
+        history = []
+        _check_finite(summary, done, config)
+        log.write({"step": done, "epoch": done / steps_per_epoch,
+                   **{f"train_{k}": v for k, v in summary.items()}})
+        logging.info("step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
+                     "grad-norm %.3f  r %.3f", done, total_steps,
+                     summary["loss"], summary["accuracy"], summary["lr"],
+                     summary["grad_norm"], summary["r"])
+      if done % steps_per_epoch == 0 and eval_cfg.epoch_num_examples:
+        jax.block_until_ready(state)
+        train_seconds += time.perf_counter() - epoch_start
+        result = epoch_eval(
+            state.params,
+            pipeline.eval_batches(splits.test, eval_cfg.batch_size,
+                                  eval_cfg.epoch_num_examples),
+            jax.random.fold_in(eval_key, done))
+        epoch = done // steps_per_epoch
+        log.write({"step": done, "epoch": epoch,
+                   **{f"test_{k}": v for k, v in result.items()}})
+        logging.info("epoch %d: %s", epoch, "  ".join(
+            f"{n} {result[n + '_acc']:.3f}" for n in eval_cfg.epoch_attacks))
+        epoch_start = time.perf_counter()
+      if done == total_steps or done % config.checkpoint_every_steps == 0:
+        save(done, state, history)
+      elif guard.requested:
+        save(done, state, history)
+      if guard.requested:
+        ckpt.wait_until_finished()
+        batches.close()
+        raise preemption.Preempted(done, guard.signum)
   jax.block_until_ready(state)
   train_seconds += time.perf_counter() - epoch_start
   batches.close()
-  if start_step < total_steps:
-    run_checkpoints.save(ckpt, total_steps, state)
   ckpt.wait_until_finished()
 
   final_eval = evaluation.make_evaluator(
       model, eval_cfg.attacks, eps=eval_eps, alpha=eval_cfg.alpha,
-      restarts=eval_cfg.restarts, shard_fn=shard)
+      restarts=eval_cfg.restarts, shard_fn=shard_eval)
   eval_start = time.perf_counter()
   result = final_eval(
       state.params,

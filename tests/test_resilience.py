@@ -1,0 +1,170 @@
+"""Never lose a run: SIGKILL / SIGTERM and resume, corrupt checkpoints, NaNs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.test_train import tiny_config
+from vitat_jax import run_checkpoints
+from vitat_jax import train
+from vitat_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 10 steps per epoch, 3 epochs; a checkpoint every 4 steps, a log line each.
+FLAGS = ["--config.data.image_size=8", "--config.data.train_examples=320",
+         "--config.model.embed_dim=16", "--config.model.depth=1",
+         "--config.model.num_heads=2", "--config.epochs=3",
+         "--config.warmup_epochs=1", "--config.attack.steps=2",
+         "--config.eval.num_examples=64", "--config.eval.batch_size=32",
+         "--config.eval.epoch_num_examples=32", "--config.batch_size=32",
+         "--config.checkpoint_every_steps=4", "--config.log_every_steps=1"]
+TOTAL_STEPS = 30
+
+
+def _command(workdir):
+  return [sys.executable, "main.py", f"--workdir={workdir}", *FLAGS]
+
+
+def _run_to_completion(workdir):
+  proc = subprocess.run(_command(workdir), cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _logged_steps(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    steps = [json.loads(l)["step"] for l in f if l.strip().endswith("}")]
+  return max(steps, default=0)
+
+
+def _start_and_wait_for_step(workdir, step):
+  proc = subprocess.Popen(_command(workdir), cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while _logged_steps(workdir) < step:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline, "the run never reached the kill step"
+    time.sleep(0.02)
+  return proc
+
+
+def _final_state(workdir):
+  mngr = run_checkpoints.manager(workdir)
+  step = mngr.latest_step()
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  return step, restored.state
+
+
+def _without_timings(records):
+  return [{k: v for k, v in r.items() if not k.endswith("_time_s")}
+          for r in records]
+
+
+def _outputs(workdir):
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    metrics = json.load(f)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(l) for l in f]
+  for key in ("train_time_s", "eval_time_s", "wall_time_s",
+              "resumed_from_step", "clean_time_s", "pgd20_time_s",
+              "cw20_time_s"):
+    metrics.pop(key, None)
+  return metrics, _without_timings(records)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  _run_to_completion(workdir)
+  return workdir
+
+
+def test_sigkill_at_random_steps_then_rerun_is_bitwise_identical(
+    reference_run, tmp_path):
+  ref_step, ref_state = _final_state(reference_run)
+  ref_metrics, ref_records = _outputs(reference_run)
+  assert ref_step == TOTAL_STEPS
+  kill_steps = sorted(random.Random(0).sample(range(2, TOTAL_STEPS - 2), 3))
+  for kill_step in kill_steps:
+    workdir = str(tmp_path / f"killed_at_{kill_step}")
+    proc = _start_and_wait_for_step(workdir, kill_step)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert _logged_steps(workdir) < TOTAL_STEPS
+    _run_to_completion(workdir)
+    step, state = _final_state(workdir)
+    assert step == TOTAL_STEPS
+    jax.tree.map(np.testing.assert_array_equal, state, ref_state)
+    metrics, records = _outputs(workdir)
+    assert metrics == ref_metrics, kill_step
+    assert records == ref_records, kill_step
+
+
+def test_sigterm_saves_at_the_next_step_and_names_it(tmp_path):
+  workdir = str(tmp_path)
+  proc = _start_and_wait_for_step(workdir, 5)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  message = [l for l in stderr.splitlines() if "stopped by SIGTERM" in l]
+  assert len(message) == 1, stderr[-3000:]
+  stopped_at = int(message[0].split("after step ")[1].split(";")[0])
+  assert 5 <= stopped_at < TOTAL_STEPS
+  assert run_checkpoints.manager(workdir).latest_step() == stopped_at
+  _run_to_completion(workdir)
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    assert json.load(f)["resumed_from_step"] == stopped_at
+
+
+def _corrupt(workdir, step):
+  state_dir = os.path.join(run_checkpoints.directory(workdir), str(step),
+                           "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+  workdir = str(tmp_path)
+  config = tiny_config(checkpoint_every_steps=5)
+  train.train_and_evaluate(config, workdir)   # checkpoints 10, 15, 20 kept
+  _corrupt(workdir, 20)
+  result = train.train_and_evaluate(config, workdir)
+  assert result["resumed_from_step"] == 15
+  for step in run_checkpoints.manager(workdir).all_steps():
+    _corrupt(workdir, step)
+  with pytest.raises(UserError, match="--overwrite") as info:
+    train.train_and_evaluate(config, workdir)
+  assert "\n" not in str(info.value)
+  result = train.train_and_evaluate(config, workdir, overwrite=True)
+  assert result["resumed_from_step"] == 0
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
+  workdir = str(tmp_path)
+  config = tiny_config(**{"optim.grad_clip": 0.0, "optim.lr": 1e12,
+                          "checkpoint_every_steps": 1, "log_every_steps": 50})
+  with pytest.raises(FloatingPointError, match="gradient clipping is off") as e:
+    train.train_and_evaluate(config, workdir)
+  assert "\n" not in str(e.value)
+  mngr = run_checkpoints.manager(workdir)
+  for step in mngr.all_steps():
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    for leaf in jax.tree.leaves(restored.state["params"]):
+      assert np.all(np.isfinite(leaf)), step
