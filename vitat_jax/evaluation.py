@@ -1,9 +1,11 @@
 """Evaluation runner: clean accuracy and robust accuracy under named attacks.
 
 Attacks are named by strings so configs stay plain data: "clean", "pgd20",
-"pgd100", "cw20" (any "pgd<k>" / "cw<k>"). Every attack is one jitted
-function over fixed-shape batches (the last batch is padded and masked), so
-evaluating a whole test set compiles each attack once.
+"pgd100", "cw20" (any "pgd<k>" / "cw<k>"), and "aa" / "autoattack"
+(AutoAttack, standard version). Every attack is one jitted function over
+fixed-shape batches (the last batch is padded and masked), so evaluating a
+whole test set compiles each attack once (AutoAttack: each of its attacks,
+for a few batch shapes).
 """
 
 import dataclasses
@@ -16,15 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitat_jax import attacks
+from vitat_jax import parallel
 from vitat_jax.errors import UserError
 
-_ATTACK_NAME = re.compile(r"^(clean|pgd(\d+)|cw(\d+))$")
+_ATTACK_NAME = re.compile(r"^(clean|pgd(\d+)|cw(\d+)|aa|autoattack)$")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
   name: str        # as written in the config, also the metrics key prefix
-  kind: str        # "clean", "pgd" or "cw"
+  kind: str        # "clean", "pgd", "cw" or "autoattack"
   steps: int = 0
 
 
@@ -33,9 +36,12 @@ def parse_attack(name: str) -> AttackSpec:
   match = _ATTACK_NAME.match(name)
   if not match or name in ("pgd0", "cw0"):
     raise UserError(f"unknown evaluation attack {name!r}: use 'clean', "
-                    "'pgd<steps>' (e.g. pgd20, pgd100) or 'cw<steps>' (cw20)")
+                    "'pgd<steps>' (e.g. pgd20, pgd100), 'cw<steps>' (cw20) "
+                    "or 'aa' (AutoAttack)")
   if name == "clean":
     return AttackSpec(name, "clean")
+  if name in ("aa", "autoattack"):
+    return AttackSpec(name, "autoattack")
   kind = "pgd" if name.startswith("pgd") else "cw"
   return AttackSpec(name, kind, int(match.group(2) or match.group(3)))
 
@@ -43,6 +49,8 @@ def parse_attack(name: str) -> AttackSpec:
 def make_attack_fn(model, spec: AttackSpec, *, eps: float, alpha: float,
                    restarts: int = 1) -> Callable:
   """jitted `(params, key, images, labels) -> bool correct [B]`."""
+  if spec.kind == "autoattack":
+    return _make_autoattack_fn(model, eps=eps)
 
   def correct(params, key, images, labels):
     logits_fn = lambda x: model.apply({"params": params}, x)
@@ -53,6 +61,25 @@ def make_attack_fn(model, spec: AttackSpec, *, eps: float, alpha: float,
     return jnp.argmax(logits_fn(images), axis=-1) == labels
 
   return jax.jit(correct)
+
+
+def _make_autoattack_fn(model, *, eps: float) -> Callable:
+  """`(params, key, images, labels) -> bool robust [B]` via AutoAttack.
+
+  Not one jitted function (AutoAttack gathers the still-robust points on the
+  host between its attacks), but its attacks compile once: `logits_fn` is
+  the same object for every batch and the params are an argument.
+  """
+  logits_fn = lambda params, x: model.apply({"params": params}, x)
+
+  def robust(params, key, images, labels):
+    result = attacks.autoattack(logits_fn, images, labels, params=params,
+                                key=key, eps=eps, version="standard",
+                                batch_size=images.shape[0], run_checks=False,
+                                verbose=False)
+    return result.robust
+
+  return robust
 
 
 def make_evaluator(model, attack_names: Sequence[str], *, eps: float,
@@ -81,7 +108,8 @@ def make_evaluator(model, attack_names: Sequence[str], *, eps: float,
         batch_key = jax.random.fold_in(jax.random.fold_in(key, spec_index),
                                        batch_index)
         start = time.perf_counter()
-        correct = np.asarray(fns[spec.name](params, batch_key, images, labels))
+        correct = parallel.to_host(
+            fns[spec.name](params, batch_key, images, labels))
         seconds[spec.name] += time.perf_counter() - start
         counts[spec.name] += int((correct & valid).sum())
     if total == 0:

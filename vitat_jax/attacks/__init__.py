@@ -1,5 +1,14 @@
 """Adversarial attacks as pure functions `attack(logits_fn, key, x, y)`."""
 
+from vitat_jax.attacks.apgd import apgd
+from vitat_jax.attacks.apgd import apgd_targeted
+from vitat_jax.attacks.apgd import dlr_loss
+from vitat_jax.attacks.apgd import dlr_loss_targeted
+from vitat_jax.attacks.autoattack import ATTACK_NAMES
+from vitat_jax.attacks.autoattack import autoattack
+from vitat_jax.attacks.autoattack import AutoAttackResult
+from vitat_jax.attacks.fab import fab
+from vitat_jax.attacks.fab import fab_targeted
 from vitat_jax.attacks.pgd import check_budget
 from vitat_jax.attacks.pgd import cross_entropy_per_example
 from vitat_jax.attacks.pgd import cw
@@ -9,7 +18,10 @@ from vitat_jax.attacks.pgd import perturb
 from vitat_jax.attacks.pgd import pgd
 from vitat_jax.attacks.pgd import project
 from vitat_jax.attacks.pgd import uniform_init
+from vitat_jax.attacks.square import square
 
-__all__ = ["check_budget", "cross_entropy_per_example", "cw",
-           "cw_margin_per_example", "gaussian_init", "perturb", "pgd", "project",
-           "uniform_init"]
+__all__ = ["ATTACK_NAMES", "AutoAttackResult", "apgd", "apgd_targeted",
+           "autoattack", "check_budget", "cross_entropy_per_example", "cw",
+           "cw_margin_per_example", "dlr_loss", "dlr_loss_targeted", "fab",
+           "fab_targeted", "gaussian_init", "perturb", "pgd", "project",
+           "square", "uniform_init"]

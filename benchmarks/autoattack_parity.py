@@ -1,0 +1,181 @@
+r"""Parity of our AutoAttack with the reference one (fra31's, `pyautoattack`).
+
+One small model, defined identically in JAX and PyTorch (an MLP on the
+scikit-learn digits, 8x8 upsampled to 3 channels; the PyTorch copy takes the
+JAX weights as NumPy arrays), adversarially trained in a few seconds with
+`vitat_jax.attacks.perturb` so that it is actually robust; then both
+AutoAttacks (version "standard") on the same images, and the robust accuracy
+after each attack side by side.
+
+    python benchmarks/autoattack_parity.py                 # all 1797 digits
+    python benchmarks/autoattack_parity.py --num_images=500
+
+`tests/attacks/test_autoattack.py` runs the same comparison on 500 images.
+"""
+
+import argparse
+import logging
+import re
+import time
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vitat_jax import attacks
+
+EPS = 0.1
+HIDDEN = 64
+NUM_CLASSES = 10
+
+
+def digits() -> Tuple[np.ndarray, np.ndarray]:
+  """All 1797 digits as [N, 8, 8, 3] float32 in [0, 1], and labels."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  data = load_digits()
+  images = (data.images / 16.0).astype(np.float32)
+  return np.repeat(images[..., None], 3, axis=-1), data.target.astype(np.int32)
+
+
+def mlp_logits(params, x):
+  h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["w1"] + params["b1"])
+  return h @ params["w2"] + params["b2"]
+
+
+def train_robust_mlp(images, labels, *, eps=EPS, steps=300, seed=0):
+  """PGD-AT (PGD-5, step eps / 2) with Adam, full batch: a few seconds."""
+  k1, k2, attack_key = jax.random.split(jax.random.key(seed), 3)
+  dim = int(np.prod(images.shape[1:]))
+  params = {
+      "w1": jax.random.normal(k1, (dim, HIDDEN)) * np.sqrt(2 / dim),
+      "b1": jnp.zeros(HIDDEN),
+      "w2": jax.random.normal(k2, (HIDDEN, NUM_CLASSES)) * np.sqrt(1 / HIDDEN),
+      "b2": jnp.zeros(NUM_CLASSES)}
+  optimizer = optax.adam(3e-3)
+  x, y = jnp.asarray(images), jnp.asarray(labels)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    objective = lambda xa, _: attacks.cross_entropy_per_example(
+        mlp_logits(params, xa), y).mean()
+    x_adv = attacks.perturb(objective, key, x, eps=eps, alpha=eps / 2,
+                            steps=5)
+    loss_fn = lambda p: attacks.cross_entropy_per_example(
+        mlp_logits(p, x_adv), y).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = optimizer.init(params)
+  for i in range(steps):
+    params, opt_state, _ = step(params, opt_state,
+                                jax.random.fold_in(attack_key, i))
+  return jax.tree.map(np.asarray, params)
+
+
+def run_ours(params, images, labels, *, eps=EPS, seed=0,
+             batch_size=500) -> Dict[str, float]:
+  result = attacks.autoattack(mlp_logits, images, labels, params=params,
+                              eps=eps, key=jax.random.key(seed),
+                              batch_size=batch_size, verbose=False)
+  return result.robust_accuracy
+
+
+class _Capture(logging.Handler):
+  """Collects the reference's per-attack accuracies from its debug log
+  (`run_standard_evaluation` returns only the adversarial images)."""
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.accuracy = {}
+
+  def emit(self, record):
+    message = record.getMessage()
+    match = re.match(r"robust accuracy after (\S+): ([\d.]+)%", message)
+    if match:
+      self.accuracy[match.group(1).lower()] = float(match.group(2)) / 100
+    match = re.match(r"initial accuracy: ([\d.]+)%", message)
+    if match:
+      self.accuracy["clean"] = float(match.group(1)) / 100
+
+
+def torch_mlp(params):
+  """The same MLP in PyTorch, on NCHW input, with the JAX weights."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class Mlp(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      for name, value in params.items():
+        self.register_buffer(name, torch.from_numpy(np.array(value)))
+
+    def forward(self, x):
+      x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # as JAX's NHWC
+      h = torch.relu(x @ self.w1 + self.b1)
+      return h @ self.w2 + self.b2
+
+  return Mlp().eval()
+
+
+def run_reference(params, images, labels, *, eps=EPS, seed=0,
+                  batch_size=500) -> Dict[str, float]:
+  import torch  # pylint: disable=g-import-not-at-top
+  from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+  adversary = AutoAttack(torch_mlp(params), eps=eps, norm="Linf",
+                         version="standard", seed=seed, device="cpu")
+  capture = _Capture()
+  logger = adversary.logger
+  old_level, old_threads = logger.level, torch.get_num_threads()
+  logger.addHandler(capture)
+  logger.setLevel(logging.DEBUG)
+  # One thread: on these tiny batches PyTorch's per-op thread hand-off costs
+  # more than the work (10x slower with 2 threads on a shared machine).
+  torch.set_num_threads(1)
+  try:
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(labels.astype(np.int64))
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+  finally:
+    logger.removeHandler(capture)
+    logger.setLevel(old_level)
+    torch.set_num_threads(old_threads)
+  with torch.no_grad():
+    final = (adversary.model(x_adv).argmax(1) == y).float().mean().item()
+  accuracy = capture.accuracy
+  accuracy["final_checked"] = final
+  return accuracy
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--num_images", type=int, default=1797)
+  parser.add_argument("--eps", type=float, default=EPS)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--batch_size", type=int, default=500)
+  args = parser.parse_args()
+  images, labels = digits()
+  start = time.perf_counter()
+  params = train_robust_mlp(images, labels, eps=args.eps)
+  print(f"trained in {time.perf_counter() - start:.1f} s")
+  images, labels = images[:args.num_images], labels[:args.num_images]
+  start = time.perf_counter()
+  ours = run_ours(params, images, labels, eps=args.eps, seed=args.seed,
+                  batch_size=args.batch_size)
+  ours_s = time.perf_counter() - start
+  start = time.perf_counter()
+  theirs = run_reference(params, images, labels, eps=args.eps, seed=args.seed,
+                         batch_size=args.batch_size)
+  theirs_s = time.perf_counter() - start
+  print(f"{len(images)} digits, eps={args.eps}")
+  print(f"{'after':10s} {'vitat_jax':>10s} {'fra31':>10s} {'diff (pp)':>10s}")
+  for name in ("clean", "apgd-ce", "apgd-t", "fab-t", "square"):
+    a, b = ours[name], theirs[name]
+    print(f"{name:10s} {100 * a:9.2f}% {100 * b:9.2f}% {100 * (a - b):+10.2f}")
+  print(f"{'time':10s} {ours_s:9.1f}s {theirs_s:9.1f}s")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,180 @@
+"""AutoAttack: the sequence's invariants, the sanity checks, evaluation
+wiring, and parity with the reference implementation (fra31's)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tests.attacks._models import assert_in_ball_and_box, batch, mlp
+from vitat_jax import attacks
+from vitat_jax import evaluation
+from vitat_jax.attacks.autoattack import attack_settings
+from vitat_jax.errors import UserError
+
+# Small budgets keep the CPU tests fast; the algorithms are the same.
+FAST = {"apgd-ce": {"n_iter": 10}, "apgd-dlr": {"n_iter": 10},
+        "apgd-t": {"n_iter": 10, "n_target_classes": 3},
+        "fab-t": {"n_iter": 10, "n_target_classes": 3},
+        "fab": {"n_iter": 10}, "square": {"n_queries": 100}}
+STANDARD = ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+
+def _run(x, y, key, eps=4 / 255, names=STANDARD, logits_fn=mlp, **kwargs):
+  return attacks.autoattack(logits_fn, x, y, key=key, eps=eps,
+                            version="custom", attacks_to_run=names,
+                            overrides=FAST, batch_size=16, verbose=False,
+                            **kwargs)
+
+
+def test_versions_follow_the_reference():
+  standard = attack_settings("standard", 8 / 255)
+  assert [s.name for s in standard] == STANDARD
+  assert all(s.n_restarts == 1 and s.n_iter == 100 for s in standard)
+  assert standard[1].n_target_classes == 9 and standard[2].n_target_classes == 9
+  assert standard[3].n_queries == 5000
+  plus = {s.name: s for s in attack_settings("plus", 8 / 255)}
+  assert list(plus) == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t",
+                        "fab-t"]
+  assert plus["apgd-ce"].n_restarts == 5 and plus["fab"].n_restarts == 5
+  assert plus["apgd-t"].n_restarts == 1 and plus["fab-t"].n_restarts == 1
+  rand = attack_settings("rand", 8 / 255)
+  assert [(s.name, s.eot_iter) for s in rand] == [("apgd-ce", 20),
+                                                  ("apgd-dlr", 20)]
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([2 / 255, 6 / 255]))
+def test_each_attack_only_removes_points_from_the_robust_set(seed, eps):
+  x, y = batch(seed, n=24)
+  y = y.at[:3].set((y[:3] + 1) % 10)  # three points wrong from the start
+  result = _run(x, y, jax.random.key(seed), eps=eps)
+  accuracies = list(result.robust_accuracy.values())
+  assert accuracies == sorted(accuracies, reverse=True)
+  clean = np.asarray(jnp.argmax(mlp(x), -1) == y)
+  previous = clean
+  for name in STANDARD:
+    after = result.robust_after[name]
+    assert np.all(previous[after]), name  # a subset of the previous set
+    previous = after
+  np.testing.assert_array_equal(previous, result.robust)
+  assert_in_ball_and_box(jnp.asarray(result.adv_images), x, eps)
+  # The verdicts agree with the model on the returned images.
+  correct = np.asarray(jnp.argmax(mlp(result.adv_images), -1) == y)
+  np.testing.assert_array_equal(correct & clean, result.robust)
+  # Points not broken carry their clean image.
+  np.testing.assert_array_equal(result.adv_images[result.robust],
+                                np.asarray(x)[result.robust])
+
+
+def test_same_key_same_result_and_batching_is_invisible_to_the_flags():
+  x, y = batch(1, n=40)
+  a = _run(x, y, jax.random.key(0))
+  b = _run(x, y, jax.random.key(0))
+  np.testing.assert_array_equal(a.adv_images, b.adv_images)
+  assert a.robust_accuracy == b.robust_accuracy
+  assert 0 < a.accuracy < a.robust_accuracy["clean"]
+  assert not any(a.checks[k] for k in ("looks_like_probabilities",
+                                       "randomized", "zero_gradient_points",
+                                       "square_beats_white_box"))
+  assert a.warnings == []
+
+
+def test_masked_gradients_are_flagged():
+  # Quantising the input makes every input gradient exactly zero: APGD and
+  # FAB cannot move, Square (scores only) still can.
+  quantised = lambda x: mlp(jnp.round(x * 4) / 4)
+  x, y = batch(2, n=32, edges=False)
+  y = jnp.argmax(quantised(x), -1)
+  result = _run(x, y, jax.random.key(0), eps=16 / 255,
+                names=["apgd-ce", "fab-t", "square"], logits_fn=quantised)
+  assert result.checks["zero_gradient_points"] == 32
+  assert result.checks["square_beats_white_box"]
+  assert len(result.warnings) == 2
+  assert any("zero loss gradient" in w for w in result.warnings)
+
+
+def test_probability_outputs_and_randomness_are_flagged():
+  x, y = batch(3, n=8)
+  probabilities = lambda x: jax.nn.softmax(mlp(x))
+  result = _run(x, y, jax.random.key(0), names=["apgd-ce"],
+                logits_fn=probabilities)
+  assert result.checks["looks_like_probabilities"]
+  rng = np.random.default_rng(0)
+  # Hidden randomness drawn on the host at every call.
+  noisy = lambda x: mlp(x) + rng.normal(size=(10,)).astype(np.float32)
+  result = _run(x, y, jax.random.key(0), names=["apgd-ce"], logits_fn=noisy)
+  assert result.checks["randomized"]
+  assert any("version='rand'" in w for w in result.warnings)
+
+
+def test_rand_version_runs_eot_on_a_keyed_model():
+  x, y = batch(4, n=8, edges=False)
+  noisy = lambda x, key: mlp(x) + 0.05 * jax.random.normal(key, (10,))
+  result = attacks.autoattack(
+      noisy, x, y, key=jax.random.key(0), eps=4 / 255, version="rand",
+      stochastic=True, batch_size=8, verbose=False,
+      overrides={"apgd-ce": {"n_iter": 5, "eot_iter": 3},
+                 "apgd-dlr": {"n_iter": 5, "eot_iter": 3}})
+  assert list(result.robust_accuracy) == ["clean", "apgd-ce", "apgd-dlr"]
+  assert result.checks["randomized"] is None
+  assert_in_ball_and_box(jnp.asarray(result.adv_images), x, 4 / 255)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(version="fast"), "unknown AutoAttack version"),
+    (dict(attacks_to_run=["apgd-ce"]), "only used with version='custom'"),
+    (dict(version="custom", attacks_to_run=["pgd"]), "bad attacks_to_run"),
+    (dict(version="custom"), "needs attacks_to_run"),
+    (dict(overrides={"square": {"p_init": 2}}), "cannot override"),
+    (dict(overrides={"apgd-ce": {"n_iter": 0}}), "must be a positive"),
+    (dict(eps=2.0), "eps=2.0"),
+])
+def test_bad_arguments_are_one_line_errors(kwargs, fragment):
+  x, y = batch(0, n=2)
+  with pytest.raises(UserError, match=fragment) as info:
+    attacks.autoattack(mlp, x, y, key=jax.random.key(0), **kwargs)
+  assert "\n" not in str(info.value)
+
+
+class _Linear(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_evaluator_runs_autoattack_by_name():
+  assert evaluation.parse_attack("aa").kind == "autoattack"
+  assert evaluation.parse_attack("autoattack").kind == "autoattack"
+  model = _Linear()
+  x, y = batch(5, n=8)
+  params = model.init(jax.random.key(0), x)["params"]
+  y = jnp.argmax(model.apply({"params": params}, x), -1)
+  evaluate = evaluation.make_evaluator(model, ["clean", "pgd5", "aa"],
+                                       eps=2 / 255, alpha=0.5 / 255)
+  batches = [(np.asarray(x), np.asarray(y), np.ones(8, bool))]
+  result = evaluate(params, batches, jax.random.key(0))
+  assert result["clean_acc"] == 1.0
+  assert result["aa_acc"] <= result["pgd5_acc"] + 1e-9
+  assert result["num_eval_images"] == 8
+
+
+@pytest.mark.slow
+def test_parity_with_the_reference_autoattack():
+  """Our standard AutoAttack and fra31's on the same robust model and the
+  same 500 images: robust accuracy after each attack within 1 pp."""
+  pytest.importorskip("torch")
+  pytest.importorskip("pyautoattack")
+  parity = pytest.importorskip("benchmarks.autoattack_parity")
+  images, labels = parity.digits()
+  params = parity.train_robust_mlp(images, labels)
+  images, labels = images[:500], labels[:500]
+  ours = parity.run_ours(params, images, labels)
+  theirs = parity.run_reference(params, images, labels)
+  assert ours["clean"] == pytest.approx(theirs["clean"], abs=1e-9)
+  assert ours["square"] > 0.5  # an actually robust model
+  for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
+    assert abs(ours[name] - theirs[name]) <= 0.01, (name, ours, theirs)
