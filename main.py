@@ -20,6 +20,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs/quickstart.py"),
     "Training configuration file (a get_config(arg) module).",
     lock_config=True)
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"],
+    "train: train (or resume) and evaluate; eval: evaluate the latest "
+    "checkpoint in --workdir (or --config.init.checkpoint) with the "
+    "config's `eval` section, writing robustness.json.")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Delete the workdir's checkpoints and metrics and "
     "start over, instead of resuming.")
@@ -83,8 +88,12 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(
       config, config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
-    result = train.train_and_evaluate(config, workdir,
-                                      overwrite=_OVERWRITE.value)
+    if _MODE.value == "eval":
+      result = train.evaluate_checkpoint(
+          train.config_for_evaluation(config, workdir), workdir)
+    else:
+      result = train.train_and_evaluate(config, workdir,
+                                        overwrite=_OVERWRITE.value)
   except (UserError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -92,9 +101,13 @@ def main(argv):
     print(f"{e} (workdir {workdir})", file=sys.stderr)
     sys.exit(e.exit_code)
   print(result["table"])
-  print(f"train {result['train_time_s']:.0f} s, evaluation "
-        f"{result['eval_time_s']:.0f} s, total {result['wall_time_s']:.0f} s; "
-        f"metrics in {os.path.join(workdir, 'metrics.json')}")
+  if _MODE.value == "eval":
+    print(f"evaluated {result['checkpoint']} in {result['wall_time_s']:.0f} s;"
+          f" results in {os.path.join(workdir, 'robustness.json')}")
+  else:
+    print(f"train {result['train_time_s']:.0f} s, evaluation "
+          f"{result['eval_time_s']:.0f} s, total {result['wall_time_s']:.0f} "
+          f"s; metrics in {os.path.join(workdir, 'metrics.json')}")
 
 
 if __name__ == "__main__":

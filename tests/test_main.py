@@ -21,8 +21,15 @@ def _run(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_main_trains_evaluates_and_writes_the_workdir(tmp_path):
-  proc = _run(f"--workdir={tmp_path}", *TINY)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  proc = _run(f"--workdir={workdir}", *TINY)
+  return workdir, proc
+
+
+def test_main_trains_evaluates_and_writes_the_workdir(trained):
+  tmp_path, proc = trained
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "pgd20" in proc.stdout and "cw20" in proc.stdout
   with open(tmp_path / "metrics.json") as f:
@@ -51,3 +58,53 @@ def test_misspelt_override_is_rejected_by_the_locked_config(tmp_path):
   proc = _run(f"--workdir={tmp_path}", "--config.optim.learning_rate=0.1")
   assert proc.returncode != 0
   assert "learning_rate" in proc.stderr
+
+
+def test_eval_mode_reproduces_the_final_evaluation_and_adds_autoattack(trained):
+  workdir, _ = trained
+  with open(workdir / "metrics.json") as f:
+    trained_metrics = json.load(f)
+  proc = _run("--mode=eval", f"--workdir={workdir}",
+              "--config.eval.num_examples=32", "--config.eval.batch_size=32",
+              "--config.eval.attacks=('clean','pgd20','aa')")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(workdir / "robustness.json") as f:
+    robustness = json.load(f)
+  # Same params, images and keys as the end-of-training evaluation.
+  assert robustness["clean_acc"] == trained_metrics["clean_acc"]
+  assert robustness["pgd20_acc"] == trained_metrics["pgd20_acc"]
+  assert robustness["aa_acc"] <= robustness["clean_acc"]
+  log = robustness["autoattack"]
+  assert list(log["robust_accuracy"]) == ["clean", "apgd-ce", "apgd-t",
+                                          "fab-t", "square"]
+  assert "zero_gradient_points" in log["checks"]
+  assert "aa" in proc.stdout
+
+
+def test_eval_mode_on_an_exported_checkpoint_gives_the_same_numbers(
+    trained, tmp_path):
+  from vitat_jax import checkpoints
+  from vitat_jax import run_checkpoints
+  from vitat_jax.train import build_model
+  import ml_collections
+  import orbax.checkpoint as ocp
+  workdir, _ = trained
+  with open(workdir / "config.json") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  mngr = run_checkpoints.manager(str(workdir))
+  state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore())).state
+  from vitat_jax import data
+  model = build_model(config, data.load(config.data))
+  exported = str(tmp_path / "robust.safetensors")
+  checkpoints.export_timm(state["params"], model, exported)
+  proc = _run("--mode=eval", f"--workdir={tmp_path}", *TINY,
+              f"--config.init.checkpoint={exported}",
+              "--config.eval.attacks=('clean','pgd20')")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(tmp_path / "robustness.json") as f:
+    robustness = json.load(f)
+  with open(workdir / "metrics.json") as f:
+    trained_metrics = json.load(f)
+  assert robustness["clean_acc"] == trained_metrics["clean_acc"]
+  assert robustness["pgd20_acc"] == trained_metrics["pgd20_acc"]

@@ -11,7 +11,7 @@ for a few batch shapes).
 import dataclasses
 import re
 import time
-from typing import Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,3 +122,54 @@ def make_evaluator(model, attack_names: Sequence[str], *, eps: float,
     return result
 
   return evaluate
+
+
+def _jsonable(value):
+  """Plain Python types for metrics.json / robustness.json."""
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return value
+
+
+def evaluate(model, params, source, attack_names: Sequence[str], *, key,
+             eps: float, alpha: float, restarts: int = 1,
+             batch_size: int = 128, num_examples=None,
+             shard_fn: Callable = lambda batch: batch) -> Dict[str, Any]:
+  """Clean and robust accuracy of `params` on the first images of `source`.
+
+  The one runner behind the end-of-training evaluation and `--mode=eval`.
+  PGD/CW run batch by batch; AutoAttack ("aa") runs over the whole set at
+  once, so its per-attack log and sanity checks land in the result under
+  "autoattack".
+  """
+  from vitat_jax.data import pipeline  # data depends on nothing here
+  specs = [parse_attack(n) for n in attack_names]
+  batch_names = [s.name for s in specs if s.kind != "autoattack"]
+  result: Dict[str, Any] = {}
+  if batch_names:
+    evaluator = make_evaluator(model, batch_names, eps=eps, alpha=alpha,
+                               restarts=restarts, shard_fn=shard_fn)
+    result.update(evaluator(
+        params, pipeline.eval_batches(source, batch_size, num_examples), key))
+  for index, spec in enumerate(s for s in specs if s.kind == "autoattack"):
+    count = min(num_examples or len(source), len(source))
+    images, labels = source.get_batch(np.arange(count))
+    logits_fn = lambda p, x: model.apply({"params": p}, x)
+    run = attacks.autoattack(
+        logits_fn, images.astype(np.float32) / 255.0, labels, params=params,
+        key=jax.random.fold_in(key, 10_000 + index), eps=eps,
+        batch_size=batch_size, verbose=False)
+    result["num_eval_images"] = count
+    result[f"{spec.name}_acc"] = float(np.mean(run.robust))
+    result[f"{spec.name}_time_s"] = float(sum(run.seconds.values()))
+    result["autoattack"] = _jsonable({
+        "version": "standard", "robust_accuracy": run.robust_accuracy,
+        "seconds": run.seconds, "checks": run.checks,
+        "warnings": run.warnings})
+  return result

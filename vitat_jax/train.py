@@ -17,6 +17,7 @@ from typing import Any, Dict
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -125,6 +126,79 @@ def format_table(result: Dict[str, Any], attack_names) -> str:
   lines.append(f"({result['num_eval_images']} test images, eps "
                f"{result['eps'] * 255:.1f}/255)")
   return "\n".join(lines)
+
+
+def run_final_evaluation(config, model, params, test_source, shard_fn, key):
+  """The configured attacks (`config.eval`) on the configured test images."""
+  eval_cfg = config.eval
+  return evaluation.evaluate(
+      model, params, test_source, eval_cfg.attacks, key=key,
+      eps=eval_cfg.eps or config.attack.eps, alpha=eval_cfg.alpha,
+      restarts=eval_cfg.restarts, batch_size=eval_cfg.batch_size,
+      num_examples=eval_cfg.num_examples or None, shard_fn=shard_fn)
+
+
+def config_for_evaluation(cli_config, workdir: str):
+  """The run's own config (workdir/config.json) with the command's `eval`.
+
+  Without a config.json (evaluating a converted checkpoint) the command's
+  config is used as it is.
+  """
+  path = os.path.join(workdir, "config.json")
+  if cli_config.init.checkpoint or not os.path.exists(path):
+    return cli_config
+  with open(path) as f:
+    run_config = ml_collections.ConfigDict(json.load(f))
+  run_config.eval = ml_collections.ConfigDict(cli_config.eval.to_dict())
+  return run_config
+
+
+def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
+  """`--mode=eval`: evaluates a trained or converted model, trains nothing.
+
+  The params come from `config.init.checkpoint` when set (a timm / npz /
+  exported file), else from the latest checkpoint in `workdir`. The result
+  is written to `workdir/robustness.json`.
+  """
+  wall_start = time.perf_counter()
+  validate.check_config(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  splits = data_lib.load(config.data)
+  model = build_model(config, splits)
+  init_key, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+  dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
+  if config.init.checkpoint:
+    params = checkpoints.load(
+        config.init.checkpoint, model,
+        init_params=jax.jit(model.init)(init_key, dummy)["params"],
+        format=config.init.format, allow_pickle=config.init.allow_pickle)
+    source = config.init.checkpoint
+  else:
+    abstract_params = jax.eval_shape(model.init, init_key, dummy)["params"]
+    tx, _ = optim.make_optimizer(config.optim, config.epochs, 1)
+    abstract_state = TrainState(jnp.asarray(0, jnp.int32), abstract_params,
+                                jax.eval_shape(tx.init, abstract_params))
+    ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
+    state, step, _ = run_checkpoints.restore_latest(ckpt, abstract_state)
+    if state is None:
+      raise UserError(f"no checkpoint in {run_checkpoints.directory(workdir)}:"
+                      " train first, or pass --config.init.checkpoint=FILE")
+    params = state.params
+    source = f"{run_checkpoints.directory(workdir)} step {step}"
+  params = parallel.replicate(mesh, params)
+  result = run_final_evaluation(
+      config, model, params, splits.test,
+      functools.partial(parallel.shard_batch, mesh), eval_key)
+  result.update(eps=config.eval.eps or config.attack.eps,
+                model=config.model.name, checkpoint=source,
+                wall_time_s=time.perf_counter() - wall_start)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "robustness.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  result["table"] = format_table(result, config.eval.attacks)
+  return result
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:
@@ -285,15 +359,9 @@ def train_and_evaluate(config, workdir: str, *,
   batches.close()
   ckpt.wait_until_finished()
 
-  final_eval = evaluation.make_evaluator(
-      model, eval_cfg.attacks, eps=eval_eps, alpha=eval_cfg.alpha,
-      restarts=eval_cfg.restarts, shard_fn=shard_eval)
   eval_start = time.perf_counter()
-  result = final_eval(
-      state.params,
-      pipeline.eval_batches(splits.test, eval_cfg.batch_size,
-                            eval_cfg.num_examples or None),
-      eval_key)
+  result = run_final_evaluation(config, model, state.params, splits.test,
+                                shard, eval_key)
   result.update(
       eps=eval_eps, model=config.model.name, method=config.method,
       ard=config.ard, prm=config.prm, steps=total_steps,
