@@ -21,13 +21,20 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Training configuration file (a get_config(arg) module).",
     lock_config=True)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval"],
+    "mode", "train", ["train", "eval", "report"],
     "train: train (or resume) and evaluate; eval: evaluate the latest "
     "checkpoint in --workdir (or --config.init.checkpoint) with the "
-    "config's `eval` section, writing robustness.json.")
+    "config's `eval` section, writing robustness.json; report: plots of "
+    "each --workdirs run and a table comparing them (reads files only).")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Delete the workdir's checkpoints and metrics and "
     "start over, instead of resuming.")
+_WORKDIRS = flags.DEFINE_list(
+    "workdirs", None, "--mode=report: the run directories to plot and "
+    "compare, comma-separated (default: --workdir).")
+_REPORT_DIR = flags.DEFINE_string(
+    "report_dir", None, "--mode=report: where comparison.md/.png go; "
+    "default: <the runs' common parent>/comparison.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints and metrics; default: "
     "runs/<config>_<model>_<method>[_ard][_prm].")
@@ -62,10 +69,27 @@ class _QuietLibraries(std_logging.Filter):
         part in record.pathname for part in ("/orbax/", "/jax/_src/"))
 
 
+def _report():
+  from vitat_jax import report
+  from vitat_jax.errors import UserError
+  workdirs = _WORKDIRS.value or ([_WORKDIR.value] if _WORKDIR.value else [])
+  try:
+    md_path, png_path, plots = report.make_report(workdirs, _REPORT_DIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  with open(md_path) as f:
+    print(f.read())
+  print("written: " + ", ".join([md_path, png_path, *plots]))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _MODE.value == "report":  # files only: no JAX start-up
+    _report()
+    return
   # Imported here so that --help and flag errors do not pay for JAX start-up.
   import jax
   from vitat_jax import parallel

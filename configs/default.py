@@ -23,6 +23,10 @@ def get_config():
   config.warmup_epochs = 10.0     # n_w
   config.drop_rate = 1.0          # keep probability reached after warm-up
 
+  # Activations and matmuls in this dtype ("bfloat16" on GPU/TPU); params and
+  # optimiser state stay float32. See docs/parallel.md.
+  config.compute_dtype = "float32"
+
   config.model = ml_collections.ConfigDict()
   config.model.name = "deit_tiny_patch16_224"
   config.model.img_size = config_dict.placeholder(int)    # default: data's
@@ -32,6 +36,9 @@ def get_config():
   config.model.num_heads = config_dict.placeholder(int)
   config.model.mlp_ratio = config_dict.placeholder(float)
   config.model.drop_path_rate = config_dict.placeholder(float)
+  # Recompute each block's activations in the backward pass instead of
+  # keeping them: less memory, about a third more compute (ViT/DeiT).
+  config.model.remat = config_dict.placeholder(bool)
 
   # Initialisation: "" trains from scratch; otherwise a timm/PyTorch
   # (.safetensors, .pth) or Google ViT (.npz) checkpoint, resampled to the
@@ -59,6 +66,9 @@ def get_config():
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 4
   config.augment.flip = True
+  # "" = off; e.g. "rand-m9-n2" or "rand-m9-mstd0.5" (timm's RandAugment,
+  # which the paper found to hurt adversarial training).
+  config.augment.randaugment = ""
 
   # Mixup / CutMix per batch (timm's Mixup, mode "batch"), active in the
   # reference's AT runs; prob = 0 turns both off.
@@ -86,6 +96,9 @@ def get_config():
 
   config.epochs = 40.0
   config.batch_size = 64
+  # Micro-batches per step (the reference's --accum-steps): gradients of the
+  # batch_size / accum_steps slices are averaged, then one optimiser step.
+  config.accum_steps = 1
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128

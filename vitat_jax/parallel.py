@@ -6,13 +6,66 @@ named "data"; batches are sharded along it, the train state is replicated.
 pmap). Each host feeds only its own slice of the global batch.
 """
 
+import os
+from typing import Optional
+
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vitat_jax.errors import UserError
 
 DATA_AXIS = "data"
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name, "")
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"{name}={value!r} must be an integer") from None
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, *,
+                           auto: bool = False) -> bool:
+  """Joins a multi-host run before anything else touches JAX; True if joined.
+
+  Explicit values win, then the environment (JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID). With one process and no coordinator
+  this does nothing, so single-host runs need no flag. `auto=True` lets JAX
+  detect a managed cluster (Cloud TPU pods, SLURM, Open MPI) by itself.
+  """
+  coordinator_address = (coordinator_address or
+                         os.environ.get("JAX_COORDINATOR_ADDRESS") or None)
+  if num_processes is None:
+    num_processes = _env_int("JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int("JAX_PROCESS_ID")
+  if auto and coordinator_address is None and num_processes is None:
+    jax.distributed.initialize()
+  elif coordinator_address is None and (num_processes or 1) == 1:
+    return False
+  else:
+    if coordinator_address is None or num_processes is None or process_id is None:
+      raise UserError(
+          "a multi-process run needs the coordinator address (host:port), the "
+          "number of processes and this process's id: pass all three flags "
+          "(--coordinator_address, --num_processes, --process_id) or set "
+          "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
+    if not 0 <= process_id < num_processes:
+      raise UserError(f"process_id={process_id} must be in [0, "
+                      f"{num_processes})")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  logging.info("process %d of %d joined; %d local of %d devices",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return True
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -44,6 +97,34 @@ def shard_batch(mesh: Mesh, local_arrays):
       local_arrays)
 
 
+def shard_global_batch(mesh: Mesh, global_arrays):
+  """Shards a batch that every host holds in full (evaluation) along "data".
+
+  Each device takes its own rows, so no host feeds more than its share.
+  """
+  sharding = batch_sharding(mesh)
+
+  def put(a):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
+  return jax.tree.map(put, global_arrays)
+
+
 def replicate(mesh: Mesh, tree):
-  """Places a pytree (e.g. the train state) on every device of the mesh."""
+  """Places a pytree (e.g. the train state) on every device of the mesh.
+
+  Every process must pass the same values (they do: the state comes from
+  the same seed or the same checkpoint on every host).
+  """
   return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(tree):
+  """NumPy copies of global arrays, gathered over processes when needed."""
+  def gather(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(gather, tree)

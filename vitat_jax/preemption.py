@@ -27,7 +27,8 @@ class Preempted(Exception):
 
   @property
   def exit_code(self) -> int:
-    return 128 + self.signum
+    # A clean, resumable stop: schedulers requeue on their own signal.
+    return 0
 
 
 class PreemptionGuard:

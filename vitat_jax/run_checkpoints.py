@@ -31,6 +31,13 @@ def manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
                                item_names=("state", "meta"))
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds any finished checkpoint (without creating it)."""
+  path = directory(workdir)
+  return os.path.isdir(path) and any(name.isdigit()
+                                     for name in os.listdir(path))
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state,
          meta: Optional[Dict[str, Any]] = None) -> None:
   """Saves asynchronously; `mngr.wait_until_finished()` before relying on it."""

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any, Dict
 
@@ -26,16 +27,20 @@ from vitat_jax import checkpoints
 from vitat_jax import data as data_lib
 from vitat_jax import evaluation
 from vitat_jax import masks
+from vitat_jax import metric_writers
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
 from vitat_jax import parallel
 from vitat_jax import preemption
+from vitat_jax import progress as progress_lib
+from vitat_jax import report
 from vitat_jax import run_checkpoints
 from vitat_jax import validate
 from vitat_jax.data import augment
 from vitat_jax.data import mixup
 from vitat_jax.data import pipeline
+from vitat_jax.data import randaugment
 from vitat_jax.errors import UserError
 
 
@@ -53,7 +58,41 @@ def build_model(config, splits=None):
     data_kwargs = dict(img_size=config.data.image_size or splits.image_size,
                        num_classes=splits.num_classes, mean=splits.mean,
                        std=splits.std)
+  # Params are created (and optimised) in float32 whatever the compute dtype.
+  compute_dtype = config.get("compute_dtype", "float32")
+  if compute_dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"compute_dtype={compute_dtype!r}: use float32, bfloat16 "
+                    "(GPU/TPU) or float16")
+  data_kwargs["dtype"] = jnp.dtype(compute_dtype)
   return models.create_from_config(config.model, **data_kwargs)
+
+
+def accumulate_gradients(grad_fn, params, batch, key, r, accum_steps: int):
+  """Mean gradient and metrics of `grad_fn` over `accum_steps` micro-batches.
+
+  As the reference's --accum-steps: each micro-batch contributes the
+  gradient of loss / accum_steps, and the optimiser (clipping included)
+  then steps once on the sum. Micro-batch m holds rows m, m + A, m + 2A, ...
+  so that each device keeps its own rows of a batch-sharded array.
+  Micro-batch m uses the key `fold_in(key, m)`. (The reference calls
+  `opt.zero_grad()` before every micro-batch's backward, so there only the
+  last micro-batch's gradient survives; this is the documented intent.)
+  """
+  def split(a):
+    a = a.reshape(a.shape[0] // accum_steps, accum_steps, *a.shape[1:])
+    return jnp.swapaxes(a, 0, 1)
+
+  def body(total, inputs):
+    index, micro_batch = inputs
+    (_, metrics), grads = grad_fn(params, micro_batch,
+                                  jax.random.fold_in(key, index), r)
+    return jax.tree.map(jnp.add, total, grads), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  total, metrics = jax.lax.scan(
+      body, zeros, (jnp.arange(accum_steps), jax.tree.map(split, batch)))
+  grads = jax.tree.map(lambda g: g / accum_steps, total)
+  return grads, jax.tree.map(lambda m: m.mean(axis=0), metrics)
 
 
 def make_train_step(config, model, objective, tx, schedule,
@@ -65,13 +104,19 @@ def make_train_step(config, model, objective, tx, schedule,
   # As in the reference, Mixup/CutMix feed PGD-AT (and natural) batches;
   # TRADES and MART train on the plain labels.
   use_mixup = mix.prob > 0 and config.method in ("at", "natural")
+  accum_steps = config.get("accum_steps", 1)
+  randaugment_spec = config.augment.get("randaugment", "")
 
   def train_step(state, images, labels, loop_key):
     step_key = jax.random.fold_in(loop_key, state.step)
     augment_key, mixup_key, objective_key = jax.random.split(step_key, 3)
     x = augment.to_float(images)
+    if randaugment_spec:
+      augment_key, randaugment_key = jax.random.split(augment_key)
     if padding or flip:
       x = augment.random_crop_flip(augment_key, x, padding=padding, flip=flip)
+    if randaugment_spec:
+      x = randaugment.randaugment(randaugment_key, x, randaugment_spec)
     if use_mixup:
       x, targets = mixup.mixup_cutmix(
           mixup_key, x, labels, num_classes, mixup_alpha=mix.mixup_alpha,
@@ -83,7 +128,11 @@ def make_train_step(config, model, objective, tx, schedule,
     t = masks.fractional_epoch(state.step, steps_per_epoch)
     r = masks.warmup_value(t, config.warmup_epochs, config.drop_rate)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, objective_key, r)
+    if accum_steps == 1:
+      (_, metrics), grads = grad_fn(state.params, batch, objective_key, r)
+    else:
+      grads, metrics = accumulate_gradients(grad_fn, state.params, batch,
+                                            objective_key, r, accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
@@ -102,19 +151,11 @@ def _check_finite(metrics, step, config):
   for name in ("loss", "grad_norm"):
     if not math.isfinite(metrics[name]):
       hint = (" (gradient clipping is off: set optim.grad_clip=1.0)"
-              if config.optim.grad_clip <= 0 else " (lower optim.lr)")
+              if config.optim.grad_clip <= 0 else
+              " (check the data for NaN/Inf, or lower optim.lr)")
       raise FloatingPointError(
           f"non-finite {name}={metrics[name]} at step {step}{hint}; the last "
           "good checkpoint is kept")
-
-
-class _JsonLines:
-  def __init__(self, path):
-    self._path = path
-
-  def write(self, record):
-    with open(self._path, "a") as f:
-      f.write(json.dumps(record) + "\n")
 
 
 def format_table(result: Dict[str, Any], attack_names) -> str:
@@ -164,8 +205,15 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   validate.check_config(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  if not config.init.checkpoint and not run_checkpoints.has_checkpoints(
+      workdir):
+    raise UserError(f"no checkpoint in {run_checkpoints.directory(workdir)}:"
+                    " train first, or pass --config.init.checkpoint=FILE")
   splits = data_lib.load(config.data)
   model = build_model(config, splits)
+  if config.init.checkpoint:
+    checkpoints.check(config.init.checkpoint, model, config.init.format,
+                      config.init.allow_pickle)
   init_key, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
   dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
   if config.init.checkpoint:
@@ -194,9 +242,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
                 model=config.model.name, checkpoint=source,
                 wall_time_s=time.perf_counter() - wall_start)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "robustness.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    report.write_robustness_report(workdir, result)  # .json and .md
   result["table"] = format_table(result, config.eval.attacks)
   return result
 
@@ -213,10 +259,13 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
 
 def _start_over(workdir: str) -> None:
   run_checkpoints.delete_all(workdir)
-  for name in ("config.json", "metrics.json", "metrics.jsonl"):
+  for name in ("config.json", "metrics.json", "metrics.jsonl",
+               *report.RUN_FILES):
     path = os.path.join(workdir, name)
     if os.path.exists(path):
       os.remove(path)
+  shutil.rmtree(os.path.join(workdir, metric_writers.TENSORBOARD_DIR),
+                ignore_errors=True)
 
 
 def train_and_evaluate(config, workdir: str, *,
@@ -235,15 +284,14 @@ def train_and_evaluate(config, workdir: str, *,
     preemption.Preempted: SIGTERM/SIGINT; the checkpoint of its step is saved.
   """
   wall_start = time.perf_counter()
+  # Everything that can fail on user input is checked before the workdir is
+  # touched and before anything is compiled.
   validate.check_config(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-  os.makedirs(workdir, exist_ok=True)
-  if overwrite:
-    _start_over(workdir)
-  validate.check_workdir_config(config, workdir)
-
+  if not overwrite:
+    validate.check_workdir_config(config, workdir)
   splits = data_lib.load(config.data)
   model = build_model(config, splits)
   steps_per_epoch = pipeline.steps_per_epoch(len(splits.train),
@@ -252,6 +300,12 @@ def train_and_evaluate(config, workdir: str, *,
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
                                       steps_per_epoch)
   objective = objectives.make_objective(config, model)
+  if config.init.checkpoint:
+    checkpoints.check(config.init.checkpoint, model, config.init.format,
+                      config.init.allow_pickle)
+  if overwrite:
+    _start_over(workdir)
+  validate.write_workdir_config(config, workdir)
 
   init_key, loop_key, eval_key = jax.random.split(
       jax.random.key(config.seed), 3)
@@ -297,7 +351,16 @@ def train_and_evaluate(config, workdir: str, *,
       alpha=eval_cfg.alpha, shard_fn=shard_eval)
   log_path = os.path.join(workdir, "metrics.jsonl")
   _truncate_jsonl(log_path, start_step)
-  log = _JsonLines(log_path)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.MetricWriter(
+      workdir, enabled=is_chief,
+      purge_step=start_step + 1 if start_step else None)
+  if start_step == 0:
+    writer.write_text(0, {"config": "```\n" + config.to_json_best_effort(
+        indent=2) + "\n```"})
+  bar = progress_lib.Progress(total_steps, steps_per_epoch, config.batch_size,
+                              start_step=start_step,
+                              enabled=None if is_chief else False)
 
   def save(step, state, history):
     # Never checkpoint a state whose recent metrics are not finite.
@@ -322,16 +385,20 @@ def train_and_evaluate(config, workdir: str, *,
       state, metrics = train_step(state, images, labels, loop_key)
       history.append(metrics)
       done = step + 1
+      bar.update(done)
       if done % config.log_every_steps == 0 or done == total_steps:
         summary = _mean_metrics(history)
         history = []
         _check_finite(summary, done, config)
-        log.write({"step": done, "epoch": done / steps_per_epoch,
-                   **{f"train_{k}": v for k, v in summary.items()}})
-        logging.info("step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
-                     "grad-norm %.3f  r %.3f", done, total_steps,
-                     summary["loss"], summary["accuracy"], summary["lr"],
-                     summary["grad_norm"], summary["r"])
+        writer.write_scalars(done, {"epoch": done / steps_per_epoch, **{
+            f"train_{k}": v for k, v in summary.items()}})
+        bar.set_metrics({"loss": summary["loss"],
+                         "adv-acc": summary["accuracy"]})
+        with bar.hidden():
+          logging.info("step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
+                       "grad-norm %.3f  r %.3f", done, total_steps,
+                       summary["loss"], summary["accuracy"], summary["lr"],
+                       summary["grad_norm"], summary["r"])
       if done % steps_per_epoch == 0 and eval_cfg.epoch_num_examples:
         jax.block_until_ready(state)
         train_seconds += time.perf_counter() - epoch_start
@@ -341,8 +408,9 @@ def train_and_evaluate(config, workdir: str, *,
                                   eval_cfg.epoch_num_examples),
             jax.random.fold_in(eval_key, done))
         epoch = done // steps_per_epoch
-        log.write({"step": done, "epoch": epoch,
-                   **{f"test_{k}": v for k, v in result.items()}})
+        writer.write_scalars(done, {"epoch": epoch, **{
+            f"test_{k}": v for k, v in result.items()}})
+        writer.flush()
         logging.info("epoch %d: %s", epoch, "  ".join(
             f"{n} {result[n + '_acc']:.3f}" for n in eval_cfg.epoch_attacks))
         epoch_start = time.perf_counter()
@@ -351,11 +419,14 @@ def train_and_evaluate(config, workdir: str, *,
       elif guard.requested:
         save(done, state, history)
       if guard.requested:
+        bar.close()
+        writer.close()
         ckpt.wait_until_finished()
         batches.close()
         raise preemption.Preempted(done, guard.signum)
   jax.block_until_ready(state)
   train_seconds += time.perf_counter() - epoch_start
+  bar.close()
   batches.close()
   ckpt.wait_until_finished()
 
@@ -368,8 +439,18 @@ def train_and_evaluate(config, workdir: str, *,
       resumed_from_step=start_step, train_time_s=train_seconds,
       eval_time_s=time.perf_counter() - eval_start,
       wall_time_s=time.perf_counter() - wall_start)
-  if jax.process_index() == 0:
+  writer.write_scalars(total_steps, {  # the final evaluation, in TensorBoard
+      f"final_{k}": v for k, v in result.items()
+      if k.endswith("_acc") or k == "num_eval_images"})
+  writer.close()
+  if is_chief:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(result, f, indent=2)
+    report.write_robustness_report(workdir, result)
+    try:
+      report.plot_run(workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      # A figure must never cost a finished run its metrics.
+      logging.warning("plots not written to %s: %s", workdir, e)
   result["table"] = format_table(result, eval_cfg.attacks)
   return result

@@ -12,6 +12,7 @@ from vitat_jax import evaluation
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
+from vitat_jax.data import randaugment
 from vitat_jax.errors import UserError
 
 DATASETS = ("digits", "image_folder", "tfds")
@@ -53,6 +54,15 @@ def check_config(config):
   if not 0 <= config.drop_rate <= 1:
     raise UserError(f"drop_rate={config.drop_rate} must be in [0, 1] (the "
                     "ARD keep probability reached after warm-up)")
+  accum_steps = config.get("accum_steps", 1)
+  if (not isinstance(accum_steps, int) or accum_steps < 1
+      or config.batch_size % accum_steps):
+    raise UserError(f"accum_steps={accum_steps} must be a positive integer "
+                    f"dividing batch_size={config.batch_size}")
+  if config.beta < 0:
+    raise UserError(f"beta={config.beta} must be >= 0 (the TRADES / MART "
+                    "trade-off; the paper uses 6)")
+  randaugment.check_spec(config.augment.get("randaugment", ""))
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     raise UserError("log_every_steps and checkpoint_every_steps must be "
                     "positive")
@@ -92,19 +102,26 @@ def _run_defining(config_dict):
 
 
 def check_workdir_config(config, workdir: str):
-  """Writes config.json, or refuses a workdir holding a different run."""
+  """Refuses a workdir holding a run with a different config (no writes)."""
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
   current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    old, new = _run_defining(previous), _run_defining(current)
-    if old != new:
-      changed = sorted(k for k in set(old) | set(new)
-                       if old.get(k) != new.get(k))
-      raise UserError(
-          f"workdir {workdir!r} holds a run with a different config "
-          f"(differs in: {', '.join(changed)}); use a new --workdir or "
-          "delete that one to start over")
-  with open(path, "w") as f:
-    json.dump(current, f, indent=2, sort_keys=True)
+  with open(path) as f:
+    previous = json.load(f)
+  old, new = _run_defining(previous), _run_defining(current)
+  if old != new:
+    changed = sorted(k for k in set(old) | set(new)
+                     if old.get(k) != new.get(k))
+    raise UserError(
+        f"workdir {workdir!r} holds a run with a different config "
+        f"(differs in: {', '.join(changed)}); use a new --workdir or pass "
+        "--overwrite to start over")
+
+
+def write_workdir_config(config, workdir: str):
+  """Writes the resolved config as workdir/config.json."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(json.loads(config.to_json_best_effort()), f, indent=2,
+              sort_keys=True)

@@ -33,9 +33,16 @@ def _describe(model) -> str:
   return f"{type(model).__name__}({', '.join(parts)})"
 
 
+def _abstract_params(model):
+  """The model's parameter shapes, traced without running (or compiling)."""
+  images = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
+                                jnp.float32)
+  raw_key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  return jax.eval_shape(model.init, raw_key, images)["params"]
+
+
 def _param_shapes(model):
-  images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+  shapes = _abstract_params(model)
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
 
 
@@ -120,8 +127,22 @@ def load(path: str, model, init_params: Optional[Any] = None,
                         f"{shapes[flax_path].shape}")
       logging.warning("checkpoint: re-initialised %s (%s)",
                       "/".join(flax_path), why)
-      out[flax_path] = np.asarray(fresh[flax_path])
+      fresh_leaf = fresh[flax_path]
+      out[flax_path] = (fresh_leaf if isinstance(fresh_leaf, jax.ShapeDtypeStruct)
+                        else np.asarray(fresh_leaf))
   return flax.traverse_util.unflatten_dict(out)
+
+
+def check(path: str, model, format: str = "auto",  # pylint: disable=redefined-builtin
+          allow_pickle: bool = False) -> None:
+  """Raises the UserError `load` would raise, without compiling anything.
+
+  Runs the whole mapping and resampling in NumPy against the model's
+  abstract parameter shapes (`jax.eval_shape`), so a wrong checkpoint is
+  reported before any JAX work starts.
+  """
+  load(path, model, init_params=_abstract_params(model), format=format,
+       allow_pickle=allow_pickle)
 
 
 def _resample(key, value, want, model, fam, path):

@@ -29,6 +29,15 @@ def gate_attention(branch: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
   return keep * branch + (1 - keep) * jax.lax.stop_gradient(branch)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), written with erf as PyTorch's `nn.GELU` is.
+
+  Same function as `nn.gelu(x, approximate=False)`, whose erfc form costs
+  XLA CPU about twice as much (benchmarks/NOTES.md).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 2 ** -0.5))
+
+
 def drop_path(x: jax.Array, rate: float, rng: Optional[jax.Array],
               deterministic: bool) -> jax.Array:
   """Stochastic depth: drops the whole branch per example, rescales the rest."""
@@ -50,7 +59,7 @@ class Mlp(nn.Module):
     out_dim = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init,
                  name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init,
                  name="fc2")(x)
@@ -100,7 +109,8 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, keep=None, *, train: bool = False):
+  def __call__(self, x, keep=None, train: bool = False):
+    # `train` is positional too, so that nn.remat can mark it static.
     dim = x.shape[-1]
     branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
     branch = Attention(self.num_heads, self.qkv_bias, self.qk_scale,

@@ -47,6 +47,9 @@ class VisionTransformer(nn.Module):
   mean: Tuple[float, ...] = IMAGENET_INCEPTION_MEAN
   std: Tuple[float, ...] = IMAGENET_INCEPTION_STD
   dtype: Any = jnp.float32
+  # Rematerialise each block: its activations are recomputed in the backward
+  # pass instead of stored (less memory, one more forward pass of compute).
+  remat: bool = False
 
   @property
   def num_attention_blocks(self) -> int:
@@ -102,12 +105,15 @@ class VisionTransformer(nn.Module):
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
     path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    # `train` (argument 3, counting the module) must stay a Python bool.
+    block = nn.remat(layers.Block, static_argnums=(3,)) if self.remat else (
+        layers.Block)
     for i in range(self.depth):
       keep = None if attn_keep is None else attn_keep[i]
-      x = layers.Block(self.num_heads, self.mlp_ratio, self.qkv_bias,
+      x = block(self.num_heads, self.mlp_ratio, self.qkv_bias,
                        self.qk_scale, self.drop_rate, self.attn_drop_rate,
                        float(path_rates[i]), dtype=self.dtype,
-                       name=f"blocks_{i}")(x, keep, train=train)
+                       name=f"blocks_{i}")(x, keep, train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
 
     cls = x[:, 0]

@@ -1,0 +1,150 @@
+"""Data parallelism: 8 devices and 2 hosts train exactly like one device.
+
+XLA_FLAGS (the CPU device count) must be set before JAX starts, so every run
+is a child process (`python -m tests.test_parallel ...`) that trains a tiny
+model through `train.train_and_evaluate` and writes its final parameters.
+"""
+
+import argparse
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_STEPS = 4
+
+
+def _config():
+  from tests.test_train import tiny_config
+  # Augmentation, Mixup/CutMix, ARD, PRM and drop-path all draw random
+  # numbers from the global batch, so all of them are exercised here.
+  return tiny_config(**{
+      "data.train_examples": 160, "epochs": 1.0, "warmup_epochs": 1.0,
+      "augment.crop_padding": 1, "augment.flip": True, "mixup.prob": 1.0,
+      "model.drop_path_rate": 0.1, "eval.attacks": ("clean",),
+      "eval.num_examples": 32, "eval.epoch_num_examples": 0,
+      "log_every_steps": 2, "checkpoint_every_steps": 1000})
+
+
+def _child(args):
+  """Trains `_config()` in this process (joined to a cluster if asked)."""
+  from vitat_jax import parallel
+  if args.num_processes > 1:
+    parallel.initialize_distributed(args.coordinator, args.num_processes,
+                                    args.process_id)
+  import jax
+  from vitat_jax import run_checkpoints
+  from vitat_jax import train
+  import orbax.checkpoint as ocp
+  assert jax.device_count() == args.devices, jax.devices()
+  result = train.train_and_evaluate(_config(), args.workdir)
+  assert result["steps"] >= _STEPS, result["steps"]
+  mngr = run_checkpoints.manager(args.workdir)
+  params = mngr.restore(mngr.latest_step(),
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore())).state["params"]
+  if jax.process_index() == 0:
+    flat = jax.tree_util.tree_flatten_with_path(parallel.to_host(params))[0]
+    np.savez(args.out, **{jax.tree_util.keystr(k): v for k, v in flat})
+
+
+def _launch(tmp_path, name, devices_per_process, num_processes=1):
+  """Starts the child processes of one run; `_collect` waits for them."""
+  # Cheap LLVM passes halve the compile time, which dominates these runs.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count={devices_per_process} "
+      "--xla_backend_optimization_level=0 "
+      "--xla_llvm_disable_expensive_passes=true"))
+  for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                   "JAX_PROCESS_ID"):
+    env.pop(variable, None)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / f"{name}.npz"
+  procs = []
+  for process_id in range(num_processes):
+    cmd = [sys.executable, "-m", "tests.test_parallel",
+           "--devices", str(devices_per_process * num_processes),
+           "--num_processes", str(num_processes),
+           "--process_id", str(process_id),
+           "--coordinator", f"127.0.0.1:{port}",
+           "--workdir", str(tmp_path / name), "--out", str(out)]
+    procs.append(subprocess.Popen(cmd, cwd=_REPO_ROOT, env=env,
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  return procs, out
+
+
+def _collect(run):
+  """The final parameters of a run started by `_launch`."""
+  procs, out = run
+  try:
+    logs = [proc.communicate(timeout=150)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 0, log[-4000:]
+  with np.load(out) as params:
+    return dict(params)
+
+
+def _assert_close(actual, expected):
+  assert actual.keys() == expected.keys()
+  for key in expected:
+    np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4,
+                               atol=1e-5, err_msg=key)
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  # Both runs at once: each is mostly single-threaded compilation.
+  one, eight = _launch(tmp_path, "one", 1), _launch(tmp_path, "eight", 8)
+  _assert_close(_collect(eight), _collect(one))
+
+
+def test_two_hosts_match_one_process_with_four_devices(tmp_path):
+  single = _launch(tmp_path, "single", 4)
+  multi = _launch(tmp_path, "multi", 2, num_processes=2)
+  _assert_close(_collect(multi), _collect(single))
+
+
+def test_remat_and_bfloat16_keep_parameters_and_gradients():
+  import jax
+  import jax.numpy as jnp
+  from vitat_jax import models
+  kwargs = dict(num_classes=10, img_size=8, patch_size=4, embed_dim=16,
+                depth=2, num_heads=2)
+  plain = models.create("deit_tiny_patch16_224", **kwargs)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+  params = plain.init(jax.random.key(1), x)["params"]
+
+  def input_grad(model):
+    return jax.jit(jax.grad(lambda v: model.apply({"params": params}, v).sum()))(x)
+
+  remat = models.create("deit_tiny_patch16_224", remat=True, **kwargs)
+  assert jax.tree.structure(remat.init(jax.random.key(1), x)["params"]) == \
+      jax.tree.structure(params)
+  np.testing.assert_allclose(input_grad(remat), input_grad(plain), rtol=1e-5,
+                             atol=1e-6)
+  half = models.create("deit_tiny_patch16_224", dtype=jnp.bfloat16, **kwargs)
+  half_params = half.init(jax.random.key(1), x)["params"]
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(half_params))
+  logits = half.apply({"params": params}, x)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, plain.apply({"params": params}, x),
+                             atol=0.1)
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser()
+  for flag, kind in (("devices", int), ("num_processes", int),
+                     ("process_id", int), ("coordinator", str),
+                     ("workdir", str), ("out", str)):
+    parser.add_argument(f"--{flag}", type=kind, required=True)
+  _child(parser.parse_args())
