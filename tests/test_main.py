@@ -108,3 +108,31 @@ def test_eval_mode_on_an_exported_checkpoint_gives_the_same_numbers(
     trained_metrics = json.load(f)
   assert robustness["clean_acc"] == trained_metrics["clean_acc"]
   assert robustness["pgd20_acc"] == trained_metrics["pgd20_acc"]
+
+
+def test_log_stays_short_and_has_no_progress_bar_off_a_terminal(trained):
+  _, proc = trained
+  assert proc.returncode == 0
+  # One epoch here: a handful of log lines, no progress-bar redraws.
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) <= 12, proc.stderr
+  assert "it/s" not in proc.stderr and "\r" not in proc.stderr
+
+
+def test_report_mode_compares_runs_with_the_numbers_of_each(trained, tmp_path):
+  workdir, _ = trained
+  second = tmp_path / "second"
+  proc = _run(f"--workdir={second}", *TINY, "--config.seed=1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = tmp_path / "comparison"
+  proc = _run("--mode=report", f"--workdirs={workdir},{second}",
+              f"--report_dir={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  table = (out / "comparison.md").read_text()
+  for run in (workdir, second):
+    with open(run / "metrics.json") as f:
+      metrics = json.load(f)
+    assert f"{100 * metrics['pgd20_acc']:.2f}" in table
+    assert f"{100 * metrics['clean_acc']:.2f}" in table
+  assert "seed" in table       # the config difference between the runs
+  assert (out / "comparison.png").stat().st_size > 10_000

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _STEPS = 4
@@ -139,6 +140,21 @@ def test_remat_and_bfloat16_keep_parameters_and_gradients():
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, plain.apply({"params": params}, x),
                              atol=0.1)
+
+
+def test_incomplete_multihost_settings_fail_in_one_line(monkeypatch):
+  from vitat_jax import parallel
+  from vitat_jax.errors import UserError
+  for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                   "JAX_PROCESS_ID"):
+    monkeypatch.delenv(variable, raising=False)
+  assert not parallel.initialize_distributed()   # one process: nothing to do
+  with pytest.raises(UserError, match="process's id") as info:
+    parallel.initialize_distributed("127.0.0.1:1234", num_processes=2)
+  assert "\n" not in str(info.value)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  with pytest.raises(UserError, match="must be an integer"):
+    parallel.initialize_distributed()
 
 
 if __name__ == "__main__":

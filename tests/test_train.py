@@ -212,3 +212,26 @@ def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
     train.train_and_evaluate(tiny_config(**{"init.checkpoint": path}),
                              str(tmp_path / "w2"))
   assert "\n" not in str(info.value)
+
+
+def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
+  from PIL import Image
+  from vitat_jax import metric_writers
+  workdir, _ = finished_run
+  records = metric_writers.read_jsonl(workdir)
+  train_records = [r for r in records if "train_loss" in r]
+  assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+  for record in records:
+    for key, value in record.items():
+      if isinstance(value, float):
+        assert np.isfinite(value), (key, record)
+  scalars = metric_writers.read_tensorboard_scalars(workdir)
+  assert any("train_loss" in tag for tag in scalars), sorted(scalars)
+  assert any("test_pgd20_acc" in tag for tag in scalars), sorted(scalars)
+  for name in ("learning_curves.png", "schedules.png", "robustness.png"):
+    path = os.path.join(workdir, name)
+    assert os.path.getsize(path) > 10_000, name
+    with Image.open(path) as image:
+      assert image.size[0] >= 600 and image.size[1] >= 400
+  for name in ("robustness.json", "robustness.md"):
+    assert os.path.exists(os.path.join(workdir, name))

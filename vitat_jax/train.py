@@ -237,7 +237,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   params = parallel.replicate(mesh, params)
   result = run_final_evaluation(
       config, model, params, splits.test,
-      functools.partial(parallel.shard_batch, mesh), eval_key)
+      functools.partial(parallel.shard_global_batch, mesh), eval_key)
   result.update(eps=config.eval.eps or config.attack.eps,
                 model=config.model.name, checkpoint=source,
                 wall_time_s=time.perf_counter() - wall_start)
@@ -432,7 +432,7 @@ def train_and_evaluate(config, workdir: str, *,
 
   eval_start = time.perf_counter()
   result = run_final_evaluation(config, model, state.params, splits.test,
-                                shard, eval_key)
+                                shard_eval, eval_key)
   result.update(
       eps=eval_eps, model=config.model.name, method=config.method,
       ard=config.ard, prm=config.prm, steps=total_steps,
