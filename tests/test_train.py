@@ -226,8 +226,10 @@ def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
       if isinstance(value, float):
         assert np.isfinite(value), (key, record)
   scalars = metric_writers.read_tensorboard_scalars(workdir)
-  assert any("train_loss" in tag for tag in scalars), sorted(scalars)
-  assert any("test_pgd20_acc" in tag for tag in scalars), sorted(scalars)
+  # Tags are grouped as train/..., test/..., final/...
+  assert [step for step, _ in scalars["train/loss"]] == [5, 10, 15, 20]
+  assert len(scalars["test/pgd20_acc"]) == 2   # one per epoch
+  assert "final/pgd20_acc" in scalars
   for name in ("learning_curves.png", "schedules.png", "robustness.png"):
     path = os.path.join(workdir, name)
     assert os.path.getsize(path) > 10_000, name
