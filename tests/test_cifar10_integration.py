@@ -38,12 +38,7 @@ def _config(root, **overrides):
   config.eval.attacks = ("clean", "pgd20")
   config.eval.epoch_num_examples = 0
   config.log_every_steps = 78
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

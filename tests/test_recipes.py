@@ -33,12 +33,7 @@ def _config(**overrides):
   config.augment.crop_padding = 0
   config.augment.flip = False
   config.mixup.prob = 0.0
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -34,12 +34,7 @@ def tiny_config(**overrides):
   config.eval.epoch_num_examples = 32
   config.log_every_steps = 5
   config.checkpoint_every_steps = 7
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
