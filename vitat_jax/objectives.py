@@ -112,6 +112,16 @@ def mart_outer_loss(logits, logits_adv, labels, beta):
   return loss_adv + beta * robust
 
 
+def _clean_and_adversarial_logits(model, params, x, x_adv, dropout_key):
+  """Training-mode logits on the clean and the adversarial batch."""
+  natural_key, adversarial_key = jax.random.split(dropout_key)
+  logits = model.apply({"params": params}, x, train=True,
+                       rngs={"dropout": natural_key})
+  logits_adv = model.apply({"params": params}, x_adv, train=True,
+                           rngs={"dropout": adversarial_key})
+  return logits, logits_adv
+
+
 def trades_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
                 beta=6.0):
   """TRADES (Zhang et al. 2019) as the reference implements it.
@@ -128,11 +138,8 @@ def trades_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
       model, params, x, attack_key, r, eps=eps, alpha=alpha, steps=steps,
       attack_loss=lambda z: _kl_sum(clean_probs, jax.nn.log_softmax(z)),
       init="gaussian", ard_fn=ard_fn, prm_fn=prm_fn)
-  natural_key, adversarial_key = jax.random.split(dropout_key)
-  logits = model.apply({"params": params}, x, train=True,
-                       rngs={"dropout": natural_key})
-  logits_adv = model.apply({"params": params}, x_adv, train=True,
-                           rngs={"dropout": adversarial_key})
+  logits, logits_adv = _clean_and_adversarial_logits(model, params, x, x_adv,
+                                                     dropout_key)
   loss = trades_outer_loss(logits, logits_adv, targets, beta)
   return loss, {"loss": loss, "accuracy": _accuracy(logits, targets),
                 "adversarial_accuracy": _accuracy(logits_adv, targets)}
@@ -154,11 +161,8 @@ def mart_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
       model, params, x, attack_key, r, eps=eps, alpha=alpha, steps=steps,
       attack_loss=lambda z: attacks.cross_entropy_per_example(z, labels).mean(),
       init="gaussian", ard_fn=ard_fn, prm_fn=prm_fn)
-  natural_key, adversarial_key = jax.random.split(dropout_key)
-  logits = model.apply({"params": params}, x, train=True,
-                       rngs={"dropout": natural_key})
-  logits_adv = model.apply({"params": params}, x_adv, train=True,
-                           rngs={"dropout": adversarial_key})
+  logits, logits_adv = _clean_and_adversarial_logits(model, params, x, x_adv,
+                                                     dropout_key)
   loss = mart_outer_loss(logits, logits_adv, labels, beta)
   return loss, {"loss": loss, "accuracy": _accuracy(logits_adv, targets)}
 

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitat_jax.errors import UserError
+
 Dtype = Any
 
 # timm initialises linear layers with a truncated normal of std 0.02.
@@ -125,6 +127,28 @@ class Block(nn.Module):
     branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
     return x + Mlp(int(dim * self.mlp_ratio), self.dropout, dtype=self.dtype,
                    name="mlp")(branch, train=train)
+
+
+def check_patch_and_stats(img_size: int, patch_size: int, mean, std):
+  """One-line UserErrors shared by every family's `check_config`."""
+  if patch_size <= 0 or img_size % patch_size:
+    raise UserError(
+        f"patch_size={patch_size} does not divide img_size={img_size}: "
+        "choose a patch size that divides the image size")
+  if len(mean) != 3 or len(std) != 3:
+    raise UserError("mean and std need one value per RGB channel")
+
+
+def check_call(images, attn_keep, img_size: int, num_blocks: int):
+  """The input checks of every family's `__call__` (at trace time)."""
+  if images.shape[1:3] != (img_size, img_size):
+    raise ValueError(
+        f"model built for {img_size}x{img_size} images, got "
+        f"{images.shape[1]}x{images.shape[2]}; create it with img_size="
+        f"{images.shape[1]}")
+  if attn_keep is not None and attn_keep.shape != (num_blocks,):
+    raise ValueError(f"attn_keep must have shape ({num_blocks},), got "
+                     f"{attn_keep.shape}")
 
 
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:

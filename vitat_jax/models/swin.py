@@ -249,10 +249,8 @@ class SwinTransformer(nn.Module):
 
   def check_config(self):
     """Raises a one-line UserError for sizes that cannot build a model."""
-    if self.patch_size <= 0 or self.img_size % self.patch_size:
-      raise UserError(
-          f"patch_size={self.patch_size} does not divide img_size="
-          f"{self.img_size}: choose a patch size that divides the image size")
+    layers.check_patch_and_stats(self.img_size, self.patch_size, self.mean,
+                                 self.std)
     if len(self.depths) != len(self.num_heads):
       raise UserError(
           f"depths={tuple(self.depths)} and num_heads="
@@ -278,25 +276,16 @@ class SwinTransformer(nn.Module):
         raise UserError(
             f"stage {i} width {dim} is not divisible by num_heads="
             f"{self.num_heads[i]}: choose num_heads dividing embed_dim*2^i")
-    if len(self.mean) != 3 or len(self.std) != 3:
-      raise UserError("mean and std need one value per RGB channel")
 
   @nn.compact
   def __call__(self, images, attn_keep=None, *, train: bool = False):
-    if images.shape[1:3] != (self.img_size, self.img_size):
-      raise ValueError(
-          f"model built for {self.img_size}x{self.img_size} images, got "
-          f"{images.shape[1]}x{images.shape[2]}; create it with img_size="
-          f"{images.shape[1]}")
-    total = self.num_attention_blocks
-    if attn_keep is not None and attn_keep.shape != (total,):
-      raise ValueError(f"attn_keep must have shape ({total},), got "
-                       f"{attn_keep.shape}")
+    layers.check_call(images, attn_keep, self.img_size,
+                      self.num_attention_blocks)
     x = layers.normalize(images.astype(self.dtype), self.mean, self.std)
     x = PatchEmbed(self.patch_size, self.embed_dim, dtype=self.dtype,
                    name="patch_embed")(x)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-    rates = np.linspace(0.0, self.drop_path_rate, total)
+    rates = np.linspace(0.0, self.drop_path_rate, self.num_attention_blocks)
     start = 0
     for i, depth in enumerate(self.depths):
       keep = None if attn_keep is None else attn_keep[start:start + depth]

@@ -63,27 +63,17 @@ class VisionTransformer(nn.Module):
 
   def check_config(self):
     """Raises a one-line UserError for sizes that cannot build a model."""
-    if self.patch_size <= 0 or self.img_size % self.patch_size:
-      raise UserError(
-          f"patch_size={self.patch_size} does not divide img_size="
-          f"{self.img_size}: choose a patch size that divides the image size")
+    layers.check_patch_and_stats(self.img_size, self.patch_size, self.mean,
+                                 self.std)
     if self.embed_dim % self.num_heads:
       raise UserError(
           f"embed_dim={self.embed_dim} is not divisible by num_heads="
           f"{self.num_heads}: choose num_heads dividing embed_dim")
-    if len(self.mean) != 3 or len(self.std) != 3:
-      raise UserError("mean and std need one value per RGB channel")
 
   @nn.compact
   def __call__(self, images, attn_keep=None, *, train: bool = False):
-    if images.shape[1:3] != (self.img_size, self.img_size):
-      raise ValueError(
-          f"model built for {self.img_size}x{self.img_size} images, got "
-          f"{images.shape[1]}x{images.shape[2]}; create it with img_size="
-          f"{images.shape[1]}")
-    if attn_keep is not None and attn_keep.shape != (self.depth,):
-      raise ValueError(f"attn_keep must have shape ({self.depth},), got "
-                       f"{attn_keep.shape}")
+    layers.check_call(images, attn_keep, self.img_size,
+                      self.num_attention_blocks)
     x = layers.normalize(images.astype(self.dtype), self.mean, self.std)
     x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
                 strides=(self.patch_size,) * 2, padding="VALID",
