@@ -19,6 +19,7 @@ import numpy as np
 
 from vitat_jax import attacks
 from vitat_jax import parallel
+from vitat_jax.data import pipeline
 from vitat_jax.errors import UserError
 
 _ATTACK_NAME = re.compile(r"^(clean|pgd(\d+)|cw(\d+)|aa|autoattack)$")
@@ -148,7 +149,6 @@ def evaluate(model, params, source, attack_names: Sequence[str], *, key,
   once, so its per-attack log and sanity checks land in the result under
   "autoattack".
   """
-  from vitat_jax.data import pipeline  # data depends on nothing here
   specs = [parse_attack(n) for n in attack_names]
   batch_names = [s.name for s in specs if s.kind != "autoattack"]
   result: Dict[str, Any] = {}
