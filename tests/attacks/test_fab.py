@@ -36,15 +36,27 @@ def test_projection_reaches_the_hyperplane_inside_the_box():
   assert np.all(np.abs(d).max(1) >= lower - 1e-6)
 
 
-def test_projection_matches_the_reference():
+@pytest.mark.parametrize("dim", [30, 192, 3072])
+def test_projection_matches_the_reference(dim):
+  # Every regime of the reference's sort-based projection: rows already on
+  # the hyperplane, near it, far from it, out of the box's reach; points on
+  # the box faces; coordinates with w = 0.
   torch = pytest.importorskip("torch")
   reference = pytest.importorskip("pyautoattack.fab_projections")
-  t, w, b = _random_problem(1, n=64, dim=30)
+  rng = np.random.default_rng(dim)
+  n = 64
+  t = rng.uniform(0, 1, (n, dim)).astype(np.float32)
+  t[:, :dim // 4] = rng.integers(0, 2, (n, dim // 4))
+  w = rng.normal(size=(n, dim)).astype(np.float32)
+  w[:, ::7] = 0.0
+  offset = rng.normal(size=n) * np.abs(w).sum(1) * rng.choice(
+      [0.0, 0.001, 0.05, 0.3, 2.0], n)
+  b = (np.sum(w * t, 1) + offset).astype(np.float32)
   ours = np.asarray(projection_linf(jnp.asarray(t), jnp.asarray(w),
                                     jnp.asarray(b)))
   theirs = reference.projection_linf(torch.from_numpy(t), torch.from_numpy(w),
                                      torch.from_numpy(b)).numpy()
-  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  np.testing.assert_allclose(ours, theirs, atol=2e-6)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "targeted"))

@@ -14,7 +14,6 @@ the clean image, later ones at a random point of half radius (the
 reference's `use_rand_start=(counter > 0)`).
 """
 
-import math
 from typing import Callable
 
 import jax
@@ -25,57 +24,57 @@ from vitat_jax.errors import UserError
 _NOT_FOUND = 1e10
 
 
+# Bisection steps of the projection: the bracket shrinks to 2^-32 of the
+# largest move, below float32 resolution, before the exact last step.
+_BISECTION_STEPS = 32
+
+
 def projection_linf(points: jax.Array, w: jax.Array, b: jax.Array):
   """Smallest L-inf step d with <w, points + d> = b and points + d in [0, 1].
 
-  Rows are independent: points and w are [N, D], b is [N]. A direct port of
-  the reference's `projection_linf` (sort the coordinates by how far they
-  can move, then a fixed-length bisection over the cumulative sums).
+  Rows are independent: points and w are [N, D], b is [N]. The same map as
+  the reference's `projection_linf` (fab_projections.py), computed without
+  its sort: with radius lam, coordinate i can move the product by at most
+  |w_i| min(lam, p_i) (p_i: its distance to the box side that lowers the
+  gap), so the answer is the root lam* of the concave piecewise-linear
+  g(lam) = sum_i |w_i| min(lam, p_i) = |gap|, and d_i moves coordinate i by
+  min(lam*, p_i) towards that side. If even the box corner (lam = max p) does
+  not reach the hyperplane, d is the step to the corner, as in the reference.
+  A fixed-length bisection brackets lam*, then one exact linear solve on the
+  bracket's segment: O(N D) work per step instead of an O(N D log D) sort,
+  which XLA runs slowly on CPU.
   """
   t = points
-  dim = t.shape[1]
-  sign = jnp.where(jnp.sum(w * t, axis=1) - b >= 0, 1.0, -1.0)
-  w = w * sign[:, None]
-  b = b * sign
-  a = (w < 0).astype(t.dtype)
-  nonzero = (w != 0).astype(t.dtype)
-  d = (a - t) * nonzero
-  p = a - t * (2 * a - 1)
-  indp = jnp.argsort(p, axis=1)
-  b = b - jnp.sum(w * t, axis=1)
-  b0 = jnp.sum(w * d, axis=1)
-  indp2 = indp[:, ::-1]
-  ws = jnp.take_along_axis(w, indp2, axis=1)
-  bs2 = -ws * jnp.take_along_axis(d, indp2, axis=1)
-  s = jnp.cumsum(jnp.abs(ws), axis=1)
-  sb = jnp.cumsum(bs2, axis=1) + b0[:, None]
-  p_min = jnp.take_along_axis(p, indp[:, :1], axis=1)[:, 0]
-  b2 = sb[:, -1] - s[:, -1] * p_min
-  c_l = b - b2 > 0
-  c2 = (b - b0 > 0) & ~c_l
+  gap = jnp.sum(w * t, axis=1) - b
+  # Step direction per coordinate: against sign(w) * sign(gap).
+  direction = -jnp.sign(w) * jnp.where(gap >= 0, 1.0, -1.0)[:, None]
+  room = jnp.where(direction > 0, 1.0 - t, t)  # p_i
+  weight = jnp.abs(w)
+  need = jnp.abs(gap)
 
-  lb = jnp.zeros(t.shape[0], t.dtype)
-  ub = jnp.full(t.shape[0], dim - 1, t.dtype)
-  for _ in range(math.ceil(math.log2(dim))):
-    mid = jnp.floor((lb + ub) / 2)
-    mid_i = mid.astype(jnp.int32)[:, None]
-    ind_curr = jnp.take_along_axis(indp, dim - 1 - mid_i, axis=1)
-    b2 = (jnp.take_along_axis(sb, mid_i, axis=1)
-          - jnp.take_along_axis(s, mid_i, axis=1)
-          * jnp.take_along_axis(p, ind_curr, axis=1))[:, 0]
-    c = b - b2 > 0
-    lb = jnp.where(c, mid, lb)
-    ub = jnp.where(c, ub, mid)
-  lb_i = lb.astype(jnp.int32)[:, None]
+  def reach(lam):
+    return jnp.sum(weight * jnp.minimum(lam[:, None], room), axis=1)
 
-  lmbd_l = jnp.maximum((b - sb[:, -1]) / (-s[:, -1]), 0.0)[:, None]
-  d_l = (2 * a - 1) * lmbd_l
-  lmbd_2 = jnp.maximum(
-      (b - jnp.take_along_axis(sb, lb_i, axis=1)[:, 0])
-      / (-jnp.take_along_axis(s, lb_i, axis=1)[:, 0]), 0.0)[:, None]
-  d_2 = jnp.minimum(lmbd_2, d) * a + jnp.maximum(-lmbd_2, d) * (1 - a)
-  d = jnp.where(c_l[:, None], d_l, jnp.where(c2[:, None], d_2, d))
-  return d * nonzero
+  hi = jnp.max(jnp.where(weight > 0, room, 0.0), axis=1)
+  reachable = need < reach(hi)
+
+  def bisect(_, bracket):
+    lo, hi = bracket
+    mid = 0.5 * (lo + hi)
+    below = reach(mid) < need
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, _BISECTION_STEPS, bisect,
+                             (jnp.zeros_like(hi), hi))
+  # On [lo, hi] (up to float resolution) the coordinates with room <= lo are
+  # saturated and the others move by lam: solve that linear piece exactly.
+  free = room > lo[:, None]
+  saturated = jnp.sum(jnp.where(free, 0.0, weight * room), axis=1)
+  slope = jnp.sum(jnp.where(free, weight, 0.0), axis=1)
+  lam = (need - saturated) / jnp.where(slope > 0, slope, 1.0)
+  lam = jnp.where(reachable, jnp.clip(lam, lo, hi), jnp.inf)
+  d = direction * jnp.minimum(lam[:, None], room)
+  return jnp.where(weight > 0, d, 0.0)
 
 
 def _linf(v):
