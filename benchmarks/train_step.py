@@ -35,6 +35,7 @@ from configs import cifar10
 from vitat_jax import evaluation
 from vitat_jax import objectives
 from vitat_jax import optim
+from vitat_jax import parallel
 from vitat_jax import train
 from vitat_jax.data import pipeline
 
@@ -93,8 +94,15 @@ class JaxSide:
                                            dtype=np.int32))
     params = jax.jit(self.model.init)(
         key, jnp.zeros((1, 32, 32, 3)))["params"]
-    self.state = train.TrainState(jnp.asarray(0, jnp.int32), params,
-                                  tx.init(params))
+    # As training places them: the state replicated over the device mesh,
+    # the batch split along "data" (one device unless --cpu_devices > 1).
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(args.batch_size, mesh)
+    self.num_devices = mesh.devices.size
+    self.state = parallel.replicate(mesh, train.TrainState(
+        jnp.asarray(0, jnp.int32), params, tx.init(params)))
+    self.images, self.labels = parallel.shard_global_batch(
+        mesh, (self.images, self.labels))
     step = jax.jit(train.make_train_step(config, self.model, objective, tx,
                                          schedule, steps_per_epoch,
                                          NUM_CLASSES), donate_argnums=0)
@@ -115,7 +123,9 @@ class JaxSide:
     self.train_flops = natural_flops + args.attack_steps * (
         at_flops - natural_flops)
 
-    self.float_images = self.images.astype(jnp.float32) / 255
+    self.float_images = jax.jit(lambda x: x.astype(jnp.float32) / 255)(
+        self.images)
+    params = self.state.params
     pgd20 = evaluation.make_attack_fn(
         self.model, evaluation.parse_attack("pgd20"), eps=8 / 255,
         alpha=2 / 255)
@@ -281,14 +291,22 @@ def main():
   parser.add_argument("--prm", action="store_true")
   parser.add_argument("--compute_dtype", default="float32")
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--cpu_devices", type=int, default=1,
+                      help="CPU devices the JAX side splits the batch over "
+                      "(XLA's host device count), as training does on a mesh")
   parser.add_argument("--no_torch", action="store_true")
   parser.add_argument("--no_eval", action="store_true")
   parser.add_argument("--no_pipeline", action="store_true")
   args = parser.parse_args()
 
+  if args.cpu_devices > 1:  # read by the spawned JAX worker's XLA
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS", ""),
+        f"--xla_force_host_platform_device_count={args.cpu_devices}"]))
   print(f"JAX {jax.__version__}, {args.model}, 32 px, patch 4, batch "
         f"{args.batch_size}, PGD-{args.attack_steps} AT step, compute "
-        f"{args.compute_dtype}, remat {args.remat}; "
+        f"{args.compute_dtype}, remat {args.remat}, {args.cpu_devices} CPU "
+        f"device(s); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   names = ["jax"]
   if not args.no_torch:
