@@ -1,8 +1,9 @@
-"""Data parallelism: 8 devices and 2 hosts train exactly like one device.
+"""Data parallelism: 8 devices and 2 hosts train and evaluate like one device.
 
 XLA_FLAGS (the CPU device count) must be set before JAX starts, so every run
 is a child process (`python -m tests.test_parallel ...`) that trains a tiny
-model through `train.train_and_evaluate` and writes its final parameters.
+model through `train.train_and_evaluate` and writes its final parameters and
+its final evaluation (clean accuracy; on two hosts also PGD and AutoAttack).
 """
 
 import argparse
@@ -19,14 +20,17 @@ _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _STEPS = 4
 
 
-def _config():
+def _config(eval_attacks=("clean",)):
   from tests.test_train import tiny_config
   # Augmentation, Mixup/CutMix, ARD, PRM and drop-path all draw random
-  # numbers from the global batch, so all of them are exercised here.
+  # numbers from the global batch, so all of them are exercised here. The
+  # evaluation batch of 8 splits the 32 test images into 4 AutoAttack
+  # batches, 2 per host.
   return tiny_config(**{
+      "eval.attacks": tuple(eval_attacks), "eval.batch_size": 8,
       "data.train_examples": 160, "epochs": 1.0, "warmup_epochs": 1.0,
       "augment.crop_padding": 1, "augment.flip": True, "mixup.prob": 1.0,
-      "model.drop_path_rate": 0.1, "eval.attacks": ("clean",),
+      "model.drop_path_rate": 0.1,
       "eval.num_examples": 32, "eval.epoch_num_examples": 0,
       "log_every_steps": 2, "checkpoint_every_steps": 1000})
 
@@ -42,7 +46,8 @@ def _child(args):
   from vitat_jax import train
   import orbax.checkpoint as ocp
   assert jax.device_count() == args.devices, jax.devices()
-  result = train.train_and_evaluate(_config(), args.workdir)
+  result = train.train_and_evaluate(_config(args.eval_attacks.split(",")),
+                                    args.workdir)
   assert result["steps"] >= _STEPS, result["steps"]
   mngr = run_checkpoints.manager(args.workdir)
   params = mngr.restore(mngr.latest_step(),
@@ -50,10 +55,42 @@ def _child(args):
                             state=ocp.args.StandardRestore())).state["params"]
   if jax.process_index() == 0:
     flat = jax.tree_util.tree_flatten_with_path(parallel.to_host(params))[0]
-    np.savez(args.out, **{jax.tree_util.keystr(k): v for k, v in flat})
+    final = {f"final/{k}": np.asarray(v) for k, v in result.items()
+             if k.endswith("_acc")}
+    if "autoattack" in result:
+      final.update({f"final/after {k}": np.asarray(v) for k, v in
+                    result["autoattack"]["robust_accuracy"].items()})
+    np.savez(args.out, **{jax.tree_util.keystr(k): v for k, v in flat},
+             **final)
 
 
-def _launch(tmp_path, name, devices_per_process, num_processes=1):
+def _autoattack_child(args):
+  """AutoAttack on a fixed MLP whose params are replicated over every
+  device of the cluster; writes the robust flags and adversarial images."""
+  from vitat_jax import parallel
+  if args.num_processes > 1:
+    parallel.initialize_distributed(args.coordinator, args.num_processes,
+                                    args.process_id)
+  import jax
+  from tests.attacks import _models
+  from vitat_jax import attacks
+  assert jax.device_count() == args.devices, jax.devices()
+  params = parallel.replicate(parallel.make_mesh(),
+                              {"w1": _models.W1, "w2": _models.W2})
+  images, labels = _models.batch(0, n=40)
+  result = attacks.autoattack(
+      lambda p, x: jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"]) @ p["w2"],
+      np.asarray(images), np.asarray(labels), params=params, eps=2 / 255,
+      key=jax.random.key(0), batch_size=8, verbose=False,
+      overrides={"apgd-ce": {"n_iter": 20}, "apgd-t": {"n_iter": 20},
+                 "fab-t": {"n_iter": 20}, "square": {"n_queries": 100}})
+  if jax.process_index() == 0:
+    np.savez(args.out, robust=result.robust, adv_images=result.adv_images,
+             **{f"after {k}": v for k, v in result.robust_accuracy.items()})
+
+
+def _launch(tmp_path, name, devices_per_process, num_processes=1,
+            eval_attacks="clean", task="train"):
   """Starts the child processes of one run; `_collect` waits for them."""
   # Cheap LLVM passes halve the compile time, which dominates these runs.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
@@ -74,7 +111,8 @@ def _launch(tmp_path, name, devices_per_process, num_processes=1):
            "--num_processes", str(num_processes),
            "--process_id", str(process_id),
            "--coordinator", f"127.0.0.1:{port}",
-           "--workdir", str(tmp_path / name), "--out", str(out)]
+           "--workdir", str(tmp_path / name), "--out", str(out),
+           "--eval_attacks", eval_attacks, "--task", task]
     procs.append(subprocess.Popen(cmd, cwd=_REPO_ROOT, env=env,
                                   stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
@@ -110,9 +148,27 @@ def test_eight_devices_match_one_device(tmp_path):
 
 
 def test_two_hosts_match_one_process_with_four_devices(tmp_path):
-  single = _launch(tmp_path, "single", 4)
-  multi = _launch(tmp_path, "multi", 2, num_processes=2)
-  _assert_close(_collect(multi), _collect(single))
+  # Training, then the final clean and PGD evaluation with the batches
+  # sharded over all devices of both hosts.
+  single = _launch(tmp_path, "single", 4, eval_attacks="clean,pgd3")
+  multi = _launch(tmp_path, "multi", 2, num_processes=2,
+                  eval_attacks="clean,pgd3")
+  multi, single = _collect(multi), _collect(single)
+  assert {"final/clean_acc", "final/pgd3_acc"} <= set(single)
+  _assert_close(multi, single)
+
+
+def test_autoattack_on_two_hosts_matches_one_process(tmp_path):
+  # 40 points in 5 batches: host 0 takes batches 0, 2, 4, host 1 the rest;
+  # what each breaks must reach the other before the next attack.
+  single = _launch(tmp_path, "single", 4, task="autoattack")
+  multi = _launch(tmp_path, "multi", 2, num_processes=2, task="autoattack")
+  multi, single = _collect(multi), _collect(single)
+  # Neither all robust nor all broken, else a lost merge would not show.
+  assert 0.1 < single["after square"] < 0.9, single["after square"]
+  assert single["after apgd-ce"] < single["after clean"]
+  np.testing.assert_array_equal(multi["robust"], single["robust"])
+  _assert_close(multi, single)
 
 
 def test_remat_and_bfloat16_keep_parameters_and_gradients():
@@ -161,6 +217,8 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser()
   for flag, kind in (("devices", int), ("num_processes", int),
                      ("process_id", int), ("coordinator", str),
-                     ("workdir", str), ("out", str)):
+                     ("workdir", str), ("out", str),
+                     ("eval_attacks", str), ("task", str)):
     parser.add_argument(f"--{flag}", type=kind, required=True)
-  _child(parser.parse_args())
+  parsed = parser.parse_args()
+  {"train": _child, "autoattack": _autoattack_child}[parsed.task](parsed)

@@ -128,3 +128,29 @@ def to_host(tree):
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree.map(gather, tree)
+
+
+def single_device_copy(tree):
+  """Replicated arrays as this process's copy on one of its devices.
+
+  For host-driven code (AutoAttack gathers points on the host between its
+  attacks): a jitted call with a replicated argument would otherwise run
+  the whole batch once per device.
+  """
+  def local(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+      if not x.is_fully_replicated:
+        raise ValueError(f"expected a replicated array, got {x.sharding}")
+      return x.addressable_data(0)
+    return x
+  return jax.tree.map(local, tree)
+
+
+def merge_owned_rows(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
+  """Row i as process `owner[i]` holds it: merges host arrays of which each
+  process computed its own rows (the identity in a single process)."""
+  if jax.process_count() == 1:
+    return values
+  everything = np.asarray(multihost_utils.process_allgather(values))
+  return everything[owner, np.arange(len(owner))]
+

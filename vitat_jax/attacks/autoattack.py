@@ -15,6 +15,11 @@ last one padded to a power of two, so each attack compiles a few times at
 most); each attack on a batch is one jitted function. Attack `name` uses the
 key `fold_in(key, ATTACK_NAMES.index(name))`, its b-th batch
 `fold_in(that, b)`, so the same key gives the same result.
+
+Over several processes (`jax.distributed`), process p attacks the batches
+b with b % process_count == p on one of its devices, and the processes
+merge the still-robust flags and adversarial images after every attack:
+the batches and their keys are those of a single process, so is the result.
 """
 
 import dataclasses
@@ -35,6 +40,7 @@ from vitat_jax.attacks.fab import fab
 from vitat_jax.attacks.fab import fab_targeted
 from vitat_jax.attacks.pgd import cross_entropy_per_example
 from vitat_jax.attacks.square import square
+from vitat_jax import parallel
 from vitat_jax.errors import UserError
 
 ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -245,6 +251,16 @@ def _chunks(indices: np.ndarray, batch_size: int):
     yield np.pad(chunk, (0, size - len(chunk)), mode="edge"), len(chunk)
 
 
+def _my_chunks(indices: np.ndarray, batch_size: int, owner: np.ndarray):
+  """`enumerate(_chunks(...))`, only the batches of this process, recording
+  in `owner` which process takes each point."""
+  num_processes, me = jax.process_count(), jax.process_index()
+  for b, (idx, valid) in enumerate(_chunks(indices, batch_size)):
+    owner[idx[:valid]] = b % num_processes
+    if b % num_processes == me:
+      yield b, (idx, valid)
+
+
 def _first_batch_checks(model, params, key, x, version, settings, warnings):
   """The reference's checks on the first batch (eager, un-jitted passes, so
   a logits_fn with hidden randomness shows it)."""
@@ -330,6 +346,7 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
   if batch_size <= 0:
     raise UserError(f"batch_size={batch_size} must be a positive integer")
   model = _Model(logits_fn, params is not None, stochastic)
+  params = parallel.single_device_copy(params)
   check_key, clean_key, attacks_key = jax.random.split(key, 3)
   warnings = []
   checks = {}
@@ -341,11 +358,14 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
   n = len(x_all)
   robust = np.zeros(n, bool)
   zero_grad = np.zeros(n, bool)
-  for b, (idx, valid) in enumerate(_chunks(np.arange(n), batch_size)):
+  owner = np.zeros(n, np.int32)  # the process that computed each point
+  for b, (idx, valid) in _my_chunks(np.arange(n), batch_size, owner):
     correct, zero = _clean_batch(params, jax.random.fold_in(clean_key, b),
                                  x_all[idx], y_all[idx], model=model)
     robust[idx[:valid]] = np.asarray(correct)[:valid]
     zero_grad[idx[:valid]] = np.asarray(zero)[:valid]
+  robust = parallel.merge_owned_rows(robust, owner)
+  zero_grad = parallel.merge_owned_rows(zero_grad, owner)
   robust_accuracy = {"clean": float(robust.mean())}
   if run_checks:
     checks["zero_gradient_points"] = int((zero_grad & robust).sum())
@@ -361,13 +381,15 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
     start = time.perf_counter()
     attack_key = jax.random.fold_in(attacks_key, ATTACK_NAMES.index(s.name))
     todo = np.flatnonzero(robust)
-    for b, (idx, valid) in enumerate(_chunks(todo, batch_size)):
+    for b, (idx, valid) in _my_chunks(todo, batch_size, owner):
       adv, correct = _attack_batch(params, jax.random.fold_in(attack_key, b),
                                    x_all[idx], y_all[idx], model=model,
                                    settings=s)
       broken = ~np.asarray(correct)[:valid]
       adv_all[idx[:valid][broken]] = np.asarray(adv)[:valid][broken]
       robust[idx[:valid][broken]] = False
+    robust = parallel.merge_owned_rows(robust, owner)
+    adv_all = parallel.merge_owned_rows(adv_all, owner)
     seconds[s.name] = time.perf_counter() - start
     robust_accuracy[s.name] = float(robust.mean())
     robust_after[s.name] = robust.copy()
