@@ -99,6 +99,12 @@ def get_config():
   # Micro-batches per step (the reference's --accum-steps): gradients of the
   # batch_size / accum_steps slices are averaged, then one optimiser step.
   config.accum_steps = 1
+  # FSDP-style state sharding: params and optimiser state with at least
+  # fsdp_min_size elements are split over the devices along their largest
+  # dimension the device count divides (XLA gathers them per use); False
+  # keeps a full copy on every device. See docs/parallel.md.
+  config.fsdp = False
+  config.fsdp_min_size = 2 ** 16
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128

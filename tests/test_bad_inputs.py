@@ -63,6 +63,7 @@ CASES = [
     (["--config.eval.batch_size=0"], "batch_size", None),
     (["--config.warmup_epochs=5"], "warmup_epochs=5", None),
     (["--config.drop_rate=1.5"], "drop_rate", None),
+    (["--config.fsdp_min_size=0"], "fsdp_min_size", None),
     (["--config.eval.attacks=('clean','pgd')"], "unknown evaluation attack",
      None),
     (["--config.eval.eps=1.5"], "eval.eps", None),

@@ -20,7 +20,7 @@ _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _STEPS = 4
 
 
-def _config(eval_attacks=("clean",)):
+def _config(eval_attacks=("clean",), fsdp=False):
   from tests.test_train import tiny_config
   # Augmentation, Mixup/CutMix, ARD, PRM and drop-path all draw random
   # numbers from the global batch, so all of them are exercised here. The
@@ -28,6 +28,7 @@ def _config(eval_attacks=("clean",)):
   # batches, 2 per host.
   return tiny_config(**{
       "eval.attacks": tuple(eval_attacks), "eval.batch_size": 8,
+      "fsdp": fsdp, "fsdp_min_size": 256,
       "data.train_examples": 160, "epochs": 1.0, "warmup_epochs": 1.0,
       "augment.crop_padding": 1, "augment.flip": True, "mixup.prob": 1.0,
       "model.drop_path_rate": 0.1,
@@ -46,9 +47,12 @@ def _child(args):
   from vitat_jax import train
   import orbax.checkpoint as ocp
   assert jax.device_count() == args.devices, jax.devices()
-  result = train.train_and_evaluate(_config(args.eval_attacks.split(",")),
-                                    args.workdir)
+  config = _config(args.eval_attacks.split(","), fsdp=args.fsdp == "on")
+  result = train.train_and_evaluate(config, args.workdir)
   assert result["steps"] >= _STEPS, result["steps"]
+  if config.fsdp:  # resumes from the sharded checkpoint, nothing left to train
+    again = train.train_and_evaluate(config, args.workdir)
+    assert again["clean_acc"] == result["clean_acc"], (again, result)
   mngr = run_checkpoints.manager(args.workdir)
   params = mngr.restore(mngr.latest_step(),
                         args=ocp.args.Composite(
@@ -57,6 +61,12 @@ def _child(args):
     flat = jax.tree_util.tree_flatten_with_path(parallel.to_host(params))[0]
     final = {f"final/{k}": np.asarray(v) for k, v in result.items()
              if k.endswith("_acc")}
+    if config.fsdp:  # how many leaves training split over the devices
+      shardings = parallel.state_shardings(
+          parallel.make_mesh(), params, fsdp=True,
+          fsdp_min_size=config.fsdp_min_size)
+      final["sharded_leaves"] = np.asarray(sum(
+          not s.is_fully_replicated for s in jax.tree.leaves(shardings)))
     if "autoattack" in result:
       final.update({f"final/after {k}": np.asarray(v) for k, v in
                     result["autoattack"]["robust_accuracy"].items()})
@@ -90,7 +100,7 @@ def _autoattack_child(args):
 
 
 def _launch(tmp_path, name, devices_per_process, num_processes=1,
-            eval_attacks="clean", task="train"):
+            eval_attacks="clean", task="train", fsdp="off"):
   """Starts the child processes of one run; `_collect` waits for them."""
   # Cheap LLVM passes halve the compile time, which dominates these runs.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
@@ -112,7 +122,7 @@ def _launch(tmp_path, name, devices_per_process, num_processes=1,
            "--process_id", str(process_id),
            "--coordinator", f"127.0.0.1:{port}",
            "--workdir", str(tmp_path / name), "--out", str(out),
-           "--eval_attacks", eval_attacks, "--task", task]
+           "--eval_attacks", eval_attacks, "--task", task, "--fsdp", fsdp]
     procs.append(subprocess.Popen(cmd, cwd=_REPO_ROOT, env=env,
                                   stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
@@ -145,6 +155,14 @@ def test_eight_devices_match_one_device(tmp_path):
   # Both runs at once: each is mostly single-threaded compilation.
   one, eight = _launch(tmp_path, "one", 1), _launch(tmp_path, "eight", 8)
   _assert_close(_collect(eight), _collect(one))
+
+
+def test_fsdp_on_eight_devices_matches_one_device(tmp_path):
+  one = _launch(tmp_path, "one", 1)
+  fsdp = _collect(_launch(tmp_path, "fsdp", 8, fsdp="on"))
+  # The patch embedding, qkv, proj and MLP kernels at least.
+  assert int(fsdp.pop("sharded_leaves")) >= 5
+  _assert_close(fsdp, _collect(one))
 
 
 def test_two_hosts_match_one_process_with_four_devices(tmp_path):
@@ -218,7 +236,7 @@ if __name__ == "__main__":
   for flag, kind in (("devices", int), ("num_processes", int),
                      ("process_id", int), ("coordinator", str),
                      ("workdir", str), ("out", str),
-                     ("eval_attacks", str), ("task", str)):
+                     ("eval_attacks", str), ("task", str), ("fsdp", str)):
     parser.add_argument(f"--{flag}", type=kind, required=True)
   parsed = parser.parse_args()
   {"train": _child, "autoattack": _autoattack_child}[parsed.task](parsed)

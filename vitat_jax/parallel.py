@@ -110,6 +110,39 @@ def shard_global_batch(mesh: Mesh, global_arrays):
   return jax.tree.map(put, global_arrays)
 
 
+def state_shardings(mesh: Mesh, tree, *, fsdp: bool = False,
+                    fsdp_min_size: int = 2 ** 16):
+  """The sharding of every leaf of a train state (arrays or shape structs).
+
+  Replicated by default. With `fsdp`, a leaf of at least `fsdp_min_size`
+  elements is split along "data" on its largest dimension that the device
+  count divides (the first such, on ties); XLA then all-gathers it where
+  the step uses it and reduce-scatters its gradient. A momentum buffer has
+  its parameter's shape, hence its sharding.
+  """
+  devices = mesh.devices.size
+
+  def rule(leaf):
+    shape = tuple(getattr(leaf, "shape", ()))
+    if not fsdp or devices == 1 or int(np.prod(shape)) < fsdp_min_size:
+      return replicated(mesh)
+    divisible = [d for d in range(len(shape)) if shape[d] % devices == 0]
+    if not divisible:
+      return replicated(mesh)
+    axis = max(divisible, key=lambda d: (shape[d], -d))
+    spec = [None] * len(shape)
+    spec[axis] = DATA_AXIS
+    return NamedSharding(mesh, P(*spec))
+  return jax.tree.map(rule, tree)
+
+
+def with_shardings(abstract_tree, shardings):
+  """Shape structs that carry their sharding (an orbax restore target)."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_tree, shardings)
+
+
 def replicate(mesh: Mesh, tree):
   """Places a pytree (e.g. the train state) on every device of the mesh.
 
@@ -131,7 +164,8 @@ def to_host(tree):
 
 
 def single_device_copy(tree):
-  """Replicated arrays as this process's copy on one of its devices.
+  """Replicated (or sharded) arrays as this process's full copy on one of
+  its devices.
 
   For host-driven code (AutoAttack gathers points on the host between its
   attacks): a jitted call with a replicated argument would otherwise run
@@ -139,8 +173,9 @@ def single_device_copy(tree):
   """
   def local(x):
     if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-      if not x.is_fully_replicated:
-        raise ValueError(f"expected a replicated array, got {x.sharding}")
+      if not x.is_fully_replicated:  # FSDP-sharded: gather it first
+        x = jax.jit(lambda a: a, out_shardings=NamedSharding(
+            x.sharding.mesh, P()))(x)
       return x.addressable_data(0)
     return x
   return jax.tree.map(local, tree)

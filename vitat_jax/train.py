@@ -313,9 +313,12 @@ def train_and_evaluate(config, workdir: str, *,
   abstract_params = jax.eval_shape(model.init, init_key, dummy)["params"]
   abstract_state = TrainState(jnp.asarray(0, jnp.int32), abstract_params,
                               jax.eval_shape(tx.init, abstract_params))
+  shardings = parallel.state_shardings(
+      mesh, abstract_state, fsdp=config.fsdp,
+      fsdp_min_size=config.fsdp_min_size)
   ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
-  state, start_step, meta = run_checkpoints.restore_latest(ckpt,
-                                                           abstract_state)
+  state, start_step, meta = run_checkpoints.restore_latest(
+      ckpt, parallel.with_shardings(abstract_state, shardings))
   if state is None:
     params = jax.jit(model.init)(init_key, dummy)["params"]
     if config.init.checkpoint:
@@ -335,11 +338,17 @@ def train_and_evaluate(config, workdir: str, *,
                config.model.name, num_params / 1e6, steps_per_epoch,
                total_steps, f", resuming at step {start_step}" if start_step
                else "")
-  state = parallel.replicate(mesh, state)
+  state = jax.device_put(state, shardings)
+  if config.fsdp:
+    leaves = jax.tree.leaves(state)
+    logging.info("FSDP: %d of %d state arrays split over %d devices",
+                 sum(not x.sharding.is_fully_replicated for x in leaves),
+                 len(leaves), mesh.devices.size)
 
   train_step = jax.jit(
       make_train_step(config, model, objective, tx, schedule,
                       steps_per_epoch, splits.num_classes),
+      out_shardings=(shardings, parallel.replicated(mesh)),
       donate_argnums=0)
   shard = functools.partial(parallel.shard_batch, mesh)
   # Every host reads the whole evaluation batch; each device takes its rows.

@@ -59,6 +59,10 @@ def check_config(config):
       or config.batch_size % accum_steps):
     raise UserError(f"accum_steps={accum_steps} must be a positive integer "
                     f"dividing batch_size={config.batch_size}")
+  fsdp_min_size = config.get("fsdp_min_size", 1)
+  if not isinstance(fsdp_min_size, int) or fsdp_min_size < 1:
+    raise UserError(f"fsdp_min_size={fsdp_min_size} must be a positive "
+                    "integer (leaves with fewer elements stay replicated)")
   if config.beta < 0:
     raise UserError(f"beta={config.beta} must be >= 0 (the TRADES / MART "
                     "trade-off; the paper uses 6)")
