@@ -10,6 +10,7 @@ peak-memory estimate, and the input pipeline's throughput on CIFAR-10.
 
     python benchmarks/train_step.py                    # ViT-Ti, 32 px, patch 4, batch 32
     python benchmarks/train_step.py --repeats=7 --no_torch
+    python benchmarks/train_step.py --cpu_devices=2    # batch split over 2 CPU devices
     python benchmarks/train_step.py --compute_dtype=bfloat16 --remat
 
 PyTorch and timm are optional: without them only the JAX side runs.
@@ -266,8 +267,8 @@ def pipeline_images_per_s(batch_size, num_batches=200):
 def _worker(side_name, args, conn):
   """Runs one side in its own process: no thread pool spins beside the other."""
   side = {"jax": JaxSide, "torch": TorchSide}[side_name](args)
-  info = {k: v for k, v in vars(side).items() if k.endswith(("_s", "_flops",
-                                                              "_bytes"))}
+  info = {k: v for k, v in vars(side).items() if k.endswith(
+      ("_s", "_flops", "_bytes", "_devices"))}
   conn.send(info)
   while True:
     command = conn.recv()
@@ -330,7 +331,8 @@ def main():
   print(f"XLA cost analysis (loops x trip count): AT step "
         f"{jax_info['train_flops'] / 1e9:.0f} GFLOP, PGD-20 step "
         f"{jax_info['eval_flops'] / 1e9:.0f} GFLOP; peak memory (XLA "
-        f"estimate): AT step {jax_info['train_peak_bytes'] / 2**20:.0f} MiB, "
+        f"estimate, per device x {jax_info['num_devices']}): AT step "
+        f"{jax_info['train_peak_bytes'] / 2**20:.0f} MiB, "
         f"PGD-20 {jax_info['eval_peak_bytes'] / 2**20:.0f} MiB", flush=True)
 
   kinds = ["train"] + ([] if args.no_eval else ["eval"])
