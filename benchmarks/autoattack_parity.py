@@ -9,6 +9,7 @@ after each attack side by side.
 
     python benchmarks/autoattack_parity.py                 # all 1797 digits
     python benchmarks/autoattack_parity.py --num_images=500
+    python benchmarks/autoattack_parity.py --version=plus --num_images=500
 
 `tests/attacks/test_autoattack.py` runs the same comparison on 500 images.
 """
@@ -80,11 +81,12 @@ def train_robust_mlp(images, labels, *, eps=EPS, steps=300, seed=0):
   return jax.tree.map(np.asarray, params)
 
 
-def run_ours(params, images, labels, *, eps=EPS, seed=0,
-             batch_size=500) -> Dict[str, float]:
+def run_ours(params, images, labels, *, eps=EPS, seed=0, batch_size=500,
+             version="standard") -> Dict[str, float]:
   result = attacks.autoattack(mlp_logits, images, labels, params=params,
                               eps=eps, key=jax.random.key(seed),
-                              batch_size=batch_size, verbose=False)
+                              batch_size=batch_size, version=version,
+                              verbose=False)
   return result.robust_accuracy
 
 
@@ -125,12 +127,12 @@ def torch_mlp(params):
   return Mlp().eval()
 
 
-def run_reference(params, images, labels, *, eps=EPS, seed=0,
-                  batch_size=500) -> Dict[str, float]:
+def run_reference(params, images, labels, *, eps=EPS, seed=0, batch_size=500,
+                  version="standard") -> Dict[str, float]:
   import torch  # pylint: disable=g-import-not-at-top
   from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
   adversary = AutoAttack(torch_mlp(params), eps=eps, norm="Linf",
-                         version="standard", seed=seed, device="cpu")
+                         version=version, seed=seed, device="cpu")
   capture = _Capture()
   logger = adversary.logger
   old_level, old_threads = logger.level, torch.get_num_threads()
@@ -160,6 +162,8 @@ def main():
   parser.add_argument("--eps", type=float, default=EPS)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=500)
+  parser.add_argument("--version", default="standard",
+                      choices=["standard", "plus"])
   args = parser.parse_args()
   images, labels = digits()
   start = time.perf_counter()
@@ -167,21 +171,20 @@ def main():
   print(f"trained in {time.perf_counter() - start:.1f} s")
   images, labels = images[:args.num_images], labels[:args.num_images]
   start = time.perf_counter()
-  ours = run_ours(params, images, labels, eps=args.eps, seed=args.seed,
-                  batch_size=args.batch_size)
+  common = dict(eps=args.eps, seed=args.seed, batch_size=args.batch_size,
+                version=args.version)
+  ours = run_ours(params, images, labels, **common)
   ours_s = time.perf_counter() - start
   # Again, compiled: what a second evaluation in the same process costs.
   start = time.perf_counter()
-  run_ours(params, images, labels, eps=args.eps, seed=args.seed,
-           batch_size=args.batch_size)
+  run_ours(params, images, labels, **common)
   warm_s = time.perf_counter() - start
   start = time.perf_counter()
-  theirs = run_reference(params, images, labels, eps=args.eps, seed=args.seed,
-                         batch_size=args.batch_size)
+  theirs = run_reference(params, images, labels, **common)
   theirs_s = time.perf_counter() - start
-  print(f"{len(images)} digits, eps={args.eps}")
+  print(f"{len(images)} digits, eps={args.eps}, version {args.version}")
   print(f"{'after':10s} {'vitat_jax':>10s} {'fra31':>10s} {'diff (pp)':>10s}")
-  for name in ("clean", "apgd-ce", "apgd-t", "fab-t", "square"):
+  for name in ("clean", *attacks.VERSIONS[args.version]):
     a, b = ours[name], theirs[name]
     print(f"{name:10s} {100 * a:9.2f}% {100 * b:9.2f}% {100 * (a - b):+10.2f}")
   print(f"{'time':10s} {ours_s:9.1f}s {theirs_s:9.1f}s   (ours including "
