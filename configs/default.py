@@ -105,6 +105,9 @@ def get_config():
   # keeps a full copy on every device. See docs/parallel.md.
   config.fsdp = False
   config.fsdp_min_size = 2 ** 16
+  # Devices in the data mesh: 0 = every device of every host; k = the first
+  # k / process_count devices of each host.
+  config.num_devices = 0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128

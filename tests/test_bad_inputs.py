@@ -77,6 +77,8 @@ CASES = [
     (["--config.init.checkpoint={text}"], "format", None),
     (["--config.batch_size=12"], "not divisible by the 8 devices",
      {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
+    (["--config.num_devices=16"], "more than the 8 devices present",
+     {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
     (["--mode=eval"], "no checkpoint", None),
 ]
 

@@ -28,7 +28,7 @@ def _config(eval_attacks=("clean",), fsdp=False):
   # batches, 2 per host.
   return tiny_config(**{
       "eval.attacks": tuple(eval_attacks), "eval.batch_size": 8,
-      "fsdp": fsdp, "fsdp_min_size": 256,
+      "fsdp": fsdp, "fsdp_min_size": 256, "num_devices": 4 if fsdp else 0,
       "data.train_examples": 160, "epochs": 1.0, "warmup_epochs": 1.0,
       "augment.crop_padding": 1, "augment.flip": True, "mixup.prob": 1.0,
       "model.drop_path_rate": 0.1,
@@ -63,7 +63,7 @@ def _child(args):
              if k.endswith("_acc")}
     if config.fsdp:  # how many leaves training split over the devices
       shardings = parallel.state_shardings(
-          parallel.make_mesh(), params, fsdp=True,
+          parallel.make_mesh(config.num_devices), params, fsdp=True,
           fsdp_min_size=config.fsdp_min_size)
       final["sharded_leaves"] = np.asarray(sum(
           not s.is_fully_replicated for s in jax.tree.leaves(shardings)))
@@ -157,7 +157,8 @@ def test_eight_devices_match_one_device(tmp_path):
   _assert_close(_collect(eight), _collect(one))
 
 
-def test_fsdp_on_eight_devices_matches_one_device(tmp_path):
+def test_fsdp_on_four_of_eight_devices_matches_one_device(tmp_path):
+  # config.num_devices=4: a mesh of the first 4 of the 8 devices present.
   one = _launch(tmp_path, "one", 1)
   fsdp = _collect(_launch(tmp_path, "fsdp", 8, fsdp="on"))
   # The patch embedding, qkv, proj and MLP kernels at least.
@@ -214,6 +215,19 @@ def test_remat_and_bfloat16_keep_parameters_and_gradients():
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, plain.apply({"params": params}, x),
                              atol=0.1)
+
+
+def test_mesh_size_is_checked():
+  import jax
+  from vitat_jax import parallel
+  from vitat_jax.errors import UserError
+  present = jax.device_count()
+  assert parallel.make_mesh().devices.size == present
+  assert parallel.make_mesh(present).devices.size == present
+  with pytest.raises(UserError, match=f"more than the {present} devices"):
+    parallel.make_mesh(present + 1)
+  with pytest.raises(UserError, match="positive integer"):
+    parallel.make_mesh(-1)
 
 
 def test_incomplete_multihost_settings_fail_in_one_line(monkeypatch):

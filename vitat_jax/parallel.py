@@ -68,8 +68,24 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   return True
 
 
-def make_mesh(devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """The 1-D "data" mesh: every device (num_devices=0) or the first
+  num_devices / process_count devices of every host."""
+  present, hosts = jax.device_count(), jax.process_count()
+  if not isinstance(num_devices, int) or num_devices < 0:
+    raise UserError(f"num_devices={num_devices!r} must be 0 (every device) "
+                    "or a positive integer")
+  if num_devices > present:
+    raise UserError(f"num_devices={num_devices} is more than the {present} "
+                    f"devices present: use at most {present}, or 0 for all")
+  if not num_devices or num_devices == present:
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+  if num_devices % hosts:
+    raise UserError(f"num_devices={num_devices} must be a multiple of the "
+                    f"{hosts} processes (each host gives the same number)")
+  per_host = num_devices // hosts
+  devices = [d for p in range(hosts)
+             for d in jax.local_devices(process_index=p)[:per_host]]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

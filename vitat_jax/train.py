@@ -203,7 +203,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   """
   wall_start = time.perf_counter()
   validate.check_config(config)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(config.get("num_devices", 0))
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   if not config.init.checkpoint and not run_checkpoints.has_checkpoints(
       workdir):
@@ -287,7 +287,7 @@ def train_and_evaluate(config, workdir: str, *,
   # Everything that can fail on user input is checked before the workdir is
   # touched and before anything is compiled.
   validate.check_config(config)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(config.get("num_devices", 0))
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   if not overwrite:
