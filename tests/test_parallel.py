@@ -151,19 +151,26 @@ def _assert_close(actual, expected):
                                atol=1e-5, err_msg=key)
 
 
-def test_eight_devices_match_one_device(tmp_path):
-  # Both runs at once: each is mostly single-threaded compilation.
-  one, eight = _launch(tmp_path, "one", 1), _launch(tmp_path, "eight", 8)
-  _assert_close(_collect(eight), _collect(one))
+@pytest.fixture(scope="module")
+def single_host_runs(tmp_path_factory):
+  """1 device, 8 devices, and FSDP on 4 of 8 devices, started together
+  (each is mostly single-threaded compilation)."""
+  root = tmp_path_factory.mktemp("runs")
+  runs = {"one": _launch(root, "one", 1), "eight": _launch(root, "eight", 8),
+          "fsdp": _launch(root, "fsdp", 8, fsdp="on")}
+  return {name: _collect(run) for name, run in runs.items()}
 
 
-def test_fsdp_on_four_of_eight_devices_matches_one_device(tmp_path):
+def test_eight_devices_match_one_device(single_host_runs):
+  _assert_close(single_host_runs["eight"], single_host_runs["one"])
+
+
+def test_fsdp_on_four_of_eight_devices_matches_one_device(single_host_runs):
   # config.num_devices=4: a mesh of the first 4 of the 8 devices present.
-  one = _launch(tmp_path, "one", 1)
-  fsdp = _collect(_launch(tmp_path, "fsdp", 8, fsdp="on"))
+  fsdp = dict(single_host_runs["fsdp"])
   # The patch embedding, qkv, proj and MLP kernels at least.
   assert int(fsdp.pop("sharded_leaves")) >= 5
-  _assert_close(fsdp, _collect(one))
+  _assert_close(fsdp, single_host_runs["one"])
 
 
 def test_two_hosts_match_one_process_with_four_devices(tmp_path):
