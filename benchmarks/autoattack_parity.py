@@ -1,15 +1,18 @@
 r"""Parity of our AutoAttack with the reference one (fra31's, `pyautoattack`).
 
-One small model, defined identically in JAX and PyTorch (an MLP on the
-scikit-learn digits, 8x8 upsampled to 3 channels; the PyTorch copy takes the
-JAX weights as NumPy arrays), adversarially trained in a few seconds with
-`vitat_jax.attacks.perturb` so that it is actually robust; then both
-AutoAttacks (version "standard") on the same images, and the robust accuracy
-after each attack side by side.
+One small model, defined identically in JAX and PyTorch, on the
+scikit-learn digits (8x8, 3 channels): an MLP (the PyTorch copy takes the
+JAX weights as NumPy arrays) or, with --model=vit, a 2-block DeiT-style ViT
+(the PyTorch side is timm's, loaded from `checkpoints.export_timm`).
+It is adversarially trained with `vitat_jax.attacks.perturb` so that it is
+actually robust; then both AutoAttacks (--version, "standard" by default)
+on the same images, the robust accuracy after each attack side by side, and
+the wall time of each.
 
     python benchmarks/autoattack_parity.py                 # all 1797 digits
     python benchmarks/autoattack_parity.py --num_images=500
     python benchmarks/autoattack_parity.py --version=plus --num_images=500
+    python benchmarks/autoattack_parity.py --model=vit --num_images=500
 
 `tests/attacks/test_autoattack.py` runs the same comparison on 500 images.
 """
@@ -19,6 +22,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Dict, Tuple
 
@@ -50,40 +54,76 @@ def mlp_logits(params, x):
   return h @ params["w2"] + params["b2"]
 
 
-def train_robust_mlp(images, labels, *, eps=EPS, steps=300, seed=0):
-  """PGD-AT (PGD-5, step eps / 2) with Adam, full batch: a few seconds."""
-  k1, k2, attack_key = jax.random.split(jax.random.key(seed), 3)
-  dim = int(np.prod(images.shape[1:]))
-  params = {
+def init_mlp(k1, k2, dim):
+  return {
       "w1": jax.random.normal(k1, (dim, HIDDEN)) * np.sqrt(2 / dim),
       "b1": jnp.zeros(HIDDEN),
       "w2": jax.random.normal(k2, (HIDDEN, NUM_CLASSES)) * np.sqrt(1 / HIDDEN),
       "b2": jnp.zeros(NUM_CLASSES)}
-  optimizer = optax.adam(3e-3)
-  x, y = jnp.asarray(images), jnp.asarray(labels)
+
+
+def tiny_vit():
+  """A 2-block DeiT-style ViT on the 8x8 digits (patch 2: 16 tokens + cls)."""
+  from vitat_jax import models  # pylint: disable=g-import-not-at-top
+  return models.create("deit_tiny_patch16_224", **VIT_KWARGS)
+
+
+VIT_KWARGS = dict(num_classes=NUM_CLASSES, img_size=8, patch_size=2,
+                  embed_dim=32, depth=2, num_heads=2)
+
+
+def vit_logits(params, x):
+  return tiny_vit().apply({"params": params}, x)
+
+
+def train_robust(logits_fn, params, images, labels, attack_key, *, eps=EPS,
+                 steps=300, lr=3e-3, batch_size=None):
+  """PGD-AT (PGD-5, step eps / 2) with Adam; full batch unless batch_size."""
+  optimizer = optax.adam(lr)
+  rng = np.random.default_rng(0)
 
   @jax.jit
-  def step(params, opt_state, key):
+  def step(params, opt_state, key, x, y):
     objective = lambda xa, _: attacks.cross_entropy_per_example(
-        mlp_logits(params, xa), y).mean()
+        logits_fn(params, xa), y).mean()
     x_adv = attacks.perturb(objective, key, x, eps=eps, alpha=eps / 2,
                             steps=5)
     loss_fn = lambda p: attacks.cross_entropy_per_example(
-        mlp_logits(p, x_adv), y).mean()
+        logits_fn(p, x_adv), y).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   opt_state = optimizer.init(params)
   for i in range(steps):
+    rows = (slice(None) if batch_size is None else
+            rng.choice(len(images), batch_size, replace=False))
     params, opt_state, _ = step(params, opt_state,
-                                jax.random.fold_in(attack_key, i))
+                                jax.random.fold_in(attack_key, i),
+                                jnp.asarray(images[rows]),
+                                jnp.asarray(labels[rows]))
   return jax.tree.map(np.asarray, params)
 
 
+def train_robust_mlp(images, labels, *, eps=EPS, steps=300, seed=0):
+  """The MLP, adversarially trained in a few seconds."""
+  k1, k2, attack_key = jax.random.split(jax.random.key(seed), 3)
+  params = init_mlp(k1, k2, int(np.prod(images.shape[1:])))
+  return train_robust(mlp_logits, params, images, labels, attack_key, eps=eps,
+                      steps=steps)
+
+
+def train_robust_vit(images, labels, *, eps=EPS, steps=2000, seed=0):
+  """The tiny ViT, adversarially trained on mini-batches."""
+  init_key, attack_key = jax.random.split(jax.random.key(seed))
+  params = jax.jit(tiny_vit().init)(init_key, jnp.asarray(images[:1]))["params"]
+  return train_robust(vit_logits, params, images, labels, attack_key,
+                      eps=eps, steps=steps, lr=2e-3, batch_size=128)
+
+
 def run_ours(params, images, labels, *, eps=EPS, seed=0, batch_size=500,
-             version="standard") -> Dict[str, float]:
-  result = attacks.autoattack(mlp_logits, images, labels, params=params,
+             version="standard", logits_fn=mlp_logits) -> Dict[str, float]:
+  result = attacks.autoattack(logits_fn, images, labels, params=params,
                               eps=eps, key=jax.random.key(seed),
                               batch_size=batch_size, version=version,
                               verbose=False)
@@ -127,20 +167,50 @@ def torch_mlp(params):
   return Mlp().eval()
 
 
+def torch_vit(params, directory):
+  """timm's DeiT with the JAX weights (through `checkpoints.export_timm`),
+  normalising its [0, 1] NCHW input as the JAX model does."""
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from vitat_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  model = tiny_vit()
+  path = os.path.join(directory, "tiny_vit.safetensors")
+  checkpoints.export_timm(params, model, path)
+  vit = timm.create_model("deit_tiny_patch16_224", pretrained=False,
+                          **VIT_KWARGS)
+  vit.load_state_dict(safetensors.torch.load_file(path), strict=True)
+
+  class Normalized(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.vit = vit
+      self.register_buffer("mean", torch.tensor(model.mean).view(1, 3, 1, 1))
+      self.register_buffer("std", torch.tensor(model.std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+      return self.vit((x - self.mean) / self.std)
+
+  return Normalized().eval()
+
+
 def run_reference(params, images, labels, *, eps=EPS, seed=0, batch_size=500,
-                  version="standard") -> Dict[str, float]:
+                  version="standard", torch_model=None,
+                  torch_threads=1) -> Dict[str, float]:
   import torch  # pylint: disable=g-import-not-at-top
   from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
-  adversary = AutoAttack(torch_mlp(params), eps=eps, norm="Linf",
+  torch_model = torch_mlp(params) if torch_model is None else torch_model
+  adversary = AutoAttack(torch_model, eps=eps, norm="Linf",
                          version=version, seed=seed, device="cpu")
   capture = _Capture()
   logger = adversary.logger
   old_level, old_threads = logger.level, torch.get_num_threads()
   logger.addHandler(capture)
   logger.setLevel(logging.DEBUG)
-  # One thread: on these tiny batches PyTorch's per-op thread hand-off costs
-  # more than the work (10x slower with 2 threads on a shared machine).
-  torch.set_num_threads(1)
+  # One thread for the MLP: on its tiny matmuls PyTorch's per-op thread
+  # hand-off costs more than the work (10x slower with 2 threads here).
+  torch.set_num_threads(torch_threads)
   try:
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     y = torch.from_numpy(labels.astype(np.int64))
@@ -162,27 +232,39 @@ def main():
   parser.add_argument("--eps", type=float, default=EPS)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=500)
+  parser.add_argument("--model", default="mlp", choices=["mlp", "vit"])
+  parser.add_argument("--torch_threads", type=int, default=0,
+                      help="PyTorch threads for fra31 (0: 1 for the MLP, "
+                      "where it is fastest, 2 for the ViT)")
   parser.add_argument("--version", default="standard",
                       choices=["standard", "plus"])
   args = parser.parse_args()
   images, labels = digits()
   start = time.perf_counter()
-  params = train_robust_mlp(images, labels, eps=args.eps)
-  print(f"trained in {time.perf_counter() - start:.1f} s")
+  train = {"mlp": train_robust_mlp, "vit": train_robust_vit}[args.model]
+  params = train(images, labels, eps=args.eps)
+  print(f"{args.model} trained in {time.perf_counter() - start:.1f} s")
   images, labels = images[:args.num_images], labels[:args.num_images]
+  logits_fn = {"mlp": mlp_logits, "vit": vit_logits}[args.model]
+  with tempfile.TemporaryDirectory() as directory:
+    torch_model = (torch_vit(params, directory) if args.model == "vit"
+                   else torch_mlp(params))
   start = time.perf_counter()
   common = dict(eps=args.eps, seed=args.seed, batch_size=args.batch_size,
                 version=args.version)
-  ours = run_ours(params, images, labels, **common)
+  ours = run_ours(params, images, labels, logits_fn=logits_fn, **common)
   ours_s = time.perf_counter() - start
   # Again, compiled: what a second evaluation in the same process costs.
   start = time.perf_counter()
-  run_ours(params, images, labels, **common)
+  run_ours(params, images, labels, logits_fn=logits_fn, **common)
   warm_s = time.perf_counter() - start
   start = time.perf_counter()
-  theirs = run_reference(params, images, labels, **common)
+  theirs = run_reference(params, images, labels, torch_model=torch_model,
+                         torch_threads=args.torch_threads or {
+                             "mlp": 1, "vit": 2}[args.model], **common)
   theirs_s = time.perf_counter() - start
-  print(f"{len(images)} digits, eps={args.eps}, version {args.version}")
+  print(f"{args.model}, {len(images)} digits, eps={args.eps}, version "
+        f"{args.version}")
   print(f"{'after':10s} {'vitat_jax':>10s} {'fra31':>10s} {'diff (pp)':>10s}")
   for name in ("clean", *attacks.VERSIONS[args.version]):
     a, b = ours[name], theirs[name]
