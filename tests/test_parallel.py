@@ -3,7 +3,8 @@
 XLA_FLAGS (the CPU device count) must be set before JAX starts, so every run
 is a child process (`python -m tests.test_parallel ...`) that trains a tiny
 model through `train.train_and_evaluate` and writes its final parameters and
-its final evaluation (clean accuracy; on two hosts also PGD and AutoAttack).
+its final evaluation (clean accuracy; on two hosts also PGD), or runs
+AutoAttack on a fixed model (`_autoattack_child`).
 """
 
 import argparse
@@ -23,9 +24,7 @@ _STEPS = 4
 def _config(eval_attacks=("clean",), fsdp=False):
   from tests.test_train import tiny_config
   # Augmentation, Mixup/CutMix, ARD, PRM and drop-path all draw random
-  # numbers from the global batch, so all of them are exercised here. The
-  # evaluation batch of 8 splits the 32 test images into 4 AutoAttack
-  # batches, 2 per host.
+  # numbers from the global batch, so all of them are exercised here.
   return tiny_config(**{
       "eval.attacks": tuple(eval_attacks), "eval.batch_size": 8,
       "fsdp": fsdp, "fsdp_min_size": 256, "num_devices": 4 if fsdp else 0,
@@ -61,15 +60,9 @@ def _child(args):
     flat = jax.tree_util.tree_flatten_with_path(parallel.to_host(params))[0]
     final = {f"final/{k}": np.asarray(v) for k, v in result.items()
              if k.endswith("_acc")}
-    if config.fsdp:  # how many leaves training split over the devices
-      shardings = parallel.state_shardings(
-          parallel.make_mesh(config.num_devices), params, fsdp=True,
-          fsdp_min_size=config.fsdp_min_size)
+    if config.fsdp:  # orbax restores each array with the sharding saved
       final["sharded_leaves"] = np.asarray(sum(
-          not s.is_fully_replicated for s in jax.tree.leaves(shardings)))
-    if "autoattack" in result:
-      final.update({f"final/after {k}": np.asarray(v) for k, v in
-                    result["autoattack"]["robust_accuracy"].items()})
+          not x.sharding.is_fully_replicated for x in jax.tree.leaves(params)))
     np.savez(args.out, **{jax.tree_util.keystr(k): v for k, v in flat},
              **final)
 
