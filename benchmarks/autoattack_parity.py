@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from vitat_jax import attacks
+from vitat_jax import models
 
 EPS = 0.1
 HIDDEN = 64
@@ -64,7 +65,6 @@ def init_mlp(k1, k2, dim):
 
 def tiny_vit():
   """A 2-block DeiT-style ViT on the 8x8 digits (patch 2: 16 tokens + cls)."""
-  from vitat_jax import models  # pylint: disable=g-import-not-at-top
   return models.create("deit_tiny_patch16_224", **VIT_KWARGS)
 
 
