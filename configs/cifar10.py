@@ -1,18 +1,24 @@
 """CIFAR-10 with the paper's recipe (Mo et al. 2022; the reference's
 train_cifar.py defaults).
 
-32x32 input with patch 4 (an 8x8 grid), PGD-10 training attack at eps 8/255,
-step 2/255; SGD lr 0.1, momentum 0.9, weight decay 1e-4, global-norm
-clipping 1.0, batch 64, 40 epochs with the lr divided by 10 at epochs 35 and
-38; Mixup/CutMix (prob 0.3) on AT batches; ARD/PRM warm-up over n_w = 10
-epochs; evaluation with PGD-20 and CW-20 on the test set.
+32x32 input with patch 4 (an 8x8 grid; PRM masks the same 8x8 grid of 4-px
+cells), PGD-10 training attack at eps 8/255, step 2/255; SGD lr 0.1,
+momentum 0.9, weight decay 1e-4, global-norm clipping 1.0, batch 64, 40
+epochs with the lr divided by 10 at epochs 35 and 38; Mixup/CutMix (prob
+0.3) on AT batches; ARD/PRM warm-up over n_w = 10 epochs; initialised from
+the model's ImageNet weights (as the reference, whose default is
+pre-trained; `pretrained=scratch` turns it off); final evaluation with CW-20,
+PGD-20, PGD-100 and AutoAttack (standard) on the test set.
 
-The reference's runs (its run_cifar.sh), here:
+The reference's runs (its run_cifar.sh), here, with the weights saved once in
+`pretrained/` (`python scripts/save_pretrained.py --dir=pretrained
+deit_tiny_patch16_224`; configs/common.REFERENCE_WEIGHTS names the timm tag
+of each model):
 
     python main.py --workdir=runs/deit_t_at --config=configs/cifar10.py:\
-model=deit_tiny_patch16_224,method=at,pretrained=in1k,pretrained_dir=pretrained
+model=deit_tiny_patch16_224,method=at
     python main.py --workdir=runs/deit_t_at_ardprm --config=configs/cifar10.py:\
-model=deit_tiny_patch16_224,method=at,ard_prm=True,pretrained=in1k,pretrained_dir=pretrained
+model=deit_tiny_patch16_224,method=at,ard_prm=True
 
 (`method=trades` / `mart` for the other rows). The paper reports clean,
 PGD-20, CW-20 and AutoAttack accuracy of every model and method with and
@@ -23,13 +29,15 @@ Arguments (`:key=value,...`):
   model       one of the paper's models (configs/common.PAPER_MODELS) or any
               registered name. The reference's `vit_small_patch16_224` is
               `vit_small_patch16_224_legacy` here; the plain name is timm's
-              current ViT-S. Swin is not used on CIFAR-10 by the reference
-              (only on ImageNet-1k, configs/imagenet.py).
+              current ViT-S. The reference trains Swin on Imagenette only
+              (configs/imagenette.py); a 32-px Swin here is this project's
+              own extension.
   method      at | trades | mart | natural
   ard, prm    True/False; `ard_prm=True` sets both
-  pretrained  scratch (default) | in1k | in21k: the paper's recipe starts
-              from ImageNet weights, read from `pretrained_dir` (default
-              "pretrained"; see configs/common.py for the file names)
+  pretrained  in1k (default, the reference's) | in21k | scratch: ImageNet
+              weights read from `pretrained_dir` (default "pretrained"); a
+              missing file is a one-line error naming the path and the
+              timm tag to save there
   source      tfds (default; tfds.data_source("cifar10")) | folder
   root        with source=folder: root/{train,test}/<class>/*.jpg
 """
@@ -54,7 +62,9 @@ def apply_args(config, args):
   both = args.get("ard_prm", False)
   config.ard = args.get("ard", both)
   config.prm = args.get("prm", both)
-  return common.apply_pretrained(config, args.get("pretrained", "scratch"),
+  if config.model.name.startswith("swin"):
+    config.optim.momentum = 0.5    # the reference's Swin runs set it
+  return common.apply_pretrained(config, args.get("pretrained", "in1k"),
                                  args.get("pretrained_dir", "pretrained"))
 
 
@@ -74,4 +84,5 @@ def get_config(arg=None):
   else:
     raise ValueError(f"source={source!r}: use tfds or folder")
   config.data.image_size = 32
+  config.prm_patch_size = 4        # the reference's --patch 4: 8x8 cells
   return config

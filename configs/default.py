@@ -22,6 +22,10 @@ def get_config():
   config.prm = False
   config.warmup_epochs = 10.0     # n_w
   config.drop_rate = 1.0          # keep probability reached after warm-up
+  # PRM's cell size in pixels (the reference's --patch): the grid has
+  # image_size / prm_patch_size cells per side whatever the model's own patch
+  # size; 4 on CIFAR-10, 16 on Imagenette and ImageNet (Swin included).
+  config.prm_patch_size = 4
 
   # Activations and matmuls in this dtype ("bfloat16" on GPU/TPU); params and
   # optimiser state stay float32. See docs/parallel.md.
@@ -39,6 +43,10 @@ def get_config():
   # Recompute each block's activations in the backward pass instead of
   # keeping them: less memory, about a third more compute (ViT/DeiT).
   config.model.remat = config_dict.placeholder(bool)
+  # "trunc_normal": the reference's (timm's) initialisation, std 0.02 for
+  # linear layers (a replaced head included) and the tokens; "xavier_uniform":
+  # this project's choice for small models trained from scratch.
+  config.model.weight_init = "trunc_normal"
 
   # Initialisation: "" trains from scratch; otherwise a timm/PyTorch
   # (.safetensors, .pth) or Google ViT (.npz) checkpoint, resampled to the
@@ -47,6 +55,9 @@ def get_config():
   config.init.checkpoint = ""
   config.init.format = "auto"          # auto | safetensors | torch | npz
   config.init.allow_pickle = False     # .pth holding arbitrary objects
+  # Where the checkpoint comes from (a timm tag or a URL), named in the error
+  # when the file is missing; set by the paper configs.
+  config.init.source = ""
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "tfds"            # digits | image_folder | tfds
@@ -115,7 +126,8 @@ def get_config():
   config.eval.alpha = 2 / 255
   config.eval.restarts = 1
   config.eval.num_examples = 0         # final evaluation; 0 = the whole test set
-  config.eval.attacks = ("clean", "pgd20", "cw20")
+  # The reference's final evaluation: CW-20, PGD-20, PGD-100, AutoAttack.
+  config.eval.attacks = ("clean", "cw20", "pgd20", "pgd100", "aa")
   config.eval.epoch_num_examples = 500 # per-epoch subset; 0 = no epoch eval
   config.eval.epoch_attacks = ("clean", "pgd20")
 

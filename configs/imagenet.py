@@ -3,8 +3,10 @@
 PGD-5 AT at eps 4/255, step 1/255; SGD lr 0.1, momentum 0.9 (0.5 for Swin,
 as the reference sets), weight decay 1e-4, clipping 1.0, batch 512, 10
 epochs (lr / 10 at epoch 5, / 100 at epoch 8); Mixup/CutMix on; n_w = 2;
-224x224, patch 16 (Swin: patch 4, window 7); ImageNet mean/std;
-evaluation at eps 4/255 with step 1/255. Data: tfds `imagenet2012` (prepare
+224x224, patch 16 (Swin: patch 4, window 7); PRM on a 14x14 grid of 16-px
+cells for both families (the reference's --patch 16); ImageNet mean/std;
+evaluation at eps 4/255 with step 1/255 (CW-20, PGD-20, PGD-100 and
+AutoAttack, as the reference's final evaluation). Data: tfds `imagenet2012` (prepare
 it once with `tfds build imagenet2012 --manual_dir=...`; pass
 `--config.data.tfds_data_dir=DIR` if it is not in the default place).
 
@@ -43,8 +45,6 @@ def get_config(arg=None):
   config.model.name = args.get("model", MODELS[0])
   if config.model.name.startswith("swin"):
     config.optim.momentum = 0.5     # train_imagenet.py sets it for Swin-B
-  else:
-    config.model.patch_size = 16
   config.method = "at"
   both = args.get("ard_prm", False)
   config.ard = args.get("ard", both)
@@ -58,6 +58,7 @@ def get_config(arg=None):
   config.data.image_size = 224
   config.data.mean = imagenette.IMAGENET_MEAN
   config.data.std = imagenette.IMAGENET_STD
+  config.prm_patch_size = 16
   config.attack.eps = 4 / 255
   config.attack.alpha = 1 / 255
   config.attack.steps = 5

@@ -1,25 +1,32 @@
 """Imagenette with the paper's recipe (the reference's train_imagenette.py).
 
-224x224 input with patch 16 (a 14x14 grid); otherwise the CIFAR-10 recipe:
-PGD-10 at eps 8/255, step 2/255; SGD lr 0.1, momentum 0.9, weight decay
-1e-4, clipping 1.0, batch 64, 40 epochs (lr / 10 at 35 and 38); Mixup/CutMix
-on AT batches; n_w = 10; ImageNet mean/std. The reference trains on
+224x224 input, every model at its native patch size (16 for ViT/DeiT/ConViT,
+4 for Swin, window 7); PRM masks a 14x14 grid of 16-px cells for every family
+(the reference's --patch 16). Otherwise the CIFAR-10 recipe: PGD-10 at eps
+8/255, step 2/255; SGD lr 0.1, momentum 0.9 (0.5 for Swin-T/S/B, as the
+reference sets), weight decay 1e-4, clipping 1.0, batch 64, 40 epochs (lr /
+10 at 35 and 38); Mixup/CutMix on AT batches; n_w = 10; ImageNet mean/std;
+initialised from ImageNet weights (`pretrained=scratch` turns it off); final
+evaluation with CW-20, PGD-20, PGD-100 and AutoAttack. The reference trains on
 Imagenette v1 (the old full-size imagenette.tgz: train/ and val/ folders of
 the 10 classes); `version=v2` selects today's imagenette2 layout, which has
 the same folder names. The image_folder source reads root/{train,test}: link
 the archive's val/ as test/ once (`ln -s val data/imagenette/test`).
 
     python main.py --workdir=runs/nette_deit_t_at --config=configs/imagenette.py:\
-root=data/imagenette,model=deit_tiny_patch16_224,method=at,pretrained=in1k
+root=data/imagenette,model=deit_tiny_patch16_224,method=at
     python main.py --workdir=runs/nette_deit_t_at_ardprm --config=configs/imagenette.py:\
-root=data/imagenette,model=deit_tiny_patch16_224,method=at,ard_prm=True,pretrained=in1k
+root=data/imagenette,model=deit_tiny_patch16_224,method=at,ard_prm=True
+    python main.py --workdir=runs/nette_swin_t_at --config=configs/imagenette.py:\
+root=data/imagenette,model=swin_tiny_patch4_window7_224
 
 The paper reports clean / PGD-20 / CW-20 / AutoAttack accuracy per model and
 method: see the paper's Imagenette results table (no numbers in the
 reference's README).
 
-Arguments: model, method, ard, prm, ard_prm, pretrained, pretrained_dir as
-in configs/cifar10.py; root (the dataset folder); version v1 | v2.
+Arguments: model (configs/common.PAPER_MODELS and SWIN_MODELS), method, ard,
+prm, ard_prm, pretrained, pretrained_dir as in configs/cifar10.py; root (the
+dataset folder); version v1 | v2.
 """
 
 from configs import cifar10
@@ -36,9 +43,8 @@ def get_config(arg=None):
   args = common.parse_arg(arg, _KEYS, ("ard", "prm", "ard_prm"))
   config = default.get_config()
   config.model.name = "deit_tiny_patch16_224"
-  config.model.patch_size = 16
   config.method = "at"
-  cifar10.apply_args(config, args)
+  cifar10.apply_args(config, args)     # Swin: momentum 0.5
   version = args.get("version", "v1")
   if version not in ("v1", "v2"):
     raise ValueError(f"version={version!r}: use v1 (the reference's) or v2")
@@ -48,5 +54,6 @@ def get_config(arg=None):
   config.data.image_size = 224
   config.data.mean = IMAGENET_MEAN
   config.data.std = IMAGENET_STD
+  config.prm_patch_size = 16       # the reference's --patch 16: 14x14 cells
   config.eval.epoch_num_examples = 200
   return config

@@ -77,7 +77,8 @@ def test_paper_settings():
           imagenet.epochs, imagenet.warmup_epochs, imagenet.batch_size) == (
               4 / 255, 1 / 255, 5, 10.0, 2.0, 512)
   nette = importlib.import_module("configs.imagenette").get_config("root=x")
-  assert (nette.data.image_size, nette.model.patch_size) == (224, 16)
+  assert (nette.data.image_size, train.build_model(nette).patch_size,
+          nette.prm_patch_size) == (224, 16, 16)
   rand = studies.get_config("study=augmentation,arm=randaugment")
   assert rand.augment.randaugment and rand.mixup.prob == 0
   adamw = studies.get_config("study=optimizer,arm=adamw_cyclic")

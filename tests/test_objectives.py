@@ -82,11 +82,12 @@ def test_at_gradient_flows_only_through_the_final_forward_pass():
   # no ARD gate: ARD and PRM act on the attack only.
   key, r = jax.random.key(4), 0.5
   loss_fn = functools.partial(objectives.pgd_at_loss, model=MODEL, ard=True,
-                              prm=True, **BUDGET)
+                              prm=True, prm_patch_size=4, **BUDGET)
   grads = jax.jit(jax.grad(lambda p: loss_fn(p, BATCH, key, r)[0]))(PARAMS)
 
   attack_key, _ = jax.random.split(key)
-  ard_fn, prm_fn = objectives.make_attack_masks(MODEL, ard=True, prm=True)
+  ard_fn, prm_fn = objectives.make_attack_masks(MODEL, ard=True, prm=True,
+                                                prm_patch_size=4)
   x_adv = objectives.training_attack(
       MODEL, PARAMS, X, attack_key, r, attack_loss=lambda z:
       objectives.soft_cross_entropy(z, BATCH["target"]), ard_fn=ard_fn,
@@ -99,7 +100,8 @@ def test_at_gradient_flows_only_through_the_final_forward_pass():
 
 
 def test_ard_with_r_zero_changes_the_attack_but_r_one_does_not():
-  ard_fn, _ = objectives.make_attack_masks(MODEL, ard=True, prm=False)
+  ard_fn, _ = objectives.make_attack_masks(MODEL, ard=True, prm=False,
+                                             prm_patch_size=4)
   run = lambda r, fn: objectives.training_attack(
       MODEL, PARAMS, X, jax.random.key(5), r, attack_loss=lambda z:
       objectives.soft_cross_entropy(z, BATCH["target"]), ard_fn=fn, **BUDGET)
@@ -112,7 +114,7 @@ def test_ard_with_r_zero_changes_the_attack_but_r_one_does_not():
 def test_every_method_gives_a_finite_loss_and_gradient(method):
   import ml_collections
   config = ml_collections.ConfigDict(dict(
-      method=method, ard=True, prm=True, beta=6.0,
+      method=method, ard=True, prm=True, beta=6.0, prm_patch_size=4,
       attack=dict(eps=8 / 255, alpha=2 / 255, steps=2)))
   objective = objectives.make_objective(config, MODEL)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(

@@ -14,6 +14,8 @@ units it was derived from. ARD is the reference's gate: the gradient at
 each block's attention-branch output is multiplied by gamma.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,16 +38,26 @@ torch.set_num_threads(1)
 
 MODEL_KWARGS = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32,
                     depth=2, num_heads=2)
+# A Swin whose own patch (2 px, an 8x8 token grid) differs from the PRM cell
+# (4 px, a 4x4 grid), with a shifted block in its first stage; no drop-path
+# (torch would draw its own).
+SWIN_KWARGS = dict(num_classes=10, img_size=16, patch_size=2, embed_dim=16,
+                   depths=(2, 2), num_heads=(2, 2), window_size=4,
+                   drop_path_rate=0.0)
+MODELS = {"deit_tiny_patch16_224": MODEL_KWARGS,
+          "swin_tiny_patch4_window7_224": SWIN_KWARGS}
 BATCH, STEPS, EPS, ALPHA, LR = 8, 3, 8 / 255, 2 / 255, 0.1
 # r(t) = t / n_w at t = (0 + 1) / steps_per_epoch = 0.5 with n_w = 1.
 STEPS_PER_EPOCH, WARMUP_EPOCHS = 2, 1.0
 R = 0.5
+PRM_PATCH = 4     # the reference's --patch
 
 
 def _config(method):
   config = default.get_config()
   config.method = method
   config.ard = config.prm = True
+  config.prm_patch_size = PRM_PATCH
   config.warmup_epochs = WARMUP_EPOCHS
   config.attack.steps = STEPS
   config.augment.crop_padding = 0
@@ -55,8 +67,24 @@ def _config(method):
   return config
 
 
+def _reference_prm_mask(cells_kept, size):
+  """The reference's add_noise_mask: zero on args.patch-px cells, NHWC."""
+  grid = size // PRM_PATCH
+  mask = np.ones((1, size, size, 1), np.float32)
+  ids = np.flatnonzero(np.asarray(cells_kept).reshape(-1) == 0)
+  for r, c in zip(ids // grid, ids % grid):
+    mask[:, r * PRM_PATCH:(r + 1) * PRM_PATCH,
+         c * PRM_PATCH:(c + 1) * PRM_PATCH] = 0
+  return mask
+
+
 def _reference_draws(model, x, loop_key, init):
-  """The start perturbation, PRM masks and ARD gammas our step draws."""
+  """The start perturbation, PRM masks and ARD gammas our step draws.
+
+  Only the random numbers are taken from our keys (which cells, which
+  gammas, the N(0, 1) or U(-1, 1) draws); what the reference makes of them
+  (the PRM geometry, the start's units and clamps) is re-stated here.
+  """
   step_key = jax.random.fold_in(loop_key, 0)
   _, _, objective_key = jax.random.split(step_key, 3)
   attack_key, _ = jax.random.split(objective_key)
@@ -64,15 +92,19 @@ def _reference_draws(model, x, loop_key, init):
   if init == "uniform":
     delta0 = attacks.uniform_init(init_key, x, EPS)
   else:
-    delta0 = attacks.gaussian_init(init_key, x)
+    # 0.001 * randn in normalised units, clamped to the normalised box.
+    noise = np.asarray(jax.random.normal(init_key, x.shape, x.dtype))
+    delta0 = np.clip(0.001 * noise * np.asarray(model.std, np.float32),
+                     -np.asarray(x), 1 - np.asarray(x))
   prm, ard = [], []
+  grid = model.img_size // PRM_PATCH
   for i in range(STEPS):
     mask_key, ard_key = jax.random.split(jax.random.fold_in(attack_loop_key, i))
-    prm.append(np.asarray(masks.prm_mask(mask_key, R, model.grid_size,
-                                         model.patch_size)))
+    prm.append(_reference_prm_mask(masks.prm_grid_mask(mask_key, R, grid),
+                                   model.img_size))
     ard.append(np.asarray(masks.ard_keep(ard_key, R,
                                          model.num_attention_blocks)))
-  return np.asarray(delta0), prm, ard
+  return np.asarray(delta0), prm, ard, attack_key
 
 
 def _nchw(a):
@@ -83,18 +115,25 @@ def _nchw(a):
 class _Reference:
   """timm model + pixel-space normalisation + the reference's ARD gate."""
 
-  def __init__(self, model, params):
+  def __init__(self, name, model, params):
     torch.manual_seed(0)
-    self.net = timm.create_model("deit_tiny_patch16_224", pretrained=False,
-                                 **MODEL_KWARGS)
+    self.net = timm.create_model(name, pretrained=False, **MODELS[name])
     state = {k: torch.from_numpy(np.array(v)) for k, v in
              checkpoints.timm_state_dict(params, model).items()}
     self.net.load_state_dict(state, strict=True)
     self.mean = torch.tensor(model.mean).view(1, 3, 1, 1)
     self.std = torch.tensor(model.std).view(1, 3, 1, 1)
     self.gammas = None   # one value per block while the attack runs
-    for index, block in enumerate(self.net.blocks):
-      block.attn.register_forward_hook(self._gate(index))
+    if name.startswith("swin"):
+      # The window-attention branch, after the reverse shift: what enters
+      # drop_path1 (the reference hooks each SwinTransformerBlock's
+      # drop_path).
+      branches = [b.drop_path1 for layer in self.net.layers
+                  for b in layer.blocks]
+    else:
+      branches = [b.attn for b in self.net.blocks]
+    for index, branch in enumerate(branches):
+      branch.register_forward_hook(self._gate(index))
 
   def _gate(self, index):
     def hook(module, inputs, output):
@@ -175,9 +214,9 @@ def _torch_step(method, ref, X, y, delta0, prm, ard, beta=6.0):
                        for k, v in ref.net.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def setup():
-  model = models.create("deit_tiny_patch16_224", **MODEL_KWARGS)
+@functools.lru_cache(maxsize=None)
+def _setup(name):
+  model = models.create(name, **MODELS[name])
   rng = np.random.RandomState(0)
   images = rng.randint(0, 256, (BATCH, 16, 16, 3)).astype(np.uint8)
   labels = (np.arange(BATCH) % 10).astype(np.int32)
@@ -189,11 +228,15 @@ def setup():
   return model, images, labels, params
 
 
-@pytest.mark.parametrize("method,init", [("at", "uniform"),
-                                         ("trades", "gaussian"),
-                                         ("mart", "gaussian")])
-def test_one_step_matches_the_reference(setup, method, init):
-  model, images, labels, params = setup
+# Swin runs AT and TRADES (MART's attack is AT's, its loss is model-free).
+@pytest.mark.parametrize("name,method,init", [
+    ("deit_tiny_patch16_224", "at", "uniform"),
+    ("deit_tiny_patch16_224", "trades", "gaussian"),
+    ("deit_tiny_patch16_224", "mart", "gaussian"),
+    ("swin_tiny_patch4_window7_224", "at", "uniform"),
+    ("swin_tiny_patch4_window7_224", "trades", "gaussian")])
+def test_one_step_matches_the_reference(name, method, init):
+  model, images, labels, params = _setup(name)
   config = _config(method)
   objective = objectives.make_objective(config, model)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
@@ -206,11 +249,19 @@ def test_one_step_matches_the_reference(setup, method, init):
   assert float(metrics["r"]) == pytest.approx(R)
 
   x = images.astype(np.float32) / 255.0
-  delta0, prm, ard = _reference_draws(model, jnp.asarray(x), loop_key, init)
+  delta0, prm, ard, attack_key = _reference_draws(model, jnp.asarray(x),
+                                                  loop_key, init)
+  # Our attack starts where the reference's does (TRADES / MART: 0.001 N(0, 1)
+  # in normalised units); the sign steps after it would hide a wrong scale.
+  start = objectives.training_attack(
+      model, params, jnp.asarray(x), attack_key, R, eps=EPS, alpha=ALPHA,
+      steps=0, attack_loss=jnp.sum, init=init)
+  np.testing.assert_allclose(np.asarray(start), np.clip(x + delta0, 0, 1),
+                             rtol=0, atol=1e-7)
   # The draws really vary: some cells masked, some gammas 0 and some 1.
   assert all(0 < m.mean() < 1 for m in prm)
   assert 0 < np.mean(ard) < 1
-  ref = _Reference(model, params)
+  ref = _Reference(name, model, params)
   ref_loss, ref_state = _torch_step(method, ref, _nchw(x),
                                     torch.from_numpy(labels).long(), delta0,
                                     prm, ard)
@@ -222,7 +273,7 @@ def test_one_step_matches_the_reference(setup, method, init):
   param_rel = np.sqrt(num / sum(np.sum(ref_state[k] ** 2) for k in ours))
   update_rel = np.sqrt(num / sum(np.sum((ref_state[k] - before[k]) ** 2)
                                  for k in ours))
-  print(f"{method}: loss rel {loss_rel:.2e}, params rel {param_rel:.2e}, "
+  print(f"{name} {method}: loss rel {loss_rel:.2e}, params rel {param_rel:.2e}, "
         f"update rel {update_rel:.2e}")
   assert loss_rel <= 1e-5
   assert param_rel <= 1e-4

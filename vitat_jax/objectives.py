@@ -33,16 +33,41 @@ def _accuracy(logits, targets):
   return (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).mean()
 
 
-def make_attack_masks(model, *, ard: bool, prm: bool):
-  """The ARD keep-mask and PRM delta-mask functions of key and r, or None."""
+def check_prm_patch_size(prm_patch_size: int, image_size: int):
+  """One line when the PRM cells do not tile the image."""
+  if (not isinstance(prm_patch_size, int) or prm_patch_size <= 0
+      or image_size % prm_patch_size):
+    raise UserError(
+        f"prm_patch_size={prm_patch_size} must be a positive integer dividing "
+        f"the image size {image_size}: the reference uses 4 px cells at 32 px "
+        "and 16 px cells at 224 px")
+
+
+def make_attack_masks(model, *, ard: bool, prm: bool, prm_patch_size: int):
+  """The ARD keep-mask and PRM delta-mask functions of key and r, or None.
+
+  The PRM grid is `img_size / prm_patch_size` cells per side, a setting of
+  its own as the reference's `--patch` is, not the model's patch size (Swin
+  at 224 px gets 14x14 cells of 16 px, as every other family).
+  """
   ard_fn = None
   prm_fn = None
   if ard:
     ard_fn = lambda key, r: masks.ard_keep(key, r, model.num_attention_blocks)
   if prm:
-    prm_fn = lambda key, r: masks.prm_mask(key, r, model.grid_size,
-                                          model.patch_size)
+    check_prm_patch_size(prm_patch_size, model.img_size)
+    grid = model.img_size // prm_patch_size
+    prm_fn = lambda key, r: masks.prm_mask(key, r, grid, prm_patch_size)
   return ard_fn, prm_fn
+
+
+def gaussian_start_scale(model):
+  """TRADES / MART start 0.001 N(0, 1) in the model's normalised units.
+
+  The reference draws it after normalisation, so in pixels it is
+  0.001 * std per channel.
+  """
+  return 0.001 * jnp.asarray(model.std, jnp.float32)
 
 
 def training_attack(model, params, x, key, r, *, eps, alpha, steps,
@@ -63,13 +88,16 @@ def training_attack(model, params, x, key, r, *, eps, alpha, steps,
 
   delta_mask_fn = None if prm_fn is None else (lambda k: prm_fn(k, r))
   return attacks.perturb(objective, key, x, eps=eps, alpha=alpha, steps=steps,
-                         init=init, delta_mask_fn=delta_mask_fn)
+                         init=init, gaussian_scale=gaussian_start_scale(model),
+                         delta_mask_fn=delta_mask_fn)
 
 
-def pgd_at_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm):
+def pgd_at_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
+                prm_patch_size):
   """Madry et al.'s adversarial training loss on the (mixed) batch."""
   attack_key, dropout_key = jax.random.split(key)
-  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm)
+  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm,
+                                     prm_patch_size=prm_patch_size)
   targets = batch["target"]
   x_adv = training_attack(
       model, params, batch["image"], attack_key, r, eps=eps, alpha=alpha,
@@ -123,14 +151,15 @@ def _clean_and_adversarial_logits(model, params, x, x_adv, dropout_key):
 
 
 def trades_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
-                beta=6.0):
+                prm_patch_size, beta=6.0):
   """TRADES (Zhang et al. 2019) as the reference implements it.
 
   Inner: maximise KL(softmax(f(x)) || softmax(f(x + delta))) from
-  delta = 0.001 N(0, 1). Outer: CE(f(x), y) + beta * KL_sum / batch.
+  delta = 0.001 N(0, 1) in normalised units. Outer: CE(f(x), y) + beta * KL_sum / batch.
   """
   attack_key, dropout_key = jax.random.split(key)
-  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm)
+  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm,
+                                     prm_patch_size=prm_patch_size)
   x, targets = batch["image"], batch["target"]
   clean_probs = jax.nn.softmax(
       model.apply({"params": jax.lax.stop_gradient(params)}, x))
@@ -146,15 +175,16 @@ def trades_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
 
 
 def mart_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
-              beta=6.0):
+              prm_patch_size, beta=6.0):
   """MART (Wang et al. 2020) as the reference implements it.
 
-  Inner: CE steps from delta = 0.001 N(0, 1). Outer: CE(f(x'), y) +
+  Inner: CE steps from delta = 0.001 N(0, 1) in normalised units. Outer: CE(f(x'), y) +
   NLL(log(1.0001 - p' + 1e-12), best wrong class) + beta * mean(sum_c
   KL(p || p') * (1.0000001 - p_y)).
   """
   attack_key, dropout_key = jax.random.split(key)
-  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm)
+  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm,
+                                     prm_patch_size=prm_patch_size)
   x, targets = batch["image"], batch["target"]
   labels = jnp.argmax(targets, axis=-1)
   x_adv = training_attack(
@@ -194,7 +224,10 @@ def make_objective(config, model):
   if config.method == "natural":
     return functools.partial(natural_loss, model=model)
   kwargs = dict(model=model, eps=config.attack.eps, alpha=config.attack.alpha,
-                steps=config.attack.steps, ard=config.ard, prm=config.prm)
+                steps=config.attack.steps, ard=config.ard, prm=config.prm,
+                prm_patch_size=config.prm_patch_size)
+  if config.prm:
+    check_prm_patch_size(config.prm_patch_size, model.img_size)
   if config.method in ("trades", "mart"):
     kwargs["beta"] = config.beta
   return functools.partial(_ADVERSARIAL[config.method], **kwargs)

@@ -189,7 +189,8 @@ def config_for_evaluation(cli_config, workdir: str):
   if cli_config.init.checkpoint or not os.path.exists(path):
     return cli_config
   with open(path) as f:
-    run_config = ml_collections.ConfigDict(json.load(f))
+    run_config = ml_collections.ConfigDict(
+        validate.upgrade_run_config(json.load(f)))
   run_config.eval = ml_collections.ConfigDict(cli_config.eval.to_dict())
   return run_config
 

@@ -90,8 +90,23 @@ def check_config(config):
                       f"eps={eval_eps}]: the step cannot exceed the radius")
   _check_data(config)
   _check_model(config)
-  if config.init.checkpoint and not os.path.isfile(config.init.checkpoint):
-    raise UserError(f"checkpoint {config.init.checkpoint!r} does not exist: "
+  if config.prm:
+    objectives.check_prm_patch_size(
+        config.prm_patch_size,
+        config.model.get("img_size") or config.data.image_size)
+  _check_init(config.init)
+
+
+def _check_init(init):
+  path = init.checkpoint
+  if path and not os.path.isfile(path):
+    if init.source:  # a paper config's pre-trained weights
+      raise UserError(
+          f"pre-trained weights {path!r} not found: save {init.source} there "
+          f"(python scripts/save_pretrained.py --dir="
+          f"{os.path.dirname(path) or '.'} {os.path.splitext(os.path.basename(path))[0]})"
+          ", or pass pretrained=scratch to train from random weights")
+    raise UserError(f"checkpoint {path!r} does not exist: "
                     "fix --config.init.checkpoint or leave it empty to train "
                     "from scratch")
 
@@ -102,7 +117,27 @@ _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
 
 
 def _run_defining(config_dict):
-  return {k: v for k, v in config_dict.items() if k not in _RESUMABLE_KEYS}
+  out = {k: v for k, v in config_dict.items() if k not in _RESUMABLE_KEYS}
+  if isinstance(out.get("init"), dict):  # where the weights came from: a note
+    out["init"] = {k: v for k, v in out["init"].items() if k != "source"}
+  return out
+
+
+def upgrade_run_config(previous: dict) -> dict:
+  """An older run's config.json with the fields added since, as they ran.
+
+  Runs written before `prm_patch_size` masked the model's patch grid, and
+  before `model.weight_init` were initialised Xavier-uniform.
+  """
+  previous = json.loads(json.dumps(previous))
+  model = previous.get("model", {})
+  if "prm_patch_size" not in previous:
+    patch = model.get("patch_size") or models.model_defaults(
+        model["name"])["patch_size"]
+    previous["prm_patch_size"] = patch
+  model.setdefault("weight_init", "xavier_uniform")
+  previous.get("init", {}).setdefault("source", "")
+  return previous
 
 
 def check_workdir_config(config, workdir: str):
@@ -112,7 +147,7 @@ def check_workdir_config(config, workdir: str):
     return
   current = json.loads(config.to_json_best_effort())
   with open(path) as f:
-    previous = json.load(f)
+    previous = upgrade_run_config(json.load(f))
   old, new = _run_defining(previous), _run_defining(current)
   if old != new:
     changed = sorted(k for k in set(old) | set(new)

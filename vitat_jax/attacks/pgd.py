@@ -43,8 +43,12 @@ def uniform_init(key, x: jax.Array, eps: float) -> jax.Array:
   return jnp.clip(delta, -x, 1.0 - x)
 
 
-def gaussian_init(key, x: jax.Array, scale: float = 0.001) -> jax.Array:
-  """delta = scale * N(0, 1), clipped to the box (TRADES' and MART's start)."""
+def gaussian_init(key, x: jax.Array, scale=0.001) -> jax.Array:
+  """delta = scale * N(0, 1), clipped to the box (TRADES' and MART's start).
+
+  `scale` is a float or one value per channel (0.001 * std puts the
+  reference's normalised-unit start into pixels).
+  """
   delta = scale * jax.random.normal(key, x.shape, x.dtype)
   return jnp.clip(delta, -x, 1.0 - x)
 
@@ -69,7 +73,7 @@ EVAL_LOSSES = {"ce": cross_entropy_per_example, "cw": cw_margin_per_example}
 
 def perturb(objective: Callable[[jax.Array, jax.Array], jax.Array], key,
             x: jax.Array, *, eps: float, alpha: float, steps: int,
-            init: str = "uniform",
+            init: str = "uniform", gaussian_scale=0.001,
             delta_mask_fn: Optional[Callable[[jax.Array], jax.Array]] = None
             ) -> jax.Array:
   """The training attack: `steps` sign-gradient ascent steps on `objective`.
@@ -81,7 +85,8 @@ def perturb(objective: Callable[[jax.Array, jax.Array], jax.Array], key,
       `fold_in(loop_key, i)`.
     x: clean images [B, H, W, C] in [0, 1].
     eps, alpha, steps: L-inf radius, step size and number of steps.
-    init: "uniform" (PGD-AT) or "gaussian" (TRADES / MART, 0.001 N(0, 1)).
+    init: "uniform" (PGD-AT) or "gaussian" (TRADES / MART,
+      `gaussian_scale` * N(0, 1); a float or one value per channel).
     delta_mask_fn: PRM: `mask_fn(key) -> mask` broadcastable to x. The
       current perturbation is multiplied by a fresh mask before every forward
       pass; the sign step uses the gradient at that masked perturbation (as
@@ -95,7 +100,7 @@ def perturb(objective: Callable[[jax.Array, jax.Array], jax.Array], key,
   if init == "uniform":
     delta = uniform_init(init_key, x, eps)
   elif init == "gaussian":
-    delta = gaussian_init(init_key, x)
+    delta = gaussian_init(init_key, x, gaussian_scale)
   else:
     raise UserError(f"unknown attack init {init!r}: use 'uniform' or 'gaussian'")
 

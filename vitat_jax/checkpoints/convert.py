@@ -104,10 +104,14 @@ def load(path: str, model, init_params: Optional[Any] = None,
     out[flax_path] = naming.to_flax(value, leaf).astype(spec.dtype)
 
   unused = sorted(k for k in state if k not in used)
-  for key in unused:
-    if key.split(".")[0] in reinit_roots:
-      logging.warning("checkpoint: ignored %s (the model has no such "
-                      "classifier layer)", key)
+  ignored_roots = sorted({k.split(".")[0] for k in unused
+                          if k.split(".")[0] in reinit_roots})
+  for root in ignored_roots:
+    keys = ", ".join(k for k in unused if k.split(".")[0] == root)
+    why = ("the reference drops the in21k pre-logits layer when fine-tuning "
+           "to another class count" if root == "pre_logits" else
+           "the model has no such classifier layer")
+    logging.warning("checkpoint: ignored %s (%s)", keys, why)
   unexpected = [k for k in unused if k.split(".")[0] not in reinit_roots]
   if unexpected:
     more = f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
@@ -180,7 +184,7 @@ def _resample(key, value, want, model, fam, path):
 def timm_state_dict(params, model) -> dict:
   """Flax params -> {timm key: numpy array in timm layout}."""
   fam = naming.family(model)
-  if fam == "vit" and model.representation_size is not None:
+  if fam == "vit" and model.has_pre_logits:
     raise UserError("timm has no pre-logits layer any more: export a model "
                     "created with representation_size=None")
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))

@@ -65,6 +65,7 @@ class GPSA(nn.Module):
   attn_dropout: float = 0.0
   proj_dropout: float = 0.0
   dtype: Any = jnp.float32
+  kernel_init: Any = layers.dense_init
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -72,7 +73,7 @@ class GPSA(nn.Module):
     head_dim = dim // self.num_heads
     grid = int(round(tokens ** 0.5))
     dense = lambda n, name, **kw: nn.Dense(  # pylint: disable=g-long-lambda
-        n, dtype=self.dtype, name=name, **{"kernel_init": layers.dense_init,
+        n, dtype=self.dtype, name=name, **{"kernel_init": self.kernel_init,
                                            **kw})
     qk = dense(2 * dim, "qk", use_bias=self.qkv_bias)(x)
     qk = qk.reshape(batch, tokens, 2, self.num_heads, head_dim)
@@ -107,6 +108,7 @@ class ConViTBlock(nn.Module):
   attn_dropout: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  kernel_init: Any = layers.dense_init
 
   @nn.compact
   def __call__(self, x, keep=None, *, train: bool = False):
@@ -115,17 +117,19 @@ class ConViTBlock(nn.Module):
     if self.use_gpsa:
       attn = GPSA(self.num_heads, self.qkv_bias, self.locality_strength,
                   self.attn_dropout, self.dropout, dtype=self.dtype,
-                  name="attn")
+                  kernel_init=self.kernel_init, name="attn")
     else:
       attn = layers.Attention(self.num_heads, self.qkv_bias, None,
                               self.attn_dropout, self.dropout,
-                              dtype=self.dtype, name="attn")
+                              dtype=self.dtype, kernel_init=self.kernel_init,
+                              name="attn")
     branch = layers.gate_attention(attn(branch, train=train), keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + layers.drop_path(branch, self.drop_path_rate, rng, not train)
     branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
     return x + layers.Mlp(int(dim * self.mlp_ratio), self.dropout,
-                          dtype=self.dtype, name="mlp")(branch, train=train)
+                          dtype=self.dtype, kernel_init=self.kernel_init,
+                          name="mlp")(branch, train=train)
 
 
 class ConViT(nn.Module):
@@ -146,6 +150,8 @@ class ConViT(nn.Module):
   drop_path_rate: float = 0.0
   mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN
   std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
+  # "trunc_normal" (the reference's, timm's) or "xavier_uniform".
+  weight_init: str = "trunc_normal"
   dtype: Any = jnp.float32
 
   @property
@@ -159,13 +165,14 @@ class ConViT(nn.Module):
 
   @property
   def grid_size(self) -> int:
-    """Patches per image side (the PRM grid)."""
+    """Patches per image side."""
     return self.img_size // self.patch_size
 
   def check_config(self):
     """Raises a one-line UserError for sizes that cannot build a model."""
     layers.check_patch_and_stats(self.img_size, self.patch_size, self.mean,
                                  self.std)
+    layers.check_weight_init(self.weight_init)
     if not 0 <= self.local_up_to_layer <= self.depth:
       raise UserError(
           f"local_up_to_layer={self.local_up_to_layer} must lie in "
@@ -180,16 +187,19 @@ class ConViT(nn.Module):
                       self.num_attention_blocks)
     width = self.width
     x = layers.normalize(images.astype(self.dtype), self.mean, self.std)
+    kernel_init = layers.dense_kernel_init(self.weight_init)
     x = nn.Conv(width, (self.patch_size,) * 2,
                 strides=(self.patch_size,) * 2, padding="VALID",
+                kernel_init=layers.conv_init(self.weight_init),
                 dtype=self.dtype, name="patch_embed")(x)
     batch = x.shape[0]
     x = x.reshape(batch, -1, width)
-    cls = self.param("cls_token", nn.initializers.truncated_normal(0.02),
-                     (1, 1, width))
+    # The "xavier_uniform" scheme keeps this family's earlier token init.
+    token_init = layers.token_init(self.weight_init,
+                                   nn.initializers.truncated_normal(0.02))
+    cls = self.param("cls_token", token_init, (1, 1, width))
     if self.use_pos_embed:
-      pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
-                             (1, x.shape[1], width))
+      pos_embed = self.param("pos_embed", token_init, (1, x.shape[1], width))
       x = x + pos_embed.astype(self.dtype)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
@@ -203,8 +213,8 @@ class ConViT(nn.Module):
       x = ConViTBlock(self.num_heads, i < self.local_up_to_layer,
                       self.mlp_ratio, self.qkv_bias, self.locality_strength,
                       self.drop_rate, self.attn_drop_rate, float(rates[i]),
-                      dtype=self.dtype, name=f"blocks_{i}")(x, keep,
-                                                             train=train)
+                      dtype=self.dtype, kernel_init=kernel_init,
+                      name=f"blocks_{i}")(x, keep, train=train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     # With every block local the class token was never inserted: timm then
     # still reads token 0, which is a patch token.
@@ -212,7 +222,7 @@ class ConViT(nn.Module):
     if self.num_classes <= 0:
       return x.astype(jnp.float32)
     logits = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=layers.dense_init, name="head")(x)
+                      kernel_init=kernel_init, name="head")(x)
     return logits.astype(jnp.float32)
 
 

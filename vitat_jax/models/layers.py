@@ -14,8 +14,52 @@ from vitat_jax.errors import UserError
 
 Dtype = Any
 
-# timm initialises linear layers with a truncated normal of std 0.02.
-dense_init = nn.initializers.xavier_uniform()
+# Weight-initialisation schemes a model can be created with (`weight_init=`).
+# "trunc_normal" is the reference's (timm's): linear kernels, class/position
+# tokens ~ trunc_normal(std 0.02) with zero biases. timm truncates at +-2 in
+# absolute units, i.e. at +-100 std, so this is a plain normal in practice.
+# The patch-embedding convolution keeps PyTorch's default (kaiming-uniform
+# with a = sqrt(5), i.e. U(+-1/sqrt(fan_in))), which timm does not touch.
+# "xavier_uniform" (google-research ViT's linear init) is this project's own
+# scheme for training small models from scratch: with std 0.02 the digits
+# quickstart model does not train at lr 0.1 (configs/quickstart.py).
+WEIGHT_INITS = ("trunc_normal", "xavier_uniform")
+_TIMM_STD = 0.02
+
+
+def dense_kernel_init(scheme: str):
+  """The initializer of dense kernels under `scheme`."""
+  if scheme == "trunc_normal":
+    return nn.initializers.normal(_TIMM_STD)
+  return nn.initializers.xavier_uniform()
+
+
+def token_init(scheme: str, xavier_default=nn.initializers.zeros):
+  """Class / distillation tokens and position embeddings under `scheme`.
+
+  `xavier_default` is what the "xavier_uniform" scheme has always used for
+  this parameter, kept so that its runs initialise exactly as before.
+  """
+  if scheme == "trunc_normal":
+    return nn.initializers.normal(_TIMM_STD)
+  return xavier_default
+
+
+def conv_init(scheme: str):
+  """The patch-embedding kernel: PyTorch's Conv2d default, or Flax's."""
+  if scheme == "trunc_normal":
+    return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+  return nn.initializers.lecun_normal()
+
+
+def check_weight_init(scheme: str):
+  if scheme not in WEIGHT_INITS:
+    raise UserError(f"weight_init={scheme!r}: use one of "
+                    f"{', '.join(WEIGHT_INITS)}")
+
+
+# Default of sub-modules built on their own (their parent passes its own).
+dense_init = dense_kernel_init("trunc_normal")
 
 
 def gate_attention(branch: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
@@ -55,15 +99,16 @@ class Mlp(nn.Module):
   hidden_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  kernel_init: Any = dense_init
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     out_dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init,
-                 name="fc1")(x)
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype,
+                 kernel_init=self.kernel_init, name="fc1")(x)
     x = gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init,
+    x = nn.Dense(out_dim, dtype=self.dtype, kernel_init=self.kernel_init,
                  name="fc2")(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
@@ -76,6 +121,7 @@ class Attention(nn.Module):
   attn_dropout: float = 0.0
   proj_dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  kernel_init: Any = dense_init
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -83,7 +129,7 @@ class Attention(nn.Module):
     head_dim = dim // self.num_heads
     scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
     qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype,
-                   kernel_init=dense_init, name="qkv")(x)
+                   kernel_init=self.kernel_init, name="qkv")(x)
     # Heads before tokens, once: the batched matmuls below then need no
     # operand transposes (about 5% of an attack step on CPU, NOTES.md).
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
@@ -93,7 +139,7 @@ class Attention(nn.Module):
     weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
     out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
-    out = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init,
+    out = nn.Dense(dim, dtype=self.dtype, kernel_init=self.kernel_init,
                    name="proj")(out)
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
@@ -112,21 +158,27 @@ class Block(nn.Module):
   attn_dropout: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  kernel_init: Any = dense_init
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, keep=None, train: bool = False):
     # `train` is positional too, so that nn.remat can mark it static.
     dim = x.shape[-1]
-    branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    branch = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                          name="norm1")(x)
     branch = Attention(self.num_heads, self.qkv_bias, self.qk_scale,
                        self.attn_dropout, self.dropout, dtype=self.dtype,
-                       name="attn")(branch, train=train)
+                       kernel_init=self.kernel_init, name="attn")(
+                           branch, train=train)
     branch = gate_attention(branch, keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + drop_path(branch, self.drop_path_rate, rng, not train)
-    branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    branch = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                          name="norm2")(x)
     return x + Mlp(int(dim * self.mlp_ratio), self.dropout, dtype=self.dtype,
-                   name="mlp")(branch, train=train)
+                   kernel_init=self.kernel_init, name="mlp")(branch,
+                                                             train=train)
 
 
 def check_patch_and_stats(img_size: int, patch_size: int, mean, std):

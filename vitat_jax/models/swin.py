@@ -73,6 +73,7 @@ class WindowAttention(nn.Module):
   attn_dropout: float = 0.0
   proj_dropout: float = 0.0
   dtype: Any = jnp.float32
+  kernel_init: Any = layers.dense_init
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):
@@ -87,7 +88,7 @@ class WindowAttention(nn.Module):
     bias = bias.transpose(2, 0, 1).astype(jnp.float32)
 
     qkv = nn.Dense(3 * inner, use_bias=self.qkv_bias, dtype=self.dtype,
-                   kernel_init=layers.dense_init, name="qkv")(x)
+                   kernel_init=self.kernel_init, name="qkv")(x)
     qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
@@ -101,7 +102,7 @@ class WindowAttention(nn.Module):
     weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(windows, tokens,
                                                            inner)
-    out = nn.Dense(dim, dtype=self.dtype, kernel_init=layers.dense_init,
+    out = nn.Dense(dim, dtype=self.dtype, kernel_init=self.kernel_init,
                    name="proj")(out)
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
@@ -118,6 +119,7 @@ class SwinBlock(nn.Module):
   attn_dropout: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  kernel_init: Any = layers.dense_init
 
   @nn.compact
   def __call__(self, x, keep=None, *, train: bool = False):
@@ -129,7 +131,8 @@ class SwinBlock(nn.Module):
     mask = shifted_window_mask(height, window, shift) if shift else None
     branch = WindowAttention(self.num_heads, window, self.head_dim,
                              self.qkv_bias, self.attn_dropout, self.dropout,
-                             dtype=self.dtype, name="attn")(
+                             dtype=self.dtype, kernel_init=self.kernel_init,
+                             name="attn")(
                                  _partition(branch, window), mask, train=train)
     branch = _reverse(branch, window, height, width)
     if shift:
@@ -139,13 +142,15 @@ class SwinBlock(nn.Module):
     x = x + layers.drop_path(branch, self.drop_path_rate, rng, not train)
     branch = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm2")(x)
     return x + layers.Mlp(int(dim * self.mlp_ratio), self.dropout,
-                          dtype=self.dtype, name="mlp")(branch, train=train)
+                          dtype=self.dtype, kernel_init=self.kernel_init,
+                          name="mlp")(branch, train=train)
 
 
 class PatchMerging(nn.Module):
   """2x2 neighbours concatenated (timm's order), normalised, projected."""
   out_dim: int
   dtype: Any = jnp.float32
+  kernel_init: Any = layers.dense_init
 
   @nn.compact
   def __call__(self, x):
@@ -155,7 +160,7 @@ class PatchMerging(nn.Module):
     x = x.reshape(b, h // 2, w // 2, 4 * c)
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
     return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
-                    kernel_init=layers.dense_init, name="reduction")(x)
+                    kernel_init=self.kernel_init, name="reduction")(x)
 
 
 class PatchEmbed(nn.Module):
@@ -163,12 +168,13 @@ class PatchEmbed(nn.Module):
   patch_size: int
   embed_dim: int
   dtype: Any = jnp.float32
+  conv_init: Any = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
                 strides=(self.patch_size,) * 2, padding="VALID",
-                dtype=self.dtype, name="proj")(x)
+                kernel_init=self.conv_init, dtype=self.dtype, name="proj")(x)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
@@ -186,18 +192,20 @@ class SwinStage(nn.Module):
   attn_dropout: float = 0.0
   drop_path_rates: Sequence[float] = ()
   dtype: Any = jnp.float32
+  kernel_init: Any = layers.dense_init
 
   @nn.compact
   def __call__(self, x, keep=None, *, train: bool = False):
     if self.downsample:
-      x = PatchMerging(self.dim, dtype=self.dtype, name="downsample")(x)
+      x = PatchMerging(self.dim, dtype=self.dtype,
+                       kernel_init=self.kernel_init, name="downsample")(x)
     window, shift = stage_windows(x.shape[1], self.window_size)
     for j in range(self.depth):
       x = SwinBlock(self.num_heads, window, shift if j % 2 else 0,
                     self.head_dim, self.mlp_ratio, self.qkv_bias,
                     self.dropout, self.attn_dropout,
                     float(self.drop_path_rates[j]), dtype=self.dtype,
-                    name=f"blocks_{j}")(
+                    kernel_init=self.kernel_init, name=f"blocks_{j}")(
                         x, None if keep is None else keep[j], train=train)
     return x
 
@@ -224,6 +232,8 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.1
   mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN
   std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
+  # "trunc_normal" (the reference's, timm's) or "xavier_uniform".
+  weight_init: str = "trunc_normal"
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -241,7 +251,7 @@ class SwinTransformer(nn.Module):
 
   @property
   def grid_size(self) -> int:
-    """Patches per image side (the PRM grid)."""
+    """Patches per image side."""
     return self.img_size // self.patch_size
 
   def stage_resolutions(self) -> Tuple[int, ...]:
@@ -251,6 +261,7 @@ class SwinTransformer(nn.Module):
     """Raises a one-line UserError for sizes that cannot build a model."""
     layers.check_patch_and_stats(self.img_size, self.patch_size, self.mean,
                                  self.std)
+    layers.check_weight_init(self.weight_init)
     if len(self.depths) != len(self.num_heads):
       raise UserError(
           f"depths={tuple(self.depths)} and num_heads="
@@ -282,7 +293,9 @@ class SwinTransformer(nn.Module):
     layers.check_call(images, attn_keep, self.img_size,
                       self.num_attention_blocks)
     x = layers.normalize(images.astype(self.dtype), self.mean, self.std)
+    kernel_init = layers.dense_kernel_init(self.weight_init)
     x = PatchEmbed(self.patch_size, self.embed_dim, dtype=self.dtype,
+                   conv_init=layers.conv_init(self.weight_init),
                    name="patch_embed")(x)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     rates = np.linspace(0.0, self.drop_path_rate, self.num_attention_blocks)
@@ -295,7 +308,8 @@ class SwinTransformer(nn.Module):
                     qkv_bias=self.qkv_bias, dropout=self.proj_drop_rate,
                     attn_dropout=self.attn_drop_rate,
                     drop_path_rates=tuple(rates[start:start + depth]),
-                    dtype=self.dtype, name=f"layers_{i}")(x, keep, train=train)
+                    dtype=self.dtype, kernel_init=kernel_init,
+                    name=f"layers_{i}")(x, keep, train=train)
       start += depth
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
     x = x.mean(axis=(1, 2))
@@ -303,7 +317,7 @@ class SwinTransformer(nn.Module):
       return x.astype(jnp.float32)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=layers.dense_init, name="head")(x)
+                      kernel_init=kernel_init, name="head")(x)
     return logits.astype(jnp.float32)
 
 

@@ -21,6 +21,10 @@ IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
+# The class count of the ImageNet-21k checkpoints that carry a pre-logits
+# layer; fine-tuned to any other count the layer is dropped (the reference's
+# _create_vision_transformer), so `representation_size` only applies here.
+IN21K_CLASSES = 21843
 
 
 class VisionTransformer(nn.Module):
@@ -39,6 +43,8 @@ class VisionTransformer(nn.Module):
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
   qk_scale: Optional[float] = None
+  # The tanh pre-logits layer of the in21k checkpoints; built only when
+  # num_classes == IN21K_CLASSES, as the reference does (see `has_pre_logits`).
   representation_size: Optional[int] = None
   distilled: bool = False
   drop_rate: float = 0.0
@@ -46,6 +52,10 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   mean: Tuple[float, ...] = IMAGENET_INCEPTION_MEAN
   std: Tuple[float, ...] = IMAGENET_INCEPTION_STD
+  # LayerNorm epsilon: 1e-6 (timm's ViT); the legacy ViT-S uses torch's 1e-5.
+  layer_norm_eps: float = 1e-6
+  # "trunc_normal" (the reference's, timm's) or "xavier_uniform".
+  weight_init: str = "trunc_normal"
   dtype: Any = jnp.float32
   # Rematerialise each block: its activations are recomputed in the backward
   # pass instead of stored (less memory, one more forward pass of compute).
@@ -58,13 +68,20 @@ class VisionTransformer(nn.Module):
 
   @property
   def grid_size(self) -> int:
-    """Patches per image side (the PRM grid)."""
+    """Patches per image side."""
     return self.img_size // self.patch_size
+
+  @property
+  def has_pre_logits(self) -> bool:
+    """The pre-logits layer exists only at the in21k class count."""
+    return (self.representation_size is not None
+            and self.num_classes == IN21K_CLASSES)
 
   def check_config(self):
     """Raises a one-line UserError for sizes that cannot build a model."""
     layers.check_patch_and_stats(self.img_size, self.patch_size, self.mean,
                                  self.std)
+    layers.check_weight_init(self.weight_init)
     if self.embed_dim % self.num_heads:
       raise UserError(
           f"embed_dim={self.embed_dim} is not divisible by num_heads="
@@ -74,23 +91,28 @@ class VisionTransformer(nn.Module):
   def __call__(self, images, attn_keep=None, *, train: bool = False):
     layers.check_call(images, attn_keep, self.img_size,
                       self.num_attention_blocks)
+    scheme = self.weight_init
+    kernel_init = layers.dense_kernel_init(scheme)
     x = layers.normalize(images.astype(self.dtype), self.mean, self.std)
     x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
                 strides=(self.patch_size,) * 2, padding="VALID",
-                dtype=self.dtype, name="patch_embed")(x)
+                kernel_init=layers.conv_init(scheme), dtype=self.dtype,
+                name="patch_embed")(x)
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.embed_dim)
 
-    prefix = [self.param("cls_token", nn.initializers.zeros,
+    prefix = [self.param("cls_token", layers.token_init(scheme),
                          (1, 1, self.embed_dim))]
     if self.distilled:
-      prefix.append(self.param("dist_token", layers.dense_init,
-                               (1, 1, self.embed_dim)))
+      prefix.append(self.param(
+          "dist_token", layers.token_init(scheme, nn.initializers.xavier_uniform()),
+          (1, 1, self.embed_dim)))
     prefix = [jnp.broadcast_to(t, (batch, 1, self.embed_dim)).astype(self.dtype)
               for t in prefix]
     x = jnp.concatenate(prefix + [x], axis=1)
-    pos_embed = self.param("pos_embed", layers.dense_init,
-                           (1, x.shape[1], self.embed_dim))
+    pos_embed = self.param(
+        "pos_embed", layers.token_init(scheme, nn.initializers.xavier_uniform()),
+        (1, x.shape[1], self.embed_dim))
     x = x + pos_embed.astype(self.dtype)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
@@ -103,20 +125,23 @@ class VisionTransformer(nn.Module):
       x = block(self.num_heads, self.mlp_ratio, self.qkv_bias,
                        self.qk_scale, self.drop_rate, self.attn_drop_rate,
                        float(path_rates[i]), dtype=self.dtype,
+                       kernel_init=kernel_init,
+                       layer_norm_eps=self.layer_norm_eps,
                        name=f"blocks_{i}")(x, keep, train)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                     name="norm")(x)
 
     cls = x[:, 0]
-    if self.representation_size is not None:
+    if self.has_pre_logits:
       cls = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
-                             name="pre_logits")(cls))
+                             kernel_init=kernel_init, name="pre_logits")(cls))
     if self.num_classes <= 0:
       return cls
     logits = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=layers.dense_init, name="head")(cls)
+                      kernel_init=kernel_init, name="head")(cls)
     if self.distilled:
       dist = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=layers.dense_init, name="head_dist")(x[:, 1])
+                      kernel_init=kernel_init, name="head_dist")(x[:, 1])
       logits = (logits + dist) / 2
     return logits.astype(jnp.float32)
 
@@ -145,7 +170,8 @@ def _register_all():
           f"vit_{size}_patch{patch}_{res}", VisionTransformer,
           embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch,
           img_size=res)
-    # ImageNet-21k checkpoints (21843 classes) with the pre-logits layer.
+    # ImageNet-21k checkpoints (21843 classes) with the pre-logits layer,
+    # which a model with any other class count does not have.
     if size in ("base", "large"):
       for patch in (16, 32):
         registry.register(
@@ -170,7 +196,7 @@ def _register_all():
   registry.register(
       "vit_small_patch16_224_legacy", VisionTransformer, embed_dim=768,
       depth=8, num_heads=8, mlp_ratio=3.0, qkv_bias=False,
-      qk_scale=768 ** -0.5, patch_size=16, img_size=224)
+      qk_scale=768 ** -0.5, patch_size=16, img_size=224, layer_norm_eps=1e-5)
 
 
 _register_all()
