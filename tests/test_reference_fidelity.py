@@ -335,3 +335,32 @@ def test_old_run_config_is_upgraded_to_what_it_ran():
   assert upgraded["prm_patch_size"] == 16           # the model's own patch
   assert upgraded["model"]["weight_init"] == "xavier_uniform"
   assert "prm_patch_size" not in old                # the input is untouched
+
+
+# --- bf16 compute keeps an attack's small steps -----------------------------
+
+
+@pytest.mark.parametrize("name,sizes", [
+    ("deit_tiny_patch16_224", dict(embed_dim=16, num_heads=2, depth=1,
+                                   patch_size=8)),
+    ("convit_tiny", dict(embed_dim=8, num_heads=2, depth=1,
+                         local_up_to_layer=1, patch_size=8)),
+    ("swin_tiny_patch4_window7_224", dict(embed_dim=8, depths=(1, 1),
+                                          num_heads=(1, 2), window_size=4))])
+def test_bf16_patch_embedding_sees_a_quarter_level_pixel_change(name, sizes):
+  x = jnp.full((1, 32, 32, 3), 0.5, jnp.float32)
+  x_step = x.at[0, 5, 6, 1].add(0.25 / 255)
+  change = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = models.create(name, num_classes=10, img_size=32, dtype=dtype,
+                          **sizes)
+    params = model.init(jax.random.key(0), x)["params"]
+    embed = lambda images: model.apply(  # pylint: disable=cell-var-from-loop
+        {"params": params}, images, capture_intermediates=True,
+        mutable=["intermediates"])[1]["intermediates"]["patch_embed"][
+            "__call__"][0]
+    change[dtype] = np.asarray(embed(x_step), np.float32) - np.asarray(
+        embed(x), np.float32)
+  assert np.abs(change[jnp.float32]).max() > 0
+  np.testing.assert_allclose(change[jnp.bfloat16], change[jnp.float32],
+                             rtol=1e-3, atol=1e-6)

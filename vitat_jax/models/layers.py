@@ -21,8 +21,8 @@ Dtype = Any
 # The patch-embedding convolution keeps PyTorch's default (kaiming-uniform
 # with a = sqrt(5), i.e. U(+-1/sqrt(fan_in))), which timm does not touch.
 # "xavier_uniform" (google-research ViT's linear init) is this project's own
-# scheme for training small models from scratch: with std 0.02 the digits
-# quickstart model does not train at lr 0.1 (configs/quickstart.py).
+# scheme for training small models from scratch: from std 0.02 the digits
+# quickstart model learns later and less (configs/quickstart.py).
 WEIGHT_INITS = ("trunc_normal", "xavier_uniform")
 _TIMM_STD = 0.02
 

@@ -292,11 +292,12 @@ class SwinTransformer(nn.Module):
   def __call__(self, images, attn_keep=None, *, train: bool = False):
     layers.check_call(images, attn_keep, self.img_size,
                       self.num_attention_blocks)
-    x = layers.normalize(images.astype(self.dtype), self.mean, self.std)
+    # Normalisation and patch embedding in float32 (see vit.py).
+    x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     kernel_init = layers.dense_kernel_init(self.weight_init)
-    x = PatchEmbed(self.patch_size, self.embed_dim, dtype=self.dtype,
+    x = PatchEmbed(self.patch_size, self.embed_dim, dtype=jnp.float32,
                    conv_init=layers.conv_init(self.weight_init),
-                   name="patch_embed")(x)
+                   name="patch_embed")(x).astype(self.dtype)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     rates = np.linspace(0.0, self.drop_path_rate, self.num_attention_blocks)
     start = 0
