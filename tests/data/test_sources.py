@@ -206,7 +206,9 @@ def test_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
   config = _folder_config(tmp_path / "pets", tmp_path / "cache")
   first = data.load(config)
   cache_files = sorted((tmp_path / "cache" / "image_folder").iterdir())
-  assert [p.suffix for p in cache_files] == [".npz", ".npz"]  # no temp files
+  # An index and the decoded images per split, no temp files.
+  assert [p.suffix for p in cache_files] == [".npz"] * 4
+  assert sum("-index-" in p.name for p in cache_files) == 2
 
   def no_decoding(*args, **kwargs):
     raise AssertionError("the cached folder was decoded again")
