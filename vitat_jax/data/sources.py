@@ -511,8 +511,13 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str],
 def _open_tfds_split(tfds, tfds_name: str, split: str, data_dir: Optional[str],
                      **kwargs):
   try:
-    return tfds.data_source(tfds_name, split=split, data_dir=data_dir,
-                            download=False, **kwargs)
+    data_source = tfds.data_source(tfds_name, split=split, data_dir=data_dir,
+                                   download=False, **kwargs)
+    if len(data_source):
+      # Files open lazily: a dataset prepared as tfrecord, or one whose
+      # array_record files are gone, fails here rather than in a worker.
+      data_source[0]  # pylint: disable=pointless-statement
+    return data_source
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f"unknown tfds dataset {tfds_name!r}; check "
                     "data.tfds_name (see tfds.list_builders())") from None
