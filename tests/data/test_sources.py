@@ -394,6 +394,20 @@ def test_tfds_real_array_record_dataset(tiny_tfds_dir):
   np.testing.assert_array_equal(images[:, 5, 7, 1], 40 + 80 * labels)
 
 
+def test_tfds_source_survives_pickling_into_a_worker(tiny_tfds_dir):
+  # grain's workers receive the source by (cloud)pickle.
+  import cloudpickle
+  splits = data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
+                                  tfds_data_dir=str(tiny_tfds_dir),
+                                  image_size=8))
+  copy = cloudpickle.loads(cloudpickle.dumps(splits.train))
+  for index in (0, 7):
+    expected, label = splits.train.example(index)
+    image, copied_label = copy.example(index)
+    np.testing.assert_array_equal(image, expected)
+    assert label == copied_label
+
+
 def test_tfds_unprepared_dataset_is_a_user_error(tmp_path):
   with pytest.raises(UserError) as excinfo:
     data.load(_tfds_config(tfds_name="cifar10",
