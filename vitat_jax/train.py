@@ -7,6 +7,7 @@ robust accuracy on a fixed test subset after every epoch, and finally writes
 `metrics.json` with the full evaluation.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -388,7 +389,8 @@ def train_and_evaluate(config, workdir: str, *,
   history = []
   train_seconds = 0.0
   epoch_start = time.perf_counter()
-  with preemption.PreemptionGuard() as guard:
+  # closing(): an exception in the loop still stops the loader's workers.
+  with preemption.PreemptionGuard() as guard, contextlib.closing(batches):
     for step in range(start_step, total_steps):
       images, labels = next(batches)
       images, labels = shard((images, labels.astype(np.int32)))

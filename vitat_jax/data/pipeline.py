@@ -115,6 +115,20 @@ class _TrainExample:
     return {**self.__dict__, "_epoch": None, "_permutation": None}
 
 
+class _TrainBatch(_TrainExample):
+  """Step -> this process's rows, read at once: for sources held in memory
+  as final images, where per-example reads would cost more than the copy."""
+
+  def __call__(self, step: int):
+    epoch, index_in_epoch = divmod(int(step), self.num_steps)
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._permutation = epoch_permutation(len(self.source), self.seed, epoch)
+    start = index_in_epoch * self.global_batch_size + self.offset
+    return self.source.get_batch(
+        self._permutation[start:start + self.per_process])
+
+
 class _EvalExample:
   """Local position -> (image, label, valid) of this process's eval rows."""
 
@@ -153,10 +167,13 @@ class _ExitWithParent:
                      daemon=True).start()
 
 
-def _loader(examples: grain.MapDataset, batch_size: int, workers: int,
-            prefetch: int) -> Iterator:
-  """Batches of `examples`, read by grain with `workers` processes."""
-  batches = examples.batch(batch_size, drop_remainder=True)
+def _loader(examples: grain.MapDataset, batch_size: Optional[int],
+            workers: int, prefetch: int) -> Iterator:
+  """Batches of `examples` (already batches if batch_size is None), read by
+  grain with `workers` processes."""
+  batches = examples
+  if batch_size is not None:
+    batches = examples.batch(batch_size, drop_remainder=True)
   # One reading thread per worker (parallelism comes from the processes) and
   # a bounded buffer, so memory does not grow with the data.
   dataset = batches.to_iter_dataset(grain.ReadOptions(
@@ -218,8 +235,12 @@ def train_batches(source, global_batch_size: int, seed: int,
                     "must be >= 0")
   workers = resolve_workers(workers, source)
   per_process = global_batch_size // process_count
-  read = _TrainExample(source, global_batch_size, per_process,
-                       process_index * per_process, num_steps, seed)
+  args = (source, global_batch_size, per_process, process_index * per_process,
+          num_steps, seed)
+  if not _decodes(source) and not source.needs_rng:
+    steps = grain.MapDataset.range(start_step, 2 ** 62)
+    return _loader(steps.map(_TrainBatch(*args)), None, workers, prefetch)
+  read = _TrainExample(*args)
   # Endless in practice: 2**62 examples.
   positions = grain.MapDataset.range(start_step * per_process, 2 ** 62)
   return _loader(positions.map(read), per_process, workers, prefetch)
