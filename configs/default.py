@@ -73,6 +73,25 @@ def get_config():
   config.data.cache_dir = ""
   config.data.mean = ()                # () = the data set's default
   config.data.std = ()
+  # Host-side transforms (vitat_jax/data/decode.py). Train: "squash" (resize
+  # to image_size; the reference's recipe, pad-crop and flip then run on the
+  # device) or "random_resized_crop" (+ augment.flip; set crop_padding=0).
+  # Eval: "squash" or "resize_center_crop" (Resize(image_size / crop_pct),
+  # CenterCrop(image_size): RobustBench's Res256Crop224).
+  config.data.train_transform = "squash"
+  config.data.eval_transform = "squash"
+  config.data.rrc_scale = (0.08, 1.0)
+  config.data.rrc_ratio = (3 / 4, 4 / 3)
+  config.data.crop_pct = 0.875
+  # "" = the whole test split; "robustbench" = RobustBench's 5000 ImageNet
+  # validation images (image_folder with ImageNet's val/ as root/test/).
+  config.data.eval_subset = ""
+  # Loader worker processes (grain): None = one per CPU beyond the first
+  # for sources that decode, 0 for in-memory ones; 0 = in this process.
+  config.data.workers = config_dict.placeholder(int)
+  # Image folders whose decoded split (squash) fits in this many MB are
+  # decoded once and kept in memory (and cached on disk); 0 = always lazy.
+  config.data.decoded_cache_mb = 1024
 
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 4

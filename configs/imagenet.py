@@ -7,8 +7,17 @@ epochs (lr / 10 at epoch 5, / 100 at epoch 8); Mixup/CutMix on; n_w = 2;
 cells for both families (the reference's --patch 16); ImageNet mean/std;
 evaluation at eps 4/255 with step 1/255 (CW-20, PGD-20, PGD-100 and
 AutoAttack, as the reference's final evaluation). Data: tfds `imagenet2012` (prepare
-it once with `tfds build imagenet2012 --manual_dir=...`; pass
-`--config.data.tfds_data_dir=DIR` if it is not in the default place).
+it once with `tfds build imagenet2012 --manual_dir=... --file_format=array_record`:
+random access needs ArrayRecord; pass `--config.data.tfds_data_dir=DIR` if it
+is not in the default place), or an image folder (`--config.data.name=
+image_folder --config.data.root=DIR` with DIR/train/<wnid>/ and ImageNet's
+val/ as DIR/test/<wnid>/). Images are decoded in `data.workers` processes
+(default: one per CPU beyond the first). The reference's transforms are the
+default (squash to 224, pad-crop 4, flip); `--config.data.train_transform=
+random_resized_crop --config.augment.crop_padding=0` trains with
+RandomResizedCrop + flip, `--config.data.eval_transform=resize_center_crop`
+evaluates on Resize-256 / CenterCrop-224, and `--config.data.eval_subset=
+robustbench` (image folder) on RobustBench's 5,000 validation images.
 
 The reference's run_imagenet.sh, here (8 accelerators or more):
 

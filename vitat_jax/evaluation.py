@@ -103,7 +103,11 @@ def make_evaluator(model, attack_names: Sequence[str], *, eps: float,
     for batch_index, (images, labels, valid) in enumerate(batches):
       if images.dtype == np.uint8:
         images = images.astype(np.float32) / 255.0
-      images, labels = shard_fn((images, labels.astype(np.int32)))
+      # Each process may hold only its rows: `valid` is gathered like
+      # `correct`, so both cover the whole batch.
+      images, labels, valid = shard_fn((images, labels.astype(np.int32),
+                                        np.asarray(valid, bool)))
+      valid = parallel.to_host(valid)
       total += int(valid.sum())
       for spec_index, spec in enumerate(specs):
         batch_key = jax.random.fold_in(jax.random.fold_in(key, spec_index),
@@ -141,11 +145,14 @@ def _jsonable(value):
 def evaluate(model, params, source, attack_names: Sequence[str], *, key,
              eps: float, alpha: float, restarts: int = 1,
              batch_size: int = 128, num_examples=None,
-             shard_fn: Callable = lambda batch: batch) -> Dict[str, Any]:
+             shard_fn: Callable = lambda batch: batch,
+             workers=0) -> Dict[str, Any]:
   """Clean and robust accuracy of `params` on the first images of `source`.
 
   The one runner behind the end-of-training evaluation and `--mode=eval`.
-  PGD/CW run batch by batch; AutoAttack ("aa") runs over the whole set at
+  PGD/CW run batch by batch, each process reading only its rows of each
+  batch (`shard_fn` assembles them, e.g. `parallel.shard_batch`) with
+  `workers` decoding processes; AutoAttack ("aa") runs over the whole set at
   once, so its per-attack log and sanity checks land in the result under
   "autoattack".
   """
@@ -156,7 +163,10 @@ def evaluate(model, params, source, attack_names: Sequence[str], *, key,
     evaluator = make_evaluator(model, batch_names, eps=eps, alpha=alpha,
                                restarts=restarts, shard_fn=shard_fn)
     result.update(evaluator(
-        params, pipeline.eval_batches(source, batch_size, num_examples), key))
+        params, pipeline.eval_batches(
+            source, batch_size, num_examples,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(), workers=workers), key))
   for index, spec in enumerate(s for s in specs if s.kind == "autoattack"):
     count = min(num_examples or len(source), len(source))
     images, labels = source.get_batch(np.arange(count))

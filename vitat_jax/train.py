@@ -7,6 +7,7 @@ robust accuracy on a fixed test subset after every epoch, and finally writes
 `metrics.json` with the full evaluation.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -176,7 +177,8 @@ def run_final_evaluation(config, model, params, test_source, shard_fn, key):
       model, params, test_source, eval_cfg.attacks, key=key,
       eps=eval_cfg.eps or config.attack.eps, alpha=eval_cfg.alpha,
       restarts=eval_cfg.restarts, batch_size=eval_cfg.batch_size,
-      num_examples=eval_cfg.num_examples or None, shard_fn=shard_fn)
+      num_examples=eval_cfg.num_examples or None, shard_fn=shard_fn,
+      workers=config.data.workers)
 
 
 def config_for_evaluation(cli_config, workdir: str):
@@ -238,7 +240,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   params = parallel.replicate(mesh, params)
   result = run_final_evaluation(
       config, model, params, splits.test,
-      functools.partial(parallel.shard_global_batch, mesh), eval_key)
+      functools.partial(parallel.shard_batch, mesh), eval_key)
   result.update(eps=config.eval.eps or config.attack.eps,
                 model=config.model.name, checkpoint=source,
                 wall_time_s=time.perf_counter() - wall_start)
@@ -352,8 +354,8 @@ def train_and_evaluate(config, workdir: str, *,
       out_shardings=(shardings, parallel.replicated(mesh)),
       donate_argnums=0)
   shard = functools.partial(parallel.shard_batch, mesh)
-  # Every host reads the whole evaluation batch; each device takes its rows.
-  shard_eval = functools.partial(parallel.shard_global_batch, mesh)
+  # Every host reads only its rows of each evaluation batch, as in training.
+  shard_eval = functools.partial(parallel.shard_batch, mesh)
   eval_cfg = config.eval
   eval_eps = eval_cfg.eps or config.attack.eps
   epoch_eval = evaluation.make_evaluator(
@@ -384,11 +386,12 @@ def train_and_evaluate(config, workdir: str, *,
   batches = pipeline.train_batches(
       splits.train, config.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), workers=config.data.workers)
   history = []
   train_seconds = 0.0
   epoch_start = time.perf_counter()
-  with preemption.PreemptionGuard() as guard:
+  # closing(): an exception in the loop still stops the loader's workers.
+  with preemption.PreemptionGuard() as guard, contextlib.closing(batches):
     for step in range(start_step, total_steps):
       images, labels = next(batches)
       images, labels = shard((images, labels.astype(np.int32)))
@@ -415,7 +418,10 @@ def train_and_evaluate(config, workdir: str, *,
         result = epoch_eval(
             state.params,
             pipeline.eval_batches(splits.test, eval_cfg.batch_size,
-                                  eval_cfg.epoch_num_examples),
+                                  eval_cfg.epoch_num_examples,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count(),
+                                  workers=config.data.workers),
             jax.random.fold_in(eval_key, done))
         epoch = done // steps_per_epoch
         writer.write_scalars(done, {"epoch": epoch, **{

@@ -1,8 +1,14 @@
-"""Batch iteration: determinism, exact resume, sharding, eval padding."""
+"""Batch iteration (grain): determinism, exact resume, per-process rows,
+workers and their shutdown, eval padding."""
 
-import gc
 import itertools
-import threading
+import multiprocessing
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import types
 
 from hypothesis import given, settings, strategies as st
 import numpy as np
@@ -22,10 +28,6 @@ def _indexed_source(num_examples: int) -> data.ArraySource:
 
 def _labels(batches, count):
   return [labels for _, labels in itertools.islice(batches, count)]
-
-
-def _prefetch_threads():
-  return [t for t in threading.enumerate() if t.name == "vitat_jax-prefetch"]
 
 
 def test_steps_per_epoch_drops_the_remainder():
@@ -126,33 +128,167 @@ def test_train_batches_check_arguments_before_reading(kwargs):
   assert "\n" not in str(excinfo.value)
 
 
-def test_prefetch_thread_stops_when_the_iterator_is_closed():
-  before = len(_prefetch_threads())
-  batches = data.train_batches(_indexed_source(30), 4, seed=0, prefetch=2)
-  next(batches)
-  assert len(_prefetch_threads()) == before + 1
-  batches.close()
-  assert len(_prefetch_threads()) == before
+class _NoisySource:
+  """Example i: pixels i % 256 plus a random offset drawn from `rng`, so a
+  batch shows both its rows and its transform's random numbers."""
 
-  abandoned = data.train_batches(_indexed_source(30), 4, seed=0, prefetch=2)
-  next(abandoned)
-  del abandoned
-  gc.collect()
-  assert len(_prefetch_threads()) == before
+  needs_rng = True
 
+  def __init__(self, num_examples, fail_at=None):
+    self.num_examples = num_examples
+    self.fail_at = fail_at
 
-def test_prefetch_passes_on_source_errors():
+  def __len__(self):
+    return self.num_examples
 
-  class FailingSource:
-
-    def __len__(self):
-      return 20
-
-    def get_batch(self, indices):
+  def example(self, index, rng=None):
+    if index == self.fail_at:
       raise RuntimeError("disk on fire")
+    noise = int(rng.integers(0, 1000))
+    image = np.full((2, 2, 3), (index + noise) % 256, np.uint8)
+    return image, index
 
-  with pytest.raises(RuntimeError, match="disk on fire"):
-    next(data.train_batches(FailingSource(), 4, seed=0, prefetch=2))
+
+def _all_batches(batches, count):
+  out = list(itertools.islice(batches, count))
+  batches.close()
+  return out
+
+
+def _assert_same_batches(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x, y)
+
+
+def _children():
+  return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_workers_give_the_same_batches_resume_exactly_and_stop_on_close():
+  # Worker processes take seconds to start (each imports grain and JAX), so
+  # this test shares them between its checks.
+  source = _NoisySource(37)   # 4 steps per epoch of 8
+  inline = _all_batches(data.train_batches(source, 8, seed=3, workers=0), 10)
+  before = _children()
+  batches = data.train_batches(source, 8, seed=3, workers=2)
+  workers = list(itertools.islice(batches, 10))
+  assert len(_children() - before) == 2
+  batches.close()
+  deadline = time.time() + 10
+  while _children() - before and time.time() < deadline:
+    time.sleep(0.1)
+  assert not _children() - before, "workers left behind after close()"
+  _assert_same_batches(workers, inline)
+  resumed = _all_batches(data.train_batches(source, 8, seed=3, start_step=6,
+                                            workers=1), 4)
+  _assert_same_batches(resumed, inline[6:])
+  other_seed = _all_batches(data.train_batches(source, 8, seed=4), 1)
+  assert not np.array_equal(other_seed[0][0], inline[0][0])
+
+
+def test_processes_read_disjoint_rows_whose_union_is_the_global_batch():
+  source = _NoisySource(50)
+  whole = _all_batches(data.train_batches(source, 8, seed=2), 7)
+  parts = [_all_batches(data.train_batches(source, 8, seed=2,
+                                           process_index=p, process_count=2),
+                        7) for p in range(2)]
+  for step in range(7):
+    first, second = parts[0][step][1], parts[1][step][1]
+    assert not set(first) & set(second)
+    for i in range(2):  # images (with their random numbers) and labels
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][i], parts[1][step][i]]),
+          whole[step][i])
+
+
+def test_eval_rows_of_two_processes_are_disjoint_and_cover_the_batch():
+  source = _indexed_source(23)
+  whole = list(data.eval_batches(source, 10))
+  parts = [list(data.eval_batches(source, 10, process_index=p,
+                                  process_count=2, workers=w))
+           for p, w in ((0, 0), (1, 1))]
+  assert [len(p) for p in parts] == [3, 3]
+  seen = []
+  for batch, (first, second) in enumerate(zip(*parts)):
+    for i in range(3):  # images, labels, valid
+      np.testing.assert_array_equal(np.concatenate([first[i], second[i]]),
+                                    whole[batch][i])
+    seen += list(first[1][first[2]]) + list(second[1][second[2]])
+  assert sorted(seen) == list(range(23))
+  with pytest.raises(UserError, match="divisible"):
+    data.eval_batches(source, 10, process_count=3)
+
+
+def test_worker_errors_reach_the_caller():
+  with pytest.raises(Exception, match="disk on fire"):
+    batches = data.train_batches(_NoisySource(20, fail_at=0), 20, seed=0,
+                                 workers=1)
+    try:
+      next(batches)
+    finally:
+      batches.close()
+
+
+_KILLED_PARENT = """
+import sys, time
+import numpy as np
+sys.path.insert(0, {repo!r})
+from tests.data.test_pipeline import _NoisySource
+from vitat_jax import data
+import multiprocessing
+batches = data.train_batches(_NoisySource(30), 4, seed=0, workers=1)
+next(batches)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()),
+      flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_exit_when_the_training_process_is_killed():
+  repo = str(pathlib.Path(__file__).resolve().parents[2])
+  proc = subprocess.Popen([sys.executable, "-c",
+                           _KILLED_PARENT.format(repo=repo)],
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 1
+  finally:
+    proc.kill()
+    proc.wait()
+  deadline = time.time() + 15
+  alive = pids
+  while alive and time.time() < deadline:
+    time.sleep(0.2)
+    alive = [p for p in pids if _alive(p)]
+  assert not alive, f"workers {alive} outlived their SIGKILLed parent"
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  # A zombie is dead but not yet reaped by its (new) parent.
+  with open(f"/proc/{pid}/stat") as f:
+    return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True])
+def test_bad_worker_counts_are_one_line_errors(workers):
+  with pytest.raises(UserError) as excinfo:
+    data.train_batches(_indexed_source(30), 4, seed=0, workers=workers)
+  assert "data.workers" in str(excinfo.value)
+  assert "\n" not in str(excinfo.value)
+
+
+def test_default_workers_follow_the_source():
+  from vitat_jax.data import pipeline
+  assert pipeline.resolve_workers(None, _indexed_source(4)) == 0
+  folder_like = types.SimpleNamespace(transform=data.Transform("squash", 8))
+  assert pipeline.resolve_workers(None, folder_like) >= 1
+  assert pipeline.resolve_workers(3, folder_like) == 3
 
 
 def test_eval_batches_pad_the_last_batch_and_mark_it():

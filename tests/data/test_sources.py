@@ -206,7 +206,9 @@ def test_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
   config = _folder_config(tmp_path / "pets", tmp_path / "cache")
   first = data.load(config)
   cache_files = sorted((tmp_path / "cache" / "image_folder").iterdir())
-  assert [p.suffix for p in cache_files] == [".npz", ".npz"]  # no temp files
+  # An index and the decoded images per split, no temp files.
+  assert [p.suffix for p in cache_files] == [".npz"] * 4
+  assert sum("-index-" in p.name for p in cache_files) == 2
 
   def no_decoding(*args, **kwargs):
     raise AssertionError("the cached folder was decoded again")
@@ -392,6 +394,20 @@ def test_tfds_real_array_record_dataset(tiny_tfds_dir):
   np.testing.assert_array_equal(images[:, 5, 7, 1], 40 + 80 * labels)
 
 
+def test_tfds_source_survives_pickling_into_a_worker(tiny_tfds_dir):
+  # grain's workers receive the source by (cloud)pickle.
+  import cloudpickle
+  splits = data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
+                                  tfds_data_dir=str(tiny_tfds_dir),
+                                  image_size=8))
+  copy = cloudpickle.loads(cloudpickle.dumps(splits.train))
+  for index in (0, 7):
+    expected, label = splits.train.example(index)
+    image, copied_label = copy.example(index)
+    np.testing.assert_array_equal(image, expected)
+    assert label == copied_label
+
+
 def test_tfds_unprepared_dataset_is_a_user_error(tmp_path):
   with pytest.raises(UserError) as excinfo:
     data.load(_tfds_config(tfds_name="cifar10",
@@ -424,3 +440,167 @@ def test_array_source_checks_its_arrays():
   images, batch_labels = source.get_batch(np.array([3, 1]))
   assert images.shape == (2, 2, 2, 3)
   np.testing.assert_array_equal(batch_labels, [3, 1])
+
+
+# ------------------------------------------------- image folder, read lazily ---
+
+
+def _lazy_config(root, cache_dir, **fields):
+  return _folder_config(root, cache_dir, decoded_cache_mb=0, **fields)
+
+
+def test_lazy_folder_reads_file_by_file_like_the_decoded_cache(tmp_path):
+  _make_dataset(tmp_path / "pets")
+  cached = data.load(_folder_config(tmp_path / "pets", tmp_path / "cache"))
+  lazy = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache"))
+  assert isinstance(cached.train, data.ArraySource)
+  assert isinstance(lazy.train, data.FileSource)
+  assert isinstance(lazy.test, data.FileSource)
+  assert lazy.image_size == 8 and lazy.class_names == cached.class_names
+  for split in ("train", "test"):
+    a, b = getattr(cached, split), getattr(lazy, split)
+    images, labels = b.get_batch(np.arange(len(b)))
+    np.testing.assert_array_equal(images, a.images)
+    np.testing.assert_array_equal(labels, a.labels)
+
+
+def test_lazy_folder_converts_gray_cmyk_rgba_and_palette(tmp_path):
+  _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2})
+  rgb = np.random.default_rng(3).integers(0, 256, (8, 8, 3), np.uint8)
+  class_dir = tmp_path / "pets" / "train" / "a"
+  Image.fromarray(rgb[..., 0]).save(class_dir / "gray.png")
+  Image.fromarray(rgb).convert("CMYK").save(class_dir / "cmyk.jpg")
+  rgba = np.concatenate([rgb, np.full((8, 8, 1), 255, np.uint8)], -1)
+  Image.fromarray(rgba).save(class_dir / "rgba.png")
+  Image.fromarray(rgb).convert("P").save(class_dir / "palette.png")
+  splits = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache"))
+  names = [pathlib.Path(splits.train.path(i)).name
+           for i in range(len(splits.train))]
+  images = {n: splits.train.example(i)[0] for i, n in enumerate(names)}
+  for name in ("gray.png", "cmyk.jpg", "rgba.png", "palette.png"):
+    assert images[name].shape == (8, 8, 3) and images[name].dtype == np.uint8
+  np.testing.assert_array_equal(images["gray.png"],
+                                np.repeat(rgb[..., :1], 3, axis=-1))
+  np.testing.assert_array_equal(images["rgba.png"], rgb)
+  # CMYK JPEG round trip: lossy, but the same picture.
+  assert np.abs(images["cmyk.jpg"].astype(int) - rgb).mean() < 12
+
+
+def test_lazy_folder_replaces_a_file_that_breaks_while_decoding(tmp_path,
+                                                              caplog):
+  _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2})
+  broken = tmp_path / "pets" / "train" / "a" / "broken.jpg"
+  Image.fromarray(np.random.default_rng(0).integers(
+      0, 256, (64, 64, 3), np.uint8)).save(broken, quality=90)
+  # A valid header (the index accepts it) with the image data cut off.
+  broken.write_bytes(broken.read_bytes()[:2000])
+  splits = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache",
+                                  image_size=8))
+  assert len(splits.train) == 5
+  index = [splits.train.path(i) for i in range(5)].index(str(broken))
+  image, label = splits.train.example(index)
+  # Replaced by the next file, deterministically.
+  expected, expected_label = splits.train.example(index + 1)
+  np.testing.assert_array_equal(image, expected)
+  assert label == expected_label
+  assert "does not decode" in caplog.text and str(broken) in caplog.text
+
+
+def test_empty_class_folder_is_allowed_and_logged(tmp_path, caplog):
+  _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2},
+                test={"a": 2, "b": 2})
+  (tmp_path / "pets" / "train" / "empty").mkdir()
+  (tmp_path / "pets" / "test" / "empty").mkdir()
+  splits = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache"))
+  assert splits.class_names == ("a", "b", "empty") and splits.num_classes == 3
+  assert "holds no" in caplog.text and "empty" in caplog.text
+
+
+def test_transforms_give_the_configured_size_and_are_seeded(tmp_path):
+  _make_dataset(tmp_path / "pets", size=20)
+  splits = data.load(_lazy_config(
+      tmp_path / "pets", tmp_path / "cache", image_size=12,
+      train_transform="random_resized_crop",
+      eval_transform="resize_center_crop"))
+  rng = lambda: np.random.default_rng(5)
+  first, _ = splits.train.example(0, rng())
+  again, _ = splits.train.example(0, rng())
+  other, _ = splits.train.example(0, np.random.default_rng(6))
+  assert first.shape == (12, 12, 3)
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first, other)
+  assert splits.train.needs_rng and not splits.test.needs_rng
+  # Resize(12 / 0.875 = 14) then the central 12x12.
+  image, _ = splits.test.example(0)
+  full = Image.open(splits.test.path(0)).convert("RGB").resize(
+      (14, 14), Image.BILINEAR)
+  np.testing.assert_array_equal(image, np.asarray(full)[1:13, 1:13])
+
+
+def test_random_resized_crop_box_follows_scale_and_ratio():
+  from vitat_jax.data import decode
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    left, top, right, bottom = decode.random_resized_crop_box(
+        500, 375, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+    w, h = right - left, bottom - top
+    assert 0 <= left < right <= 500 and 0 <= top < bottom <= 375
+    assert 0.07 <= w * h / (500 * 375) <= 1.0
+    assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+
+
+def test_jpeg_draft_decodes_big_images_at_reduced_size_exactly_enough(
+    tmp_path):
+  from vitat_jax.data import decode
+  rng = np.random.default_rng(0)
+  smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)).resize(
+      (800, 600), Image.BICUBIC)
+  smooth.save(tmp_path / "big.jpg", quality=95)
+  fast = decode.Transform("squash", 64)(str(tmp_path / "big.jpg"))
+  full = np.asarray(Image.open(tmp_path / "big.jpg").convert("RGB").resize(
+      (64, 64), Image.BILINEAR))
+  assert fast.shape == (64, 64, 3)
+  assert np.abs(fast.astype(int) - full).mean() < 2
+
+
+def test_robustbench_subset(tmp_path):
+  ids = data.robustbench_imagenet_ids()
+  assert len(ids) == 5000 and len(set(ids)) == 5000
+  assert ids[0] == "n09468604/ILSVRC2012_val_00015253.JPEG"
+  # A random sample: 997 of the 1000 classes appear in it.
+  assert len({i.split("/")[0] for i in ids}) == 997
+  # A folder with only some of them: a one-line error naming a missing file.
+  _make_dataset(tmp_path / "inet", train={"n01440764": 2, "n09468604": 2})
+  with pytest.raises(UserError) as excinfo:
+    data.load(_lazy_config(tmp_path / "inet", tmp_path / "cache",
+                           eval_subset="robustbench"))
+  _assert_one_line_error(excinfo, "ILSVRC2012_val_", "robustbench")
+
+
+@pytest.mark.parametrize("fields, fragments", [
+    (dict(workers=-1), ("data.workers=-1",)),
+    (dict(train_transform="crop"), ("data.train_transform", "squash")),
+    (dict(eval_transform="random_resized_crop"),
+     ("data.eval_transform", "resize_center_crop")),
+    (dict(crop_pct=0.0), ("data.crop_pct",)),
+    (dict(eval_subset="robustbench"), ("image_folder",)),
+    (dict(train_transform="random_resized_crop", image_size=0),
+     ("data.image_size",)),
+])
+def test_bad_data_fields_are_one_line_errors(fields, fragments):
+  with pytest.raises(UserError) as excinfo:
+    data.load(_config(name="digits", **fields))
+  _assert_one_line_error(excinfo, *fragments)
+
+
+def test_tfds_dir_without_array_record_files_names_the_format(
+    tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds_no_ar")
+  VitatTestTinyGray(data_dir=str(data_dir),
+                    file_format="array_record").download_and_prepare()
+  for path in data_dir.rglob("*array_record*"):
+    path.unlink()
+  with pytest.raises(UserError) as excinfo:
+    data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
+                           tfds_data_dir=str(data_dir)))
+  _assert_one_line_error(excinfo, "--file_format=array_record")

@@ -1,7 +1,8 @@
 """Image data: sources (digits, image folders, tfds), batching, augmentation.
 
     splits = data.load(config.data)
-    for images, labels in data.train_batches(splits.train, 64, seed=0): ...
+    for images, labels in data.train_batches(splits.train, 64, seed=0,
+                                             workers=2): ...
     images = data.random_crop_flip(key, data.to_float(images))
 """
 
@@ -13,6 +14,9 @@ from vitat_jax.data.pipeline import epoch_permutation
 from vitat_jax.data.pipeline import eval_batches
 from vitat_jax.data.pipeline import steps_per_epoch
 from vitat_jax.data.pipeline import train_batches
+from vitat_jax.data.decode import Transform
+from vitat_jax.data.folder import FileSource
+from vitat_jax.data.folder import robustbench_imagenet_ids
 from vitat_jax.data.sources import ArraySource
 from vitat_jax.data.sources import DataSplits
 from vitat_jax.data.sources import load
@@ -20,7 +24,8 @@ from vitat_jax.data.sources import Source
 from vitat_jax.data.sources import TfdsSource
 
 __all__ = [
-    "ArraySource", "DataSplits", "Source", "TfdsSource", "apply_crop_flip",
-    "crop_flip_params", "epoch_permutation", "eval_batches", "load",
-    "random_crop_flip", "steps_per_epoch", "to_float", "train_batches",
+    "ArraySource", "DataSplits", "FileSource", "Source", "TfdsSource",
+    "Transform", "apply_crop_flip", "crop_flip_params", "epoch_permutation",
+    "eval_batches", "load", "random_crop_flip", "robustbench_imagenet_ids",
+    "steps_per_epoch", "to_float", "train_batches",
 ]

@@ -1,19 +1,34 @@
-"""Deterministic, resumable batch iteration over a `Source`.
+"""Deterministic, resumable batches over a `Source`, loaded by grain.
 
 A training batch is a pure function of (seed, global step): step s reads
-slice s % S of epoch s // S's permutation, S = steps_per_epoch. Resuming at
-step k therefore needs nothing but k, and every process of a multi-host run
-derives the same global batch and keeps its own contiguous slice of it.
+slice s % S of epoch s // S's permutation, S = steps_per_epoch, and example
+g of the global stream draws its random transform from (seed, g). Resuming
+at step k therefore needs nothing but k, and every process of a multi-host
+run reads only its own contiguous rows of each global batch (process p of
+P: rows [p B / P, (p + 1) B / P)), whatever the number of processes.
+
+grain does the rest: a `MapDataset` of stream positions, mapped to decoded
+examples and batched, read by `workers` processes (each decodes whole
+batches; their outputs interleave in order) with a bounded prefetch. With
+`workers=0` batches are read in a background thread of this process.
+Evaluation batches are read the same way, in order, padded to a fixed size.
 """
 
-import queue
+import os
 import threading
+import time
 from typing import Iterator, Optional
 
+from absl import flags
+from absl import logging
+import grain
 import numpy as np
 
-from vitat_jax.data.sources import Source
 from vitat_jax.errors import UserError
+
+# Most worker processes a host gets by default (beyond, decoding is rarely
+# the bottleneck and each worker holds a copy of the file index).
+MAX_DEFAULT_WORKERS = 32
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -33,24 +48,179 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def train_batches(source: Source, global_batch_size: int, seed: int,
+def example_rng(seed: int, position: int) -> np.random.Generator:
+  """The random numbers of the transform of stream position `position`."""
+  return np.random.default_rng([seed, position, 1])
+
+
+def default_workers(source) -> int:
+  """Worker processes when `data.workers` is unset: none for a split held in
+  memory as final images (nothing to decode), else one per CPU this process
+  may use beyond the one that drives the accelerators."""
+  if not _decodes(source):
+    return 0
+  try:
+    cpus = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cpus = os.cpu_count() or 1
+  return max(1, min(cpus - 1, MAX_DEFAULT_WORKERS))
+
+
+def resolve_workers(workers: Optional[int], source) -> int:
+  """`workers` (config.data.workers), or the default for `source` if None."""
+  if workers is None:
+    workers = default_workers(source)
+    logging.info("data.workers unset: %d loader worker process(es) for %s",
+                 workers, type(source).__name__)
+  if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) \
+      or workers < 0:
+    raise UserError(f"data.workers={workers!r}: use 0 (decode in the training "
+                    "process), a positive number of worker processes, or "
+                    "leave it unset for one per spare CPU")
+  return int(workers)
+
+
+def _decodes(source) -> bool:
+  return getattr(source, "transform", None) is not None
+
+
+class _TrainExample:
+  """Local stream position -> (image, label) of this process's rows."""
+
+  def __init__(self, source, global_batch_size: int, per_process: int,
+               offset: int, num_steps: int, seed: int):
+    self.source = source
+    self.global_batch_size = global_batch_size
+    self.per_process = per_process
+    self.offset = offset
+    self.num_steps = num_steps
+    self.seed = seed
+    self._epoch, self._permutation = None, None
+
+  def __call__(self, local_position: int):
+    step, row = divmod(int(local_position), self.per_process)
+    epoch, index_in_epoch = divmod(step, self.num_steps)
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._permutation = epoch_permutation(len(self.source), self.seed, epoch)
+    position = index_in_epoch * self.global_batch_size + self.offset + row
+    global_position = (epoch * self.num_steps * self.global_batch_size +
+                       position)
+    rng = (example_rng(self.seed, global_position) if self.source.needs_rng
+           else None)
+    image, label = self.source.example(int(self._permutation[position]), rng)
+    return image, np.int32(label)
+
+  def __getstate__(self):  # workers rebuild the permutation they need
+    return {**self.__dict__, "_epoch": None, "_permutation": None}
+
+
+class _TrainBatch(_TrainExample):
+  """Step -> this process's rows, read at once: for sources held in memory
+  as final images, where per-example reads would cost more than the copy."""
+
+  def __call__(self, step: int):
+    epoch, index_in_epoch = divmod(int(step), self.num_steps)
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._permutation = epoch_permutation(len(self.source), self.seed, epoch)
+    start = index_in_epoch * self.global_batch_size + self.offset
+    return self.source.get_batch(
+        self._permutation[start:start + self.per_process])
+
+
+class _EvalExample:
+  """Local position -> (image, label, valid) of this process's eval rows."""
+
+  def __init__(self, source, batch_size: int, per_process: int, offset: int,
+               total: int):
+    self.source = source
+    self.batch_size = batch_size
+    self.per_process = per_process
+    self.offset = offset
+    self.total = total
+
+  def __call__(self, local_position: int):
+    batch, row = divmod(int(local_position), self.per_process)
+    position = batch * self.batch_size + self.offset + row
+    # Padding repeats the last real example, so it stays numerically harmless.
+    image, label = self.source.example(min(position, self.total - 1))
+    return image, np.int32(label), np.bool_(position < self.total)
+
+
+class _ExitWithParent:
+  """A worker's init function: exit when the training process is gone (it
+  may be SIGKILLed, which runs no cleanup), so no worker outlives it."""
+
+  def __init__(self):
+    self.parent = os.getpid()
+
+  def __call__(self, worker_index: int, worker_count: int):
+    del worker_index, worker_count
+
+    def watch():
+      while os.getppid() == self.parent:
+        time.sleep(0.2)
+      os._exit(0)  # pylint: disable=protected-access
+
+    threading.Thread(target=watch, name="vitat_jax-parent-watch",
+                     daemon=True).start()
+
+
+def _loader(examples: grain.MapDataset, batch_size: Optional[int],
+            workers: int, prefetch: int) -> Iterator:
+  """Batches of `examples` (already batches if batch_size is None), read by
+  grain with `workers` processes."""
+  batches = examples
+  if batch_size is not None:
+    batches = examples.batch(batch_size, drop_remainder=True)
+  # One reading thread per worker (parallelism comes from the processes) and
+  # a bounded buffer, so memory does not grow with the data.
+  dataset = batches.to_iter_dataset(grain.ReadOptions(
+      num_threads=1, prefetch_buffer_size=max(prefetch, 1)))
+  if workers:
+    if not flags.FLAGS.is_parsed():
+      # grain reads its absl flags when it starts workers; outside an absl
+      # app (tests, notebooks) they keep their defaults.
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers,
+                                     per_worker_buffer_size=max(prefetch, 1)),
+        worker_init_fn=_ExitWithParent())
+  return _closing(iter(dataset))
+
+
+def _closing(iterator) -> Iterator:
+  """`iterator` as a generator whose close() (or collection) stops grain's
+  threads and worker processes."""
+  try:
+    for batch in iterator:
+      yield tuple(np.asarray(a) for a in batch)
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def train_batches(source, global_batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1,
+                  process_count: int = 1, workers: int = 0,
                   prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """This process's share of the global batches of steps start_step, ....
 
   Args:
     source: the training split.
     global_batch_size: examples per step over all processes.
-    seed: the data seed (>= 0); fixes every epoch's order.
+    seed: the data seed (>= 0); fixes every epoch's order and transforms.
     start_step: the first global step to yield (to resume a run).
     process_index: this process's index in [0, process_count).
     process_count: processes sharing each global batch.
-    prefetch: batches read ahead by a background thread; 0 reads inline.
+    workers: decoding processes (0: a background thread of this process).
+    prefetch: batches read ahead (per worker).
 
   Returns:
-    An endless iterator of (uint8 images [B/P, H, W, 3], int32 labels [B/P]).
-    Checks run now, before anything is read.
+    An endless iterator of (uint8 images [B/P, H, W, 3], int32 labels [B/P])
+    with a close(). Checks run now, before anything is read.
   """
   num_steps = steps_per_epoch(len(source), global_batch_size)
   if process_count <= 0 or not 0 <= process_index < process_count:
@@ -63,38 +233,38 @@ def train_batches(source: Source, global_batch_size: int, seed: int,
   if seed < 0 or start_step < 0:
     raise UserError(f"the data seed ({seed}) and start step ({start_step}) "
                     "must be >= 0")
+  workers = resolve_workers(workers, source)
   per_process = global_batch_size // process_count
-  offset = process_index * per_process
-
-  def batches():
-    epoch, permutation = None, None
-    step = start_step
-    while True:
-      step_epoch, index_in_epoch = divmod(step, num_steps)
-      if step_epoch != epoch:
-        epoch = step_epoch
-        permutation = epoch_permutation(len(source), seed, epoch)
-      start = index_in_epoch * global_batch_size + offset
-      yield source.get_batch(permutation[start:start + per_process])
-      step += 1
-
-  return _prefetched(batches(), prefetch)
+  args = (source, global_batch_size, per_process, process_index * per_process,
+          num_steps, seed)
+  if not _decodes(source) and not source.needs_rng:
+    steps = grain.MapDataset.range(start_step, 2 ** 62)
+    return _loader(steps.map(_TrainBatch(*args)), None, workers, prefetch)
+  read = _TrainExample(*args)
+  # Endless in practice: 2**62 examples.
+  positions = grain.MapDataset.range(start_step * per_process, 2 ** 62)
+  return _loader(positions.map(read), per_process, workers, prefetch)
 
 
 def eval_batches(
-    source: Source, batch_size: int, num_examples: Optional[int] = None,
+    source, batch_size: int, num_examples: Optional[int] = None,
+    process_index: int = 0, process_count: int = 1, workers: int = 0,
     prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """The first `num_examples` examples in order, in batches of a fixed shape.
 
   Args:
     source: the evaluation split.
-    batch_size: examples per batch; the last batch is padded to it.
+    batch_size: examples per (global) batch; the last batch is padded to it.
     num_examples: how many examples to visit (all if None; at most all).
-    prefetch: batches read ahead by a background thread; 0 reads inline.
+    process_index: this process's index; it reads rows [p B / P, (p + 1) B /
+      P) of each batch.
+    process_count: processes sharing each batch.
+    workers: decoding processes (0: a background thread of this process).
+    prefetch: batches read ahead (per worker).
 
   Returns:
-    An iterator of (images, labels, valid): `valid` [B] is False on padding,
-    which repeats the last real example.
+    An iterator of this process's (images, labels, valid) [B / P]: `valid`
+    is False on padding, which repeats the last real example.
   """
   if batch_size <= 0:
     raise UserError(f"the eval batch size must be positive, got {batch_size}")
@@ -103,77 +273,20 @@ def eval_batches(
   if total < 0:
     raise UserError(f"the number of eval examples must be >= 0, got "
                     f"{num_examples}")
-
-  def batches():
-    for start in range(0, total, batch_size):
-      count = min(batch_size, total - start)
-      images, labels = source.get_batch(np.arange(start, start + count))
-      valid = np.arange(batch_size) < count
-      if count < batch_size:
-        # Repeats are real images, so padded rows stay numerically harmless.
-        pad = np.full(batch_size - count, count - 1)
-        images = np.concatenate([images, images[pad]])
-        labels = np.concatenate([labels, labels[pad]])
-      yield images, labels, valid
-
-  return _prefetched(batches(), prefetch)
-
-
-_END = object()
-
-
-class _Failure:
-
-  def __init__(self, error: BaseException):
-    self.error = error
-
-
-def _prefetched(items: Iterator, size: int) -> Iterator:
-  """`items`, produced up to `size` ahead by a daemon thread.
-
-  The thread starts with the first `next()` and stops when the iterator is
-  exhausted, closed or garbage-collected; its errors reappear in the caller.
-  """
-  if size <= 0:
-    return items
-
-  def run():
-    buffer = queue.Queue(maxsize=size)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-      # A bounded wait, so a consumer that has gone away cannot hang us.
-      while not stop.is_set():
-        try:
-          buffer.put(item, timeout=0.05)
-          return True
-        except queue.Full:
-          pass
-      return False
-
-    def produce():
-      try:
-        for item in items:
-          if not put(item):
-            return
-        put(_END)
-      except BaseException as error:  # pylint: disable=broad-except
-        put(_Failure(error))
-
-    thread = threading.Thread(target=produce, name="vitat_jax-prefetch",
-                              daemon=True)
-    thread.start()
-    try:
-      while True:
-        item = buffer.get()
-        if item is _END:
-          return
-        if isinstance(item, _Failure):
-          raise item.error
-        yield item
-    finally:
-      stop.set()
-      # A batch in flight finishes on its own; the thread then sees `stop`.
-      thread.join(timeout=2)
-
-  return run()
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise UserError(f"process_index {process_index} must be in [0, "
+                    f"{process_count}) with process_count >= 1")
+  if batch_size % process_count:
+    raise UserError(f"the eval batch size {batch_size} must be divisible by "
+                    f"the {process_count} processes; change eval.batch_size")
+  workers = resolve_workers(workers, source)
+  if total == 0:
+    return iter(())
+  per_process = batch_size // process_count
+  num_batches = -(-total // batch_size)
+  read = _EvalExample(source, batch_size, per_process,
+                      process_index * per_process, total)
+  positions = grain.MapDataset.range(0, num_batches * per_process)
+  # No more workers than batches: each would start only to find nothing.
+  return _loader(positions.map(read), per_process,
+                 min(workers, num_batches), prefetch)

@@ -2,34 +2,40 @@
 
 `load(data_config)` turns the `data` part of a config into `DataSplits`: a
 train and a test `Source` plus what the model needs to know about them
-(classes, image size, normalisation statistics). Every source hands out
-uint8 RGB images [B, H, W, 3] and int32 labels [B] for any indices, so the
-pipeline can shuffle, shard and resume by index alone.
+(classes, image size, normalisation statistics). Every source hands out one
+uint8 RGB image [H, W, 3] and its label for any index (`example`), so the
+loader (`pipeline`) can shuffle, shard and resume by index alone, and
+decode in worker processes.
 
 - "digits": scikit-learn's 1797 8x8 digits, shipped with the package; the
-  default, as it needs no download.
-- "image_folder": `root/{train,test}/<class>/*.(jpg|jpeg|png)`, decoded once
-  with PIL and cached as a `.npz` (keyed by the file list) in `cache_dir`.
+  default, as it needs no download. Held in memory (`ArraySource`).
+- "image_folder": `root/{train,test}/<class>/*.(jpg|jpeg|png)`, indexed once
+  and decoded per example (`folder.FileSource`); small splits are decoded
+  once into memory instead (see `folder`).
 - "tfds": a prepared tfds dataset read through `tfds.data_source` (random
-  access over array_record files; TensorFlow is not needed).
+  access over array_record files; TensorFlow is not needed), decoded per
+  example.
+
+The train split uses `data.train_transform`, the test split
+`data.eval_transform` (see `decode`).
 """
 
 import dataclasses
-import hashlib
 import os
 import pathlib
-import tempfile
 import time
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol
 
 from absl import logging
 import numpy as np
 from PIL import Image
 
+from vitat_jax.data import decode
+from vitat_jax.data import folder
 from vitat_jax.errors import UserError
 
 VALID_NAMES = ("digits", "image_folder", "tfds")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+EVAL_SUBSETS = ("", "robustbench")
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -38,10 +44,7 @@ DIGITS_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 DIGITS_NUM_TRAIN = 1437
 DIGITS_DEFAULT_SIZE = 16
-# A decoded folder is only worth keeping if nearly every file in it decodes.
-MAX_CORRUPT_FRACTION = 0.01
-# Bump when the cached arrays change meaning, so stale caches are not reused.
-_CACHE_VERSION = 1
+DEFAULT_DECODED_CACHE_MB = 1024
 
 
 class Source(Protocol):
@@ -50,18 +53,30 @@ class Source(Protocol):
   def __len__(self) -> int:
     ...
 
-  def get_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images [B, H, W, 3] and int32 labels [B] for those indices."""
+  @property
+  def needs_rng(self) -> bool:
+    """Whether `example` draws random numbers (a random transform)."""
+    ...
+
+  def example(self, index: int, rng=None) -> tuple[np.ndarray, int]:
+    """uint8 image [H, W, 3] and label of example `index`; `rng` is a
+    numpy Generator when `needs_rng`."""
+    ...
+
+  def get_batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [B, H, W, 3] and int32 labels [B] (no random transform;
+    for tests and small sets)."""
     ...
 
 
 # eq=False: the generated __eq__/__hash__ would compare arrays elementwise.
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArraySource:
-  """A split held in memory."""
+  """A split held in memory, as final-size images unless `transform` is set."""
 
   images: np.ndarray  # uint8 [N, H, W, 3]
   labels: np.ndarray  # int32 [N]
+  transform: Optional[decode.Transform] = None
 
   def __post_init__(self):
     if self.images.dtype != np.uint8 or self.images.ndim != 4 or (
@@ -75,27 +90,39 @@ class ArraySource:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def get_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  @property
+  def needs_rng(self) -> bool:
+    return self.transform is not None and self.transform.is_random
+
+  def example(self, index: int, rng=None) -> tuple[np.ndarray, int]:
+    image = self.images[index]
+    if self.transform is not None:
+      image = self.transform(image, rng)
+    return image, int(self.labels[index])
+
+  def get_batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
     indices = np.asarray(indices, np.int64)
     labels = self.labels[indices].astype(np.int32, copy=False)
-    return self.images[indices], labels
+    if self.transform is None:
+      return self.images[indices], labels
+    return np.stack([self.example(int(i))[0] for i in indices]), labels
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TfdsSource:
-  """A split of a prepared tfds dataset, decoded batch by batch.
+  """A split of a prepared tfds dataset, decoded example by example.
 
   Attributes:
     data_source: what `tfds.data_source` returns (any sequence of
-      {"image": uint8 HWC, "label": int} records works).
-    image_size: output height and width; records of another size are resized
-      (PIL bilinear), grayscale ones repeated to 3 channels.
+      {"image": encoded bytes or uint8 HWC, "label": int} records works).
+    transform: turns each record's image into the output (grayscale ones
+      repeated to 3 channels).
     record_indices: the records this split exposes, in order (a subset), or
       None for all of them.
   """
 
   data_source: Any
-  image_size: int
+  transform: decode.Transform
   record_indices: Optional[np.ndarray] = None
 
   def __len__(self) -> int:
@@ -103,19 +130,29 @@ class TfdsSource:
       return len(self.record_indices)
     return len(self.data_source)
 
-  def get_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    indices = np.asarray(indices, np.int64)
+  @property
+  def image_size(self) -> int:
+    return self.transform.size
+
+  @property
+  def needs_rng(self) -> bool:
+    return self.transform.is_random
+
+  def example(self, index: int, rng=None) -> tuple[np.ndarray, int]:
     if self.record_indices is not None:
-      indices = self.record_indices[indices]
+      index = self.record_indices[index]
     # One record at a time: under tfds.testing.mock_data the data source's
     # batched __getitems__ is broken (an unbound mock attribute).
-    records = [self.data_source[int(i)] for i in indices]
-    images = np.empty((len(records), self.image_size, self.image_size, 3),
-                      np.uint8)
-    for row, record in enumerate(records):
-      images[row] = _as_rgb(np.asarray(record["image"]), self.image_size)
-    labels = np.asarray([int(r["label"]) for r in records], np.int32)
-    return images, labels
+    record = self.data_source[int(index)]
+    image = record["image"]
+    if not isinstance(image, bytes):
+      image = np.asarray(image)
+    return self.transform(image, rng), int(record["label"])
+
+  def get_batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [self.example(int(i)) for i in indices]
+    return (np.stack([p[0] for p in pairs]),
+            np.asarray([p[1] for p in pairs], np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +168,34 @@ class DataSplits:
   class_names: tuple[str, ...]
 
 
+def transforms(data_config, image_size: int):
+  """(train, eval) `decode.Transform`s that `data_config` names."""
+  train_name = _get(data_config, "train_transform", "squash")
+  eval_name = _get(data_config, "eval_transform", "squash")
+  if train_name not in decode.TRAIN_TRANSFORMS:
+    raise UserError(f"data.train_transform={train_name!r}: use one of "
+                    f"{', '.join(decode.TRAIN_TRANSFORMS)}")
+  if eval_name not in decode.EVAL_TRANSFORMS:
+    raise UserError(f"data.eval_transform={eval_name!r}: use one of "
+                    f"{', '.join(decode.EVAL_TRANSFORMS)}")
+  scale = tuple(float(v) for v in _get(data_config, "rrc_scale", (0.08, 1.0)))
+  ratio = tuple(float(v) for v in _get(data_config, "rrc_ratio",
+                                       (3 / 4, 4 / 3)))
+  if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+    raise UserError(f"data.rrc_scale={scale}: two numbers 0 < lo <= hi <= 1")
+  if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+    raise UserError(f"data.rrc_ratio={ratio}: two numbers 0 < lo <= hi")
+  crop_pct = float(_get(data_config, "crop_pct", 0.875))
+  if not 0 < crop_pct <= 1:
+    raise UserError(f"data.crop_pct={crop_pct}: use a number in (0, 1], e.g. "
+                    "0.875 (224 of 256)")
+  if (train_name != "squash" or eval_name != "squash") and not image_size:
+    raise UserError(f"data.train_transform={train_name!r} / "
+                    f"eval_transform={eval_name!r} need data.image_size > 0")
+  return (decode.Transform(train_name, image_size, scale, ratio, crop_pct),
+          decode.Transform(eval_name, image_size, scale, ratio, crop_pct))
+
+
 def load(data_config) -> DataSplits:
   """Builds the train and test sources that `data_config` describes.
 
@@ -138,8 +203,10 @@ def load(data_config) -> DataSplits:
     data_config: a ConfigDict (or any attribute object) with `name` and the
       optional fields `root`, `tfds_name`, `tfds_data_dir`, `train_split`,
       `test_split`, `image_size`, `train_examples`, `test_examples`,
-      `subset_seed`, `cache_dir`, `mean`, `std`; missing or empty ones take
-      their defaults.
+      `subset_seed`, `cache_dir`, `mean`, `std`, `train_transform`,
+      `eval_transform`, `rrc_scale`, `rrc_ratio`, `crop_pct`,
+      `decoded_cache_mb`, `eval_subset`, `workers`; missing or empty ones
+      take their defaults.
 
   Returns:
     The splits. Train and test subsets (`*_examples` > 0) are class-balanced.
@@ -151,6 +218,12 @@ def load(data_config) -> DataSplits:
   if name not in VALID_NAMES:
     raise UserError(f"unknown data.name {name!r}; use one of: "
                     f"{', '.join(VALID_NAMES)}")
+  workers = _get(data_config, "workers", None)
+  if workers is not None and (isinstance(workers, bool) or not isinstance(
+      workers, (int, np.integer)) or workers < 0):
+    raise UserError(f"data.workers={workers!r}: use 0 (decode in the training "
+                    "process), a positive number of worker processes, or "
+                    "leave it unset for one per spare CPU")
   image_size = _get_int(data_config, "image_size", 0)
   subset = dict(train=_get_int(data_config, "train_examples", 0),
                 test=_get_int(data_config, "test_examples", 0),
@@ -159,21 +232,40 @@ def load(data_config) -> DataSplits:
   std = _get_stats(data_config, "std")
   if std is not None and min(std) <= 0:
     raise UserError(f"data.std must be positive, got {std}")
+  eval_subset = _get(data_config, "eval_subset", "")
+  if eval_subset not in EVAL_SUBSETS:
+    raise UserError(f"data.eval_subset={eval_subset!r}: use '' (the whole "
+                    "test split) or 'robustbench' (its 5000 ImageNet images)")
+  if eval_subset and name != "image_folder":
+    raise UserError("data.eval_subset=robustbench needs data.name="
+                    "image_folder with ImageNet's val/ as root/test/ (the "
+                    "subset is named by file)")
+  train_transform, eval_transform = transforms(data_config, image_size)
 
   if name == "digits":
     splits = _load_digits(image_size, **subset)
   elif name == "image_folder":
     splits = _load_image_folder(
-        root=_get(data_config, "root", ""), image_size=image_size,
+        root=_get(data_config, "root", ""),
+        transforms=(train_transform, eval_transform),
         cache_dir=_get(data_config, "cache_dir", "") or _default_cache_dir(),
-        **subset)
+        cache_mb=_get_int(data_config, "decoded_cache_mb",
+                          DEFAULT_DECODED_CACHE_MB),
+        eval_subset=eval_subset, **subset)
   else:
     splits = _load_tfds(
         tfds_name=_get(data_config, "tfds_name", ""),
         data_dir=_get(data_config, "tfds_data_dir", "") or None,
         split_names=(_get(data_config, "train_split", "train"),
                      _get(data_config, "test_split", "test")),
-        image_size=image_size, **subset)
+        transforms=(train_transform, eval_transform), **subset)
+  if train_transform.name != "squash" and isinstance(splits.train,
+                                                     ArraySource):
+    splits = dataclasses.replace(splits, train=dataclasses.replace(
+        splits.train, transform=train_transform))
+  if eval_transform.name != "squash" and isinstance(splits.test, ArraySource):
+    splits = dataclasses.replace(splits, test=dataclasses.replace(
+        splits.test, transform=eval_transform))
   if mean is not None:
     splits = dataclasses.replace(splits, mean=mean)
   if std is not None:
@@ -270,16 +362,6 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(resized, np.uint8).reshape(size, size, *image.shape[2:])
 
 
-def _as_rgb(image: np.ndarray, size: int) -> np.ndarray:
-  """A uint8 HW, HW1, HW3 or HW4 image as size x size x 3."""
-  image = _resize(image.astype(np.uint8, copy=False), size)
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.shape[-1] == 1:
-    return np.repeat(image, 3, axis=-1)
-  return image[..., :3]
-
-
 # ----------------------------------------------------------------- digits ---
 
 
@@ -318,206 +400,66 @@ def _load_digits(image_size: int, train: int, test: int,
 # ----------------------------------------------------------- image folder ---
 
 
-def _load_image_folder(root: str, image_size: int, cache_dir: str, train: int,
-                       test: int, seed: int) -> DataSplits:
-  """Decodes (or reads from the cache) root/train and root/test."""
-  if not root:
-    raise UserError("data.root is empty; set it to a folder holding "
-                    "train/<class>/*.jpg and test/<class>/*.jpg")
-  root_path = pathlib.Path(root).expanduser().resolve()
-  if not root_path.is_dir():
-    raise UserError(f"data.root {root_path} is not a directory; point it at a "
-                    "folder holding train/<class>/ and test/<class>/ images")
-  for split in ("train", "test"):
-    if not (root_path / split).is_dir():
-      raise UserError(f"{root_path / split} is missing; an image folder needs "
-                      "train/<class>/*.jpg and test/<class>/*.jpg")
-  class_names = _class_folders(root_path / "train")
-  if not class_names:
-    raise UserError(f"{root_path / 'train'} has no class subfolders; put the "
-                    "images in train/<class>/*.jpg")
-  test_classes = _class_folders(root_path / "test")
-  if test_classes != class_names:
-    missing = sorted(set(class_names) ^ set(test_classes))
-    raise UserError(f"{root_path / 'test'} and {root_path / 'train'} must hold "
-                    f"the same class folders; they differ in: "
-                    f"{', '.join(missing)}")
-
-  # List (and pick subsets) before anything is decoded.
+def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
+                       eval_subset: str, train: int, test: int,
+                       seed: int) -> DataSplits:
+  """Indexes root/train and root/test; decodes lazily unless small."""
+  root_path, class_names = folder.check_layout(root)
+  cache_path = pathlib.Path(cache_dir)
+  # List, check headers and pick subsets before anything is decoded.
   listings = {}
   for split, wanted in (("train", train), ("test", test)):
-    files, labels = _list_images(root_path / split, class_names)
+    if split == "test" and eval_subset == "robustbench":
+      files, labels = folder.robustbench_files(root_path / split, class_names)
+    else:
+      files, labels = folder.list_images(root_path / split, class_names)
+    files, labels, sizes = folder.index_split(root_path, split, files, labels,
+                                              cache_path)
     keep = _maybe_subset(labels, wanted, len(class_names), seed,
                          f"data.{split}_examples")
     if keep is not None:
-      files, labels = [files[i] for i in keep], labels[keep]
-    listings[split] = (files, labels)
+      files, labels, sizes = [files[i] for i in keep], labels[keep], sizes[keep]
+    listings[split] = (files, labels, sizes)
 
+  train_transform, eval_transform = transforms
+  if not train_transform.size:
+    native = {split: folder.native_size(files, sizes)
+              for split, (files, _, sizes) in listings.items()}
+    if len(set(native.values())) != 1:
+      raise UserError(f"train and test images under {root_path} differ in "
+                      f"size ({native['train']} vs {native['test']}); set "
+                      "data.image_size to resize them")
+    train_transform = dataclasses.replace(train_transform,
+                                          size=native["train"])
+    eval_transform = dataclasses.replace(eval_transform, size=native["train"])
   sources = {}
-  for split, (files, labels) in listings.items():
-    sources[split] = _decode_split_cached(root_path, split, files, labels,
-                                          image_size, pathlib.Path(cache_dir))
-  sizes = {sources[s].images.shape[1:3] for s in sources}
-  if len(sizes) != 1:
-    raise UserError(f"train and test images under {root_path} differ in size "
-                    f"({' vs '.join(str(s) for s in sizes)}); set "
-                    "data.image_size to resize them")
+  for split, transform in (("train", train_transform),
+                           ("test", eval_transform)):
+    files, labels, _ = listings[split]
+    decoded_mb = len(files) * transform.size ** 2 * 3 / 2 ** 20
+    if transform.name == "squash" and decoded_mb <= cache_mb:
+      images, labels = folder.decoded_split(root_path, split, files, labels,
+                                            transform, cache_path)
+      sources[split] = ArraySource(images, labels)
+    else:
+      logging.info("%s split of %s: %d images read file by file (%s, %.0f MB "
+                   "decoded > data.decoded_cache_mb=%d or a random "
+                   "transform)", split, root_path, len(files), transform.name,
+                   decoded_mb, cache_mb)
+      sources[split] = folder.FileSource(str(root_path / split), files, labels,
+                                         transform)
   mean, std = default_stats(root_path.name)
   return DataSplits(train=sources["train"], test=sources["test"],
                     num_classes=len(class_names),
-                    image_size=sources["train"].images.shape[1],
-                    mean=mean, std=std, class_names=class_names)
-
-
-def _class_folders(split_dir: pathlib.Path) -> tuple[str, ...]:
-  return tuple(sorted(entry.name for entry in os.scandir(split_dir)
-                      if entry.is_dir() and not entry.name.startswith(".")))
-
-
-def _list_images(split_dir: pathlib.Path,
-                 class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
-  """Image paths (sorted within each class) and their class indices."""
-  files, labels = [], []
-  for label, class_name in enumerate(class_names):
-    for dirpath, dirnames, filenames in os.walk(split_dir / class_name):
-      dirnames.sort()
-      for filename in sorted(filenames):
-        if (filename.lower().endswith(IMAGE_EXTENSIONS) and
-            not filename.startswith(".")):
-          files.append(os.path.join(dirpath, filename))
-          labels.append(label)
-  if not files:
-    raise UserError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under "
-                    f"{split_dir}/<class>/; add images or fix data.root")
-  return files, np.asarray(labels, np.int32)
-
-
-def _cache_path(root: pathlib.Path, split: str, files: Sequence[str],
-                image_size: int, cache_dir: pathlib.Path) -> pathlib.Path:
-  """A cache file name that changes whenever a listed file does."""
-  digest = hashlib.sha256(
-      f"{_CACHE_VERSION}\0{root}\0{split}\0{image_size}\0{len(files)}\n"
-      .encode())
-  for path in files:
-    stat = os.stat(path)
-    digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0"
-                  f"{stat.st_mtime_ns}\n".encode())
-  name = f"{root.name}-{split}-{image_size}-{digest.hexdigest()[:24]}.npz"
-  return cache_dir / "image_folder" / name
-
-
-def _decode_split_cached(root: pathlib.Path, split: str, files: list[str],
-                         labels: np.ndarray, image_size: int,
-                         cache_dir: pathlib.Path) -> ArraySource:
-  cache_path = _cache_path(root, split, files, image_size, cache_dir)
-  cached = _read_cache(cache_path)
-  if cached is not None:
-    images, labels, num_corrupt = cached
-    logging.info("Read %d %s images of %s from the cache %s", len(labels),
-                 split, root, cache_path)
-  else:
-    start = time.perf_counter()
-    images, labels, num_corrupt = _decode_images(files, labels, image_size,
-                                                 root / split)
-    logging.info("Decoded %d %s images of %s in %.1f s", len(labels), split,
-                 root, time.perf_counter() - start)
-    _write_cache(cache_path, images, labels, num_corrupt)
-  if num_corrupt:
-    logging.warning("Skipped %d of %d image files under %s that could not be "
-                    "decoded", num_corrupt, len(labels) + num_corrupt,
-                    root / split)
-  return ArraySource(images, labels)
-
-
-def _decode_image(path: str, image_size: int) -> Optional[np.ndarray]:
-  """The RGB image at `path`, resized if needed; None if it does not decode."""
-  try:
-    with Image.open(path) as image:
-      image = image.convert("RGB")
-      if image_size and image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BILINEAR)
-      return np.asarray(image, np.uint8)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-    return None
-
-
-def _decode_images(files: Sequence[str], labels: np.ndarray, image_size: int,
-                   split_dir: pathlib.Path):
-  """Decodes files into one uint8 array, skipping (few) undecodable files.
-
-  Serial on purpose: on 2 cores a thread pool made the CIFAR-10 decode slower
-  (PIL holds the GIL for most of a tiny JPEG's decode) and a process pool
-  needs a `__main__` guard in every calling script.
-  """
-  max_corrupt = int(MAX_CORRUPT_FRACTION * len(files))
-  images = None
-  kept = np.zeros(len(files), bool)
-  corrupt_examples = []
-  for i, path in enumerate(files):
-    image = _decode_image(path, image_size)
-    if image is None:
-      corrupt_examples.append(path)
-      if len(corrupt_examples) > max_corrupt:
-        raise UserError(
-            f"more than {MAX_CORRUPT_FRACTION:.0%} of the {len(files)} image "
-            f"files under {split_dir} do not decode (e.g. "
-            f"{corrupt_examples[0]}); fix or delete them")
-      continue
-    if images is None:
-      if image.shape[0] != image.shape[1]:
-        raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]}, not "
-                        "square; set data.image_size to resize the images")
-      images = np.empty((len(files), *image.shape), np.uint8)
-    elif image.shape != images.shape[1:]:
-      raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]} but "
-                      f"earlier images are {images.shape[2]}x"
-                      f"{images.shape[1]}; set data.image_size to resize them")
-    images[i] = image
-    kept[i] = True
-  if images is None:
-    raise UserError(f"none of the {len(files)} image files under {split_dir} "
-                    "decode; check that they are valid JPEG/PNG files")
-  if kept.all():
-    return images, labels, 0
-  return images[kept], labels[kept], int((~kept).sum())
-
-
-def _read_cache(path: pathlib.Path):
-  if not path.exists():
-    return None
-  try:
-    with np.load(path, allow_pickle=False) as cache:
-      return cache["images"], cache["labels"], int(cache["num_corrupt"])
-  except Exception as error:  # pylint: disable=broad-except
-    # Any unreadable cache is only a lost shortcut: decode again.
-    logging.warning("Ignoring unreadable cache %s (%s)", path, error)
-    return None
-
-
-def _write_cache(path: pathlib.Path, images: np.ndarray, labels: np.ndarray,
-                 num_corrupt: int):
-  """Writes the arrays atomically, so readers never see a partial file."""
-  tmp_name = None
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem,
-                                     suffix=".tmp", delete=False) as tmp:
-      tmp_name = tmp.name
-      np.savez(tmp, images=images, labels=labels,
-               num_corrupt=np.int64(num_corrupt))
-    os.replace(tmp_name, path)
-  except OSError as error:
-    # A read-only cache costs time, not correctness.
-    logging.warning("Could not write the image cache %s (%s)", path, error)
-    if tmp_name and os.path.exists(tmp_name):
-      os.remove(tmp_name)
+                    image_size=train_transform.size, mean=mean, std=std,
+                    class_names=class_names)
 
 
 # ------------------------------------------------------------------- tfds ---
 
 
 def _load_tfds(tfds_name: str, data_dir: Optional[str],
-               split_names: tuple[str, str], image_size: int, train: int,
+               split_names: tuple[str, str], transforms, train: int,
                test: int, seed: int) -> DataSplits:
   """Opens a prepared tfds dataset for random access."""
   if not tfds_name:
@@ -534,7 +476,12 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str],
     raise UserError(f"tfds dataset {tfds_name!r} needs an 'image' and a class "
                     "'label' feature; use an image classification dataset")
   class_names = tuple(label_feature.names)
+  if isinstance(features["image"], tfds.features.Image):
+    data_sources = [_encoded_images(tfds, tfds_name, split, data_dir, plain)
+                    for split, plain in zip(split_names, data_sources)]
 
+  train_transform, eval_transform = transforms
+  image_size = train_transform.size
   if not image_size:
     height, width = features["image"].shape[:2]
     if height is None or height != width:
@@ -542,16 +489,19 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str],
                       f"{height}x{width}, not one square size; set "
                       "data.image_size to resize them")
     image_size = int(height)
+    train_transform = dataclasses.replace(train_transform, size=image_size)
+    eval_transform = dataclasses.replace(eval_transform, size=image_size)
 
   sources = []
-  for data_source, split, wanted in zip(data_sources, split_names,
-                                        (train, test)):
+  for data_source, split, wanted, transform in zip(
+      data_sources, split_names, (train, test),
+      (train_transform, eval_transform)):
     record_indices = None
     if wanted:
       labels = _read_tfds_labels(tfds, tfds_name, split, data_dir)
       record_indices = balanced_subset(labels, wanted, len(class_names), seed,
                                        f"data.{split}_examples")
-    sources.append(TfdsSource(data_source, image_size, record_indices))
+    sources.append(TfdsSource(data_source, transform, record_indices))
   mean, std = default_stats(tfds_name.split(":")[0].split("/")[0])
   return DataSplits(train=sources[0], test=sources[1],
                     num_classes=len(class_names), image_size=image_size,
@@ -561,8 +511,13 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str],
 def _open_tfds_split(tfds, tfds_name: str, split: str, data_dir: Optional[str],
                      **kwargs):
   try:
-    return tfds.data_source(tfds_name, split=split, data_dir=data_dir,
-                            download=False, **kwargs)
+    data_source = tfds.data_source(tfds_name, split=split, data_dir=data_dir,
+                                   download=False, **kwargs)
+    if len(data_source):
+      # Files open lazily: a dataset prepared as tfrecord, or one whose
+      # array_record files are gone, fails here rather than in a worker.
+      data_source[0]  # pylint: disable=pointless-statement
+    return data_source
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f"unknown tfds dataset {tfds_name!r}; check "
                     "data.tfds_name (see tfds.list_builders())") from None
@@ -591,6 +546,20 @@ def _tfds_open_error(tfds, tfds_name: str, split: str,
           f"{where} ({type(error).__name__}: {reason}); check "
           f"data.train_split/test_split, or re-prepare it with {build} (random "
           "access needs the array_record format)")
+
+
+def _encoded_images(tfds, tfds_name: str, split: str,
+                    data_dir: Optional[str], plain):
+  """The split with its images left encoded (decoded later in the workers,
+  at reduced size for JPEGs), where tfds can do that; else `plain`."""
+  try:
+    encoded = _open_tfds_split(tfds, tfds_name, split, data_dir,
+                               decoders={"image": tfds.decode.SkipDecoding()})
+    if len(encoded) and isinstance(encoded[0]["image"], bytes):
+      return encoded
+  except Exception:  # pylint: disable=broad-except
+    pass  # e.g. tfds.testing.mock_data, which needs TensorFlow for this
+  return plain
 
 
 def _read_tfds_labels(tfds, tfds_name: str, split: str,
