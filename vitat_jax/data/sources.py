@@ -389,6 +389,11 @@ def _list_images(split_dir: pathlib.Path,
   if not files:
     raise UserError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under "
                     f"{split_dir}/<class>/; add images or fix data.root")
+  empty = sorted(set(class_names) - {class_names[i] for i in set(labels)})
+  if empty:  # a head trained on a class with no examples
+    raise UserError(f"class folder {split_dir / empty[0]} has no "
+                    f"{'/'.join(IMAGE_EXTENSIONS)} images: add images or "
+                    "remove the folder")
   return files, np.asarray(labels, np.int32)
 
 
