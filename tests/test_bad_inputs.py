@@ -62,6 +62,14 @@ def _files(tmp):
   (no_test / "train" / "cat").mkdir(parents=True)
   Image.new("RGB", (8, 8)).save(no_test / "train" / "cat" / "a.png")
   files["no_test"] = str(no_test)
+  for name, target in (("dangling", "/no/such/image.png"),
+                       ("looping", "b.png")):
+    folder = tmp / name
+    for split in ("train", "test"):
+      (folder / split / "cat").mkdir(parents=True)
+      Image.new("RGB", (8, 8)).save(folder / split / "cat" / "a.png")
+    os.symlink(target, folder / "train" / "cat" / "b.png")
+    files[name] = str(folder)
 
   wider = models.create("deit_tiny_patch16_224", num_classes=10, img_size=8,
                         patch_size=4, embed_dim=32, depth=1, num_heads=2)
@@ -138,6 +146,10 @@ CASES = [
      "dog has no", "plain", None),
     ([C + "data.name=image_folder", C + "data.root={no_test}"], "test",
      "plain", None),
+    ([C + "data.name=image_folder", C + "data.root={dangling}"],
+     "b.png is a broken", "plain", None),
+    ([C + "data.name=image_folder", C + "data.root={looping}"],
+     "b.png is a broken or looping", "plain", None),
     ([C + "data.name=tfds", C + "data.tfds_data_dir={tmp}/tfds"], "tfds",
      "plain", None),
     ([C + "data.name=tfds", C + "data.tfds_name="], "tfds_name", "plain",
@@ -405,3 +417,50 @@ def test_configs_never_turn_pickle_loading_on(tmp_path):
       f"model=deit_tiny_patch16_224,pretrained=in1k,pretrained_dir={tmp_path}")
   assert config.init.checkpoint.endswith(".pth")
   assert config.init.allow_pickle is False
+
+
+def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
+  from PIL import Image
+  from vitat_jax.data import sources
+  path = str(tmp_path / "grey16.png")
+  Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(path)
+  assert Image.open(path).mode == "I;16"
+  np.testing.assert_array_equal(sources._decode_image(path, 0),  # pylint: disable=protected-access
+                                np.full((8, 8, 3), 128, np.uint8))
+
+
+def test_only_the_data_cache_may_change_between_a_run_and_its_resumption(
+    tmp_path, trained_run):
+  import ml_collections
+  from vitat_jax import validate
+  from vitat_jax.errors import UserError
+  config = ml_collections.ConfigDict(
+      json.loads((trained_run / "config.json").read_text()))
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.eval.num_examples = 7
+  validate.check_workdir_config(config, str(trained_run))   # no error
+  config.data.train_split = "other"
+  with pytest.raises(UserError, match=r"differs in: data\.train_split\)"):
+    validate.check_workdir_config(config, str(trained_run))
+
+
+def test_eval_on_a_workdir_that_cannot_be_written_still_gives_the_table(
+    tmp_path, trained_run, monkeypatch):
+  import errno
+  from vitat_jax import train
+  from vitat_jax import workdir as workdir_lib
+  from tests.test_train import tiny_config
+
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run, workdir)
+  before = _snapshot(workdir)
+  monkeypatch.setattr(workdir_lib, "write_json", read_only)
+  monkeypatch.setattr(workdir_lib, "write_text", read_only)
+  cli = tiny_config(**{"eval.attacks": ("clean",), "eval.num_examples": 32})
+  result = train.evaluate_checkpoint(
+      train.config_for_evaluation(cli, str(workdir)), str(workdir))
+  assert "clean" in result["table"] and "Read-only" in result["write_error"]
+  assert _snapshot(workdir) == before

@@ -96,9 +96,14 @@ def save(mngr: ocp.CheckpointManager, step: int, state,
             force=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, *,
+                   advice: str = "pass --overwrite to start the run over",
+                   set_aside: bool = True
                    ) -> Tuple[Any, Optional[int], Optional[dict]]:
   """(state, step, meta) of the newest readable checkpoint, or Nones.
+
+  `advice` ends the error when none can be read; `set_aside=False` (for
+  evaluation, which must not change a run) leaves unreadable steps in place.
 
   Raises:
     UserError: checkpoints exist but none of them can be read.
@@ -118,13 +123,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state
                       mngr.directory, type(e).__name__, str(e)[:200])
       unreadable.append(step)
       continue
-    _set_aside(mngr, unreadable)
+    if set_aside:
+      _set_aside(mngr, unreadable)
     logging.info("resuming from the checkpoint of step %d in %s", step,
                  mngr.directory)
     return restored.state, step, dict(restored.meta)
   raise UserError(f"none of the checkpoints in {mngr.directory} (steps "
-                  f"{', '.join(map(str, steps))}) can be read; pass "
-                  "--overwrite to start the run over")
+                  f"{', '.join(map(str, steps))}) can be read; {advice}")
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:

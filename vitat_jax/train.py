@@ -233,7 +233,11 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
     abstract_state = TrainState(jnp.asarray(0, jnp.int32), abstract_params,
                                 jax.eval_shape(tx.init, abstract_params))
     ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
-    state, step, _ = run_checkpoints.restore_latest(ckpt, abstract_state)
+    state, step, _ = run_checkpoints.restore_latest(
+        ckpt, abstract_state, set_aside=False, advice=(
+            "evaluate them with the config they were trained with (that "
+            "run's --config and --config.* flags), or pass "
+            "--config.init.checkpoint=FILE"))
     if state is None:
       raise UserError(f"no checkpoint in {run_checkpoints.directory(workdir)}:"
                       " train first, or pass --config.init.checkpoint=FILE")

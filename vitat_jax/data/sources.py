@@ -384,6 +384,9 @@ def _list_images(split_dir: pathlib.Path,
       for filename in sorted(filenames):
         if (filename.lower().endswith(IMAGE_EXTENSIONS) and
             not filename.startswith(".")):
+          if not os.path.isfile(os.path.join(dirpath, filename)):
+            raise UserError(f"{os.path.join(dirpath, filename)} is a broken "
+                            "or looping symbolic link: fix or delete it")
           files.append(os.path.join(dirpath, filename))
           labels.append(label)
   if not files:
@@ -438,6 +441,9 @@ def _decode_image(path: str, image_size: int) -> Optional[np.ndarray]:
   """The RGB image at `path`, resized if needed; None if it does not decode."""
   try:
     with Image.open(path) as image:
+      if image.mode.startswith("I"):  # 16-bit grey: convert() would clip
+        image = Image.fromarray(np.clip(np.round(
+            np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
       image = image.convert("RGB")
       if image_size and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BILINEAR)
