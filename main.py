@@ -153,6 +153,31 @@ class _QuietLibraries(std_logging.Filter):
         part in record.pathname for part in ("/orbax/", "/jax/_src/"))
 
 
+def _is_event_loop_noise(exc_type, exc, tb) -> bool:
+  """Tensorstore callbacks racing orbax's closed event loop after a failed
+  restore: harmless, but printed as hundreds of tracebacks that bury the
+  fallback warnings."""
+  del tb
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed")
+
+
+def _silence_event_loop_noise():
+  previous_excepthook = sys.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_event_loop_noise(exc_type, exc, tb):
+      previous_excepthook(exc_type, exc, tb)
+
+  def unraisablehook(info):
+    if not _is_event_loop_noise(info.exc_type, info.exc_value,
+                                info.exc_traceback):
+      previous_unraisable(info)
+
+  sys.excepthook = excepthook
+  sys.unraisablehook = unraisablehook
+
+
 def _report():
   from vitat_jax import report
   from vitat_jax.errors import UserError
@@ -188,6 +213,7 @@ def _parse_flags(argv):
 def main(argv):
   del argv  # checked by _parse_flags
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _silence_event_loop_noise()
   if _MODE.value == "report":  # files only: no JAX start-up
     _report()
     return

@@ -113,7 +113,8 @@ C = "--config."
 # (command line, fragment of the one error line, workdir kind, environment)
 # Workdir kinds: plain (a checkpoints/ folder and a note), trained (a copy of
 # a finished tiny run), locked (the same, its lock held by a live process),
-# report (a finished run whose metrics.json is corrupt), foreign (checkpoints/
+# report (a finished run whose metrics.json is corrupt), corrupt (a finished
+# run whose checkpoints are all unreadable), foreign (checkpoints/
 # holds a file that is not a checkpoint), file (the workdir is a file),
 # under_file (the workdir is below a file), none (no --workdir flag).
 CASES = [
@@ -267,6 +268,8 @@ CASES = [
     ([C + "data.train_examples=96"], "data.train_examples", "trained", None),
     ([C + "keep_checkpoints=0"], "keep_checkpoints=0", "trained", None),
     ([], "in use by a running training", "locked", None),
+    ([], "none of the checkpoints", "corrupt", None),
+    (["--mode=eval"], "none of the checkpoints", "corrupt", None),
     ([C + "init.checkpoint={truncated_safetensors}", "--mode=eval"],
      "truncated", "plain", None),
     # -- report mode
@@ -335,8 +338,14 @@ def _make_workdir(kind, path, trained_run):
   elif kind == "foreign":
     (path / "checkpoints").mkdir(parents=True)
     (path / "checkpoints" / "thesis.tex").write_text("years of work")
-  elif kind in ("trained", "trained_no_json", "locked", "report"):
+  elif kind in ("trained", "trained_no_json", "locked", "report", "corrupt"):
     shutil.copytree(trained_run, path)
+    if kind == "corrupt":  # every array file of every checkpoint
+      for root, _, names in os.walk(path / "checkpoints"):
+        for name in names:
+          if os.sep + "d" in root:
+            with open(os.path.join(root, name), "wb") as f:
+              f.write(b"garbage")
     if kind == "trained_no_json":
       os.remove(path / "config.json")
     if kind == "report":
@@ -374,7 +383,7 @@ def test_bad_inputs_fail_in_one_line_before_any_compilation(
       problems.append(f"exit code {result['rc']}")
     if len(errors) != 1 or fragment not in errors[0]:
       problems.append(f"error lines {errors}, want one with {fragment!r}")
-    if "Traceback" in stderr:
+    if "Traceback" in stderr or "Event loop is closed" in stderr:
       problems.append("a traceback")
     if "Compiling" in stderr:
       problems.append("compiled something")

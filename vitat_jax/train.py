@@ -219,18 +219,23 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   if config.init.checkpoint:
     checkpoints.check(config.init.checkpoint, model, config.init.format,
                       config.init.allow_pickle)
-  init_key, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-  dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
   if config.init.checkpoint:
+    init_key, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+    dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
     params = checkpoints.load(
         config.init.checkpoint, model,
         init_params=jax.jit(model.init)(init_key, dummy)["params"],
         format=config.init.format, allow_pickle=config.init.allow_pickle)
     source = config.init.checkpoint
   else:
-    abstract_params = jax.eval_shape(model.init, init_key, dummy)["params"]
+    # Shapes only until the restore (nothing compiled if it fails).
+    abstract_params = jax.eval_shape(
+        model.init, jax.eval_shape(jax.random.key, config.seed),
+        jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
+                             jnp.float32))["params"]
     tx, _ = optim.make_optimizer(config.optim, config.epochs, 1)
-    abstract_state = TrainState(jnp.asarray(0, jnp.int32), abstract_params,
+    abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32),
+                                abstract_params,
                                 jax.eval_shape(tx.init, abstract_params))
     ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
     state, step, _ = run_checkpoints.restore_latest(
@@ -243,6 +248,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
                       " train first, or pass --config.init.checkpoint=FILE")
     params = state.params
     source = f"{run_checkpoints.directory(workdir)} step {step}"
+    _, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
   params = parallel.replicate(mesh, params)
   result = run_final_evaluation(
       config, model, params, splits.test,
@@ -368,11 +374,14 @@ def _train_locked(config, workdir, overwrite, wall_start, mesh, splits, model,
   else:  # a run that took the lock between the checks and here
     validate.check_workdir_config(config, workdir)
 
-  init_key, loop_key, eval_key = jax.random.split(
-      jax.random.key(config.seed), 3)
-  dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
-  abstract_params = jax.eval_shape(model.init, init_key, dummy)["params"]
-  abstract_state = TrainState(jnp.asarray(0, jnp.int32), abstract_params,
+  # Shapes only until the restore: a run whose checkpoints are all
+  # unreadable is refused before anything is compiled.
+  abstract_params = jax.eval_shape(
+      model.init, jax.eval_shape(jax.random.key, config.seed),
+      jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
+                           jnp.float32))["params"]
+  abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32),
+                              abstract_params,
                               jax.eval_shape(tx.init, abstract_params))
   shardings = parallel.state_shardings(
       mesh, abstract_state, fsdp=config.fsdp,
@@ -380,6 +389,9 @@ def _train_locked(config, workdir, overwrite, wall_start, mesh, splits, model,
   ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   state, start_step, meta = run_checkpoints.restore_latest(
       ckpt, parallel.with_shardings(abstract_state, shardings))
+  init_key, loop_key, eval_key = jax.random.split(
+      jax.random.key(config.seed), 3)
+  dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
   if state is None:
     params = jax.jit(model.init)(init_key, dummy)["params"]
     if config.init.checkpoint:
