@@ -7,6 +7,7 @@ robust accuracy on a fixed test subset after every epoch, and finally writes
 `metrics.json` with the full evaluation.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -230,7 +231,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   else:
     # Shapes only until the restore (nothing compiled if it fails).
     abstract_params = jax.eval_shape(
-        model.init, jax.eval_shape(jax.random.key, config.seed),
+        model.init, jax.eval_shape(lambda: jax.random.key(config.seed)),
         jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
                              jnp.float32))["params"]
     tx, _ = optim.make_optimizer(config.optim, config.epochs, 1)
@@ -339,7 +340,10 @@ def train_and_evaluate(config, workdir: str, *,
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   if not overwrite:
     validate.check_workdir_config(config, workdir)
-  workdir_lib.check_unlocked(workdir)
+  # Process 0 holds the lock for all hosts of a multi-host run.
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    workdir_lib.check_unlocked(workdir)
   splits = data_lib.load(config.data)
   model = build_model(config, splits)
   steps_per_epoch = pipeline.steps_per_epoch(len(splits.train),
@@ -360,7 +364,7 @@ def train_and_evaluate(config, workdir: str, *,
         f"{steps_per_epoch} now): restore the data, use a new --workdir, or "
         "pass --overwrite to start over")
   # The first write: from here on this process owns the workdir.
-  with workdir_lib.lock(workdir):
+  with (workdir_lib.lock(workdir) if is_chief else contextlib.nullcontext()):
     return _train_locked(config, workdir, overwrite, wall_start, mesh, splits,
                          model, steps_per_epoch, total_steps, tx, schedule,
                          objective)
@@ -377,7 +381,7 @@ def _train_locked(config, workdir, overwrite, wall_start, mesh, splits, model,
   # Shapes only until the restore: a run whose checkpoints are all
   # unreadable is refused before anything is compiled.
   abstract_params = jax.eval_shape(
-      model.init, jax.eval_shape(jax.random.key, config.seed),
+      model.init, jax.eval_shape(lambda: jax.random.key(config.seed)),
       jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
                            jnp.float32))["params"]
   abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32),
