@@ -14,6 +14,7 @@ once with `python scripts/save_pretrained.py --dir=DIR MODEL...` on a machine
 with internet access.
 """
 
+import difflib
 import os
 
 BOOLS = {"true": True, "false": False, "1": True, "0": False}
@@ -75,16 +76,21 @@ def parse_arg(arg, keys, bool_keys=(), int_keys=(), float_keys=()):
     key, sep, value = item.partition("=")
     key, value = key.strip(), value.strip()
     if not sep or key not in keys:
-      raise ValueError(f"bad config argument {item!r}: use key=value with "
-                       f"keys {', '.join(keys)}")
+      close = difflib.get_close_matches(key, keys, n=1)
+      hint = f"did you mean {close[0]}? " if close else ""
+      raise ValueError(f"bad config argument {item!r}: {hint}use key=value "
+                       f"with keys {', '.join(keys)}")
     if key in bool_keys:
       if value.lower() not in BOOLS:
         raise ValueError(f"{key}={value!r} must be True or False")
       value = BOOLS[value.lower()]
-    elif key in int_keys:
-      value = int(value)
-    elif key in float_keys:
-      value = float(value)
+    elif key in int_keys or key in float_keys:
+      kind = int if key in int_keys else float
+      try:
+        value = kind(value)
+      except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key}={value!r} must be {what}") from None
     values[key] = value
   return values
 
@@ -124,6 +130,8 @@ def apply_pretrained(config, pretrained, pretrained_dir):
   # A model named *_in21k / *_in22k always reads its own (21k) weights.
   if pretrained == "in21k":
     config.model.name = _in21k_name(config.model.name)
+  # A .pth found here loads as plain weights only: pickled objects run code,
+  # so only the user's own --config.init.allow_pickle=True turns them on.
   config.init.checkpoint = checkpoint_path(config.model.name, pretrained_dir)
   config.init.source = REFERENCE_WEIGHTS.get(
       config.model.name, f"timm's default weights of {config.model.name}")

@@ -1,8 +1,21 @@
-"""Bad configs and inputs through main.py: one line, no traceback, no compile,
-and an existing workdir left exactly as it was."""
+"""Bad inputs through main.py, as a new user would type them: exit code 2,
+exactly one `error:` line naming the bad value and what to do, no traceback,
+nothing compiled (JAX_LOG_COMPILES=1), and the workdir byte for byte as it
+was.
 
-import concurrent.futures
+Every command line runs main.py as `__main__` with its own argv, stdout,
+stderr and exit status, in a fork of one interpreter that imported JAX once
+(tests/_main_runner.py): a real `python main.py ...` each, at a fraction of
+the start-up cost.
+"""
+
+import fcntl
+import hashlib
+import json
 import os
+import pickle
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -13,122 +26,452 @@ import pytest
 from tests.test_main import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES_8 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+class _Payload:
+  """Unpickling this writes a marker file: code execution."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))
 
 
 def _files(tmp):
-  """Files the table needs: an empty image folder, wrong checkpoints."""
+  """Inputs the table refers to: image folders, config files, weights."""
+  import torch
+  from vitat_jax import checkpoints
+  from vitat_jax import models
+  files = {"tmp": str(tmp)}
   empty = tmp / "empty_folder"
   for split in ("train", "test"):
     (empty / split / "cat").mkdir(parents=True)
-  from vitat_jax import checkpoints
-  from vitat_jax import models
+  files["empty"] = str(empty)
+  # One class with images, one empty class folder in train.
+  from PIL import Image
+  one_empty = tmp / "one_empty_class"
+  for split in ("train", "test"):
+    for cls in ("cat", "dog"):
+      (one_empty / split / cls).mkdir(parents=True)
+      if split == "test" or cls == "cat":
+        Image.new("RGB", (8, 8)).save(one_empty / split / cls / "a.png")
+  files["one_empty"] = str(one_empty)
+  no_test = tmp / "no_test"
+  (no_test / "train" / "cat").mkdir(parents=True)
+  Image.new("RGB", (8, 8)).save(no_test / "train" / "cat" / "a.png")
+  files["no_test"] = str(no_test)
+  for name, target in (("dangling", "/no/such/image.png"),
+                       ("looping", "b.png")):
+    folder = tmp / name
+    for split in ("train", "test"):
+      (folder / split / "cat").mkdir(parents=True)
+      Image.new("RGB", (8, 8)).save(folder / split / "cat" / "a.png")
+    os.symlink(target, folder / "train" / "cat" / "b.png")
+    files[name] = str(folder)
+
   wider = models.create("deit_tiny_patch16_224", num_classes=10, img_size=8,
                         patch_size=4, embed_dim=32, depth=1, num_heads=2)
-  wide_ckpt = str(tmp / "wider.safetensors")
+  wide = str(tmp / "wider.safetensors")
   checkpoints.export_timm(
       wider.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
-      ["params"], wider, wide_ckpt)
-  text = tmp / "weights.txt"
-  text.write_text("not a checkpoint")
-  return {"empty": str(empty), "wide_ckpt": wide_ckpt, "text": str(text)}
+      ["params"], wider, wide)
+  files["wide_ckpt"] = wide
+  data = open(wide, "rb").read()
+  (tmp / "truncated.safetensors").write_bytes(data[:len(data) // 2])
+  header = json.dumps([1, 2]).encode()
+  (tmp / "list_header.safetensors").write_bytes(
+      struct.pack("<Q", len(header)) + header)
+  (tmp / "garbage.safetensors").write_bytes(b"\x00" * 4)
+  np.savez(tmp / "w.npz", a=np.zeros(1000, np.float32))
+  data = (tmp / "w.npz").read_bytes()
+  (tmp / "truncated.npz").write_bytes(data[:len(data) // 2])
+  torch.save({"a": torch.zeros(1000)}, tmp / "w.pth")
+  data = (tmp / "w.pth").read_bytes()
+  (tmp / "truncated.pth").write_bytes(data[:len(data) // 2])
+  files["marker"] = str(tmp / "pwned")
+  with open(tmp / "evil.pth", "wb") as f:
+    pickle.dump({"a": _Payload(files["marker"])}, f)
+  (tmp / "weights.txt").write_text("not a checkpoint")
+  (tmp / "a_dir").mkdir()
+  (tmp / "a_file").write_text("x")
+
+  (tmp / "syntax.py").write_text("def get_config(:\n")
+  (tmp / "no_get_config.py").write_text("x = 1\n")
+  (tmp / "raises.py").write_text(
+      "def get_config():\n  raise RuntimeError('broken on purpose')\n")
+  for name in ("truncated.safetensors", "list_header.safetensors",
+               "garbage.safetensors", "truncated.npz", "truncated.pth",
+               "evil.pth", "weights.txt", "a_dir", "a_file", "syntax.py",
+               "no_get_config.py", "raises.py"):
+    files[name.replace(".", "_")] = str(tmp / name)
+  return files
 
 
-# (flags, expected fragment of the one-line error, extra environment)
+C = "--config."
+# (command line, fragment of the one error line, workdir kind, environment)
+# Workdir kinds: plain (a checkpoints/ folder and a note), trained (a copy of
+# a finished tiny run), locked (the same, its lock held by a live process),
+# report (a finished run whose metrics.json is corrupt), corrupt (a finished
+# run whose checkpoints are all unreadable), foreign (checkpoints/
+# holds a file that is not a checkpoint), file (the workdir is a file),
+# under_file (the workdir is below a file), none (no --workdir flag).
 CASES = [
-    (["--config.model.name=vit_tiny_patch16_22"], "unknown model", None),
-    (["--config.model.name=resnet50"], "unknown model", None),
-    (["--config.model.patch_size=3"], "does not divide", None),
-    (["--config.model.num_heads=3"], "num_heads", None),
-    (["--config.attack.eps=0"], "eps=0", None),
-    (["--config.attack.eps=-0.1"], "eps=-0.1", None),
-    (["--config.attack.eps=2"], "eps=2", None),
-    (["--config.attack.alpha=0.5"], "cannot exceed", None),
-    (["--config.attack.alpha=0"], "alpha=0", None),
-    (["--config.attack.steps=0"], "steps=0", None),
-    (["--config.method=fgsm"], "unknown method", None),
-    (["--config.data.name=svhn"], "unknown dataset", None),
-    (["--config.data.name=image_folder"], "data.root is empty", None),
-    (["--config.data.name=image_folder", "--config.data.root=/no/such/dir"],
-     "does not exist", None),
-    (["--config.data.name=image_folder", "--config.data.root={empty}"],
-     "images under", None),
-    (["--config.data.name=tfds", "--config.data.tfds_data_dir={tmp}/tfds"],
-     "tfds", None),
-    (["--config.optim.name=lamb"], "unknown optimizer", None),
-    (["--config.optim.schedule=step"], "unknown lr schedule", None),
-    (["--config.optim.lr=0"], "optim.lr", None),
-    (["--config.optim.grad_clip=-1"], "grad_clip", None),
-    (["--config.epochs=0"], "epochs=0", None),
-    (["--config.batch_size=0"], "batch_size", None),
-    (["--config.eval.batch_size=0"], "batch_size", None),
-    (["--config.warmup_epochs=5"], "warmup_epochs=5", None),
-    (["--config.drop_rate=1.5"], "drop_rate", None),
-    (["--config.fsdp_min_size=0"], "fsdp_min_size", None),
-    (["--config.eval.attacks=('clean','pgd')"], "unknown evaluation attack",
+    # -- config fields, one per check of validate.check_config
+    ([C + "model.name=vit_tiny_patch16_22"], "unknown model", "plain", None),
+    ([C + "model.name=resnet50"], "unknown model", "plain", None),
+    ([C + "model.patch_size=3"], "does not divide", "plain", None),
+    ([C + "model.num_heads=3"], "num_heads", "plain", None),
+    ([C + "model.drop_path_rate=2.0"], "drop_path_rate=2.0", "plain", None),
+    ([C + "model.drop_path_rate=-0.1"], "drop_path_rate=-0.1", "plain", None),
+    ([C + "model.depth=0"], "model.depth=0", "plain", None),
+    ([C + "model.embed_dim=-16"], "model.embed_dim=-16", "plain", None),
+    ([C + "model.mlp_ratio=0"], "mlp_ratio=0", "plain", None),
+    ([C + "attack.eps=0"], "eps=0", "plain", None),
+    ([C + "attack.eps=-0.1"], "eps=-0.1", "plain", None),
+    ([C + "attack.eps=2"], "eps=2", "plain", None),
+    ([C + "attack.alpha=0.5"], "cannot exceed", "plain", None),
+    ([C + "attack.alpha=0"], "alpha=0", "plain", None),
+    ([C + "attack.steps=0"], "steps=0", "plain", None),
+    ([C + "method=fgsm"], "unknown method", "plain", None),
+    ([C + "beta=-1"], "beta=-1", "plain", None),
+    ([C + "beta=nan"], "beta=nan", "plain", None),
+    ([C + "data.name=svhn"], "unknown dataset", "plain", None),
+    ([C + "data.name=image_folder"], "data.root is empty", "plain", None),
+    ([C + "data.name=image_folder", C + "data.root=/no/such/dir"],
+     "/no/such/dir", "plain", None),
+    ([C + "data.name=image_folder", C + "data.root={empty}"], "images under",
+     "plain", None),
+    ([C + "data.name=image_folder", C + "data.root={one_empty}"],
+     "dog has no", "plain", None),
+    ([C + "data.name=image_folder", C + "data.root={no_test}"], "test",
+     "plain", None),
+    ([C + "data.name=image_folder", C + "data.root={dangling}"],
+     "b.png is a broken", "plain", None),
+    ([C + "data.name=image_folder", C + "data.root={looping}"],
+     "b.png is a broken or looping", "plain", None),
+    ([C + "data.name=tfds", C + "data.tfds_data_dir={tmp}/tfds"], "tfds",
+     "plain", None),
+    ([C + "data.name=tfds", C + "data.tfds_name="], "tfds_name", "plain",
      None),
-    (["--config.eval.eps=1.5"], "eval.eps", None),
-    (["--config.eval.alpha=0.9"], "eval.alpha", None),
-    (["--config.mixup.prob=1.5"], "mixup.prob", None),
-    (["--config.mixup.label_smoothing=1.0"], "label_smoothing", None),
-    (["--config.log_every_steps=0"], "log_every_steps", None),
-    (["--config.init.checkpoint={tmp}/missing.safetensors"], "does not exist",
+    ([C + "data.image_size=-8"], "data.image_size=-8", "plain", None),
+    ([C + "data.train_examples=-1"], "train_examples=-1", "plain", None),
+    ([C + "data.test_examples=-5"], "test_examples=-5", "plain", None),
+    ([C + "data.subset_seed=-1"], "subset_seed=-1", "plain", None),
+    ([C + "data.mean=(0.5,0.5)"], "data.mean", "plain", None),
+    ([C + "data.std=(0.5,0.0,0.5)"], "data.std", "plain", None),
+    ([C + "data.cache_dir={a_file}"], "is a file", "plain", None),
+    ([C + "optim.name=lamb"], "unknown optimizer", "plain", None),
+    ([C + "optim.schedule=step"], "unknown lr schedule", "plain", None),
+    ([C + "optim.lr=0"], "optim.lr=0", "plain", None),
+    ([C + "optim.lr=nan"], "optim.lr=nan", "plain", None),
+    ([C + "optim.lr=inf"], "optim.lr=inf", "plain", None),
+    ([C + "optim.lr=-0.1"], "optim.lr=-0.1", "plain", None),
+    ([C + "optim.grad_clip=-1"], "grad_clip", "plain", None),
+    ([C + "optim.weight_decay=-0.0001"], "weight_decay", "plain", None),
+    ([C + "optim.momentum=1.5"], "momentum=1.5", "plain", None),
+    ([C + "optim.warmup_epochs=5"], "optim.warmup_epochs=5", "plain", None),
+    ([C + "epochs=0"], "epochs=0", "plain", None),
+    ([C + "epochs=-1"], "epochs=-1", "plain", None),
+    ([C + "epochs=nan"], "epochs=nan", "plain", None),
+    ([C + "epochs=0.01", C + "warmup_epochs=0"], "0 training steps", "plain",
      None),
-    (["--config.init.checkpoint={wide_ckpt}"], "wider", None),
-    (["--config.init.checkpoint={text}"], "format", None),
-    (["--config.batch_size=12"], "not divisible by the 8 devices",
-     {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
-    (["--config.num_devices=16"], "more than the 8 devices present",
-     {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
-    (["--mode=eval"], "no checkpoint", None),
+    ([C + "batch_size=0"], "batch_size", "plain", None),
+    ([C + "batch_size=-32"], "batch_size", "plain", None),
+    ([C + "eval.batch_size=0"], "batch_size", "plain", None),
+    ([C + "warmup_epochs=5"], "warmup_epochs=5", "plain", None),
+    ([C + "warmup_epochs=-1"], "warmup_epochs=-1", "plain", None),
+    ([C + "drop_rate=1.5"], "drop_rate=1.5", "plain", None),
+    ([C + "fsdp_min_size=0"], "fsdp_min_size=0", "plain", None),
+    ([C + "accum_steps=3"], "accum_steps=3", "plain", None),
+    ([C + "num_devices=-1"], "num_devices=-1", "plain", None),
+    ([C + "compute_dtype=float64"], "float64", "plain", None),
+    ([C + "seed=-1"], "seed=-1", "plain", None),
+    ([C + "augment.crop_padding=-4"], "crop_padding=-4", "plain", None),
+    ([C + "augment.randaugment=rand-x9"], "rand-x9", "plain", None),
+    ([C + "mixup.prob=1.5"], "mixup.prob", "plain", None),
+    ([C + "mixup.label_smoothing=1.0"], "label_smoothing", "plain", None),
+    ([C + "mixup.mixup_alpha=-1"], "mixup", "plain", None),
+    ([C + "log_every_steps=0"], "log_every_steps", "plain", None),
+    ([C + "checkpoint_every_steps=0"], "checkpoint_every_steps", "plain",
+     None),
+    ([C + "keep_checkpoints=0"], "keep_checkpoints=0", "plain", None),
+    ([C + "keep_checkpoints=-1"], "keep_checkpoints=-1", "plain", None),
+    ([C + "eval.attacks=('clean','pgd')"], "unknown evaluation attack",
+     "plain", None),
+    ([C + "eval.attacks=()"], "eval.attacks is empty", "plain", None),
+    ([C + "eval.epoch_attacks=()", C + "eval.epoch_num_examples=32"],
+     "eval.epoch_attacks is empty", "plain",
+     None),
+    ([C + "eval.eps=1.5"], "eval.eps=1.5", "plain", None),
+    ([C + "eval.eps=0"], "eval.eps=0", "plain", None),
+    ([C + "eval.alpha=0.9"], "eval.alpha", "plain", None),
+    ([C + "eval.restarts=0"], "eval.restarts=0", "plain", None),
+    ([C + "eval.num_examples=-5"], "eval.num_examples=-5", "plain", None),
+    ([C + "eval.epoch_num_examples=-1"], "epoch_num_examples=-1", "plain",
+     None),
+    ([C + "init.format=onnx"], "onnx", "plain", None),
+    ([C + "batch_size=12"], "not divisible by the 8 devices", "plain",
+     DEVICES_8),
+    ([C + "num_devices=16"], "more than the 8 devices present", "plain",
+     DEVICES_8),
+    # -- flags: misspelt fields, values of the wrong type, unknown flags
+    ([C + "optim.lrr=0.1"], "did you mean optim.lr?", "plain", None),
+    ([C + "eval.attackz=('clean',)"], "did you mean eval.attacks?", "plain",
+     None),
+    ([C + "modle.name=vit"], "modle.name", "plain", None),
+    ([C + "epochs=abc"], "epochs=abc", "plain", None),
+    ([C + "ard=maybe"], "ard=maybe", "plain", None),
+    (["--mode=tran"], "tran", "plain", None),
+    (["stray_argument"], "stray_argument", "plain", None),
+    (["--workdirr=x"], "workdirr", "plain", None),
+    # -- config files
+    (["--config=configs/nope.py"], "configs/nope.py", "plain", None),
+    (["--config={syntax_py}"], "syntax.py", "plain", None),
+    (["--config={no_get_config_py}"], "no get_config", "plain", None),
+    (["--config={raises_py}"], "broken on purpose", "plain", None),
+    # -- :arg values of the paper's configs
+    (["--config=configs/cifar10.py:modle=deit_tiny_patch16_224"],
+     "did you mean model?", "plain", None),
+    (["--config=configs/cifar10.py:source=lmdb"], "lmdb", "plain", None),
+    (["--config=configs/cifar10.py:ard=yes"], "ard='yes'", "plain", None),
+    (["--config=configs/cifar10.py:pretrained=in2k"], "in2k", "plain", None),
+    (["--config=configs/cifar10.py:model"], "'model'", "plain", None),
+    (["--config=configs/studies.py:study=nope"], "nope", "plain", None),
+    (["--config=configs/imagenet.py:accum_steps=two"], "accum_steps='two'",
+     "plain", None),
+    # -- weight files for init.checkpoint
+    ([C + "init.checkpoint={tmp}/missing.safetensors"], "does not exist",
+     "plain", None),
+    ([C + "init.checkpoint={a_dir}"], "is a directory", "plain", None),
+    ([C + "init.checkpoint={wide_ckpt}"], "wider", "plain", None),
+    ([C + "init.checkpoint={weights_txt}"], "format", "plain", None),
+    ([C + "init.checkpoint={truncated_safetensors}"], "truncated", "plain",
+     None),
+    ([C + "init.checkpoint={list_header_safetensors}"], "header", "plain",
+     None),
+    ([C + "init.checkpoint={garbage_safetensors}"], "garbage.safetensors",
+     "plain", None),
+    ([C + "init.checkpoint={truncated_npz}"], "truncated", "plain", None),
+    ([C + "init.checkpoint={truncated_pth}"], "truncated", "plain", None),
+    ([C + "init.checkpoint={evil_pth}"], "allow_pickle=True only if",
+     "plain", None),
+    # -- workdirs
+    ([], "is a file", "file", None),
+    ([], "which is a file", "under_file", None),
+    (["--overwrite"], "not a checkpoint of a run", "foreign", None),
+    (["--mode=eval"], "no checkpoint", "plain", None),
+    ([C + "optim.lr=0.5"], "differs in: optim.lr", "trained_no_json", None),
+    ([C + "model.depth=2"], "model.depth", "trained_no_json", None),
+    ([C + "attack.steps=2"], "different config", "trained", None),
+    ([C + "data.train_examples=96"], "data.train_examples", "trained", None),
+    ([C + "keep_checkpoints=0"], "keep_checkpoints=0", "trained", None),
+    ([], "in use by a running training", "locked", None),
+    ([], "none of the checkpoints", "corrupt", None),
+    (["--mode=eval"], "none of the checkpoints", "corrupt", None),
+    ([C + "init.checkpoint={truncated_safetensors}", "--mode=eval"],
+     "truncated", "plain", None),
+    # -- report mode
+    (["--mode=report"], "metrics.json cannot be read", "report", None),
+    (["--mode=report", "--report_dir={a_file}"], "is a file", "trained",
+     None),
+    (["--mode=report", "--workdirs={tmp}/no_such_run"], "does not exist",
+     "none", None),
 ]
 
 
 def _snapshot(path):
+  """Every file's bytes (hashed) and every entry's mtime under `path`."""
+  if os.path.isfile(path):
+    return {"": (open(path, "rb").read(), os.stat(path).st_mtime_ns)}
   out = {}
   for root, dirs, files in os.walk(path):
     for name in dirs + files:
       full = os.path.join(root, name)
-      out[os.path.relpath(full, path)] = os.stat(full).st_mtime_ns
+      digest = None
+      if os.path.isfile(full):
+        with open(full, "rb") as f:
+          digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(full, path)] = (digest, os.stat(full).st_mtime_ns)
   return out
 
 
-def _run(args, workdir, env_extra):
-  env = dict(os.environ, JAX_LOG_COMPILES="1", **(env_extra or {}))
+def _run_main(args, workdir=None, env=None):
+  env = dict(os.environ, JAX_LOG_COMPILES="1", **(env or {}))
+  workdir_flag = [f"--workdir={workdir}"] if workdir else []
   return subprocess.run(
-      [sys.executable, "main.py", f"--workdir={workdir}", *TINY, *args],
+      [sys.executable, "main.py", *workdir_flag, *TINY, *args],
       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_bad_inputs_fail_in_one_line_before_any_compilation(tmp_path):
-  assert len(CASES) >= 30
+def _run_many(cases, tmp):
+  """[{rc, stdout, stderr}] of `main.py` on each (argv, env) case."""
+  cases_path, results_path = tmp / "cases.json", tmp / "results.json"
+  cases_path.write_text(json.dumps(
+      [{"argv": argv, "env": env} for argv, env in cases]))
+  proc = subprocess.run(
+      [sys.executable, "tests/_main_runner.py", str(cases_path),
+       str(results_path)], cwd=REPO, capture_output=True, text=True,
+      timeout=900, env=dict(os.environ, JAX_LOG_COMPILES="1"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(results_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  proc = _run_main([], workdir)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir
+
+
+def _make_workdir(kind, path, trained_run):
+  if kind == "plain":
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "notes.txt").write_text("keep me")
+  elif kind == "file":
+    path.write_text("I am a file")
+  elif kind == "under_file":
+    path.write_text("I am a file")
+    return path / "run"
+  elif kind == "foreign":
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "checkpoints" / "thesis.tex").write_text("years of work")
+  elif kind in ("trained", "trained_no_json", "locked", "report", "corrupt"):
+    shutil.copytree(trained_run, path)
+    if kind == "corrupt":  # every array file of every checkpoint
+      for root, _, names in os.walk(path / "checkpoints"):
+        for name in names:
+          if os.sep + "d" in root:
+            with open(os.path.join(root, name), "wb") as f:
+              f.write(b"garbage")
+    if kind == "trained_no_json":
+      os.remove(path / "config.json")
+    if kind == "report":
+      (path / "metrics.json").write_text('{"clean_acc": 0.')
+  return path
+
+
+def test_bad_inputs_fail_in_one_line_before_any_compilation(
+    tmp_path, trained_run):
+  assert len(CASES) >= 80
+  assert len({(tuple(a), k) for a, _, k, _ in CASES}) == len(CASES)
   files = _files(tmp_path)
-  jobs = []
-  for index, (flags, fragment, env) in enumerate(CASES):
-    flags = [f.format(tmp=tmp_path, **files) for f in flags]
-    # An existing workdir (no config.json) that must stay exactly as it is.
-    workdir = tmp_path / f"workdir_{index}"
-    (workdir / "checkpoints").mkdir(parents=True)
-    (workdir / "notes.txt").write_text("keep me")
-    jobs.append((flags, fragment, env, workdir, _snapshot(workdir)))
-  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    procs = list(pool.map(lambda j: _run(j[0], j[3], j[2]), jobs))
-  for (flags, fragment, _, workdir, before), proc in zip(jobs, procs):
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert proc.returncode == 2, (flags, proc.stderr[-1500:])
-    assert len(errors) == 1 and fragment in errors[0], (flags, errors,
-                                                        proc.stderr[-1500:])
-    assert "Traceback" not in proc.stderr, flags
-    assert "Compiling" not in proc.stderr, (flags, proc.stderr[-1500:])
-    assert _snapshot(workdir) == before, flags
+  jobs, locks = [], []
+  for index, (flags, fragment, kind, env) in enumerate(CASES):
+    workdir = _make_workdir(kind, tmp_path / f"workdir_{index}", trained_run)
+    flags = [f.format(**files) for f in flags]
+    if kind == "locked":  # a live run holds the lock: this test process
+      fd = os.open(workdir / "run.lock", os.O_RDWR | os.O_CREAT)
+      os.write(fd, f"PID {os.getpid()} on host testhost\n".encode())
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locks.append(fd)
+    argv = flags if kind == "none" else [f"--workdir={workdir}", *flags]
+    if not any(f.startswith("--config=") for f in flags):
+      argv = [*TINY, *argv]
+    jobs.append((argv, fragment, env, workdir, _snapshot(workdir)))
+  results = _run_many([(j[0], j[2]) for j in jobs], tmp_path)
+  for fd in locks:
+    os.close(fd)
+  failures = []
+  for (argv, fragment, _, workdir, before), result in zip(jobs, results):
+    stderr = result["stderr"]
+    errors = [l for l in stderr.splitlines() if l.startswith("error:")]
+    problems = []
+    if result["rc"] != 2:
+      problems.append(f"exit code {result['rc']}")
+    if len(errors) != 1 or fragment not in errors[0]:
+      problems.append(f"error lines {errors}, want one with {fragment!r}")
+    if "Traceback" in stderr or "Event loop is closed" in stderr:
+      problems.append("a traceback")
+    if "Compiling" in stderr:
+      problems.append("compiled something")
+    if _snapshot(workdir) != before:
+      problems.append("changed the workdir")
+    if problems:
+      failures.append(f"{argv[len(TINY):]}: {'; '.join(problems)}\n"
+                      f"{stderr[-800:]}")
+  assert not failures, "\n\n".join(failures)
+  # The pickle payload never ran.
+  assert not os.path.exists(files["marker"])
 
 
-def test_a_workdir_with_another_run_is_refused_untouched(tmp_path):
-  first = _run([], tmp_path, None)
-  assert first.returncode == 0, first.stderr[-1500:]
-  before = _snapshot(tmp_path)
-  proc = _run(["--config.attack.steps=2"], tmp_path, None)
+def test_a_workdir_with_another_run_is_refused_untouched(tmp_path,
+                                                         trained_run):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run, workdir)
+  before = _snapshot(workdir)
+  proc = _run_main(["--config.attack.steps=2"], workdir)
   assert proc.returncode == 2
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "different config" in errors[0]
-  assert "--overwrite" in errors[0]
-  assert _snapshot(tmp_path) == before
+  assert "--overwrite" in errors[0] and "attack.steps" in errors[0]
+  assert _snapshot(workdir) == before
+
+
+def test_help_explains_config_fields_and_exits_0():
+  proc = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--config.<section>.<field>=value" in proc.stdout
+  assert "configs/default.py" in proc.stdout
+  assert "--workdir" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_configs_never_turn_pickle_loading_on(tmp_path):
+  from configs import cifar10
+  (tmp_path / "deit_tiny_patch16_224.pth").write_bytes(b"pickle payload")
+  config = cifar10.get_config(
+      f"model=deit_tiny_patch16_224,pretrained=in1k,pretrained_dir={tmp_path}")
+  assert config.init.checkpoint.endswith(".pth")
+  assert config.init.allow_pickle is False
+
+
+def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
+  from PIL import Image
+  from vitat_jax.data import decode
+  path = str(tmp_path / "grey16.png")
+  Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(path)
+  assert Image.open(path).mode == "I;16"
+  with Image.open(path) as image:
+    rgb = decode._rgb(image)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(rgb),
+                                np.full((8, 8, 3), 128, np.uint8))
+
+
+def test_only_the_data_cache_may_change_between_a_run_and_its_resumption(
+    tmp_path, trained_run):
+  import ml_collections
+  from vitat_jax import validate
+  from vitat_jax.errors import UserError
+  config = ml_collections.ConfigDict(
+      json.loads((trained_run / "config.json").read_text()))
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.eval.num_examples = 7
+  validate.check_workdir_config(config, str(trained_run))   # no error
+  config.data.train_split = "other"
+  with pytest.raises(UserError, match=r"differs in: data\.train_split\)"):
+    validate.check_workdir_config(config, str(trained_run))
+
+
+def test_eval_on_a_workdir_that_cannot_be_written_still_gives_the_table(
+    tmp_path, trained_run, monkeypatch):
+  import errno
+  from vitat_jax import train
+  from vitat_jax import workdir as workdir_lib
+  from tests.test_train import tiny_config
+
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run, workdir)
+  before = _snapshot(workdir)
+  monkeypatch.setattr(workdir_lib, "write_json", read_only)
+  monkeypatch.setattr(workdir_lib, "write_text", read_only)
+  cli = tiny_config(**{"eval.attacks": ("clean",), "eval.num_examples": 32})
+  result = train.evaluate_checkpoint(
+      train.config_for_evaluation(cli, str(workdir)), str(workdir))
+  assert "clean" in result["table"] and "Read-only" in result["write_error"]
+  assert _snapshot(workdir) == before

@@ -114,20 +114,60 @@ def test_sigkill_at_random_steps_then_rerun_is_bitwise_identical(
     assert records == ref_records, kill_step
 
 
-def test_sigterm_saves_at_the_next_step_and_names_it(tmp_path):
+def _stop_message(stderr):
+  lines = [l for l in stderr.splitlines() if "stopped by SIGTERM" in l]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_identical(  # pylint: disable=line-too-long
+    reference_run, tmp_path):
   workdir = str(tmp_path)
   proc = _start_and_wait_for_step(workdir, 5)
+  # A second run in the same workdir is refused in one line while the first
+  # (paused, so that it is surely still running) holds the lock.
+  proc.send_signal(signal.SIGSTOP)
+  second = subprocess.run(_command(workdir), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert second.returncode == 2, second.stderr[-3000:]
+  errors = [l for l in second.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "in use by a running training" in errors[0]
+  assert f"PID {proc.pid}" in errors[0]
+  proc.send_signal(signal.SIGCONT)
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0, stderr[-3000:]
-  message = [l for l in stderr.splitlines() if "stopped by SIGTERM" in l]
-  assert len(message) == 1, stderr[-3000:]
-  stopped_at = int(message[0].split("after step ")[1].split(";")[0])
+  message = _stop_message(stderr)
+  stopped_at = int(message.split("after step ")[1].split(";")[0])
   assert 5 <= stopped_at < TOTAL_STEPS
   assert run_checkpoints.manager(workdir).latest_step() == stopped_at
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))
+
+  # Resume; SIGTERM once training is over and the final evaluation runs.
+  proc = subprocess.Popen(_command(workdir), cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  final = os.path.join(run_checkpoints.directory(workdir), str(TOTAL_STEPS))
+  deadline = time.time() + 240
+  while not (_logged_steps(workdir) == TOTAL_STEPS and os.path.isdir(final)):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.02)
+  time.sleep(0.5)   # into the final evaluation's compilation
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "during the final evaluation" in _stop_message(stderr)
+  assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+
   _run_to_completion(workdir)
-  with open(os.path.join(workdir, "metrics.json")) as f:
-    assert json.load(f)["resumed_from_step"] == stopped_at
+  step, state = _final_state(workdir)
+  ref_step, ref_state = _final_state(reference_run)
+  assert step == ref_step == TOTAL_STEPS
+  jax.tree.map(np.testing.assert_array_equal, state, ref_state)
+  metrics, records = _outputs(workdir)
+  ref_metrics, ref_records = _outputs(reference_run)
+  assert metrics == ref_metrics
+  assert records == ref_records
 
 
 def _corrupt(workdir, step):
@@ -144,8 +184,28 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   config = tiny_config(checkpoint_every_steps=5)
   train.train_and_evaluate(config, workdir)   # checkpoints 10, 15, 20 kept
   _corrupt(workdir, 20)
+  # What a SIGKILL or a full disk leaves in the other files of a workdir: a
+  # half-written last line of metrics.jsonl, a truncated config.json and
+  # metrics.json, a lock file of a dead process holding garbage.
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 21, "train_lo')
+  for name in ("config.json", "metrics.json"):
+    path = os.path.join(workdir, name)
+    with open(path) as f:
+      text = f.read()
+    with open(path, "w") as f:
+      f.write(text[:len(text) // 2])
+  with open(os.path.join(workdir, "run.lock"), "w") as f:
+    f.write("\x00garbage")
   result = train.train_and_evaluate(config, workdir)
   assert result["resumed_from_step"] == 15
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(l)["step"] for l in f]
+  assert steps == sorted(steps) and steps[-1] == 20
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["seed"] == config.seed
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    assert json.load(f)["resumed_from_step"] == 15
   for step in run_checkpoints.manager(workdir).all_steps():
     _corrupt(workdir, step)
   with pytest.raises(UserError, match="--overwrite") as info:
@@ -186,11 +246,16 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(
 def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
   workdir = str(tmp_path)
   config = tiny_config(**{"optim.grad_clip": 0.0, "optim.lr": 1e12,
-                          "checkpoint_every_steps": 1, "log_every_steps": 50})
+                          "checkpoint_every_steps": 1, "log_every_steps": 1})
   with pytest.raises(FloatingPointError, match="gradient clipping is off") as e:
     train.train_and_evaluate(config, workdir)
   assert "\n" not in str(e.value)
+  # The save in flight when the NaN was seen was finished, not abandoned.
+  leftovers = [n for n in os.listdir(run_checkpoints.directory(workdir))
+               if not n.isdigit()]
+  assert not leftovers, leftovers
   mngr = run_checkpoints.manager(workdir)
+  assert mngr.all_steps()
   for step in mngr.all_steps():
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))

@@ -18,12 +18,16 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Preempted(Exception):
   """The run stopped on a signal after saving the checkpoint of `step`."""
 
-  def __init__(self, step: int, signum: int):
+  def __init__(self, step: int, signum: int, during: str = ""):
     self.step = step
     self.signum = signum
     name = signal.Signals(signum).name
-    super().__init__(f"stopped by {name} after step {step}; its checkpoint "
-                     "is saved: rerun the same command to resume")
+    if during:
+      super().__init__(f"stopped by {name} {during}; the checkpoint of step "
+                       f"{step} is saved: rerun the same command to finish")
+    else:
+      super().__init__(f"stopped by {name} after step {step}; its checkpoint "
+                       "is saved: rerun the same command to resume")
 
   @property
   def exit_code(self) -> int:
@@ -37,6 +41,17 @@ class PreemptionGuard:
   def __init__(self):
     self.signum = None
     self._previous = {}
+    self._stop_at_once = None
+
+  def stop_at_once(self, step, during: str = ""):
+    """From now on a signal raises `Preempted(step)` where it lands.
+
+    For phases that need no saving because the checkpoint of `step` is
+    already on disk (the final evaluation); `None` restores polling.
+    """
+    self._stop_at_once = None if step is None else (step, during)
+    if step is not None and self.signum is not None:
+      raise Preempted(step, self.signum, during)
 
   @property
   def requested(self) -> bool:
@@ -50,6 +65,8 @@ class PreemptionGuard:
       sys.stderr.flush()
       os._exit(128 + signum)  # pylint: disable=protected-access
     self.signum = signum
+    if self._stop_at_once is not None:
+      raise Preempted(*self._stop_at_once[:1], signum, self._stop_at_once[1])
     logging.warning("%s received: saving a checkpoint after this step, then "
                     "stopping (send it again to exit at once)",
                     signal.Signals(signum).name)

@@ -18,6 +18,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from vitat_jax import metric_writers
+from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
 
 ROBUSTNESS_JSON = "robustness.json"
@@ -53,8 +54,17 @@ def attack_label(name: str) -> str:
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}): "
+                    "restore it, or rerun that run's command to write it "
+                    "again") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path} holds a {type(value).__name__}, not a JSON "
+                    "object: restore it, or rerun that run's command")
+  return value
 
 
 @dataclasses.dataclass
@@ -213,11 +223,9 @@ def write_robustness_report(workdir: str, result: Mapping[str, Any],
     report["warnings"] = warnings
   os.makedirs(workdir, exist_ok=True)
   json_path = os.path.join(workdir, ROBUSTNESS_JSON)
-  with open(json_path, "w") as f:
-    json.dump(report, f, indent=2, default=_plain_json)
+  workdir_lib.write_json(json_path, report, indent=2, default=_plain_json)
   md_path = os.path.join(workdir, ROBUSTNESS_MD)
-  with open(md_path, "w") as f:
-    f.write(robustness_markdown(load_run(workdir)))
+  workdir_lib.write_text(md_path, robustness_markdown(load_run(workdir)))
   return json_path, md_path
 
 
@@ -383,7 +391,11 @@ def make_report(workdirs: Sequence[str], out_dir: Optional[str] = None
   `default_report_dir`). Returns (comparison.md, comparison.png, [the
   runs' plots])."""
   check_workdirs(workdirs)  # before anything is drawn
+  for workdir in workdirs:
+    load_run(workdir)  # every file readable, before anything is written
+  out_dir = out_dir or default_report_dir(workdirs)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f"--report_dir {out_dir!r} is a file: pass a directory")
   plots_written = [p for w in workdirs for p in plot_run(w)]
-  md_path, png_path = compare_runs(
-      workdirs, out_dir or default_report_dir(workdirs))
+  md_path, png_path = compare_runs(workdirs, out_dir)
   return md_path, png_path, plots_written

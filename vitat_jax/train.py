@@ -38,6 +38,7 @@ from vitat_jax import progress as progress_lib
 from vitat_jax import report
 from vitat_jax import run_checkpoints
 from vitat_jax import validate
+from vitat_jax import workdir as workdir_lib
 from vitat_jax.data import augment
 from vitat_jax.data import mixup
 from vitat_jax.data import pipeline
@@ -182,17 +183,18 @@ def run_final_evaluation(config, model, params, test_source, shard_fn, key):
 
 
 def config_for_evaluation(cli_config, workdir: str):
-  """The run's own config (workdir/config.json) with the command's `eval`.
+  """The run's own config with the command's `eval`.
 
-  Without a config.json (evaluating a converted checkpoint) the command's
-  config is used as it is.
+  The run's config is the one its newest checkpoint carries (config.json for
+  runs saved before checkpoints carried it). Without either (evaluating a
+  converted checkpoint) the command's config is used as it is.
   """
-  path = os.path.join(workdir, "config.json")
-  if cli_config.init.checkpoint or not os.path.exists(path):
+  if cli_config.init.checkpoint:
     return cli_config
-  with open(path) as f:
-    run_config = ml_collections.ConfigDict(
-        validate.upgrade_run_config(json.load(f)))
+  recorded, _ = validate.recorded_config(workdir)
+  if recorded is None:
+    return cli_config
+  run_config = ml_collections.ConfigDict(recorded)
   run_config.eval = ml_collections.ConfigDict(cli_config.eval.to_dict())
   return run_config
 
@@ -212,31 +214,43 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
       workdir):
     raise UserError(f"no checkpoint in {run_checkpoints.directory(workdir)}:"
                     " train first, or pass --config.init.checkpoint=FILE")
+  if not config.init.checkpoint:
+    validate.check_workdir_config(config, workdir)
   splits = data_lib.load(config.data)
   model = build_model(config, splits)
   if config.init.checkpoint:
     checkpoints.check(config.init.checkpoint, model, config.init.format,
                       config.init.allow_pickle)
-  init_key, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-  dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
   if config.init.checkpoint:
+    init_key, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+    dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
     params = checkpoints.load(
         config.init.checkpoint, model,
         init_params=jax.jit(model.init)(init_key, dummy)["params"],
         format=config.init.format, allow_pickle=config.init.allow_pickle)
     source = config.init.checkpoint
   else:
-    abstract_params = jax.eval_shape(model.init, init_key, dummy)["params"]
+    # Shapes only until the restore (nothing compiled if it fails).
+    abstract_params = jax.eval_shape(
+        model.init, jax.eval_shape(lambda: jax.random.key(config.seed)),
+        jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
+                             jnp.float32))["params"]
     tx, _ = optim.make_optimizer(config.optim, config.epochs, 1)
-    abstract_state = TrainState(jnp.asarray(0, jnp.int32), abstract_params,
+    abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32),
+                                abstract_params,
                                 jax.eval_shape(tx.init, abstract_params))
     ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
-    state, step, _ = run_checkpoints.restore_latest(ckpt, abstract_state)
+    state, step, _ = run_checkpoints.restore_latest(
+        ckpt, abstract_state, set_aside=False, advice=(
+            "evaluate them with the config they were trained with (that "
+            "run's --config and --config.* flags), or pass "
+            "--config.init.checkpoint=FILE"))
     if state is None:
       raise UserError(f"no checkpoint in {run_checkpoints.directory(workdir)}:"
                       " train first, or pass --config.init.checkpoint=FILE")
     params = state.params
     source = f"{run_checkpoints.directory(workdir)} step {step}"
+    _, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
   params = parallel.replicate(mesh, params)
   result = run_final_evaluation(
       config, model, params, splits.test,
@@ -244,20 +258,49 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   result.update(eps=config.eval.eps or config.attack.eps,
                 model=config.model.name, checkpoint=source,
                 wall_time_s=time.perf_counter() - wall_start)
-  if jax.process_index() == 0:
-    report.write_robustness_report(workdir, result)  # .json and .md
   result["table"] = format_table(result, config.eval.attacks)
+  if jax.process_index() == 0:
+    _write_results(workdir, result, metrics=False)
   return result
 
 
+def _write_results(workdir: str, result, *, metrics: bool) -> None:
+  """metrics.json (training) and robustness.json/.md, atomically.
+
+  A workdir that cannot take them (read-only, full) costs a warning, never
+  the result: the caller prints the table either way.
+  """
+  written = {k: v for k, v in result.items() if k != "table"}
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if metrics:
+      workdir_lib.write_json(os.path.join(workdir, "metrics.json"), written,
+                             indent=2)
+    report.write_robustness_report(workdir, written)  # .json and .md
+  except OSError as e:
+    result["write_error"] = f"{type(e).__name__}: {e}"
+    logging.warning("results not written to %s (%s); the table printed "
+                    "below is the result", workdir, e)
+
+
 def _truncate_jsonl(path: str, last_step: int) -> None:
-  """Drops records of steps after `last_step` (they are about to be redone)."""
+  """Drops records of steps after `last_step` (they are about to be redone).
+
+  A line that does not parse (the half-written tail a SIGKILL or a full disk
+  leaves) is dropped too. The file is replaced atomically.
+  """
   if not os.path.exists(path):
     return
+  kept = []
   with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
-  with open(path, "w") as f:
-    f.writelines(lines)
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and record.get("step", 0) <= last_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  workdir_lib.write_text(path, "".join(kept))
 
 
 def _start_over(workdir: str) -> None:
@@ -290,31 +333,60 @@ def train_and_evaluate(config, workdir: str, *,
   # Everything that can fail on user input is checked before the workdir is
   # touched and before anything is compiled.
   validate.check_config(config)
+  workdir_lib.check_writable(workdir)
+  if overwrite:
+    run_checkpoints.check_is_a_run(workdir)
   mesh = parallel.make_mesh(config.get("num_devices", 0))
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   if not overwrite:
     validate.check_workdir_config(config, workdir)
+  # Process 0 holds the lock for all hosts of a multi-host run.
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    workdir_lib.check_unlocked(workdir)
   splits = data_lib.load(config.data)
   model = build_model(config, splits)
   steps_per_epoch = pipeline.steps_per_epoch(len(splits.train),
                                              config.batch_size)
-  total_steps = int(round(config.epochs * steps_per_epoch))
+  total_steps = validate.check_steps(config, steps_per_epoch)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
                                       steps_per_epoch)
   objective = objectives.make_objective(config, model)
   if config.init.checkpoint:
     checkpoints.check(config.init.checkpoint, model, config.init.format,
                       config.init.allow_pickle)
+  previous = None if overwrite else run_checkpoints.read_meta(workdir)
+  if previous and previous.get("steps_per_epoch",
+                               steps_per_epoch) != steps_per_epoch:
+    raise UserError(
+        f"the training data changed since the run in {workdir!r} was saved "
+        f"({previous['steps_per_epoch']} steps per epoch then, "
+        f"{steps_per_epoch} now): restore the data, use a new --workdir, or "
+        "pass --overwrite to start over")
+  # The first write: from here on this process owns the workdir.
+  with (workdir_lib.lock(workdir) if is_chief else contextlib.nullcontext()):
+    return _train_locked(config, workdir, overwrite, wall_start, mesh, splits,
+                         model, steps_per_epoch, total_steps, tx, schedule,
+                         objective)
+
+
+def _train_locked(config, workdir, overwrite, wall_start, mesh, splits, model,
+                  steps_per_epoch, total_steps, tx, schedule, objective):
+  """`train_and_evaluate` once every check passed and the lock is held."""
   if overwrite:
     _start_over(workdir)
-  validate.write_workdir_config(config, workdir)
+  else:  # a run that took the lock between the checks and here
+    validate.check_workdir_config(config, workdir)
 
-  init_key, loop_key, eval_key = jax.random.split(
-      jax.random.key(config.seed), 3)
-  dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
-  abstract_params = jax.eval_shape(model.init, init_key, dummy)["params"]
-  abstract_state = TrainState(jnp.asarray(0, jnp.int32), abstract_params,
+  # Shapes only until the restore: a run whose checkpoints are all
+  # unreadable is refused before anything is compiled.
+  abstract_params = jax.eval_shape(
+      model.init, jax.eval_shape(lambda: jax.random.key(config.seed)),
+      jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
+                           jnp.float32))["params"]
+  abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32),
+                              abstract_params,
                               jax.eval_shape(tx.init, abstract_params))
   shardings = parallel.state_shardings(
       mesh, abstract_state, fsdp=config.fsdp,
@@ -322,6 +394,9 @@ def train_and_evaluate(config, workdir: str, *,
   ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   state, start_step, meta = run_checkpoints.restore_latest(
       ckpt, parallel.with_shardings(abstract_state, shardings))
+  init_key, loop_key, eval_key = jax.random.split(
+      jax.random.key(config.seed), 3)
+  dummy = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
   if state is None:
     params = jax.jit(model.init)(init_key, dummy)["params"]
     if config.init.checkpoint:
@@ -336,6 +411,9 @@ def train_and_evaluate(config, workdir: str, *,
         f"the training data changed since the checkpoint of step {start_step}"
         f" ({meta['steps_per_epoch']} steps per epoch then, {steps_per_epoch}"
         " now): restore the data or pass --overwrite to start over")
+  # Only now, with every check passed and the run restored.
+  validate.write_workdir_config(config, workdir)
+  run_config = validate.config_as_dict(config)
   num_params = sum(p.size for p in jax.tree.leaves(state.params))
   logging.info("model %s: %.2fM parameters, %d steps/epoch, %d steps%s",
                config.model.name, num_params / 1e6, steps_per_epoch,
@@ -381,7 +459,7 @@ def train_and_evaluate(config, workdir: str, *,
     run_checkpoints.save(ckpt, step, state, meta={
         "seed": config.seed, "steps_per_epoch": steps_per_epoch,
         "epoch": step // steps_per_epoch,
-        "index_in_epoch": step % steps_per_epoch})
+        "index_in_epoch": step % steps_per_epoch, "config": run_config})
 
   batches = pipeline.train_batches(
       splits.train, config.batch_size, seed=config.seed,
@@ -392,81 +470,90 @@ def train_and_evaluate(config, workdir: str, *,
   epoch_start = time.perf_counter()
   # closing(): an exception in the loop still stops the loader's workers.
   with preemption.PreemptionGuard() as guard, contextlib.closing(batches):
-    for step in range(start_step, total_steps):
-      images, labels = next(batches)
-      images, labels = shard((images, labels.astype(np.int32)))
-      state, metrics = train_step(state, images, labels, loop_key)
-      history.append(metrics)
-      done = step + 1
-      bar.update(done)
-      if done % config.log_every_steps == 0 or done == total_steps:
-        summary = _mean_metrics(history)
-        history = []
-        _check_finite(summary, done, config)
-        writer.write_scalars(done, {"epoch": done / steps_per_epoch, **{
-            f"train_{k}": v for k, v in summary.items()}})
-        bar.set_metrics({"loss": summary["loss"],
-                         "adv-acc": summary["accuracy"]})
-        with bar.hidden():
-          logging.info("step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
-                       "grad-norm %.3f  r %.3f", done, total_steps,
-                       summary["loss"], summary["accuracy"], summary["lr"],
-                       summary["grad_norm"], summary["r"])
-      if done % steps_per_epoch == 0 and eval_cfg.epoch_num_examples:
-        jax.block_until_ready(state)
-        train_seconds += time.perf_counter() - epoch_start
-        result = epoch_eval(
-            state.params,
-            pipeline.eval_batches(splits.test, eval_cfg.batch_size,
-                                  eval_cfg.epoch_num_examples,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count(),
-                                  workers=config.data.workers),
-            jax.random.fold_in(eval_key, done))
-        epoch = done // steps_per_epoch
-        writer.write_scalars(done, {"epoch": epoch, **{
-            f"test_{k}": v for k, v in result.items()}})
-        writer.flush()
-        logging.info("epoch %d: %s", epoch, "  ".join(
-            f"{n} {result[n + '_acc']:.3f}" for n in eval_cfg.epoch_attacks))
-        epoch_start = time.perf_counter()
-      if done == total_steps or done % config.checkpoint_every_steps == 0:
-        save(done, state, history)
-      elif guard.requested:
-        save(done, state, history)
-      if guard.requested:
-        bar.close()
-        writer.close()
-        ckpt.wait_until_finished()
-        batches.close()
-        raise preemption.Preempted(done, guard.signum)
-  jax.block_until_ready(state)
-  train_seconds += time.perf_counter() - epoch_start
-  bar.close()
-  batches.close()
-  ckpt.wait_until_finished()
+    try:
+      for step in range(start_step, total_steps):
+        images, labels = next(batches)
+        images, labels = shard((images, labels.astype(np.int32)))
+        state, metrics = train_step(state, images, labels, loop_key)
+        history.append(metrics)
+        done = step + 1
+        bar.update(done)
+        if done % config.log_every_steps == 0 or done == total_steps:
+          summary = _mean_metrics(history)
+          history = []
+          _check_finite(summary, done, config)
+          writer.write_scalars(done, {"epoch": done / steps_per_epoch, **{
+              f"train_{k}": v for k, v in summary.items()}})
+          bar.set_metrics({"loss": summary["loss"],
+                           "adv-acc": summary["accuracy"]})
+          with bar.hidden():
+            logging.info("step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
+                         "grad-norm %.3f  r %.3f", done, total_steps,
+                         summary["loss"], summary["accuracy"], summary["lr"],
+                         summary["grad_norm"], summary["r"])
+        if done % steps_per_epoch == 0 and eval_cfg.epoch_num_examples:
+          jax.block_until_ready(state)
+          train_seconds += time.perf_counter() - epoch_start
+          result = epoch_eval(
+              state.params,
+              pipeline.eval_batches(splits.test, eval_cfg.batch_size,
+                                    eval_cfg.epoch_num_examples,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count(),
+                                    workers=config.data.workers),
+              jax.random.fold_in(eval_key, done))
+          epoch = done // steps_per_epoch
+          writer.write_scalars(done, {"epoch": epoch, **{
+              f"test_{k}": v for k, v in result.items()}})
+          writer.flush()
+          logging.info("epoch %d: %s", epoch, "  ".join(
+              f"{n} {result[n + '_acc']:.3f}" for n in eval_cfg.epoch_attacks))
+          epoch_start = time.perf_counter()
+        if done == total_steps or done % config.checkpoint_every_steps == 0:
+          save(done, state, history)
+        elif guard.requested:
+          save(done, state, history)
+        if guard.requested:
+          bar.close()
+          writer.close()
+          ckpt.wait_until_finished()
+          batches.close()
+          raise preemption.Preempted(done, guard.signum)
+      jax.block_until_ready(state)
+      train_seconds += time.perf_counter() - epoch_start
+      bar.close()
+      batches.close()
+      ckpt.wait_until_finished()
+      # From here a signal stops the run at once: the last checkpoint is
+      # saved, and the rerun of the same command evaluates it again.
+      guard.stop_at_once(total_steps, "during the final evaluation")
 
-  eval_start = time.perf_counter()
-  result = run_final_evaluation(config, model, state.params, splits.test,
-                                shard_eval, eval_key)
-  result.update(
-      eps=eval_eps, model=config.model.name, method=config.method,
-      ard=config.ard, prm=config.prm, steps=total_steps,
-      resumed_from_step=start_step, train_time_s=train_seconds,
-      eval_time_s=time.perf_counter() - eval_start,
-      wall_time_s=time.perf_counter() - wall_start)
-  writer.write_scalars(total_steps, {  # the final evaluation, in TensorBoard
-      f"final_{k}": v for k, v in result.items()
-      if k.endswith("_acc") or k == "num_eval_images"})
-  writer.close()
+      eval_start = time.perf_counter()
+      result = run_final_evaluation(config, model, state.params,
+                                    splits.test, shard_eval, eval_key)
+      result.update(
+          eps=eval_eps, model=config.model.name, method=config.method,
+          ard=config.ard, prm=config.prm, steps=total_steps,
+          resumed_from_step=start_step, train_time_s=train_seconds,
+          eval_time_s=time.perf_counter() - eval_start,
+          wall_time_s=time.perf_counter() - wall_start)
+      writer.write_scalars(total_steps, {  # the final evaluation, in TB
+          f"final_{k}": v for k, v in result.items()
+          if k.endswith("_acc") or k == "num_eval_images"})
+      writer.close()
+      result["table"] = format_table(result, eval_cfg.attacks)
+      if is_chief:
+        _write_results(workdir, result, metrics=True)
+      guard.stop_at_once(None)
+    except BaseException:
+      # A NaN stop, an error or a signal: the checkpoint being written in
+      # the background is finished first, never left half-done.
+      ckpt.wait_until_finished()
+      raise
   if is_chief:
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    report.write_robustness_report(workdir, result)
     try:
       report.plot_run(workdir)
     except Exception as e:  # pylint: disable=broad-except
       # A figure must never cost a finished run its metrics.
       logging.warning("plots not written to %s: %s", workdir, e)
-  result["table"] = format_table(result, eval_cfg.attacks)
   return result

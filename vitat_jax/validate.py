@@ -6,16 +6,21 @@ right after loading, still before anything is compiled.
 """
 
 import json
+import math
 import os
 
 from vitat_jax import evaluation
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
+from vitat_jax import run_checkpoints
+from vitat_jax import workdir as workdir_lib
+from vitat_jax.checkpoints.io import FORMATS
 from vitat_jax.data import randaugment
 from vitat_jax.errors import UserError
 
 DATASETS = ("digits", "image_folder", "tfds")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_data(config):
@@ -41,17 +46,49 @@ def _check_model(config):
     models.model_defaults(config.model.name)
 
 
-def check_config(config):
-  """Raises UserError for the first problem found in `config`."""
-  if config.epochs <= 0:
-    raise UserError(f"epochs={config.epochs} must be positive")
+def _finite(name, value, *, low=None, high=None, low_open=False,
+            high_open=False, hint=""):
+  """`value` a finite number within the given bounds, else a one-line error."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = ok and math.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
+    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+    span = ("" if low is None and high is None else
+            f"in {lo}{hi}" if low is not None and high is not None else
+            f"{'>' if low_open else '>='} {low}" if low is not None else
+            f"{'<' if high_open else '<='} {high}")
+    raise UserError(f"{name}={value} must be a finite number {span}"
+                    f"{hint}")
+
+
+def _integer(name, value, low, hint=""):
+  if (not isinstance(value, int) or isinstance(value, bool) or value < low):
+    raise UserError(f"{name}={value} must be an integer >= {low}{hint}")
+
+
+def _check_run(config):
+  _integer("seed", config.seed, 0, " (the run's random seed)")
+  if config.seed >= 2 ** 32:
+    raise UserError(f"seed={config.seed} must be below 2**32")
+  if not (math.isfinite(config.epochs) and config.epochs > 0):
+    raise UserError(f"epochs={config.epochs} must be a positive finite "
+                    "number")
   if config.batch_size <= 0 or config.eval.batch_size <= 0:
     raise UserError("batch_size and eval.batch_size must be positive")
+  _finite("warmup_epochs", config.warmup_epochs, low=0)
+  _integer("prm_patch_size", config.prm_patch_size, 1,
+           " (PRM's cell size in pixels)")
   if (config.ard or config.prm) and not (
       0 <= config.warmup_epochs <= config.epochs):
     raise UserError(f"warmup_epochs={config.warmup_epochs} must be in [0, "
                     f"epochs={config.epochs}]: ARD/PRM warm up within the run")
-  if not 0 <= config.drop_rate <= 1:
+  if not (isinstance(config.drop_rate, (int, float))
+          and 0 <= config.drop_rate <= 1):
     raise UserError(f"drop_rate={config.drop_rate} must be in [0, 1] (the "
                     "ARD keep probability reached after warm-up)")
   accum_steps = config.get("accum_steps", 1)
@@ -63,64 +100,214 @@ def check_config(config):
   if not isinstance(fsdp_min_size, int) or fsdp_min_size < 1:
     raise UserError(f"fsdp_min_size={fsdp_min_size} must be a positive "
                     "integer (leaves with fewer elements stay replicated)")
-  if config.beta < 0:
-    raise UserError(f"beta={config.beta} must be >= 0 (the TRADES / MART "
-                    "trade-off; the paper uses 6)")
-  randaugment.check_spec(config.augment.get("randaugment", ""))
+  _integer("num_devices", config.get("num_devices", 0), 0,
+           " (0 = every device)")
+  compute_dtype = config.get("compute_dtype", "float32")
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise UserError(f"compute_dtype={compute_dtype!r}: use float32, bfloat16 "
+                    "(GPU/TPU) or float16")
+  _finite("beta", config.beta, low=0,
+          hint=" (the TRADES / MART trade-off; the paper uses 6)")
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     raise UserError("log_every_steps and checkpoint_every_steps must be "
                     "positive")
+  if config.keep_checkpoints < 1:
+    raise UserError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1"
+                    " (the checkpoints a run keeps; 0 would delete them all)")
+
+
+def _check_augment(config):
+  aug = config.augment
+  _integer("augment.crop_padding", aug.crop_padding, 0, " (0 turns the "
+           "random crop off)")
+  randaugment.check_spec(aug.get("randaugment", ""))
   mix = config.mixup
+  for name in ("prob", "switch_prob", "mixup_alpha", "cutmix_alpha",
+               "label_smoothing"):
+    _finite(f"mixup.{name}", mix[name])
   if not (0 <= mix.prob <= 1 and 0 <= mix.switch_prob <= 1
           and mix.mixup_alpha >= 0 and mix.cutmix_alpha >= 0
           and 0 <= mix.label_smoothing < 1):
     raise UserError("mixup.prob and mixup.switch_prob must be in [0, 1], the "
                     "alphas >= 0 and label_smoothing in [0, 1)")
-  objectives.check_config(config)
-  optim.check_config(config.optim)
-  for name in list(config.eval.attacks) + list(config.eval.epoch_attacks):
+
+
+def _check_optim(config):
+  opt = config.optim
+  for name in ("lr", "momentum", "weight_decay", "grad_clip",
+               "warmup_epochs"):
+    _finite(f"optim.{name}", opt[name])
+  optim.check_config(opt)
+  _finite("optim.momentum", opt.momentum, low=0, high=1, high_open=True)
+  if not 0 <= opt.warmup_epochs <= config.epochs:
+    raise UserError(f"optim.warmup_epochs={opt.warmup_epochs} must be in "
+                    f"[0, epochs={config.epochs}]")
+
+
+def _check_eval(config):
+  ev = config.eval
+  if ev.eps is not None:
+    _finite("eval.eps", ev.eps, low=0, high=1, low_open=True,
+            hint=" (pixel units); leave it unset to use attack.eps")
+  _finite("eval.alpha", ev.alpha)
+  _integer("eval.restarts", ev.restarts, 1, " (random starts per attack)")
+  _integer("eval.num_examples", ev.num_examples, 0,
+           " (0 = the whole test set)")
+  _integer("eval.epoch_num_examples", ev.epoch_num_examples, 0,
+           " (0 = no evaluation after each epoch)")
+  if not ev.attacks:
+    raise UserError("eval.attacks is empty: list at least one, e.g. "
+                    "--config.eval.attacks=\"('clean','pgd20')\"")
+  if ev.epoch_num_examples and not ev.epoch_attacks:
+    raise UserError("eval.epoch_attacks is empty: list at least one, or set "
+                    "eval.epoch_num_examples=0 to skip the epoch evaluation")
+  for name in list(ev.attacks) + list(ev.epoch_attacks):
     evaluation.parse_attack(name)
-  if config.method != "natural" or any(
-      n != "clean" for n in config.eval.attacks):
-    eval_eps = config.eval.eps or config.attack.eps
+  if config.method != "natural" or any(n != "clean" for n in ev.attacks):
+    eval_eps = ev.eps or config.attack.eps
     if not 0 < eval_eps <= 1:
       raise UserError(f"eval.eps={eval_eps} must be in (0, 1] (pixel units)")
-    if not 0 < config.eval.alpha <= eval_eps:
-      raise UserError(f"eval.alpha={config.eval.alpha} must be in (0, "
+    if not 0 < ev.alpha <= eval_eps:
+      raise UserError(f"eval.alpha={ev.alpha} must be in (0, "
                       f"eps={eval_eps}]: the step cannot exceed the radius")
+
+
+def _check_init(config):
+  init = config.init
+  if init.format not in ("auto",) + FORMATS:
+    raise UserError(f"unknown init.format {init.format!r}: use auto, "
+                    f"{', '.join(FORMATS)}")
+  path = init.checkpoint
+  if path and os.path.isdir(path):
+    raise UserError(f"checkpoint {path!r} is a directory: pass the weights "
+                    "file in it (.safetensors, .pth or .npz) as "
+                    "--config.init.checkpoint")
+  if path and not os.path.isfile(path):
+    if init.source:  # a paper config's pre-trained weights
+      name = os.path.splitext(os.path.basename(path))[0]
+      raise UserError(
+          f"pre-trained weights {path!r} not found: save {init.source} there "
+          f"(python scripts/save_pretrained.py "
+          f"--dir={os.path.dirname(path) or '.'} {name}), or pass "
+          "pretrained=scratch to train from random weights")
+    raise UserError(f"checkpoint {path!r} does not exist: fix "
+                    "--config.init.checkpoint or leave it empty to train "
+                    "from scratch")
+
+
+def _check_model_fields(config):
+  m = config.model
+  for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+    if m.get(name) is not None:
+      _integer(f"model.{name}", m[name], 1)
+  if m.get("mlp_ratio") is not None:
+    _finite("model.mlp_ratio", m.mlp_ratio, low=0, low_open=True)
+  if m.get("drop_path_rate") is not None:
+    _finite("model.drop_path_rate", m.drop_path_rate, low=0, high=1,
+            high_open=True, hint=" (the stochastic depth of the last block)")
+
+
+def _check_data_fields(config):
+  data = config.data
+  _integer("data.image_size", data.image_size, 0,
+           " (0 = the data set's own size)")
+  for name in ("train_examples", "test_examples"):
+    _integer(f"data.{name}", data[name], 0, " (0 = all)")
+  _integer("data.subset_seed", data.subset_seed, 0)
+  if data.name == "tfds" and not data.tfds_name:
+    raise UserError("data.tfds_name is empty: name a TFDS data set, e.g. "
+                    "--config.data.tfds_name=cifar10")
+  for name in ("mean", "std"):
+    values = tuple(data[name])
+    if values and (len(values) != 3 or not all(
+        isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+      raise UserError(f"data.{name}={values} must be () (the data set's) or "
+                      "3 finite numbers, one per RGB channel")
+  if any(v <= 0 for v in data.std):
+    raise UserError(f"data.std={tuple(data.std)} must be positive")
+  if data.cache_dir and os.path.exists(data.cache_dir) and not os.path.isdir(
+      data.cache_dir):
+    raise UserError(f"data.cache_dir {data.cache_dir!r} is a file: pass a "
+                    "directory or leave it empty")
+
+
+def check_config(config):
+  """Raises UserError for the first problem found in `config`.
+
+  Every field of configs/default.py is checked here, before anything is
+  loaded, compiled or written.
+  """
+  _check_run(config)
+  _check_augment(config)
+  objectives.check_config(config)
+  _check_optim(config)
+  _check_eval(config)
+  _check_init(config)
   _check_data(config)
+  _check_data_fields(config)
+  _check_model_fields(config)
   _check_model(config)
   if config.prm:
     objectives.check_prm_patch_size(
         config.prm_patch_size,
         config.model.get("img_size") or config.data.image_size)
-  _check_init(config.init)
 
 
-def _check_init(init):
-  path = init.checkpoint
-  if path and not os.path.isfile(path):
-    if init.source:  # a paper config's pre-trained weights
-      raise UserError(
-          f"pre-trained weights {path!r} not found: save {init.source} there "
-          f"(python scripts/save_pretrained.py --dir="
-          f"{os.path.dirname(path) or '.'} {os.path.splitext(os.path.basename(path))[0]})"
-          ", or pass pretrained=scratch to train from random weights")
-    raise UserError(f"checkpoint {path!r} does not exist: "
-                    "fix --config.init.checkpoint or leave it empty to train "
-                    "from scratch")
+def check_steps(config, steps_per_epoch: int) -> int:
+  """The run's total steps; a one-line error if they round to zero."""
+  total = int(round(config.epochs * steps_per_epoch))
+  if total <= 0:
+    raise UserError(f"epochs={config.epochs} of {steps_per_epoch} steps each "
+                    "round to 0 training steps: raise epochs, or lower "
+                    "batch_size")
+  return total
 
 
-# Sections that may change between a run and its resumption.
+# Fields that may change between a run and its resumption (prefixes).
+# (init.source only says where the weights came from.)
 _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
-                   "keep_checkpoints")
+                   "keep_checkpoints", "data.cache_dir", "init.source")
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def _run_defining(config_dict):
-  out = {k: v for k, v in config_dict.items() if k not in _RESUMABLE_KEYS}
-  if isinstance(out.get("init"), dict):  # where the weights came from: a note
-    out["init"] = {k: v for k, v in out["init"].items() if k != "source"}
-  return out
+  return {k: v for k, v in _flatten(config_dict).items()
+          if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)}
+
+
+def config_as_dict(config) -> dict:
+  """The resolved config as plain JSON data (what checkpoints carry)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _differences(previous: dict, current: dict):
+  old, new = _run_defining(previous), _run_defining(current)
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def recorded_config(workdir: str):
+  """(the run's config dict, where it came from) or (None, None).
+
+  The newest readable checkpoint carries the config it was trained with;
+  config.json (a copy for people) is only used when no checkpoint has one.
+  """
+  meta = run_checkpoints.read_meta(workdir)
+  if meta and isinstance(meta.get("config"), dict):
+    return upgrade_run_config(meta["config"]), "its checkpoints"
+  path = os.path.join(workdir, "config.json")
+  previous = workdir_lib.read_json(path)
+  if isinstance(previous, dict):
+    return upgrade_run_config(previous), "config.json"
+  return None, None
 
 
 def upgrade_run_config(previous: dict) -> dict:
@@ -142,25 +329,21 @@ def upgrade_run_config(previous: dict) -> dict:
 
 def check_workdir_config(config, workdir: str):
   """Refuses a workdir holding a run with a different config (no writes)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  previous, source = recorded_config(workdir)
+  if previous is None:
     return
-  current = json.loads(config.to_json_best_effort())
-  with open(path) as f:
-    previous = upgrade_run_config(json.load(f))
-  old, new = _run_defining(previous), _run_defining(current)
-  if old != new:
-    changed = sorted(k for k in set(old) | set(new)
-                     if old.get(k) != new.get(k))
+  changed = _differences(previous, config_as_dict(config))
+  if changed:
+    shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
     raise UserError(
-        f"workdir {workdir!r} holds a run with a different config "
-        f"(differs in: {', '.join(changed)}); use a new --workdir or pass "
-        "--overwrite to start over")
+        f"workdir {workdir!r} holds a run with a different config (per "
+        f"{source}, it differs in: {shown}); rerun with that run's settings, "
+        "use a new --workdir, or pass --overwrite to delete that run and "
+        "start over")
 
 
 def write_workdir_config(config, workdir: str):
-  """Writes the resolved config as workdir/config.json."""
+  """Writes the resolved config as workdir/config.json (atomically)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(json.loads(config.to_json_best_effort()), f, indent=2,
-              sort_keys=True)
+  workdir_lib.write_json(os.path.join(workdir, "config.json"),
+                         config_as_dict(config), indent=2, sort_keys=True)

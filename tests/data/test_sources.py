@@ -506,14 +506,18 @@ def test_lazy_folder_replaces_a_file_that_breaks_while_decoding(tmp_path,
   assert "does not decode" in caplog.text and str(broken) in caplog.text
 
 
-def test_empty_class_folder_is_allowed_and_logged(tmp_path, caplog):
-  _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2},
+def test_empty_class_folder_is_refused_in_train_and_logged_in_test(
+    tmp_path, caplog):
+  _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2, "c": 2},
                 test={"a": 2, "b": 2})
+  (tmp_path / "pets" / "test" / "c").mkdir()
+  splits = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache"))
+  assert splits.class_names == ("a", "b", "c") and splits.num_classes == 3
+  assert "holds no" in caplog.text and "c" in caplog.text
   (tmp_path / "pets" / "train" / "empty").mkdir()
   (tmp_path / "pets" / "test" / "empty").mkdir()
-  splits = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache"))
-  assert splits.class_names == ("a", "b", "empty") and splits.num_classes == 3
-  assert "holds no" in caplog.text and "empty" in caplog.text
+  with pytest.raises(UserError, match="has no"):
+    data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache"))
 
 
 def test_transforms_give_the_configured_size_and_are_seeded(tmp_path):

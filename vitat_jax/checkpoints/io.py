@@ -39,8 +39,12 @@ def detect_format(path: str) -> str:
   with open(path, "rb") as f:
     head = f.read(9)
   if head[:2] == b"PK":  # a zip: numpy's npz or torch's zip pickle
-    with zipfile.ZipFile(path) as z:
-      names = z.namelist()
+    try:
+      with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+      raise UserError(f"{path} is a damaged zip file ({e}): is it truncated?"
+                      " Copy it again") from None
     return "npz" if all(n.endswith(".npy") for n in names) else "torch"
   if len(head) == 9 and head[8:9] == b"{":
     return "safetensors"
@@ -56,18 +60,36 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + size])
   except (struct.error, ValueError) as e:
-    raise UserError(f"{path} is not a valid .safetensors file ({e})") from None
+    raise UserError(f"{path} is not a valid .safetensors file ({e}): is it "
+                    "truncated? Copy it again") from None
+  if not isinstance(header, dict):
+    raise UserError(f"{path} is not a valid .safetensors file (its header is "
+                    f"a {type(header).__name__}, not an object)")
   body = memoryview(data)[8 + size:]
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info["dtype"] not in _ST_DTYPES:
+    try:
+      dtype = _ST_DTYPES.get(info["dtype"])
+      start, end = (int(v) for v in info["data_offsets"])
+      shape = tuple(int(v) for v in info["shape"])
+    except (TypeError, KeyError, ValueError):
+      raise UserError(f"{path} is not a valid .safetensors file (bad header "
+                      f"entry for tensor {name!r})") from None
+    if dtype is None:
       raise UserError(f"{path}: tensor {name} has unsupported dtype "
                       f"{info['dtype']}")
-    start, end = info["data_offsets"]
-    array = np.frombuffer(body[start:end], _ST_DTYPES[info["dtype"]])
-    out[name] = array.reshape(tuple(info["shape"])).copy()
+    if not 0 <= start <= end <= len(body):
+      raise UserError(f"{path} is truncated: tensor {name!r} ends at byte "
+                      f"{end} of {len(body)}; copy the file again")
+    try:
+      array = np.frombuffer(body[start:end], dtype).reshape(shape)
+    except ValueError:
+      raise UserError(f"{path} is not a valid .safetensors file (tensor "
+                      f"{name!r}: {end - start} bytes for shape {shape})"
+                      ) from None
+    out[name] = array.copy()
   return out
 
 
@@ -107,6 +129,13 @@ def read_torch(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
+    import pickle  # pylint: disable=g-import-not-at-top
+    if not isinstance(e, pickle.UnpicklingError):
+      # Not a refused pickle: a damaged or truncated file, or not torch's.
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise UserError(f"{path} cannot be read as a PyTorch file "
+                      f"({first[:120]}): is it truncated? Copy it again, or "
+                      "check that it is a torch.save file") from None
     if not allow_pickle:
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise UserError(
@@ -149,11 +178,17 @@ def read_npz(path: str) -> Dict[str, np.ndarray]:
       return {k: data[k] for k in data.files}
   except ValueError as e:
     raise UserError(f"{path} is not a plain .npz checkpoint ({e})") from None
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f"{path} cannot be read as .npz ({type(e).__name__}: "
+                    f"{e}): is it truncated? Copy it again") from None
 
 
 def read(path: str, format: str = "auto",  # pylint: disable=redefined-builtin
          allow_pickle: bool = False):
   """(tensors, format) from `path`; format 'auto' guesses from the file."""
+  if os.path.isdir(path):
+    raise UserError(f"checkpoint {path} is a directory: pass the weights "
+                    "file in it")
   if not os.path.isfile(path):
     raise UserError(f"checkpoint {path} does not exist")
   if format == "auto":

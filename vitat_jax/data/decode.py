@@ -81,6 +81,9 @@ def open_image(encoded: Encoded) -> Image.Image:
 def _rgb(image: Image.Image) -> Image.Image:
   if image.mode == "RGB":
     return image
+  if image.mode.startswith("I"):  # 16-bit grey: convert() would clip to 255
+    image = Image.fromarray(np.clip(np.round(
+        np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
   if image.mode in ("RGBA", "LA") or (image.mode == "P" and
                                       "transparency" in image.info):
     # Composite on black, as torchvision's convert("RGB") drops alpha.

@@ -123,11 +123,14 @@ def _class_folders(split_dir: pathlib.Path) -> tuple[str, ...]:
                       if entry.is_dir() and not entry.name.startswith(".")))
 
 
-def list_images(split_dir: pathlib.Path,
-                class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def list_images(split_dir: pathlib.Path, class_names: Sequence[str],
+                allow_empty_class: bool = True
+                ) -> tuple[list[str], np.ndarray]:
   """Image paths (sorted within each class) and their class indices.
 
-  An empty class folder is allowed (logged); a split without images is not.
+  An empty class folder is refused where `allow_empty_class` is False (the
+  training split: a head would learn a class with no examples), logged
+  elsewhere; a split without images, or a broken symbolic link, is refused.
   """
   files, labels = [], []
   for label, class_name in enumerate(class_names):
@@ -137,8 +140,16 @@ def list_images(split_dir: pathlib.Path,
       for filename in sorted(filenames):
         if (filename.lower().endswith(IMAGE_EXTENSIONS) and
             not filename.startswith(".")):
-          files.append(os.path.join(dirpath, filename))
+          path = os.path.join(dirpath, filename)
+          if not os.path.isfile(path):
+            raise UserError(f"{path} is a broken or looping symbolic link: "
+                            "fix or delete it")
+          files.append(path)
           labels.append(label)
+    if len(files) == before and not allow_empty_class:
+      raise UserError(f"class folder {split_dir / class_name} has no "
+                      f"{'/'.join(IMAGE_EXTENSIONS)} images: add images or "
+                      "remove the folder")
     if len(files) == before:
       logging.warning("class folder %s holds no %s images; its class has no "
                       "examples in this split", split_dir / class_name,

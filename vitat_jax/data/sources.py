@@ -412,7 +412,8 @@ def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
     if split == "test" and eval_subset == "robustbench":
       files, labels = folder.robustbench_files(root_path / split, class_names)
     else:
-      files, labels = folder.list_images(root_path / split, class_names)
+      files, labels = folder.list_images(root_path / split, class_names,
+                                         allow_empty_class=split != "train")
     files, labels, sizes = folder.index_split(root_path, split, files, labels,
                                               cache_path)
     keep = _maybe_subset(labels, wanted, len(class_names), seed,
