@@ -80,6 +80,7 @@ def check_config(config):
   optim.check_config(config.optim)
   for name in list(config.eval.attacks) + list(config.eval.epoch_attacks):
     evaluation.parse_attack(name)
+  evaluation.check_autoattack_config(config)
   if config.method != "natural" or any(
       n != "clean" for n in config.eval.attacks):
     eval_eps = config.eval.eps or config.attack.eps
