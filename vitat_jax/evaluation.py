@@ -201,7 +201,7 @@ def autoattack_options(config) -> Dict[str, Any]:
   custom = tuple(aa.attacks)
   return dict(version="custom" if custom else aa.version,
               attacks_to_run=custom or None, norm=aa.norm,
-              batch_size=aa.batch_size or None,
+              autoattack_batch_size=aa.batch_size or None,
               save_adversarial=config.eval.save_adversarial)
 
 
@@ -274,7 +274,8 @@ def evaluate(model, params, source, attack_names: Sequence[str], *, key,
              batch_size: int = 128, num_examples=None,
              shard_fn: Callable = lambda batch: batch,
              version: str = "standard", attacks_to_run=None,
-             norm: str = "Linf", save_adversarial: bool = False,
+             norm: str = "Linf", autoattack_batch_size: Optional[int] = None,
+             save_adversarial: bool = False,
              output_dir: Optional[str] = None) -> Dict[str, Any]:
   """Clean and robust accuracy of `params` on the first images of `source`.
 
@@ -300,8 +301,8 @@ def evaluate(model, params, source, attack_names: Sequence[str], *, key,
         model, params, source, count,
         key=jax.random.fold_in(key, 10_000 + index), eps=eps, norm=norm,
         version=version, attacks_to_run=attacks_to_run,
-        batch_size=batch_size, save_adversarial=save_adversarial,
-        output_dir=output_dir)
+        batch_size=autoattack_batch_size or batch_size,
+        save_adversarial=save_adversarial, output_dir=output_dir)
     result["num_eval_images"] = count
     result[f"{spec.name}_acc"] = float(np.mean(run["robust"]))
     result[f"{spec.name}_time_s"] = float(sum(run["seconds"].values()))

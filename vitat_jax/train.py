@@ -183,8 +183,7 @@ def run_final_evaluation(config, model, params, test_source, shard_fn, key,
       eps=eval_cfg.eps or config.attack.eps, alpha=eval_cfg.alpha,
       restarts=eval_cfg.restarts, batch_size=eval_cfg.batch_size,
       num_examples=num_examples, shard_fn=shard_fn, output_dir=workdir,
-      **{**options, "batch_size": options["batch_size"] or
-         eval_cfg.batch_size})
+      **options)
 
 
 def config_for_evaluation(cli_config, workdir: str):
