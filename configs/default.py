@@ -149,6 +149,20 @@ def get_config():
   config.eval.attacks = ("clean", "cw20", "pgd20", "pgd100", "aa")
   config.eval.epoch_num_examples = 500 # per-epoch subset; 0 = no epoch eval
   config.eval.epoch_attacks = ("clean", "pgd20")
+  # AutoAttack ("aa" in eval.attacks): fra31's versions, or a custom list
+  # of attacks (then the version is left at "standard"); norm Linf or L2
+  # (L2: APGD attacks only). batch_size 0 = eval.batch_size.
+  config.eval.autoattack = ml_collections.ConfigDict()
+  config.eval.autoattack.version = "standard"   # standard | plus | rand
+  config.eval.autoattack.attacks = ()           # e.g. ("apgd-ce", "square")
+  config.eval.autoattack.norm = "Linf"
+  config.eval.autoattack.batch_size = 0
+  # "" = eval.num_examples test images; "robustbench": RobustBench's set
+  # (CIFAR-10: the first 10,000 test images at 32 px).
+  config.eval.protocol = ""
+  # AutoAttack's adversarial examples, per attack, in
+  # workdir/adversarial/<attack>.npz (indices, images, labels).
+  config.eval.save_adversarial = False
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000

@@ -66,7 +66,8 @@ def test_eval_mode_reproduces_the_final_evaluation_and_adds_autoattack(trained):
     trained_metrics = json.load(f)
   proc = _run("--mode=eval", f"--workdir={workdir}",
               "--config.eval.num_examples=32", "--config.eval.batch_size=32",
-              "--config.eval.attacks=('clean','pgd20','aa')")
+              "--config.eval.attacks=('clean','pgd20','aa')",
+              "--config.eval.save_adversarial=True")
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(workdir / "robustness.json") as f:
     robustness = json.load(f)
@@ -79,6 +80,33 @@ def test_eval_mode_reproduces_the_final_evaluation_and_adds_autoattack(trained):
                                           "fab-t", "square"]
   assert "zero_gradient_points" in log["checks"]
   assert "aa" in proc.stdout
+  # fra31's log format, and the broken points' images per attack.
+  lines = (workdir / "log.txt").read_text().splitlines()
+  assert lines[0] == ("using standard version including apgd-ce, apgd-t, "
+                      "fab-t, square.")
+  assert lines[1] == f"initial accuracy: {robustness['clean_acc']:.2%}"
+  assert lines[-1] == f"robust accuracy: {robustness['aa_acc']:.2%}"
+  assert sum(l.startswith("robust accuracy after ") for l in lines) == 4
+  import numpy as np
+  broken = 0
+  for name in log["robust_accuracy"]:
+    if name != "clean":
+      with np.load(workdir / "adversarial" / f"{name}.npz") as saved:
+        assert len(saved["indices"]) == len(saved["images"]) == log[
+            "broken"][name]
+        broken += len(saved["indices"])
+  assert broken == round(32 * (robustness["clean_acc"]
+                               - robustness["aa_acc"]))
+
+
+def test_bad_autoattack_version_fails_before_any_work(trained):
+  workdir, _ = trained
+  proc = _run("--mode=eval", f"--workdir={workdir}",
+              "--config.eval.attacks=('aa',)",
+              "--config.eval.autoattack.version=fast")
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "unknown AutoAttack version" in errors[0]
 
 
 def test_eval_mode_on_an_exported_checkpoint_gives_the_same_numbers(

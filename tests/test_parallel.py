@@ -69,17 +69,23 @@ def _child(args):
 
 def _autoattack_child(args):
   """AutoAttack on a fixed MLP whose params are replicated over every
-  device of the cluster; writes the robust flags and adversarial images."""
+  device of the cluster; writes the robust flags, the adversarial images
+  (of the rows this process holds) and the bytes it sent to other hosts."""
   from vitat_jax import parallel
   if args.num_processes > 1:
     parallel.initialize_distributed(args.coordinator, args.num_processes,
                                     args.process_id)
   import jax
+  from jax.experimental import multihost_utils
   from tests.attacks import _models
   from vitat_jax import attacks
   assert jax.device_count() == args.devices, jax.devices()
   params = parallel.replicate(parallel.make_mesh(),
                               {"w1": _models.W1, "w2": _models.W2})
+  sent = []  # AutoAttack's host-to-host exchanges: process_allgather
+  allgather = multihost_utils.process_allgather
+  multihost_utils.process_allgather = lambda x, **kw: (
+      sent.append(np.asarray(x).nbytes), allgather(x, **kw))[1]
   images, labels = _models.batch(0, n=40)
   result = attacks.autoattack(
       lambda p, x: jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"]) @ p["w2"],
@@ -89,6 +95,8 @@ def _autoattack_child(args):
                  "fab-t": {"n_iter": 20}, "square": {"n_queries": 100}})
   if jax.process_index() == 0:
     np.savez(args.out, robust=result.robust, adv_images=result.adv_images,
+             held=result.held, sent_bytes=np.asarray(sum(sent)),
+             image_bytes=np.asarray(np.asarray(images).nbytes),
              **{f"after {k}": v for k, v in result.robust_accuracy.items()})
 
 
@@ -177,16 +185,42 @@ def test_two_hosts_match_one_process_with_four_devices(tmp_path):
   _assert_close(multi, single)
 
 
-def test_autoattack_on_two_hosts_matches_one_process(tmp_path):
-  # 40 points in 5 batches: host 0 takes batches 0, 2, 4, host 1 the rest;
-  # what each breaks must reach the other before the next attack.
-  single = _launch(tmp_path, "single", 4, task="autoattack")
-  multi = _launch(tmp_path, "multi", 2, num_processes=2, task="autoattack")
-  multi, single = _collect(multi), _collect(single)
-  # Neither all robust nor all broken, else a lost merge would not show.
-  assert 0.1 < single["after square"] < 0.9, single["after square"]
-  assert single["after apgd-ce"] < single["after clean"]
+@pytest.fixture(scope="module")
+def autoattack_runs(tmp_path_factory):
+  """AutoAttack on 1, 8 and 4 devices of one process, and on 2 processes x
+  2 devices, started together."""
+  root = tmp_path_factory.mktemp("aa")
+  runs = {"one": _launch(root, "one", 1, task="autoattack"),
+          "eight": _launch(root, "eight", 8, task="autoattack"),
+          "four": _launch(root, "four", 4, task="autoattack"),
+          "two_hosts": _launch(root, "two_hosts", 2, num_processes=2,
+                               task="autoattack")}
+  return {name: _collect(run) for name, run in runs.items()}
+
+
+def test_autoattack_on_eight_devices_matches_one_device(autoattack_runs):
+  one, eight = autoattack_runs["one"], autoattack_runs["eight"]
+  # Neither all robust nor all broken, else a lost point would not show.
+  assert 0.1 < one["after square"] < 0.9, one["after square"]
+  assert one["after apgd-ce"] < one["after clean"]
+  np.testing.assert_array_equal(eight["robust"], one["robust"])
+  _assert_close(eight, one)
+
+
+def test_autoattack_on_two_hosts_matches_one_process(autoattack_runs):
+  # Host 0 attacks rows 0, 2, 4, ..., host 1 the others; only the robust
+  # flags (40 bytes: clean, zero gradient, after each of 4 attacks) and the
+  # four perturbation numbers cross hosts, never the images (unasked).
+  single, multi = autoattack_runs["four"], autoattack_runs["two_hosts"]
   np.testing.assert_array_equal(multi["robust"], single["robust"])
+  held = multi.pop("held")
+  assert held.sum() == 20 and held[::2].all()
+  np.testing.assert_allclose(multi.pop("adv_images")[held],
+                             single.pop("adv_images")[held], atol=1e-6)
+  assert single.pop("sent_bytes") == 0
+  sent = int(multi.pop("sent_bytes"))
+  assert sent == 6 * 40 + 4 * 8 < int(multi["image_bytes"]) / 100, sent
+  single.pop("held")
   _assert_close(multi, single)
 
 

@@ -205,3 +205,10 @@ def merge_owned_rows(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
   everything = np.asarray(multihost_utils.process_allgather(values))
   return everything[owner, np.arange(len(owner))]
 
+
+
+def process_max(values: np.ndarray) -> np.ndarray:
+  """The element-wise maximum of a small host array over processes."""
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)

@@ -170,7 +170,7 @@ def _attack_log_dict(attack_log) -> Dict[str, Any]:
     attack_log = {f: getattr(attack_log, f) for f in (
         "robust_accuracy", "seconds", "checks", "warnings")}
   keep = ("robust_accuracy", "seconds", "checks", "warnings", "version",
-          "num_images")
+          "num_images", "attacked", "broken", "perturbation")
   return json.loads(json.dumps({k: v for k, v in attack_log.items()
                                 if k in keep}, default=float))
 

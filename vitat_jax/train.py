@@ -171,15 +171,21 @@ def format_table(result: Dict[str, Any], attack_names) -> str:
   return "\n".join(lines)
 
 
-def run_final_evaluation(config, model, params, test_source, shard_fn, key):
-  """The configured attacks (`config.eval`) on the configured test images."""
+def run_final_evaluation(config, model, params, test_source, shard_fn, key,
+                         workdir=None):
+  """The configured attacks (`config.eval`) on the configured test images;
+  AutoAttack's log.txt (and adversarial examples) go to `workdir`."""
   eval_cfg = config.eval
+  num_examples = (evaluation.robustbench_num_examples(config)
+                  if eval_cfg.protocol == "robustbench"
+                  else eval_cfg.num_examples or None)
+  options = evaluation.autoattack_options(config)
   return evaluation.evaluate(
       model, params, test_source, eval_cfg.attacks, key=key,
       eps=eval_cfg.eps or config.attack.eps, alpha=eval_cfg.alpha,
       restarts=eval_cfg.restarts, batch_size=eval_cfg.batch_size,
-      num_examples=eval_cfg.num_examples or None, shard_fn=shard_fn,
-      workers=config.data.workers)
+      num_examples=num_examples, shard_fn=shard_fn, output_dir=workdir,
+      workers=config.data.workers, **options)
 
 
 def config_for_evaluation(cli_config, workdir: str):
@@ -254,7 +260,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   params = parallel.replicate(mesh, params)
   result = run_final_evaluation(
       config, model, params, splits.test,
-      functools.partial(parallel.shard_batch, mesh), eval_key)
+      functools.partial(parallel.shard_batch, mesh), eval_key, workdir)
   result.update(eps=config.eval.eps or config.attack.eps,
                 model=config.model.name, checkpoint=source,
                 wall_time_s=time.perf_counter() - wall_start)
@@ -530,7 +536,8 @@ def _train_locked(config, workdir, overwrite, wall_start, mesh, splits, model,
 
       eval_start = time.perf_counter()
       result = run_final_evaluation(config, model, state.params,
-                                    splits.test, shard_eval, eval_key)
+                                    splits.test, shard_eval, eval_key,
+                                    workdir)
       result.update(
           eps=eval_eps, model=config.model.name, method=config.method,
           ard=config.ard, prm=config.prm, steps=total_steps,

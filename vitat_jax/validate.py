@@ -163,6 +163,7 @@ def _check_eval(config):
                     "eval.epoch_num_examples=0 to skip the epoch evaluation")
   for name in list(ev.attacks) + list(ev.epoch_attacks):
     evaluation.parse_attack(name)
+  evaluation.check_autoattack_config(config)
   if config.method != "natural" or any(n != "clean" for n in ev.attacks):
     eval_eps = ev.eps or config.attack.eps
     if not 0 < eval_eps <= 1:

@@ -75,6 +75,20 @@ def test_same_key_same_result_and_batching_is_invisible_to_the_flags():
   b = _run(x, y, jax.random.key(0))
   np.testing.assert_array_equal(a.adv_images, b.adv_images)
   assert a.robust_accuracy == b.robust_accuracy
+  # Point i is keyed by its index: the set in two pieces (other batches,
+  # other compacted robust sets) gives the same flags and images.
+  halves = [_run(x[r], y[r], jax.random.key(0), first_index=r.start)
+            for r in (slice(0, 20), slice(20, 40))]
+  combined = attacks.combine_results(halves)
+  np.testing.assert_array_equal(combined["robust"], a.robust)
+  assert combined["robust_accuracy"] == pytest.approx(a.robust_accuracy)
+  np.testing.assert_allclose(
+      np.concatenate([h.adv_images for h in halves]), a.adv_images,
+      atol=1e-6)
+  assert sum(combined["broken"].values()) == round(
+      40 * (a.robust_accuracy["clean"] - a.accuracy))
+  assert a.attacked["apgd-ce"] == round(40 * a.robust_accuracy["clean"])
+  assert a.perturbation["max"] <= 4 / 255 + 1e-6 and a.perturbation["nan"] == 0
   assert 0 < a.accuracy < a.robust_accuracy["clean"]
   assert not any(a.checks[k] for k in ("looks_like_probabilities",
                                        "randomized", "zero_gradient_points",
@@ -137,6 +151,53 @@ def test_bad_arguments_are_one_line_errors(kwargs, fragment):
   with pytest.raises(UserError, match=fragment) as info:
     attacks.autoattack(mlp, x, y, key=jax.random.key(0), **kwargs)
   assert "\n" not in str(info.value)
+
+
+def _eval_config(**changes):
+  from configs import default
+  config = default.get_config()
+  config.eval.attacks = ("clean", "aa")
+  for key, value in changes.items():
+    section, *rest = key.split(".")
+    target = config
+    for part in [section] + rest[:-1]:
+      target = target[part]
+    target[rest[-1] if rest else section] = value
+  return config
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"eval.autoattack.version": "fast"}, "unknown AutoAttack version"),
+    ({"eval.autoattack.attacks": ("apgd-ce", "pgd")}, "bad attacks_to_run"),
+    ({"eval.autoattack.attacks": ("apgd-ce",),
+      "eval.autoattack.version": "plus"}, "cannot be combined"),
+    ({"eval.eps": 1.5}, "must be in (0, 1]"),
+    ({"eval.autoattack.norm": "L1"}, "unknown AutoAttack norm"),
+    ({"eval.autoattack.norm": "L2"}, "implemented for L-inf only"),
+    ({"eval.protocol": "robustbench", "data.name": "digits"},
+     "protocol='robustbench' is defined here for cifar10"),
+    ({"eval.protocol": "robustbench", "data.tfds_name": "imagenet2012"},
+     "ImageNet"),
+    ({"eval.protocol": "robustbench", "data.image_size": 224}, "at 32 px"),
+    ({"eval.protocol": "leaderboard"}, "unknown eval.protocol"),
+])
+def test_bad_autoattack_configs_fail_before_any_attack(changes, fragment):
+  from vitat_jax import validate
+  with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(
+      ")", r"\)").replace("[", r"\[")) as info:
+    validate.check_config(_eval_config(**changes))
+  assert "\n" not in str(info.value)
+
+
+def test_robustbench_protocol_is_cifar10s_first_10000_test_images():
+  config = _eval_config(**{"eval.protocol": "robustbench"})
+  assert evaluation.robustbench_num_examples(config) == 10_000
+  config.eval.num_examples = 500
+  assert evaluation.robustbench_num_examples(config) == 500
+  options = evaluation.autoattack_options(_eval_config(
+      **{"eval.autoattack.attacks": ("apgd-ce", "square")}))
+  assert options["version"] == "custom"
+  assert options["attacks_to_run"] == ("apgd-ce", "square")
 
 
 class _Linear(nn.Module):

@@ -6,7 +6,9 @@ from vitat_jax.attacks.apgd import dlr_loss
 from vitat_jax.attacks.apgd import dlr_loss_targeted
 from vitat_jax.attacks.autoattack import ATTACK_NAMES
 from vitat_jax.attacks.autoattack import autoattack
+from vitat_jax.attacks.autoattack import attack_settings
 from vitat_jax.attacks.autoattack import AutoAttackResult
+from vitat_jax.attacks.autoattack import combine_results
 from vitat_jax.attacks.autoattack import VERSIONS
 from vitat_jax.attacks.fab import fab
 from vitat_jax.attacks.fab import fab_targeted
@@ -22,7 +24,8 @@ from vitat_jax.attacks.pgd import uniform_init
 from vitat_jax.attacks.square import square
 
 __all__ = ["ATTACK_NAMES", "AutoAttackResult", "apgd", "apgd_targeted",
-           "autoattack", "check_budget", "cross_entropy_per_example", "cw",
+           "attack_settings", "autoattack", "combine_results",
+           "check_budget", "cross_entropy_per_example", "cw",
            "cw_margin_per_example", "dlr_loss", "dlr_loss_targeted", "fab",
            "fab_targeted", "gaussian_init", "perturb", "pgd", "project",
            "square", "uniform_init", "VERSIONS"]

@@ -10,16 +10,26 @@ the robust accuracy is reported after each. Versions:
   rand      APGD-CE and APGD-DLR with EOT over 20 draws (randomised models)
   custom    `attacks_to_run`, with the reference's constructor settings
 
-The host loop gathers the still-robust points into fixed-shape batches (the
-last one padded to a power of two, so each attack compiles a few times at
-most); each attack on a batch is one jitted function. Attack `name` uses the
-key `fold_in(key, ATTACK_NAMES.index(name))`, its b-th batch
-`fold_in(that, b)`, so the same key gives the same result.
+Work follows the robust set, as in the reference: before every stage of an
+attack (each target of APGD-T and FAB-T, each restart) the host gathers the
+points still robust into dense fixed-shape batches (full ones of
+batch_size, the remainder padded to a power of two: a few compiles per
+attack), and Square drops its broken points between query segments
+(SQUARE_SEGMENTS) instead of querying a whole padded batch until every
+point in it is broken. Each batch is sharded over this process's devices
+(mesh axis "data"), the params replicated.
 
-Over several processes (`jax.distributed`), process p attacks the batches
-b with b % process_count == p on one of its devices, and the processes
-merge the still-robust flags and adversarial images after every attack:
-the batches and their keys are those of a single process, so is the result.
+Every point draws its own randomness: point i of attack `name` uses
+`fold_in(fold_in(key_attacks, ATTACK_NAMES.index(name)), first_index + i)`
+(the attack functions run on it alone, under `vmap`), so the result is the
+same whatever the batch, the compaction, the device count or the process
+that attacks it, and a set attacked in pieces (`first_index`) equals the
+set attacked at once.
+
+Over several processes (`jax.distributed`), process p attacks rows p,
+p + P, ... on its own devices; after each attack only the robust flags are
+merged over processes, and the adversarial images only when asked
+(`gather_adversarial`).
 """
 
 import dataclasses
@@ -33,13 +43,16 @@ import jax.numpy as jnp
 import numpy as np
 
 # Names, not modules: the package exports functions named apgd, fab, square.
-from vitat_jax.attacks.apgd import apgd
-from vitat_jax.attacks.apgd import apgd_targeted
+from vitat_jax.attacks.apgd import single_run as apgd_single_run
+from vitat_jax.attacks.fab import closest_hyperplane
+from vitat_jax.attacks.fab import single_run as fab_single_run
+from vitat_jax.attacks.fab import targeted_hyperplane
+from vitat_jax.attacks.square import run_queries as square_queries
+from vitat_jax.attacks.square import start_state as square_start
 from vitat_jax.attacks.apgd import dlr_loss
-from vitat_jax.attacks.fab import fab
-from vitat_jax.attacks.fab import fab_targeted
+from vitat_jax.attacks.apgd import dlr_loss_targeted
+from vitat_jax.attacks.apgd import UNTARGETED_LOSSES
 from vitat_jax.attacks.pgd import cross_entropy_per_example
-from vitat_jax.attacks.square import square
 from vitat_jax import parallel
 from vitat_jax.errors import UserError
 
@@ -150,57 +163,144 @@ class _Model:
     return self.fn(*args)
 
 
+def _per_point(point_fn: Callable) -> Callable:
+  """`point_fn(key, x [1, ...], y [1]) -> tree` over a batch, one key per
+  point: what a point gets depends on its key only, not on its batch."""
+  def one(key, x, y):
+    return jax.tree.map(lambda a: a[0], point_fn(key, x[None], y[None]))
+  return jax.vmap(one)
+
+
+def _point_keys(key, rows):
+  """Point `rows[i]`'s key: `fold_in(key, rows[i])` (rows: global indices)."""
+  return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
+
+
+def _stages(s: AttackSettings):
+  """The host-level stages of an attack: (target, restart) pairs, each run
+  only on the points every earlier stage left robust (as the reference
+  loops over targets and restarts on the still-robust subset)."""
+  targets = s.n_target_classes if s.name in ("apgd-t", "fab-t") else 1
+  return [(t, r) for t in range(targets) for r in range(s.n_restarts)]
+
+
 @functools.partial(jax.jit, static_argnames=("model", "settings"))
-def _attack_batch(params, key, x, y, *, model: _Model,
+def _attack_stage(params, key, rows, x, y, target, restart, *, model: _Model,
                   settings: AttackSettings):
-  """Runs one attack on a batch: (adversarial images, still correct)."""
-  attack_key, check_key = jax.random.split(key)
-  draw_key = jax.random.fold_in(check_key, 1)
-  fixed = lambda xi: model(params, xi, draw_key)
+  """One stage (a target and a restart) of a white-box attack on a batch:
+  (adversarial images, still correct)."""
   s = settings
-  if s.name in ("apgd-ce", "apgd-dlr", "apgd-t"):
-    logits_fn = ((lambda xi, k: model(params, xi, k)) if model.stochastic
-                 else fixed)
-    common = dict(eps=s.eps, norm=s.norm, n_iter=s.n_iter,
-                  n_restarts=s.n_restarts, eot_iter=s.eot_iter,
-                  stochastic=model.stochastic)
-    if s.name == "apgd-t":
-      adv = apgd_targeted(logits_fn, attack_key, x, y,
-                                   n_target_classes=s.n_target_classes,
-                                   **common)
+
+  def point(key, x, y):
+    key = jax.random.fold_in(jax.random.fold_in(key, target), restart)
+    attack_key, check_key = jax.random.split(key)
+    draw_key = jax.random.fold_in(check_key, 1)
+    fixed = lambda xi: model(params, xi, draw_key)
+    keyed = ((lambda xi, k: model(params, xi, k)) if model.stochastic
+             else (lambda xi, _: fixed(xi)))
+    clean_key, run_key = jax.random.split(attack_key)
+    if s.name in ("apgd-t", "fab-t"):
+      clean_logits = keyed(x, clean_key)
+      order = jnp.argsort(clean_logits, axis=-1)
+      targets = jnp.take(order, clean_logits.shape[-1] - 2 - target, axis=-1)
+    if s.name.startswith("apgd"):
+      if s.name == "apgd-t":
+        loss_fn = lambda logits: dlr_loss_targeted(logits, y, targets)
+      else:
+        loss_fn = lambda logits: UNTARGETED_LOSSES[s.name[5:]](logits, y)
+      _, still_robust, _, x_best_adv = apgd_single_run(
+          keyed, loss_fn, run_key, x, y, eps=s.eps, norm=s.norm,
+          n_iter=s.n_iter, eot_iter=s.eot_iter)
+      adv = jnp.where(still_robust[:, None, None, None], x, x_best_adv)
     else:
-      adv = apgd(logits_fn, attack_key, x, y, loss=s.name[5:],
-                          **common)
-  elif s.name == "fab-t":
-    adv = fab_targeted(fixed, attack_key, x, y, eps=s.eps,
-                               n_iter=s.n_iter, n_restarts=s.n_restarts,
-                               n_target_classes=s.n_target_classes)
-  elif s.name == "fab":
-    adv = fab(fixed, attack_key, x, y, eps=s.eps, n_iter=s.n_iter,
-                      n_restarts=s.n_restarts)
-  else:
-    adv = square(fixed, attack_key, x, y, eps=s.eps,
-                            n_queries=s.n_queries, n_restarts=s.n_restarts)
-  correct = jnp.argmax(model(params, adv, check_key), axis=-1) == y
-  return adv, correct
+      hyperplane = (targeted_hyperplane(fixed, targets)
+                    if s.name == "fab-t" else closest_hyperplane(fixed))
+      adv = fab_single_run(fixed, hyperplane, run_key, x, y, eps=s.eps,
+                               n_iter=s.n_iter, alpha_max=0.1, eta=1.05,
+                               beta=0.9, random_start=restart > 0)
+      outside = jnp.max(jnp.abs(adv - x).reshape(x.shape[0], -1),
+                        axis=-1) > s.eps
+      adv = jnp.where(outside[:, None, None, None], x, adv)
+    correct = jnp.argmax(model(params, adv, check_key), axis=-1) == y
+    return jax.lax.stop_gradient(adv), correct
+
+  return _per_point(point)(_point_keys(key, rows), x, y)
+
+
+def _square_fns(model: _Model, settings: AttackSettings):
+  """Square's start and query segment as per-point functions."""
+  s = settings
+
+  def keys(key, restart):
+    key = jax.random.fold_in(key, restart)
+    attack_key, check_key = jax.random.split(key)
+    return attack_key, jax.random.fold_in(check_key, 1), check_key
+
+  def start(params, key, x, y, restart):
+    attack_key, draw_key, check_key = keys(key, restart)
+    state = square_start(lambda xi: model(params, xi, draw_key), attack_key,
+                         x, y, eps=s.eps)
+    correct = jnp.argmax(model(params, state[0], check_key), axis=-1) == y
+    return state, correct
+
+  def queries(params, key, x, y, state, restart, first, last):
+    attack_key, draw_key, check_key = keys(key, restart)
+    fixed = lambda xi: model(params, xi, draw_key)
+    x_best, margin_best, loss_best = square_queries(
+        fixed, attack_key, x, y, state, first, last, eps=s.eps,
+        n_queries=s.n_queries, p_init=0.8)
+    correct = jnp.argmax(model(params, x_best, check_key), axis=-1) == y
+    return (x_best, margin_best, loss_best), correct
+  return start, queries
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings"))
+def _square_start(params, key, rows, x, y, restart, *, model, settings):
+  start, _ = _square_fns(model, settings)
+  return _per_point(lambda k, xi, yi: start(params, k, xi, yi, restart))(
+      _point_keys(key, rows), x, y)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings"))
+def _square_queries(params, key, rows, x, y, state, restart, first, last, *,
+                    model, settings):
+  _, queries = _square_fns(model, settings)
+  point = lambda k, xi, yi, st: queries(params, k, xi, yi, st, restart,
+                                        first, last)
+  one = lambda k, xi, yi, st: jax.tree.map(
+      lambda a: a[0], point(k, xi[None], yi[None],
+                            jax.tree.map(lambda a: a[None], st)))
+  return jax.vmap(one)(_point_keys(key, rows), x, y, state)
+
+
+# Query counts after which Square drops its broken points (the reference
+# drops them after every query; each segment is one compiled while loop).
+SQUARE_SEGMENTS = (10, 50, 200, 500, 1000, 2000, 3000, 4000, 6000, 8000)
+
+
+def _square_segments(n_queries: int):
+  ends = [q for q in SQUARE_SEGMENTS if q < n_queries] + [n_queries]
+  return list(zip([0] + ends[:-1], ends))
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _clean_batch(params, key, x, y, *, model: _Model):
+def _clean_batch(params, key, rows, x, y, *, model: _Model):
   """Clean correctness, and which points have an all-zero loss gradient.
 
   The gradient is that of the DLR loss (CE with fewer than 3 classes): DLR
   is invariant to the logits' scale, so it is zero only where the model is
   flat, not where a confident softmax underflows.
   """
-  def loss(xi):
-    logits = model(params, xi, key)
-    per_example = (dlr_loss(logits, y) if logits.shape[-1] >= 3
-                   else cross_entropy_per_example(logits, y))
-    return per_example.sum(), logits
-  grad, logits = jax.grad(loss, has_aux=True)(x)
-  zero_grad = jnp.sum(jnp.abs(grad).reshape(x.shape[0], -1), axis=-1) == 0
-  return jnp.argmax(logits, axis=-1) == y, zero_grad
+  def point(key, x, y):
+    def loss(xi):
+      logits = model(params, xi, key)
+      per_example = (dlr_loss(logits, y) if logits.shape[-1] >= 3
+                     else cross_entropy_per_example(logits, y))
+      return per_example.sum(), logits
+    grad, logits = jax.grad(loss, has_aux=True)(x)
+    zero_grad = jnp.sum(jnp.abs(grad).reshape(x.shape[0], -1), axis=-1) == 0
+    return jnp.argmax(logits, axis=-1) == y, zero_grad
+  return _per_point(point)(_point_keys(key, rows), x, y)
 
 
 @dataclasses.dataclass
@@ -220,6 +320,14 @@ class AutoAttackResult:
       attack), `too_few_classes`.
     warnings: one line per failed check.
     seconds: wall-clock time per attack.
+    attacked: attack name -> the number of points it started on.
+    clean: [N] bool, classified correctly before any attack.
+    perturbation: over the rows held, the largest perturbation (`max`, in
+      the norm), the number of NaNs (`nan`), and the adversarial images'
+      `max_value` and `min_value` (the reference's final log line).
+    held: [N] bool, the rows whose adversarial images `adv_images` holds:
+      all, except over several processes without `gather_adversarial`
+      (then this process's rows; the others hold their clean images).
   """
   robust_accuracy: Dict[str, float]
   adv_images: np.ndarray
@@ -228,6 +336,10 @@ class AutoAttackResult:
   checks: Dict[str, Any]
   warnings: List[str]
   seconds: Dict[str, float]
+  attacked: Dict[str, int]
+  held: np.ndarray
+  clean: np.ndarray
+  perturbation: Dict[str, float]
 
   @property
   def accuracy(self) -> float:
@@ -239,26 +351,49 @@ class AutoAttackResult:
 MIN_PADDED_BATCH = 64
 
 
-def _chunks(indices: np.ndarray, batch_size: int):
+def _chunks(indices: np.ndarray, batch_size: int, multiple: int = 1):
   """Fixed-shape chunks of indices, padded (with the last index): every
-  full chunk has batch_size entries, the last a power of two <= batch_size
-  (and >= MIN_PADDED_BATCH). Yields (padded indices, number valid)."""
-  floor = min(batch_size, MIN_PADDED_BATCH)
+  full chunk has batch_size entries (rounded up to a multiple of
+  `multiple`, the local device count), the last a power of two (at least
+  MIN_PADDED_BATCH) if smaller. Yields (padded indices, number valid)."""
+  round_up = lambda k: -(-k // multiple) * multiple
+  cap = round_up(batch_size)
+  floor = min(cap, round_up(MIN_PADDED_BATCH))
   for start in range(0, len(indices), batch_size):
     chunk = indices[start:start + batch_size]
-    size = min(batch_size,
-               max(floor, 1 << max(len(chunk) - 1, 0).bit_length()))
+    size = min(cap, round_up(max(floor,
+                                 1 << max(len(chunk) - 1, 0).bit_length())))
     yield np.pad(chunk, (0, size - len(chunk)), mode="edge"), len(chunk)
 
 
-def _my_chunks(indices: np.ndarray, batch_size: int, owner: np.ndarray):
-  """`enumerate(_chunks(...))`, only the batches of this process, recording
-  in `owner` which process takes each point."""
-  num_processes, me = jax.process_count(), jax.process_index()
-  for b, (idx, valid) in enumerate(_chunks(indices, batch_size)):
-    owner[idx[:valid]] = b % num_processes
-    if b % num_processes == me:
-      yield b, (idx, valid)
+class _Runner:
+  """Runs a jitted per-point function on dense batches of chosen rows,
+  each batch sharded over this process's devices ("data" axis), the
+  params replicated."""
+
+  def __init__(self, params, batch_size: int, first_index: int):
+    self.mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()),
+                                  (parallel.DATA_AXIS,))
+    self.params = jax.device_put(parallel.single_device_copy(params),
+                                 parallel.replicated(self.mesh))
+    self.batch_size, self.first_index = batch_size, first_index
+
+  def __call__(self, fn, key, todo, arrays, *extra_args, per_row=(),
+               **static):
+    """Yields (indices into `todo`, outputs) per batch: `fn(params, key,
+    rows, *[a[todo] for a in arrays], *[a[positions] for a in per_row],
+    *extra_args, **static)`, outputs cut to the valid rows."""
+    sharding = parallel.batch_sharding(self.mesh)
+    put = lambda a: jax.device_put(np.asarray(a), sharding)
+    for positions, valid in _chunks(np.arange(len(todo)), self.batch_size,
+                                    self.mesh.devices.size):
+      idx = todo[positions]
+      rows = (self.first_index + idx).astype(np.uint32)
+      args = [put(rows)] + [put(a[idx]) for a in arrays]
+      args += [jax.tree.map(lambda a: put(a[positions]), t) for t in per_row]
+      out = fn(self.params, key, *args, *extra_args, **static)
+      yield positions[:valid], jax.tree.map(lambda a: np.asarray(a)[:valid],
+                                            out)
 
 
 def _first_batch_checks(model, params, key, x, version, settings, warnings):
@@ -312,7 +447,8 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
                attacks_to_run: Optional[Sequence[str]] = None,
                batch_size: int = 250, params=None, stochastic: bool = False,
                overrides: Optional[Dict[str, Dict[str, int]]] = None,
-               run_checks: bool = True, verbose: bool = True
+               run_checks: bool = True, verbose: bool = True,
+               first_index: int = 0, gather_adversarial: bool = False
                ) -> AutoAttackResult:
   """Runs AutoAttack on `images` [N, H, W, C] in [0, 1] with integer labels.
 
@@ -325,10 +461,15 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
     eps, norm: the threat model.
     version: "standard", "plus", "rand" or "custom" (with attacks_to_run,
       names from ATTACK_NAMES).
-    batch_size: points per attack batch.
+    batch_size: points per attack batch (over all local devices).
     overrides: per-attack changes to the version's settings (plain data),
       e.g. {"square": {"n_queries": 1000}, "apgd-ce": {"n_restarts": 3}}.
     run_checks: the sanity checks on the first batch and the zero gradients.
+    first_index: the global index of images[0]: point i's randomness is
+      keyed by first_index + i, so a set attacked in consecutive pieces
+      gives the same result as attacked at once.
+    gather_adversarial: over several processes, also merge the adversarial
+      images (each process holds only its own rows' otherwise).
 
   Returns:
     An AutoAttackResult.
@@ -346,27 +487,29 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
   if batch_size <= 0:
     raise UserError(f"batch_size={batch_size} must be a positive integer")
   model = _Model(logits_fn, params is not None, stochastic)
-  params = parallel.single_device_copy(params)
+  runner = _Runner(params, batch_size, first_index)
   check_key, clean_key, attacks_key = jax.random.split(key, 3)
   warnings = []
   checks = {}
   if run_checks:
-    checks = _first_batch_checks(model, params, check_key,
+    checks = _first_batch_checks(model, runner.params, check_key,
                                  x_all[:batch_size], version, settings,
                                  warnings)
 
+  # Process p attacks rows p, p + P, ...; only the robust flags (and, when
+  # asked, the adversarial images at the end) are merged over processes.
   n = len(x_all)
+  owner = np.arange(n) % jax.process_count()
+  mine = np.flatnonzero(owner == jax.process_index())
   robust = np.zeros(n, bool)
   zero_grad = np.zeros(n, bool)
-  owner = np.zeros(n, np.int32)  # the process that computed each point
-  for b, (idx, valid) in _my_chunks(np.arange(n), batch_size, owner):
-    correct, zero = _clean_batch(params, jax.random.fold_in(clean_key, b),
-                                 x_all[idx], y_all[idx], model=model)
-    robust[idx[:valid]] = np.asarray(correct)[:valid]
-    zero_grad[idx[:valid]] = np.asarray(zero)[:valid]
+  for pos, (correct, zero) in runner(_clean_batch, clean_key, mine,
+                                     (x_all, y_all), model=model):
+    robust[mine[pos]], zero_grad[mine[pos]] = correct, zero
   robust = parallel.merge_owned_rows(robust, owner)
   zero_grad = parallel.merge_owned_rows(zero_grad, owner)
   robust_accuracy = {"clean": float(robust.mean())}
+  clean = robust.copy()
   if run_checks:
     checks["zero_gradient_points"] = int((zero_grad & robust).sum())
     if checks["zero_gradient_points"]:
@@ -377,42 +520,149 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
   adv_all = x_all.copy()
   seconds = {}
   robust_after = {}
+  attacked = {}
   for s in settings:
     start = time.perf_counter()
     attack_key = jax.random.fold_in(attacks_key, ATTACK_NAMES.index(s.name))
-    todo = np.flatnonzero(robust)
-    for b, (idx, valid) in _my_chunks(todo, batch_size, owner):
-      adv, correct = _attack_batch(params, jax.random.fold_in(attack_key, b),
-                                   x_all[idx], y_all[idx], model=model,
-                                   settings=s)
-      broken = ~np.asarray(correct)[:valid]
-      adv_all[idx[:valid][broken]] = np.asarray(adv)[:valid][broken]
-      robust[idx[:valid][broken]] = False
+    attacked[s.name] = int(robust.sum())
+    if s.name == "square":
+      _run_square(runner, model, s, attack_key, mine, robust, x_all, y_all,
+                  adv_all)
+    else:
+      for target, restart in _stages(s):
+        todo = mine[robust[mine]]
+        for pos, (adv, correct) in runner(
+            _attack_stage, attack_key, todo, (x_all, y_all), target, restart,
+            model=model, settings=s):
+          broken = todo[pos][~correct]
+          adv_all[broken] = adv[~correct]
+          robust[broken] = False
     robust = parallel.merge_owned_rows(robust, owner)
-    adv_all = parallel.merge_owned_rows(adv_all, owner)
     seconds[s.name] = time.perf_counter() - start
     robust_accuracy[s.name] = float(robust.mean())
     robust_after[s.name] = robust.copy()
     if verbose:
       logging.info("robust accuracy after %s: %.2f%% (%d points, %.1f s)",
-                   s.name.upper(), 100 * robust_accuracy[s.name], len(todo),
-                   seconds[s.name])
+                   s.name.upper(), 100 * robust_accuracy[s.name],
+                   attacked[s.name], seconds[s.name])
+  if gather_adversarial:
+    adv_all = parallel.merge_owned_rows(adv_all, owner)
+  held = (np.ones(n, bool) if gather_adversarial or jax.process_count() == 1
+          else owner == jax.process_index())
 
   if run_checks:
-    checks["square_beats_white_box"] = None
-    if "square" in robust_accuracy and len(robust_accuracy) > 2:
-      best_other = min(v for k, v in robust_accuracy.items() if k != "square")
-      beaten = robust_accuracy["square"] < best_other - SQUARE_MARGIN
-      checks["square_beats_white_box"] = bool(beaten)
-      if beaten:
-        warnings.append(
-            f"Square lowered the robust accuracy by "
-            f"{100 * (best_other - robust_accuracy['square']):.2f} pp after "
-            "the white-box attacks: the evaluation may be unreliable "
-            "(gradient masking?)")
+    _square_check(checks, robust_accuracy, warnings)
   for line in warnings:
     logging.warning("autoattack: %s", line)
   return AutoAttackResult(robust_accuracy=robust_accuracy, adv_images=adv_all,
                           robust=robust, robust_after=robust_after,
                           checks=checks, warnings=warnings,
-                          seconds=seconds)
+                          seconds=seconds, attacked=attacked, held=held,
+                          clean=clean,
+                          perturbation=_perturbation(adv_all, x_all, norm,
+                                                     held))
+
+
+def _perturbation(adv, x, norm, held) -> Dict[str, float]:
+  delta = (adv[held] - x[held]).reshape(int(held.sum()), -1)
+  size = (np.abs(delta).max(-1) if norm == "Linf"
+          else np.sqrt((delta ** 2).sum(-1)))
+  values = np.asarray([size.max(initial=0.0), np.isnan(adv[held]).sum(),
+                       adv[held].max(initial=0.0),
+                       -adv[held].min(initial=1.0)], np.float64)
+  if jax.process_count() > 1 and not held.all():  # four numbers per host
+    values = parallel.process_max(values)
+  return dict(max=float(values[0]), nan=int(values[1]),
+              max_value=float(values[2]), min_value=float(-values[3]))
+
+
+def _square_check(checks, robust_accuracy, warnings):
+  """Did Square (black box) lower the robust accuracy after white-box
+  attacks? Then their gradients were probably unreliable."""
+  checks["square_beats_white_box"] = None
+  if "square" in robust_accuracy and len(robust_accuracy) > 2:
+    best_other = min(v for k, v in robust_accuracy.items() if k != "square")
+    beaten = robust_accuracy["square"] < best_other - SQUARE_MARGIN
+    checks["square_beats_white_box"] = bool(beaten)
+    if beaten:
+      warnings.append(
+          f"Square lowered the robust accuracy by "
+          f"{100 * (best_other - robust_accuracy['square']):.2f} pp after "
+          "the white-box attacks: the evaluation may be unreliable "
+          "(gradient masking?)")
+
+
+def combine_results(pieces: Sequence[AutoAttackResult]) -> Dict[str, Any]:
+  """One set's numbers from AutoAttack runs on consecutive pieces of it
+  (with `first_index`): flags concatenated, counts and times summed, the
+  checks of every piece combined (adversarial images are not kept)."""
+  robust = np.concatenate([p.robust for p in pieces])
+  names = list(pieces[0].robust_after)
+  robust_after = {k: np.concatenate([p.robust_after[k] for p in pieces])
+                  for k in names}
+  clean = np.concatenate([p.clean for p in pieces])
+  robust_accuracy = {"clean": float(clean.mean()),
+                     **{k: float(v.mean()) for k, v in robust_after.items()}}
+  before, broken = clean, {}
+  for k in names:
+    broken[k] = int((before & ~robust_after[k]).sum())
+    before = robust_after[k]
+  checks, warnings = {}, []
+  for p in pieces:
+    for k, v in p.checks.items():
+      if k == "zero_gradient_points":
+        checks[k] = checks.get(k, 0) + v
+      elif k != "square_beats_white_box":
+        checks[k] = None if v is None else bool(checks.get(k) or v)
+    warnings += [w for w in p.warnings
+                 if w not in warnings and "Square lowered" not in w
+                 and "zero loss gradient" not in w]
+  if checks.get("zero_gradient_points"):
+    warnings.append(f"{checks['zero_gradient_points']} correctly classified "
+                    "points have a zero loss gradient: gradient-based "
+                    "attacks are unreliable here (masked gradients?)")
+  if checks:
+    _square_check(checks, robust_accuracy, warnings)
+  perturbation = {
+      "max": max(p.perturbation["max"] for p in pieces),
+      "nan": sum(p.perturbation["nan"] for p in pieces),
+      "max_value": max(p.perturbation["max_value"] for p in pieces),
+      "min_value": min(p.perturbation["min_value"] for p in pieces)}
+  return dict(robust=robust, robust_after=robust_after, clean=clean,
+              robust_accuracy=robust_accuracy, broken=broken,
+              attacked={k: sum(p.attacked[k] for p in pieces) for k in names},
+              seconds={k: sum(p.seconds[k] for p in pieces) for k in names},
+              checks=checks, warnings=warnings, perturbation=perturbation)
+
+
+def _run_square(runner, model, s, attack_key, mine, robust, x_all, y_all,
+                adv_all):
+  """Square on this process's robust rows, restart by restart; between
+  query segments only the points still unbroken go on (dense batches)."""
+  for restart in range(s.n_restarts):
+    todo = mine[robust[mine]]
+    if not len(todo):
+      return
+    x_best = np.empty((len(todo),) + x_all.shape[1:], np.float32)
+    margin_best = np.empty(len(todo), np.float32)
+    loss_best = np.empty(len(todo), np.float32)
+    correct = np.ones(len(todo), bool)
+
+    def store(pos, out):
+      (x_best[pos], margin_best[pos], loss_best[pos]), correct[pos] = out
+
+    for pos, out in runner(_square_start, attack_key, todo, (x_all, y_all),
+                           restart, model=model, settings=s):
+      store(pos, out)
+    for first, last in _square_segments(s.n_queries):
+      active = np.flatnonzero(margin_best > 0)
+      if not len(active):
+        break
+      state = (x_best[active], margin_best[active], loss_best[active])
+      for pos, out in runner(_square_queries, attack_key, todo[active],
+                             (x_all, y_all), restart, first, last,
+                             per_row=(state,), model=model, settings=s):
+        store(active[pos], out)
+    broken = ~correct
+    adv_all[todo[broken]] = x_best[broken]
+    robust[todo[broken]] = False

@@ -10,7 +10,8 @@ misclassified). p starts at p_init = 0.8 and halves at queries 10, 50, 200,
 one window for the whole batch each query; here every example draws its own
 (the original paper's per-example attack), so an example's attack does not
 depend on the rest of its batch. The queries are a `lax.while_loop` that
-stops when every example is misclassified.
+stops when every example is misclassified; `run_queries` runs a segment of
+them, so AutoAttack can drop the broken examples between segments.
 """
 
 from typing import Callable
@@ -54,24 +55,36 @@ def _random_sign(key, shape):
   return jnp.sign(2.0 * jax.random.uniform(key, shape) - 1.0)
 
 
-def single_run(logits_fn: Callable, key, x: jax.Array, y: jax.Array, *,
-               eps: float, n_queries: int, p_init: float):
-  """One Square run; returns (x_best, margin_best)."""
-  batch, height, width, channels = x.shape
-  sizes = jnp.asarray(window_sizes(n_queries, p_init, height, width))
-  start_key, loop_key = jax.random.split(key)
+def start_state(logits_fn: Callable, key, x: jax.Array, y: jax.Array, *,
+                eps: float):
+  """Square's start (random vertical stripes of +-eps): the state
+  (x_best, margin_best, loss_best) that `run_queries` continues."""
+  batch, _, width, channels = x.shape
+  start_key, _ = jax.random.split(key)
   x_best = jnp.clip(
       x + eps * _random_sign(start_key, (batch, 1, width, channels)), 0.0, 1.0)
   margin_best = margin(logits_fn(x_best), y)
+  return x_best, margin_best, margin_best
+
+
+def run_queries(logits_fn: Callable, key, x: jax.Array, y: jax.Array, state,
+                first, last, *, eps: float, n_queries: int, p_init: float):
+  """Queries first .. last - 1 (traced or not) of a run of n_queries from
+  `state`; stops early when every example is misclassified. Running a run
+  in segments gives the same result as running it at once (query i draws
+  from `fold_in(., i)`), so a caller can drop broken examples in between."""
+  batch, height, width, channels = x.shape
+  sizes = jnp.asarray(window_sizes(n_queries, p_init, height, width))
+  _, loop_key = jax.random.split(key)
   rows = jnp.arange(height)[None, :, None, None]
   cols = jnp.arange(width)[None, None, :, None]
 
-  def cond(state):
-    i, _, margin_best, _ = state
-    return (i < n_queries) & jnp.any(margin_best > 0)
+  def cond(carry):
+    i, _, margin_best, _ = carry
+    return (i < last) & jnp.any(margin_best > 0)
 
-  def body(state):
-    i, x_best, margin_best, loss_best = state
+  def body(carry):
+    i, x_best, margin_best, loss_best = carry
     row_key, col_key, sign_key = jax.random.split(
         jax.random.fold_in(loop_key, i), 3)
     s = sizes[i]
@@ -95,8 +108,18 @@ def single_run(logits_fn: Callable, key, x: jax.Array, y: jax.Array, *,
     x_best = jnp.where(accept[:, None, None, None], x_new, x_best)
     return i + 1, x_best, margin_best, loss_best
 
-  state = (jnp.zeros((), jnp.int32), x_best, margin_best, margin_best)
-  _, x_best, margin_best, _ = jax.lax.while_loop(cond, body, state)
+  carry = (jnp.asarray(first, jnp.int32), *state)
+  _, x_best, margin_best, loss_best = jax.lax.while_loop(cond, body, carry)
+  return x_best, margin_best, loss_best
+
+
+def single_run(logits_fn: Callable, key, x: jax.Array, y: jax.Array, *,
+               eps: float, n_queries: int, p_init: float):
+  """One Square run; returns (x_best, margin_best)."""
+  state = start_state(logits_fn, key, x, y, eps=eps)
+  x_best, margin_best, _ = run_queries(logits_fn, key, x, y, state, 0,
+                                       n_queries, eps=eps,
+                                       n_queries=n_queries, p_init=p_init)
   return x_best, margin_best
 
 
