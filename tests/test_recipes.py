@@ -72,7 +72,7 @@ def test_adversarial_step_with_accumulation_and_randaugment_runs():
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(method="pgd"), "unknown method 'pgd'"),
-    (dict(beta=-1.0), "beta=-1.0 must be >= 0"),
+    (dict(beta=-1.0), "beta=-1.0 must be a finite number >= 0"),
     (dict(accum_steps=3), "accum_steps=3 must be a positive integer dividing "
                           "batch_size=8"),
     (dict(accum_steps=0), "accum_steps=0"),

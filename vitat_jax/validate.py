@@ -198,9 +198,14 @@ def _check_init(config):
 
 def _check_model_fields(config):
   m = config.model
-  for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
-    if m.get(name) is not None:
-      _integer(f"model.{name}", m[name], 1)
+  for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
+               "depths"):
+    value = m.get(name)
+    if isinstance(value, (tuple, list)) and value:  # Swin: one per stage
+      for v in value:
+        _integer(f"model.{name}", v, 1, " (each stage's)")
+    elif value is not None:
+      _integer(f"model.{name}", value, 1)
   if m.get("mlp_ratio") is not None:
     _finite("model.mlp_ratio", m.mlp_ratio, low=0, low_open=True)
   if m.get("drop_path_rate") is not None:

@@ -171,7 +171,7 @@ def _eval_config(**changes):
     ({"eval.autoattack.attacks": ("apgd-ce", "pgd")}, "bad attacks_to_run"),
     ({"eval.autoattack.attacks": ("apgd-ce",),
       "eval.autoattack.version": "plus"}, "cannot be combined"),
-    ({"eval.eps": 1.5}, "must be in (0, 1]"),
+    ({"eval.eps": 1.5}, "in (0, 1]"),
     ({"eval.autoattack.norm": "L1"}, "unknown AutoAttack norm"),
     ({"eval.autoattack.norm": "L2"}, "implemented for L-inf only"),
     ({"eval.protocol": "robustbench", "data.name": "digits"},

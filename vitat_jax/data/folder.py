@@ -132,7 +132,7 @@ def list_images(split_dir: pathlib.Path, class_names: Sequence[str],
   training split: a head would learn a class with no examples), logged
   elsewhere; a split without images, or a broken symbolic link, is refused.
   """
-  files, labels = [], []
+  files, labels, empty = [], [], []
   for label, class_name in enumerate(class_names):
     before = len(files)
     for dirpath, dirnames, filenames in os.walk(split_dir / class_name):
@@ -147,16 +147,18 @@ def list_images(split_dir: pathlib.Path, class_names: Sequence[str],
           files.append(path)
           labels.append(label)
     if len(files) == before and not allow_empty_class:
-      raise UserError(f"class folder {split_dir / class_name} has no "
-                      f"{'/'.join(IMAGE_EXTENSIONS)} images: add images or "
-                      "remove the folder")
-    if len(files) == before:
+      empty.append(class_name)
+    elif len(files) == before:
       logging.warning("class folder %s holds no %s images; its class has no "
                       "examples in this split", split_dir / class_name,
                       "/".join(IMAGE_EXTENSIONS))
   if not files:
     raise UserError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under "
                     f"{split_dir}/<class>/; add images or fix data.root")
+  if empty:
+    raise UserError(f"class folder {split_dir / empty[0]} has no "
+                    f"{'/'.join(IMAGE_EXTENSIONS)} images: add images or "
+                    "remove the folder")
   return files, np.asarray(labels, np.int32)
 
 
