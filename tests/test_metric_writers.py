@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import time
 
 import numpy as np
 
@@ -71,6 +72,27 @@ def test_resumed_run_replaces_the_lost_steps(tmp_path):
   np.testing.assert_allclose([v for _, v in scalars["train/loss"]],
                              [0.2, 0.1, 9.0], rtol=1e-6)
   assert scalars["test/pgd20_acc"] == []
+
+
+def test_purge_holds_when_the_old_event_file_name_sorts_late(tmp_path):
+  # The earlier file's name sorts after one the resumed run would open now:
+  # a counter ("99999") that sorts after short ones, stamped with the next
+  # second (a file of the same second, at worst). TensorBoard reads files in
+  # name order and purges only earlier ones, so the new file must sort last.
+  workdir = str(tmp_path)
+  _write_run(workdir)
+  logdir = tmp_path / "tensorboard"
+  (old,) = os.listdir(logdir)
+  parts = old.split(".")
+  parts[3] = "%010d" % (int(time.time()) + 1)
+  renamed = ".".join(parts[:-1] + ["99999"])
+  os.rename(logdir / old, logdir / renamed)
+  with metric_writers.MetricWriter(workdir, purge_step=21) as writer:
+    writer.write_scalars(30, {"train_loss": 9.0})
+  assert sorted(os.listdir(logdir))[-1] != renamed
+  scalars = metric_writers.read_tensorboard_scalars(workdir)
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]],
+                             [0.2, 0.1, 9.0], rtol=1e-6)
 
 
 def test_a_repeated_final_record_replaces_only_itself(tmp_path):

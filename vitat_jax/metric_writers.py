@@ -16,6 +16,7 @@ import atexit
 import json
 import numbers
 import os
+import re
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -49,6 +50,26 @@ def tensorboard_tag(key: str) -> str:
   return key
 
 
+_EVENT_FILE_SECOND = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+
+
+def _wait_past_existing_event_files(logdir: str) -> None:
+  """Waits (under a second) until a new event file sorts after the old ones.
+
+  TensorBoard reads event files in name order and a purge applies only to
+  earlier files. Names start with the creation second, then end in an
+  unpadded per-process counter, so two files of one process in the same
+  second can sort backwards ("...10" < "...9") and the purge misfire.
+  """
+  if not os.path.isdir(logdir):
+    return
+  seconds = [int(m.group(1)) for m in map(_EVENT_FILE_SECOND.match,
+                                          os.listdir(logdir)) if m]
+  if seconds:
+    while time.time() < max(seconds) + 1:
+      time.sleep(0.01)
+
+
 class _TensorBoardWriter:
   """Scalars and text as TensorBoard events (simple values, no TensorFlow)."""
 
@@ -58,6 +79,7 @@ class _TensorBoardWriter:
     from tensorboard.summary.writer import event_file_writer
     self._event_pb2 = event_pb2
     self._summary_pb2 = summary_pb2
+    _wait_past_existing_event_files(logdir)
     self._writer = event_file_writer.EventFileWriter(logdir, flush_secs=30)
     if purge_step is not None:
       # TensorBoard drops events at steps >= purge_step from earlier files,
