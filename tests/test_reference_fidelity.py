@@ -27,6 +27,22 @@ from vitat_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8)
+# One small 32-px size per family, for the tests below that span families.
+TINY_FAMILIES = {
+    "deit_tiny_patch16_224": dict(embed_dim=64, num_heads=4, depth=1,
+                                  patch_size=8),
+    "convit_tiny": dict(embed_dim=16, num_heads=4, depth=2,
+                        local_up_to_layer=1, patch_size=8),
+    "swin_tiny_patch4_window7_224": dict(embed_dim=32, depths=(1, 1),
+                                         num_heads=(1, 2), window_size=4),
+}
+
+
+def _family(name):
+  for family in ("swin", "convit"):
+    if name.startswith(family):
+      return next(n for n in TINY_FAMILIES if n.startswith(family))
+  return "deit_tiny_patch16_224"
 
 
 def _timm():
@@ -145,23 +161,10 @@ def _reduce(config):
   config.model.img_size = 32
   config.model.num_classes = 10
   config.prm_patch_size = min(config.prm_patch_size, 16)
-  name = config.model.name
-  if name.startswith("swin"):
-    config.model.embed_dim = 8
-    config.model.depths = (1, 1)
-    del config.model["num_heads"]        # an int field; Swin takes one a stage
-    config.model.num_heads = (1, 2)
-    config.model.window_size = 4
-  elif name.startswith("convit"):
-    config.model.embed_dim = 8
-    config.model.num_heads = 2
-    config.model.depth = 2
-    config.model.local_up_to_layer = 1
-  else:
-    config.model.embed_dim = 16
-    config.model.num_heads = 2
-    config.model.depth = 1
-    config.model.patch_size = 8
+  for key, value in TINY_FAMILIES[_family(config.model.name)].items():
+    if key in config.model and isinstance(value, tuple):
+      del config.model[key]       # an int field; Swin takes one per stage
+    config.model[key] = value
   config.batch_size = 4
   config.accum_steps = 1
   return config
@@ -240,13 +243,7 @@ def test_replaced_head_of_a_pretrained_model_has_the_reference_std(tmp_path):
   assert np.all(np.asarray(params["head"]["bias"]) == 0)
 
 
-@pytest.mark.parametrize("name,sizes", [
-    ("deit_tiny_patch16_224", dict(embed_dim=64, num_heads=4, depth=1,
-                                   patch_size=8)),
-    ("convit_tiny", dict(embed_dim=16, num_heads=4, depth=1,
-                         local_up_to_layer=1, patch_size=8)),
-    ("swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(1, 1),
-                                          num_heads=(1, 2), window_size=4))])
+@pytest.mark.parametrize("name,sizes", TINY_FAMILIES.items())
 def test_weight_init_is_a_named_option_of_every_family(name, sizes):
   stds = {}
   for scheme in ("trunc_normal", "xavier_uniform"):
@@ -340,13 +337,7 @@ def test_old_run_config_is_upgraded_to_what_it_ran():
 # --- bf16 compute keeps an attack's small steps -----------------------------
 
 
-@pytest.mark.parametrize("name,sizes", [
-    ("deit_tiny_patch16_224", dict(embed_dim=16, num_heads=2, depth=1,
-                                   patch_size=8)),
-    ("convit_tiny", dict(embed_dim=8, num_heads=2, depth=1,
-                         local_up_to_layer=1, patch_size=8)),
-    ("swin_tiny_patch4_window7_224", dict(embed_dim=8, depths=(1, 1),
-                                          num_heads=(1, 2), window_size=4))])
+@pytest.mark.parametrize("name,sizes", TINY_FAMILIES.items())
 def test_bf16_patch_embedding_sees_a_quarter_level_pixel_change(name, sizes):
   x = jnp.full((1, 32, 32, 3), 0.5, jnp.float32)
   x_step = x.at[0, 5, 6, 1].add(0.25 / 255)

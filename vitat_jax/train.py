@@ -69,6 +69,16 @@ def build_model(config, splits=None):
   return models.create_from_config(config.model, **data_kwargs)
 
 
+def _abstract_state(model, tx, seed: int) -> "TrainState":
+  """The train state's shapes and dtypes, traced without compiling."""
+  params = jax.eval_shape(
+      model.init, jax.eval_shape(lambda: jax.random.key(seed)),
+      jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
+                           jnp.float32))["params"]
+  return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                    jax.eval_shape(tx.init, params))
+
+
 def accumulate_gradients(grad_fn, params, batch, key, r, accum_steps: int):
   """Mean gradient and metrics of `grad_fn` over `accum_steps` micro-batches.
 
@@ -237,14 +247,8 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
     source = config.init.checkpoint
   else:
     # Shapes only until the restore (nothing compiled if it fails).
-    abstract_params = jax.eval_shape(
-        model.init, jax.eval_shape(lambda: jax.random.key(config.seed)),
-        jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
-                             jnp.float32))["params"]
     tx, _ = optim.make_optimizer(config.optim, config.epochs, 1)
-    abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32),
-                                abstract_params,
-                                jax.eval_shape(tx.init, abstract_params))
+    abstract_state = _abstract_state(model, tx, config.seed)
     ckpt = run_checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
     state, step, _ = run_checkpoints.restore_latest(
         ckpt, abstract_state, set_aside=False, advice=(
@@ -387,13 +391,7 @@ def _train_locked(config, workdir, overwrite, wall_start, mesh, splits, model,
 
   # Shapes only until the restore: a run whose checkpoints are all
   # unreadable is refused before anything is compiled.
-  abstract_params = jax.eval_shape(
-      model.init, jax.eval_shape(lambda: jax.random.key(config.seed)),
-      jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3),
-                           jnp.float32))["params"]
-  abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32),
-                              abstract_params,
-                              jax.eval_shape(tx.init, abstract_params))
+  abstract_state = _abstract_state(model, tx, config.seed)
   shardings = parallel.state_shardings(
       mesh, abstract_state, fsdp=config.fsdp,
       fsdp_min_size=config.fsdp_min_size)

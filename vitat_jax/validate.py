@@ -13,6 +13,7 @@ from vitat_jax import evaluation
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
+from vitat_jax import report
 from vitat_jax import run_checkpoints
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.checkpoints.io import FORMATS
@@ -275,18 +276,8 @@ _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
                    "keep_checkpoints", "data.cache_dir", "init.source")
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _run_defining(config_dict):
-  return {k: v for k, v in _flatten(config_dict).items()
+  return {k: v for k, v in report.flatten(config_dict).items()
           if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)}
 
 

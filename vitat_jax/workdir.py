@@ -43,19 +43,7 @@ def check_writable(workdir: str) -> None:
 
 def write_json(path: str, value: Any, **kwargs) -> None:
   """`json.dump(value)` to `path` atomically (temp file + rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
-                             suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(value, f, **kwargs)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
+  write_text(path, json.dumps(value, **kwargs))
 
 
 def write_text(path: str, text: str) -> None:
