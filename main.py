@@ -219,6 +219,7 @@ def main(argv):
     return
   # Imported here so that --help and flag errors do not pay for JAX start-up.
   import jax
+  from vitat_jax import eval_only
   from vitat_jax import parallel
   from vitat_jax import train
   from vitat_jax.errors import UserError
@@ -239,8 +240,8 @@ def main(argv):
       config, config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
     if _MODE.value == "eval":
-      result = train.evaluate_checkpoint(
-          train.config_for_evaluation(config, workdir), workdir)
+      result = eval_only.evaluate_checkpoint(
+          eval_only.config_for_evaluation(config, workdir), workdir)
     else:
       result = train.train_and_evaluate(config, workdir,
                                         overwrite=_OVERWRITE.value)
@@ -248,7 +249,15 @@ def main(argv):
     _fail(e)
   except Preempted as e:
     print(f"{e} (workdir {workdir})", file=sys.stderr)
-    sys.exit(e.exit_code)
+    # Everything to keep is on disk (the checkpoint waited for, the metrics
+    # flushed, the lock released). A signal that stopped the run at once
+    # unwound through a running JAX call; the interpreter's teardown after
+    # that can crash (SIGSEGV) and turn a clean stop into a failure, so it
+    # is skipped.
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.exit_code)  # pylint: disable=protected-access
   print(result["table"])
   if _MODE.value == "eval":
     where = ("not written: " + result["write_error"] if "write_error" in result

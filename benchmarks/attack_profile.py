@@ -49,7 +49,7 @@ import numpy as np
 
 from benchmarks import train_step
 from vitat_jax import parallel
-from vitat_jax import train
+from vitat_jax import state as state_lib
 
 # What an op computes, from its op_name; first match wins.
 CATEGORIES = (
@@ -96,7 +96,7 @@ def profile(loop, params, x, y):
 
 
 def main():
-  model = train.build_model(train_step.make_config(argparse.Namespace(
+  model = state_lib.build_model(train_step.make_config(argparse.Namespace(
       model="deit_tiny_patch16_224", batch_size=32, attack_steps=10,
       ard=False, prm=False, compute_dtype="float32", remat=False))).clone(
           num_classes=10, img_size=32, mean=train_step.CIFAR10_MEAN,

@@ -1,7 +1,7 @@
 r"""Speed of the adversarial-training step: JAX against the PyTorch reference.
 
 Times one PGD-10 AT step (augmentation, attack, forward/backward, clipped SGD
-update: `train.make_train_step` exactly as training runs it) and one PGD-20
+update: `train_step.make_train_step` exactly as training runs it) and one PGD-20
 evaluation step, in JAX and in a PyTorch re-implementation of the
 reference's step on timm's model (same CPU, model, batch and budget), with
 the two sides alternating and the medians reported. Also reports XLA's FLOP
@@ -33,11 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10
+from vitat_jax import attack_names
 from vitat_jax import evaluation
 from vitat_jax import objectives
 from vitat_jax import optim
 from vitat_jax import parallel
-from vitat_jax import train
+from vitat_jax import state as state_lib
+from vitat_jax import train_step as train_step_lib
 from vitat_jax.data import pipeline
 
 NUM_CLASSES = 10
@@ -80,7 +82,7 @@ class JaxSide:
 
   def __init__(self, args):
     config = make_config(args)
-    self.model = train.build_model(config).clone(
+    self.model = state_lib.build_model(config).clone(
         num_classes=NUM_CLASSES, img_size=32, mean=CIFAR10_MEAN,
         std=CIFAR10_STD)
     steps_per_epoch = 781
@@ -100,11 +102,11 @@ class JaxSide:
     mesh = parallel.make_mesh()
     parallel.check_batch_size(args.batch_size, mesh)
     self.num_devices = mesh.devices.size
-    self.state = parallel.replicate(mesh, train.TrainState(
+    self.state = parallel.replicate(mesh, state_lib.TrainState(
         jnp.asarray(0, jnp.int32), params, tx.init(params)))
     self.images, self.labels = parallel.shard_global_batch(
         mesh, (self.images, self.labels))
-    step = jax.jit(train.make_train_step(config, self.model, objective, tx,
+    step = jax.jit(train_step_lib.make_train_step(config, self.model, objective, tx,
                                          schedule, steps_per_epoch,
                                          NUM_CLASSES), donate_argnums=0)
     start = time.perf_counter()
@@ -115,7 +117,7 @@ class JaxSide:
     # XLA's cost analysis counts a while loop's body once, so the attack's
     # share is found as (AT step - natural step) and scaled by its steps.
     config.method = "natural"
-    natural = jax.jit(train.make_train_step(
+    natural = jax.jit(train_step_lib.make_train_step(
         config, self.model, objectives.make_objective(config, self.model), tx,
         schedule, steps_per_epoch, NUM_CLASSES)).lower(
             self.state, self.images, self.labels, key)
@@ -128,14 +130,14 @@ class JaxSide:
         self.images)
     params = self.state.params
     pgd20 = evaluation.make_attack_fn(
-        self.model, evaluation.parse_attack("pgd20"), eps=8 / 255,
+        self.model, attack_names.parse_attack("pgd20"), eps=8 / 255,
         alpha=2 / 255)
     start = time.perf_counter()
     self.eval_step = pgd20.lower(params, key, self.float_images,
                                  self.labels).compile()
     self.eval_compile_s = time.perf_counter() - start
     clean = evaluation.make_attack_fn(
-        self.model, evaluation.parse_attack("clean"), eps=8 / 255,
+        self.model, attack_names.parse_attack("clean"), eps=8 / 255,
         alpha=2 / 255)
     clean_flops = _flops(clean.lower(params, key, self.float_images,
                                      self.labels))

@@ -69,7 +69,11 @@ def apply_args(config, args):
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
+  return config_from_args(parse_arg(arg))
+
+
+def config_from_args(args):
+  """The config of parsed `:arg` values (a dict, as `parse_arg` returns)."""
   config = default.get_config()
   config.model.name = "deit_tiny_patch16_224"
   config.model.patch_size = 4

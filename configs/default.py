@@ -123,6 +123,9 @@ def get_config():
   config.optim.grad_clip = 1.0         # global norm; 0 turns clipping off
   config.optim.schedule = "piecewise"  # piecewise | cyclic | cosine | constant
   config.optim.warmup_epochs = 0.0     # cosine only
+  config.optim.nesterov = False        # sgd
+  config.optim.b1 = 0.9                # adamw
+  config.optim.b2 = 0.999              # adamw
 
   config.epochs = 40.0
   config.batch_size = 64

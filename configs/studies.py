@@ -71,8 +71,7 @@ def get_config(arg=None):
   if study == "pretraining":
     base.setdefault("model", "vit_base_patch16_224")
     base["pretrained"] = arm
-  config = cifar10.get_config(",".join(
-      f"{k}={v}" for k, v in base.items()))
+  config = cifar10.config_from_args(base)
   if study == "clip":
     config.optim.grad_clip = 1.0 if arm == "on" else 0.0
   elif study == "epochs":

@@ -23,6 +23,7 @@ os.environ.setdefault("JAX_LOG_COMPILES", "1")
 
 # pylint: disable=g-import-not-at-top,unused-import
 import jax  # noqa: E402,F401
+from vitat_jax import eval_only  # noqa: E402,F401
 from vitat_jax import train  # noqa: E402,F401
 
 

@@ -443,22 +443,22 @@ def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
 def test_only_the_data_cache_may_change_between_a_run_and_its_resumption(
     tmp_path, trained_run):
   import ml_collections
-  from vitat_jax import validate
+  from vitat_jax import workdir as workdir_lib
   from vitat_jax.errors import UserError
   config = ml_collections.ConfigDict(
       json.loads((trained_run / "config.json").read_text()))
   config.data.cache_dir = str(tmp_path / "cache")
   config.eval.num_examples = 7
-  validate.check_workdir_config(config, str(trained_run))   # no error
+  workdir_lib.check_same_config(config, str(trained_run))   # no error
   config.data.train_split = "other"
   with pytest.raises(UserError, match=r"differs in: data\.train_split\)"):
-    validate.check_workdir_config(config, str(trained_run))
+    workdir_lib.check_same_config(config, str(trained_run))
 
 
 def test_eval_on_a_workdir_that_cannot_be_written_still_gives_the_table(
     tmp_path, trained_run, monkeypatch):
   import errno
-  from vitat_jax import train
+  from vitat_jax import eval_only
   from vitat_jax import workdir as workdir_lib
   from tests.test_train import tiny_config
 
@@ -471,7 +471,7 @@ def test_eval_on_a_workdir_that_cannot_be_written_still_gives_the_table(
   monkeypatch.setattr(workdir_lib, "write_json", read_only)
   monkeypatch.setattr(workdir_lib, "write_text", read_only)
   cli = tiny_config(**{"eval.attacks": ("clean",), "eval.num_examples": 32})
-  result = train.evaluate_checkpoint(
-      train.config_for_evaluation(cli, str(workdir)), str(workdir))
+  result = eval_only.evaluate_checkpoint(
+      eval_only.config_for_evaluation(cli, str(workdir)), str(workdir))
   assert "clean" in result["table"] and "Read-only" in result["write_error"]
   assert _snapshot(workdir) == before

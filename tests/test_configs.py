@@ -10,7 +10,7 @@ import pytest
 
 from configs import studies
 from vitat_jax import optim
-from vitat_jax import train
+from vitat_jax import state as state_lib
 from vitat_jax import validate
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -59,7 +59,7 @@ def test_config_validates_and_builds_a_train_state(name, arg, tmp_path):
     (tmp_path / f"{model}.safetensors").touch()
   config = _load(name, arg, tmp_path)
   validate.check_config(config)
-  model = train.build_model(config)
+  model = state_lib.build_model(config)
   tx, _ = optim.make_optimizer(config.optim, config.epochs, 100)
   size = model.img_size
   params = jax.eval_shape(model.init, jax.random.key(0),
@@ -77,7 +77,7 @@ def test_paper_settings():
           imagenet.epochs, imagenet.warmup_epochs, imagenet.batch_size) == (
               4 / 255, 1 / 255, 5, 10.0, 2.0, 512)
   nette = importlib.import_module("configs.imagenette").get_config("root=x")
-  assert (nette.data.image_size, train.build_model(nette).patch_size,
+  assert (nette.data.image_size, state_lib.build_model(nette).patch_size,
           nette.prm_patch_size) == (224, 16, 16)
   rand = studies.get_config("study=augmentation,arm=randaugment")
   assert rand.augment.randaugment and rand.mixup.prob == 0

@@ -112,14 +112,14 @@ def test_bad_autoattack_version_fails_before_any_work(trained):
 def test_eval_mode_on_an_exported_checkpoint_gives_the_same_numbers(
     trained, tmp_path):
   from vitat_jax import checkpoints
-  from vitat_jax import run_checkpoints
-  from vitat_jax.train import build_model
+  from vitat_jax import state as state_lib
+  from vitat_jax.state import build_model
   import ml_collections
   import orbax.checkpoint as ocp
   workdir, _ = trained
   with open(workdir / "config.json") as f:
     config = ml_collections.ConfigDict(json.load(f))
-  mngr = run_checkpoints.manager(str(workdir))
+  mngr = state_lib.checkpoint_manager(str(workdir))
   state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
       state=ocp.args.StandardRestore())).state
   from vitat_jax import data

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from vitat_jax import metric_writers
+from vitat_jax import runs
 
 
 def _write_run(workdir, steps=(10, 20, 30)):
@@ -33,7 +34,7 @@ def test_jsonl_has_one_finite_record_per_write(tmp_path):
     assert all(math.isfinite(v) for v in record.values())
   assert lines[-1]["test_num_eval_images"] == 500
   assert isinstance(lines[-1]["test_num_eval_images"], int)
-  assert metric_writers.read_jsonl(str(tmp_path)) == lines
+  assert runs.read_jsonl(str(tmp_path)) == lines
 
 
 def test_tensorboard_events_hold_the_scalars(tmp_path):
@@ -55,7 +56,7 @@ def test_disabled_writer_writes_nothing(tmp_path):
   writer.flush()
   writer.close()
   assert not (tmp_path / "run").exists()
-  assert metric_writers.read_jsonl(str(tmp_path / "run")) == []
+  assert runs.read_jsonl(str(tmp_path / "run")) == []
 
 
 def test_resumed_run_replaces_the_lost_steps(tmp_path):
@@ -64,7 +65,7 @@ def test_resumed_run_replaces_the_lost_steps(tmp_path):
   with metric_writers.MetricWriter(workdir, purge_step=21) as writer:
     writer.write_scalars(30, {"epoch": 3.0, "train_loss": 9.0,
                               "train_accuracy": 0.0, "train_lr": 0.1})
-  records = metric_writers.read_jsonl(workdir)
+  records = runs.read_jsonl(workdir)
   assert [r["step"] for r in records] == [10, 20, 30]
   np.testing.assert_allclose([r["train_loss"] for r in records],
                              [0.2, 0.1, 9.0], rtol=1e-6)
@@ -101,7 +102,7 @@ def test_a_repeated_final_record_replaces_only_itself(tmp_path):
     with metric_writers.MetricWriter(str(tmp_path),
                                      tensorboard=False) as writer:
       writer.write_scalars(30, {"final_clean_acc": accuracy})
-  records = metric_writers.read_jsonl(str(tmp_path))
+  records = runs.read_jsonl(str(tmp_path))
   assert [r["step"] for r in records] == [10, 20, 30, 30, 30]
   assert records[-1] == {"step": 30, "final_clean_acc": 0.6}
 
@@ -110,4 +111,4 @@ def test_half_written_last_line_is_skipped(tmp_path):
   _write_run(str(tmp_path))
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 40, "train_lo')
-  assert len(metric_writers.read_jsonl(str(tmp_path))) == 4
+  assert len(runs.read_jsonl(str(tmp_path))) == 4

@@ -14,7 +14,8 @@ from vitat_jax.errors import UserError
 def _config(**overrides):
   config = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, grad_clip=1.0,
-      schedule="piecewise", warmup_epochs=0.0))
+      schedule="piecewise", warmup_epochs=0.0, nesterov=False, b1=0.9,
+      b2=0.999))
   config.update(overrides)
   return config
 

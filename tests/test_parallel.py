@@ -42,7 +42,7 @@ def _child(args):
     parallel.initialize_distributed(args.coordinator, args.num_processes,
                                     args.process_id)
   import jax
-  from vitat_jax import run_checkpoints
+  from vitat_jax import state as state_lib
   from vitat_jax import train
   import orbax.checkpoint as ocp
   assert jax.device_count() == args.devices, jax.devices()
@@ -52,7 +52,7 @@ def _child(args):
   if config.fsdp:  # resumes from the sharded checkpoint, nothing left to train
     again = train.train_and_evaluate(config, args.workdir)
     assert again["clean_acc"] == result["clean_acc"], (again, result)
-  mngr = run_checkpoints.manager(args.workdir)
+  mngr = state_lib.checkpoint_manager(args.workdir)
   params = mngr.restore(mngr.latest_step(),
                         args=ocp.args.Composite(
                             state=ocp.args.StandardRestore())).state["params"]

@@ -4,7 +4,7 @@ For AT, TRADES and MART with ARD and PRM on (r = 0.5), our jitted train step
 and a torch step written after the reference's train_cifar.py, run on the
 timm model loaded with our parameters, must give the same loss and the same
 updated parameters. The random draws (start perturbation, PRM masks, ARD
-gammas) are re-derived from the keys exactly as `train.make_train_step`,
+gammas) are re-derived from the keys exactly as `train_step.make_train_step`,
 the objectives and `attacks.perturb` derive them, and fed to the torch side.
 
 The torch side works in pixel space (normalisation is the model wrapper's
@@ -32,7 +32,8 @@ from vitat_jax import masks
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
-from vitat_jax import train
+from vitat_jax import state as state_lib
+from vitat_jax import train_step
 
 torch.set_num_threads(1)
 
@@ -241,9 +242,9 @@ def test_one_step_matches_the_reference(name, method, init):
   objective = objectives.make_objective(config, model)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
                                       STEPS_PER_EPOCH)
-  step = jax.jit(train.make_train_step(config, model, objective, tx, schedule,
+  step = jax.jit(train_step.make_train_step(config, model, objective, tx, schedule,
                                        STEPS_PER_EPOCH, 10))
-  state = train.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+  state = state_lib.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
   loop_key = jax.random.key(7)
   new_state, metrics = step(state, images, labels, loop_key)
   assert float(metrics["r"]) == pytest.approx(R)

@@ -10,7 +10,8 @@ from configs import default
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
-from vitat_jax import train
+from vitat_jax import state as state_lib
+from vitat_jax import train_step
 from vitat_jax import validate
 from vitat_jax.errors import UserError
 
@@ -41,9 +42,9 @@ def _one_step(config):
   objective = objectives.make_objective(config, MODEL)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs, 10)
   params = MODEL.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
-  step = jax.jit(train.make_train_step(config, MODEL, objective, tx, schedule,
+  step = jax.jit(train_step.make_train_step(config, MODEL, objective, tx, schedule,
                                        10, 10))
-  state = train.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+  state = state_lib.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
   return step(state, IMAGES, LABELS, jax.random.key(1))
 
 

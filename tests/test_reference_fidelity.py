@@ -21,8 +21,10 @@ from vitat_jax import checkpoints
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
-from vitat_jax import train
+from vitat_jax import state as state_lib
+from vitat_jax import train_step
 from vitat_jax import validate
+from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +119,7 @@ def test_swin_prm_mask_at_224_masks_16px_cells(r):
   config = importlib.import_module("configs.imagenette").get_config(
       "root=x,model=swin_tiny_patch4_window7_224,pretrained=scratch,"
       "ard_prm=True")
-  model = train.build_model(config)
+  model = state_lib.build_model(config)
   assert (model.patch_size, config.prm_patch_size) == (4, 16)
   _, prm_fn = objectives.make_attack_masks(
       model, ard=False, prm=True, prm_patch_size=config.prm_patch_size)
@@ -173,12 +175,12 @@ def _reduce(config):
 def _step_inputs(config):
   config = _reduce(config)
   validate.check_config(config)
-  model = train.build_model(config)
+  model = state_lib.build_model(config)
   objective = objectives.make_objective(config, model)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs, 10)
   params = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))["params"]
-  step = jax.jit(train.make_train_step(config, model, objective, tx, schedule,
+  step = jax.jit(train_step.make_train_step(config, model, objective, tx, schedule,
                                        10, 10))
   images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3), np.uint8)
   return model, tx, params, step, (images, np.arange(4, dtype=np.int32),
@@ -197,7 +199,7 @@ def test_reference_pair_traces_one_training_step(dataset, model_name,
   assert config.init.source and config.init.checkpoint.startswith(
       str(tmp_path))
   _, tx, params, step, batch = _step_inputs(config)
-  state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+  state = state_lib.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                            jax.eval_shape(tx.init, params))
   new_state, metrics = jax.eval_shape(step, state, *batch)
   assert jax.tree.structure(new_state.params) == jax.tree.structure(params)
@@ -211,7 +213,7 @@ def test_imagenette_swin_runs_one_training_step(tmp_path):
   model, tx, _, step, batch = _step_inputs(_paper_config(
       "imagenette", "swin_tiny_patch4_window7_224", tmp_path))
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  state = train.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+  state = state_lib.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
   compiled = step.lower(state, *batch).compile(
       {"xla_backend_optimization_level": 0})
   new_state, metrics = compiled(state, *batch)
@@ -328,7 +330,7 @@ def test_legacy_vit_small_uses_torch_layer_norm_eps():
 def test_old_run_config_is_upgraded_to_what_it_ran():
   old = {"model": {"name": "deit_tiny_patch16_224", "patch_size": None},
          "init": {"checkpoint": ""}}
-  upgraded = validate.upgrade_run_config(old)
+  upgraded = workdir_lib.upgrade_run_config(old)
   assert upgraded["prm_patch_size"] == 16           # the model's own patch
   assert upgraded["model"]["weight_init"] == "xavier_uniform"
   assert "prm_patch_size" not in old                # the input is untouched

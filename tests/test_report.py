@@ -7,7 +7,10 @@ from PIL import Image
 import pytest
 
 from tests import _fake_runs
+from vitat_jax import plots
 from vitat_jax import report
+from vitat_jax import runs as runs_lib
+from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
 
 AUTOATTACK_LOG = {
@@ -108,13 +111,13 @@ def test_a_flat_robustness_json_still_reads(tmp_path):
   with open(tmp_path / "robustness.json", "w") as f:
     json.dump({"num_eval_images": 10, "clean_acc": 0.9, "pgd20_acc": 0.5,
                "eps": 8 / 255, "model": "m"}, f)
-  run = report.load_run(str(tmp_path))
+  run = runs_lib.load_run(str(tmp_path))
   assert run.accuracies()["pgd20"] == {"accuracy": 0.5, "correct": 5,
                                        "total": 10, "time_s": None}
 
 
 def test_plot_run_writes_readable_pngs(runs):
-  paths = report.plot_run(runs["at_ard_prm"])
+  paths = plots.plot_run(runs["at_ard_prm"])
   assert [os.path.basename(p) for p in paths] == [
       "learning_curves.png", "schedules.png", "robustness.png"]
   for path in paths:
@@ -123,7 +126,7 @@ def test_plot_run_writes_readable_pngs(runs):
 
 
 def test_plot_run_of_a_run_still_training(runs):
-  paths = report.plot_run(runs["running"])
+  paths = plots.plot_run(runs["running"])
   assert [os.path.basename(p) for p in paths] == ["learning_curves.png",
                                                   "schedules.png"]
   for path in paths:
@@ -177,10 +180,10 @@ def test_compare_runs_table_matches_each_run(runs, tmp_path):
 
 
 def test_config_differences_flatten_nested_keys(runs):
-  loaded = [report.load_run(runs[n]) for n in ("at_ard_prm", "natural")]
+  loaded = [runs_lib.load_run(runs[n]) for n in ("at_ard_prm", "natural")]
   assert report.config_differences(loaded) == {
       "ard": [True, False], "method": ["at", "natural"], "prm": [True, False]}
-  assert report.flatten({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {
+  assert workdir_lib.flatten({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {
       "a.b.c": 1, "d": [1, 2]}
 
 

@@ -14,8 +14,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.test_train import tiny_config
-from vitat_jax import run_checkpoints
+from vitat_jax import state as state_lib
 from vitat_jax import train
+from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ def _start_and_wait_for_step(workdir, step):
 
 
 def _final_state(workdir):
-  mngr = run_checkpoints.manager(workdir)
+  mngr = state_lib.checkpoint_manager(workdir)
   step = mngr.latest_step()
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore()))
@@ -140,13 +141,13 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
   message = _stop_message(stderr)
   stopped_at = int(message.split("after step ")[1].split(";")[0])
   assert 5 <= stopped_at < TOTAL_STEPS
-  assert run_checkpoints.manager(workdir).latest_step() == stopped_at
+  assert state_lib.checkpoint_manager(workdir).latest_step() == stopped_at
   assert not os.path.exists(os.path.join(workdir, "run.lock"))
 
   # Resume; SIGTERM once training is over and the final evaluation runs.
   proc = subprocess.Popen(_command(workdir), cwd=REPO, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  final = os.path.join(run_checkpoints.directory(workdir), str(TOTAL_STEPS))
+  final = os.path.join(workdir_lib.checkpoints_dir(workdir), str(TOTAL_STEPS))
   deadline = time.time() + 240
   while not (_logged_steps(workdir) == TOTAL_STEPS and os.path.isdir(final)):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -171,7 +172,7 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
 
 
 def _corrupt(workdir, step):
-  state_dir = os.path.join(run_checkpoints.directory(workdir), str(step),
+  state_dir = os.path.join(workdir_lib.checkpoints_dir(workdir), str(step),
                            "state")
   for root, _, files in os.walk(state_dir):
     for name in files:
@@ -206,7 +207,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert json.load(f)["seed"] == config.seed
   with open(os.path.join(workdir, "metrics.json")) as f:
     assert json.load(f)["resumed_from_step"] == 15
-  for step in run_checkpoints.manager(workdir).all_steps():
+  for step in state_lib.checkpoint_manager(workdir).all_steps():
     _corrupt(workdir, step)
   with pytest.raises(UserError, match="--overwrite") as info:
     train.train_and_evaluate(config, workdir)
@@ -235,7 +236,7 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(
   with pytest.raises(FloatingPointError, match="non-finite loss") as info:
     train.train_and_evaluate(config, workdir)
   assert "at step 6" in str(info.value) and "\n" not in str(info.value)
-  mngr = run_checkpoints.manager(workdir)
+  mngr = state_lib.checkpoint_manager(workdir)
   assert mngr.latest_step() == 5     # the last good step, nothing after it
   restored = mngr.restore(5, args=ocp.args.Composite(
       state=ocp.args.StandardRestore()))
@@ -251,10 +252,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
     train.train_and_evaluate(config, workdir)
   assert "\n" not in str(e.value)
   # The save in flight when the NaN was seen was finished, not abandoned.
-  leftovers = [n for n in os.listdir(run_checkpoints.directory(workdir))
+  leftovers = [n for n in os.listdir(workdir_lib.checkpoints_dir(workdir))
                if not n.isdigit()]
   assert not leftovers, leftovers
-  mngr = run_checkpoints.manager(workdir)
+  mngr = state_lib.checkpoint_manager(workdir)
   assert mngr.all_steps()
   for step in mngr.all_steps():
     restored = mngr.restore(step, args=ocp.args.Composite(

@@ -10,8 +10,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import quickstart
-from vitat_jax import run_checkpoints
+from vitat_jax import state as state_lib
+from vitat_jax import runs
 from vitat_jax import train
+from vitat_jax import train_step as train_step_lib
 from vitat_jax.errors import UserError
 
 
@@ -39,7 +41,7 @@ def tiny_config(**overrides):
 
 
 def _final_params(workdir):
-  mngr = run_checkpoints.manager(workdir)
+  mngr = state_lib.checkpoint_manager(workdir)
   restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
       state=ocp.args.StandardRestore()))
   return restored.state["params"], mngr.latest_step()
@@ -49,9 +51,9 @@ def _final_params(workdir):
 def finished_run(tmp_path_factory):
   """One uninterrupted run, with the train step traced at most once."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  original = train.make_train_step
+  original = train_step_lib.make_train_step
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train, "make_train_step",
+    patch.setattr(train_step_lib, "make_train_step",
                   lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
     result = train.train_and_evaluate(tiny_config(), workdir)
   return workdir, result
@@ -86,17 +88,17 @@ def test_resume_after_interruption_is_bitwise_identical(finished_run,
                                                         tmp_path, monkeypatch):
   reference_params, _ = _final_params(finished_run[0])
   workdir = str(tmp_path)
-  real_save = run_checkpoints.save
+  real_save = state_lib.save_checkpoint
 
   def save_then_die(mngr, step, state, meta=None):
     real_save(mngr, step, state, meta)
     mngr.wait_until_finished()
     raise KeyboardInterrupt(f"simulated preemption after step {step}")
 
-  monkeypatch.setattr(run_checkpoints, "save", save_then_die)
+  monkeypatch.setattr(state_lib, "save_checkpoint", save_then_die)
   with pytest.raises(KeyboardInterrupt, match="after step 7"):
     train.train_and_evaluate(tiny_config(), workdir)
-  monkeypatch.setattr(run_checkpoints, "save", real_save)
+  monkeypatch.setattr(state_lib, "save_checkpoint", real_save)
   result = train.train_and_evaluate(tiny_config(), workdir)
   assert result["resumed_from_step"] == 7
   params, step = _final_params(workdir)
@@ -140,7 +142,7 @@ def test_bad_config_fails_in_one_line_before_compiling(
     overrides, fragment, tmp_path, monkeypatch):
   def no_compile(*args, **kwargs):
     raise AssertionError("reached compilation despite a bad config")
-  monkeypatch.setattr(train, "make_train_step", no_compile)
+  monkeypatch.setattr(train_step_lib, "make_train_step", no_compile)
   monkeypatch.setattr(jax, "jit", no_compile)
   with pytest.raises(UserError, match=fragment) as info:
     train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "w"))
@@ -150,7 +152,7 @@ def test_bad_config_fails_in_one_line_before_compiling(
 def test_empty_image_folder_fails_before_compiling(tmp_path, monkeypatch):
   for split in ("train", "test"):
     (tmp_path / "data" / split / "cat").mkdir(parents=True)
-  monkeypatch.setattr(train, "make_train_step", lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(train_step_lib, "make_train_step", lambda *a, **k: 1 / 0)
   with pytest.raises(UserError, match="images under") as info:
     train.train_and_evaluate(
         tiny_config(**{"data.name": "image_folder",
@@ -213,7 +215,7 @@ def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
   from PIL import Image
   from vitat_jax import metric_writers
   workdir, _ = finished_run
-  records = metric_writers.read_jsonl(workdir)
+  records = runs.read_jsonl(workdir)
   train_records = [r for r in records if "train_loss" in r]
   assert [r["step"] for r in train_records] == [5, 10, 15, 20]
   for record in records:

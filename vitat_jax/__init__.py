@@ -2,11 +2,9 @@
 
 A reimplementation of Mo et al., "When Adversarial Training Meets Vision
 Transformers: Recipes from Training to Architecture" (NeurIPS 2022).
-"""
 
-from vitat_jax import attacks
-from vitat_jax import masks
-from vitat_jax import models
-from vitat_jax.errors import UserError
+Nothing is imported here: `from vitat_jax import models, attacks` loads
+what it names, and reading runs (`runs`, `report`) never imports JAX.
+"""
 
 __version__ = "0.1.0"

@@ -1,16 +1,18 @@
-"""Evaluation runner: clean accuracy and robust accuracy under named attacks.
+"""The evaluation runner: clean and robust accuracy under named attacks.
 
-Attacks are named by strings so configs stay plain data: "clean", "pgd20",
-"pgd100", "cw20" (any "pgd<k>" / "cw<k>"), and "aa" / "autoattack"
-(AutoAttack, standard version). Every attack is one jitted function over
-fixed-shape batches (the last batch is padded and masked), so evaluating a
-whole test set compiles each attack once (AutoAttack: each of its attacks,
-for a few batch shapes).
+    evaluator = evaluation.Evaluator.from_config(config, model, shard_fn)
+    evaluator.epoch(params, test_source, key)          # eval.epoch_attacks
+    evaluator.final(params, test_source, key, workdir)  # eval.attacks
+
+One `Evaluator`, built once from a config's `eval` section, serves the
+evaluations after each epoch, the final one and `--mode=eval`. Attacks are
+named as `attack_names` spells them. PGD/CW run batch by batch, each one
+jitted function over fixed-shape batches (the last batch padded and
+masked), compiled once per evaluator; AutoAttack ("aa") runs over the set a
+chunk at a time, with its sanity checks, wherever it is listed.
 """
 
-import dataclasses
 import os
-import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -20,39 +22,25 @@ import numpy as np
 
 from vitat_jax import attacks
 from vitat_jax import parallel
+from vitat_jax import workdir as workdir_lib
+from vitat_jax.attack_names import AttackSpec
+from vitat_jax.attack_names import parse_attack
 from vitat_jax.data import pipeline
 from vitat_jax.errors import UserError
 
-_ATTACK_NAME = re.compile(r"^(clean|pgd(\d+)|cw(\d+)|aa|autoattack)$")
 
-
-@dataclasses.dataclass(frozen=True)
-class AttackSpec:
-  name: str        # as written in the config, also the metrics key prefix
-  kind: str        # "clean", "pgd", "cw" or "autoattack"
-  steps: int = 0
-
-
-def parse_attack(name: str) -> AttackSpec:
-  """"pgd20" -> AttackSpec("pgd20", "pgd", 20); one-line error otherwise."""
-  match = _ATTACK_NAME.match(name)
-  if not match or name in ("pgd0", "cw0"):
-    raise UserError(f"unknown evaluation attack {name!r}: use 'clean', "
-                    "'pgd<steps>' (e.g. pgd20, pgd100), 'cw<steps>' (cw20) "
-                    "or 'aa' (AutoAttack)")
-  if name == "clean":
-    return AttackSpec(name, "clean")
-  if name in ("aa", "autoattack"):
-    return AttackSpec(name, "autoattack")
-  kind = "pgd" if name.startswith("pgd") else "cw"
-  return AttackSpec(name, kind, int(match.group(2) or match.group(3)))
+def eval_eps(config) -> float:
+  """The evaluation radius: `eval.eps`, else the training attack's."""
+  return config.eval.eps or config.attack.eps
 
 
 def make_attack_fn(model, spec: AttackSpec, *, eps: float, alpha: float,
                    restarts: int = 1) -> Callable:
-  """jitted `(params, key, images, labels) -> bool correct [B]`."""
+  """jitted `(params, key, images, labels) -> bool correct [B]` for a batch
+  attack (clean, pgd<k>, cw<k>)."""
   if spec.kind == "autoattack":
-    return _make_autoattack_fn(model, eps=eps)
+    raise ValueError("AutoAttack runs over a set, not per batch: use "
+                     "Evaluator")
 
   def correct(params, key, images, labels):
     logits_fn = lambda x: model.apply({"params": params}, x)
@@ -65,49 +53,105 @@ def make_attack_fn(model, spec: AttackSpec, *, eps: float, alpha: float,
   return jax.jit(correct)
 
 
-def _make_autoattack_fn(model, *, eps: float) -> Callable:
-  """`(params, key, images, labels) -> bool robust [B]` via AutoAttack.
+class Evaluator:
+  """Clean and robust accuracy of params on the first images of a source.
 
-  Not one jitted function (AutoAttack gathers the still-robust points on the
-  host between its attacks), but its attacks compile once: `logits_fn` is
-  the same object for every batch and the params are an argument.
+  Args:
+    model: the Flax module.
+    eps, alpha, restarts: the PGD/CW radius (pixel units), step and random
+      starts; eps is also AutoAttack's.
+    batch_size: images per PGD/CW batch (`shard_fn` places a batch on the
+      devices, e.g. `parallel.shard_batch`; each process reads only its
+      rows, decoded by `workers` processes).
+    version, attacks_to_run, norm, autoattack_batch_size, save_adversarial:
+      AutoAttack's settings (`autoattack_options`).
   """
-  logits_fn = lambda params, x: model.apply({"params": params}, x)
 
-  def robust(params, key, images, labels):
-    result = attacks.autoattack(logits_fn, images, labels, params=params,
-                                key=key, eps=eps, version="standard",
-                                batch_size=images.shape[0], run_checks=False,
-                                verbose=False)
-    return result.robust
+  def __init__(self, model, *, eps: float, alpha: float, restarts: int = 1,
+               batch_size: int = 128,
+               shard_fn: Callable = lambda batch: batch, workers=0,
+               version: str = "standard", attacks_to_run=None,
+               norm: str = "Linf",
+               autoattack_batch_size: Optional[int] = None,
+               save_adversarial: bool = False):
+    self.model, self.eps, self.alpha, self.restarts = model, eps, alpha, restarts
+    self.batch_size, self.shard_fn, self.workers = batch_size, shard_fn, workers
+    self.autoattack = dict(version=version, attacks_to_run=attacks_to_run,
+                           norm=norm, save_adversarial=save_adversarial,
+                           batch_size=autoattack_batch_size or batch_size)
+    self._batch_fns: Dict[str, Callable] = {}  # jitted once, reused
+    self.epoch_attacks, self.epoch_num_examples = (), 0
+    self.final_attacks, self.final_num_examples = (), None
 
-  return robust
+  @classmethod
+  def from_config(cls, config, model, shard_fn) -> "Evaluator":
+    """The evaluations of `config.eval`, after each epoch and at the end."""
+    ev = config.eval
+    evaluator = cls(model, eps=eval_eps(config), alpha=ev.alpha,
+                    restarts=ev.restarts, batch_size=ev.batch_size,
+                    shard_fn=shard_fn, workers=config.data.workers,
+                    **autoattack_options(config))
+    evaluator.epoch_attacks = tuple(ev.epoch_attacks)
+    evaluator.epoch_num_examples = ev.epoch_num_examples
+    evaluator.final_attacks = tuple(ev.attacks)
+    evaluator.final_num_examples = (
+        robustbench_num_examples(config) if ev.protocol == "robustbench"
+        else ev.num_examples or None)
+    return evaluator
 
+  def epoch(self, params, source, key) -> Dict[str, Any]:
+    """`eval.epoch_attacks` on the first `eval.epoch_num_examples` images."""
+    return self(params, source, self.epoch_attacks, key=key,
+                num_examples=self.epoch_num_examples)
 
-def make_evaluator(model, attack_names: Sequence[str], *, eps: float,
-                   alpha: float, restarts: int = 1,
-                   shard_fn: Callable = lambda batch: batch):
-  """Returns `evaluate(params, batches, key) -> {name + "_acc": fraction, ...}`.
+  def final(self, params, source, key, output_dir=None) -> Dict[str, Any]:
+    """`eval.attacks` on the configured test images; AutoAttack's log.txt
+    (and adversarial examples) go to `output_dir`."""
+    return self(params, source, self.final_attacks, key=key,
+                num_examples=self.final_num_examples, output_dir=output_dir)
 
-  `batches` yields `(images uint8 or float, labels, valid)` of a fixed
-  shape; `shard_fn` places a batch on the devices (identity on one device).
-  The result also holds `num_eval_images` and `<name>_time_s`.
-  """
-  specs = [parse_attack(n) for n in attack_names]
-  fns = {s.name: make_attack_fn(model, s, eps=eps, alpha=alpha,
-                                restarts=restarts) for s in specs}
+  def _batch_fn(self, spec: AttackSpec) -> Callable:
+    if spec.name not in self._batch_fns:
+      self._batch_fns[spec.name] = make_attack_fn(
+          self.model, spec, eps=self.eps, alpha=self.alpha,
+          restarts=self.restarts)
+    return self._batch_fns[spec.name]
 
-  def evaluate(params, batches, key) -> Dict[str, float]:
+  def __call__(self, params, source, attack_names: Sequence[str], *, key,
+               num_examples=None, output_dir: Optional[str] = None
+               ) -> Dict[str, Any]:
+    """{name + "_acc": fraction, name + "_time_s", "num_eval_images"}; with
+    AutoAttack also "autoattack" (its per-attack log and sanity checks), and
+    with `output_dir` its `log.txt` (fra31's format) and, when saving them,
+    `adversarial/<attack>.npz` (the points that attack broke)."""
+    specs = [parse_attack(n) for n in attack_names]
+    batch_specs = [s for s in specs if s.kind != "autoattack"]
+    result: Dict[str, Any] = {}
+    if batch_specs:
+      result.update(self._run_batches(params, source, batch_specs,
+                                      num_examples, key))
+    for index, spec in enumerate(s for s in specs if s.kind == "autoattack"):
+      count = min(num_examples or len(source), len(source))
+      result.update(self._run_autoattack(
+          params, source, spec, count,
+          jax.random.fold_in(key, 10_000 + index), output_dir))
+    return result
+
+  def _run_batches(self, params, source, specs, num_examples, key):
     counts = {s.name: 0 for s in specs}
     seconds = {s.name: 0.0 for s in specs}
     total = 0
+    batches = pipeline.eval_batches(
+        source, self.batch_size, num_examples,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(), workers=self.workers)
     for batch_index, (images, labels, valid) in enumerate(batches):
       if images.dtype == np.uint8:
         images = images.astype(np.float32) / 255.0
       # Each process may hold only its rows: `valid` is gathered like
       # `correct`, so both cover the whole batch.
-      images, labels, valid = shard_fn((images, labels.astype(np.int32),
-                                        np.asarray(valid, bool)))
+      images, labels, valid = self.shard_fn((images, labels.astype(np.int32),
+                                             np.asarray(valid, bool)))
       valid = parallel.to_host(valid)
       total += int(valid.sum())
       for spec_index, spec in enumerate(specs):
@@ -115,7 +159,7 @@ def make_evaluator(model, attack_names: Sequence[str], *, eps: float,
                                        batch_index)
         start = time.perf_counter()
         correct = parallel.to_host(
-            fns[spec.name](params, batch_key, images, labels))
+            self._batch_fn(spec)(params, batch_key, images, labels))
         seconds[spec.name] += time.perf_counter() - start
         counts[spec.name] += int((correct & valid).sum())
     if total == 0:
@@ -127,20 +171,22 @@ def make_evaluator(model, attack_names: Sequence[str], *, eps: float,
       result[f"{spec.name}_time_s"] = seconds[spec.name]
     return result
 
-  return evaluate
-
-
-def _jsonable(value):
-  """Plain Python types for metrics.json / robustness.json."""
-  if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  return value
+  def _run_autoattack(self, params, source, spec, count, key, output_dir):
+    options = self.autoattack
+    run = _autoattack_set(self.model, params, source, count, key=key,
+                          eps=self.eps, output_dir=output_dir, **options)
+    run["version"] = options["version"]
+    if output_dir and jax.process_index() == 0:
+      os.makedirs(output_dir, exist_ok=True)
+      workdir_lib.write_text(
+          workdir_lib.path(output_dir, workdir_lib.AUTOATTACK_LOG),
+          "\n".join(fra31_log_lines(run, options["norm"])) + "\n")
+    return {"num_eval_images": count,
+            f"{spec.name}_acc": float(np.mean(run["robust"])),
+            f"{spec.name}_time_s": float(sum(run["seconds"].values())),
+            "autoattack": workdir_lib.jsonable({k: run[k] for k in (
+                "version", "robust_accuracy", "seconds", "checks",
+                "warnings", "attacked", "broken", "perturbation")})}
 
 
 # RobustBench's evaluation sets, by data set: (the config that selects it,
@@ -162,7 +208,7 @@ def check_autoattack_config(config) -> None:
     robustbench_num_examples(config)
   if not any(parse_attack(n).kind == "autoattack" for n in ev.attacks):
     return
-  eps = ev.eps or config.attack.eps
+  eps = eval_eps(config)
   if not 0 < eps <= 1:
     raise UserError(f"eval.eps={eps} must be in (0, 1] (pixel units: 8/255 "
                     f"is {8 / 255:.4f})")
@@ -264,65 +310,10 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm,
         robust_before = after
   combined = attacks.combine_results(pieces)
   if save_adversarial and output_dir and jax.process_index() == 0:
-    directory = os.path.join(output_dir, "adversarial")
+    directory = workdir_lib.path(output_dir, workdir_lib.ADVERSARIAL_DIR)
     os.makedirs(directory, exist_ok=True)
     for name, entry in saved.items():
       np.savez(os.path.join(directory, f"{name}.npz"),
                **{k: np.concatenate(v) for k, v in entry.items()},
                eps=eps, norm=norm)
   return combined
-
-
-def evaluate(model, params, source, attack_names: Sequence[str], *, key,
-             eps: float, alpha: float, restarts: int = 1,
-             batch_size: int = 128, num_examples=None,
-             shard_fn: Callable = lambda batch: batch,
-             workers=0,
-             version: str = "standard", attacks_to_run=None,
-             norm: str = "Linf", autoattack_batch_size: Optional[int] = None,
-             save_adversarial: bool = False,
-             output_dir: Optional[str] = None) -> Dict[str, Any]:
-  """Clean and robust accuracy of `params` on the first images of `source`.
-
-  The one runner behind the end-of-training evaluation and `--mode=eval`.
-  PGD/CW run batch by batch, each process reading only its rows of each
-  batch (`shard_fn` assembles them, e.g. `parallel.shard_batch`) with
-  `workers` decoding processes; AutoAttack ("aa") runs over the set a chunk
-  of images at a time, with `version` / `attacks_to_run` / `norm`; its
-  per-attack log and sanity checks land in the result under "autoattack",
-  and with `output_dir` it writes `log.txt` there (fra31's format) and,
-  with `save_adversarial`, `adversarial/<attack>.npz` (the points that
-  attack broke: indices, images, labels).
-  """
-  specs = [parse_attack(n) for n in attack_names]
-  batch_names = [s.name for s in specs if s.kind != "autoattack"]
-  result: Dict[str, Any] = {}
-  if batch_names:
-    evaluator = make_evaluator(model, batch_names, eps=eps, alpha=alpha,
-                               restarts=restarts, shard_fn=shard_fn)
-    result.update(evaluator(
-        params, pipeline.eval_batches(
-            source, batch_size, num_examples,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(), workers=workers), key))
-  for index, spec in enumerate(s for s in specs if s.kind == "autoattack"):
-    count = min(num_examples or len(source), len(source))
-    run = _autoattack_set(
-        model, params, source, count,
-        key=jax.random.fold_in(key, 10_000 + index), eps=eps, norm=norm,
-        version=version, attacks_to_run=attacks_to_run,
-        batch_size=autoattack_batch_size or batch_size,
-        save_adversarial=save_adversarial, output_dir=output_dir)
-    result["num_eval_images"] = count
-    result[f"{spec.name}_acc"] = float(np.mean(run["robust"]))
-    result[f"{spec.name}_time_s"] = float(sum(run["seconds"].values()))
-    run["version"] = version
-    result["autoattack"] = _jsonable({
-        k: run[k] for k in ("version", "robust_accuracy", "seconds",
-                            "checks", "warnings", "attacked", "broken",
-                            "perturbation")})
-    if output_dir and jax.process_index() == 0:
-      os.makedirs(output_dir, exist_ok=True)
-      with open(os.path.join(output_dir, "log.txt"), "w") as f:
-        f.write("\n".join(fra31_log_lines(run, norm)) + "\n")
-  return result

@@ -9,7 +9,11 @@ Each `write_scalars` appends one record `{"step": step, **scalars}` to
 under `workdir/tensorboard/` (tags `train/loss`, `test/pgd20_acc`, ...).
 The event files are written with TensorBoard's own writer, which needs no
 TensorFlow; without the `tensorboard` package only the JSON lines are kept.
-`read_jsonl` and `read_tensorboard_scalars` read both back.
+`runs.read_jsonl` and `read_tensorboard_scalars` read them back.
+
+A resumed run passes `purge_step` (the first step it will write again):
+records at that step and later are dropped from `metrics.jsonl` and hidden
+in TensorBoard, so both show one uninterrupted run.
 """
 
 import atexit
@@ -21,26 +25,12 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
-import numpy as np
 
-JSONL_NAME = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from vitat_jax import workdir as workdir_lib
+
 # Keys with these prefixes become TensorBoard sections (train_loss ->
 # train/loss).
 _SECTIONS = ("train_", "test_", "final_")
-
-
-def _plain(value: Any) -> Any:
-  """Python int/float/str/bool for numpy and JAX scalars; others unchanged."""
-  if isinstance(value, (bool, np.bool_)):
-    return bool(value)
-  if isinstance(value, numbers.Integral):
-    return int(value)
-  if isinstance(value, numbers.Real):
-    return float(value)
-  if hasattr(value, "item") and getattr(value, "size", None) == 1:
-    return _plain(value.item())  # 0-d numpy / jax arrays
-  return value
 
 
 def tensorboard_tag(key: str) -> str:
@@ -123,6 +113,26 @@ class _TensorBoardWriter:
     self._writer.close()
 
 
+def _purge_jsonl(path: str, purge_step: int) -> None:
+  """Keeps the records of steps before `purge_step`, atomically.
+
+  A line that does not parse (the half-written tail a SIGKILL or a full disk
+  leaves) is dropped too.
+  """
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and record.get("step", 0) < purge_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  workdir_lib.write_text(path, "".join(kept))
+
+
 class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard.
 
@@ -130,20 +140,24 @@ class MetricWriter:
     workdir: the run's directory (created if missing).
     enabled: False makes every method a no-op (processes other than 0).
     tensorboard: False keeps only the JSON lines.
-    purge_step: on resumption, the first step the resumed run will write;
-      TensorBoard then hides what an interrupted run wrote from there on.
+    purge_step: on resumption, the first step the resumed run will write:
+      what an interrupted run wrote from there on is dropped from the JSON
+      lines and hidden in TensorBoard.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True,
                tensorboard: bool = True, purge_step: Optional[int] = None):
     self.enabled = enabled
-    self.jsonl_path = os.path.join(workdir, JSONL_NAME)
-    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
+    self.jsonl_path = workdir_lib.path(workdir, workdir_lib.METRICS_JSONL)
+    self.tensorboard_dir = workdir_lib.path(workdir,
+                                            workdir_lib.TENSORBOARD_DIR)
     self._jsonl = None
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    if purge_step is not None:
+      _purge_jsonl(self.jsonl_path, purge_step)
     self._jsonl = open(self.jsonl_path, "a")
     # TensorBoard's writer thread is a daemon: without a close, an exception
     # leaving the training loop would drop the events still queued.
@@ -161,7 +175,7 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step)}
-    record.update((k, _plain(v)) for k, v in scalars.items())
+    record.update(workdir_lib.jsonable(dict(scalars)))
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()  # a crash loses at most the record being written
     if self._tb is not None:
@@ -199,45 +213,12 @@ class MetricWriter:
     self.close()
 
 
-def read_jsonl(workdir: str) -> List[Dict[str, Any]]:
-  """The records of `workdir/metrics.jsonl`, as one uninterrupted run.
-
-  A run resumed from a checkpoint writes again the steps that the
-  interrupted run wrote after that checkpoint, a finished run evaluated
-  again its final record; the later records win. A missing file reads as
-  no records; an unreadable (half-written) line is skipped.
-  """
-  path = os.path.join(workdir, JSONL_NAME)
-  if not os.path.exists(path):
-    return []
-  records: List[Dict[str, Any]] = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if not isinstance(record, dict) or "step" not in record:
-        continue
-      # Where a resumed (or re-evaluated) run starts writing again, the
-      # records from there on are replaced: from the first one at a later
-      # step, or from an earlier copy of this record (same step and keys).
-      step = record["step"]
-      if records and step < records[-1]["step"]:
-        cut = next(i for i, r in enumerate(records) if r["step"] >= step)
-      else:
-        cut = next((i for i, r in enumerate(records) if r["step"] == step
-                    and r.keys() == record.keys()), len(records))
-      records = records[:cut] + [record]
-  return records
-
-
 def read_tensorboard_scalars(
     workdir: str) -> Dict[str, List[Tuple[int, float]]]:
   """{tag: [(step, value), ...]} from the event files of `workdir`."""
   from tensorboard.backend.event_processing import event_accumulator
   accumulator = event_accumulator.EventAccumulator(
-      os.path.join(workdir, TENSORBOARD_DIR),
+      workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR),
       size_guidance={event_accumulator.SCALARS: 0})
   accumulator.Reload()
   return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]

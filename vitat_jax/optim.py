@@ -16,6 +16,15 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("piecewise", "cyclic", "cosine", "constant")
 
 
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  """A duration in (fractional) epochs as a whole number of steps.
+
+  The one rounding of every duration: the training loop's length and the
+  schedules' horizons.
+  """
+  return int(round(epochs * steps_per_epoch))
+
+
 def piecewise_lr(base_lr: float, epochs: float, steps_per_epoch: int):
   """lr for t < E - 5, lr / 10 for t < E - 2, lr / 100 after (reference)."""
   def schedule(count):
@@ -38,13 +47,13 @@ def cyclic_lr(base_lr: float, epochs: float, steps_per_epoch: int,
 
 def learning_rate_schedule(config, epochs: float, steps_per_epoch: int):
   """The schedule named by `config.schedule` as a function of update count."""
-  total = int(epochs * steps_per_epoch)
+  total = epochs_to_steps(epochs, steps_per_epoch)
   if config.schedule == "piecewise":
     return piecewise_lr(config.lr, epochs, steps_per_epoch)
   if config.schedule == "cyclic":
     return cyclic_lr(config.lr, epochs, steps_per_epoch)
   if config.schedule == "cosine":
-    warmup = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+    warmup = epochs_to_steps(config.warmup_epochs, steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(
         0.0, config.lr, max(warmup, 1), max(total, warmup + 1))
   if config.schedule == "constant":
@@ -85,9 +94,8 @@ def make_optimizer(config, epochs: float, steps_per_epoch: int):
       # (clipped) gradient before momentum.
       parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(optax.sgd(schedule, momentum=config.momentum or None,
-                           nesterov=config.get("nesterov", False)))
+                           nesterov=config.nesterov))
   else:
-    parts.append(optax.adamw(schedule, b1=config.get("b1", 0.9),
-                             b2=config.get("b2", 0.999),
+    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
                              weight_decay=config.weight_decay))
   return optax.chain(*parts), schedule

@@ -1,7 +1,8 @@
-"""The figures of `report`: matplotlib, drawn off-screen into PNG files.
+"""The figures of a run and of a comparison: matplotlib, off-screen, PNG.
 
-Each function takes `report.Run`s (the files of a workdir, already read)
-and writes one PNG. Figures are built with `matplotlib.figure.Figure`
+`plot_run(workdir)` draws a run's figures into its workdir; the other
+functions take `runs.Run`s (the files of a workdir, already read) and write
+one PNG each. Figures are built with `matplotlib.figure.Figure`
 directly, so no display, backend choice or pyplot state is involved.
 """
 
@@ -10,7 +11,9 @@ from typing import List, Optional, Sequence
 
 from matplotlib.figure import Figure
 
-from vitat_jax import report
+from vitat_jax import runs as runs_lib
+from vitat_jax import workdir as workdir_lib
+from vitat_jax.attack_names import attack_label
 
 DPI = 110
 _ATTACK_COLORS = {"clean": "tab:blue", "pgd20": "tab:red",
@@ -101,7 +104,7 @@ def learning_curves(run, path: str) -> str:
     epochs, values = _series(test, f"test_{name}_acc")
     ax_acc.plot(epochs, [100 * v for v in values], marker="o", markersize=3,
                 color=_color(name, i),
-                label=f"test, {report.attack_label(name)}")
+                label=f"test, {attack_label(name)}")
   for (key, label), style in zip(_train_accuracy_keys(run), ("--", ":")):
     epochs, values = _series(train, key)
     if epochs:
@@ -113,7 +116,7 @@ def learning_curves(run, path: str) -> str:
       ax_acc.plot([final_epoch], [100 * entry["accuracy"]], marker="*",
                   markersize=13, linestyle="none", color=_color(name, i),
                   markeredgecolor="black", markeredgewidth=0.6, clip_on=False,
-                  label=f"final {report.attack_label(name)}: "
+                  label=f"final {attack_label(name)}: "
                         f"{100 * entry['accuracy']:.1f}% "
                         f"({entry['total']} images)")
   subset = [r.get("test_num_eval_images") for r in test]
@@ -131,7 +134,7 @@ def learning_curves(run, path: str) -> str:
   ax_loss.plot(epochs, values, color="tab:green", marker=".")
   ax_loss.set_title("training loss (mean over each logging window)")
   _epoch_axis(ax_loss, final_epoch)
-  method = report.METHOD_LABELS.get(run.setting("method"))
+  method = runs_lib.METHOD_LABELS.get(run.setting("method"))
   ax_loss.set_ylabel(f"{method} loss (nats)" if method else "loss (nats)")
   if not epochs:
     _note(ax_loss, "no training records yet")
@@ -163,7 +166,7 @@ def schedules(run, path: str) -> str:
   ax_r.set_ylim(-0.05, 1.05)
   ax_r.set_title("ARD / PRM warm-up r(t)")
   ax_r.set_ylabel("r(t): ARD keep prob., PRM unmasked fraction")
-  warmup = report.flatten(run.config).get("warmup_epochs")
+  warmup = workdir_lib.flatten(run.config).get("warmup_epochs")
   if warmup:
     ax_r.axvline(warmup, color="0.4", linestyle=":",
                  label=f"end of warm-up (n_w = {warmup:g} epochs)")
@@ -174,7 +177,7 @@ def schedules(run, path: str) -> str:
   epochs, grad = _series(train, "train_grad_norm")
   ax_grad.plot(epochs, grad, color="tab:red", marker=".",
                label="mean over logging window")
-  clip = report.flatten(run.config).get("optim.grad_clip")
+  clip = workdir_lib.flatten(run.config).get("optim.grad_clip")
   if clip:
     ax_grad.axhline(clip, color="0.4", linestyle="--",
                     label=f"clipping threshold ({clip:g})")
@@ -194,7 +197,7 @@ def robustness(run, path: str) -> str:
   attack-by-attack accuracy beside them when its log is present."""
   accuracies = run.accuracies()
   names = list(accuracies)
-  labels = [report.attack_label(n) for n in names]
+  labels = [attack_label(n) for n in names]
   heights = [100 * accuracies[n]["accuracy"] for n in names]
   texts = [f"{h:.2f}%\n{accuracies[n]['correct']}/{accuracies[n]['total']}"
            for h, n in zip(heights, names)]
@@ -242,8 +245,8 @@ def comparison(runs: Sequence, labels: Sequence[str], path: str) -> str:
   for run in runs:
     attacks += [n for n in _test_attacks(run.records) if n not in attacks]
   robust = next((n for n in ("pgd20", *attacks) if n != "clean"), "pgd20")
-  panels = [("clean", f"test accuracy, clean"),
-            (robust, f"test accuracy, {report.attack_label(robust)}"),
+  panels = [("clean", "test accuracy, clean"),
+            (robust, f"test accuracy, {attack_label(robust)}"),
             (None, "train accuracy (adversarial batches; natural: clean)")]
   fig, axes = _figure(3, f"Comparison of {len(runs)} runs", width=5.0,
                       height=5.0)
@@ -275,3 +278,15 @@ def comparison(runs: Sequence, labels: Sequence[str], path: str) -> str:
              ncol=min(len(runs), 3), fontsize=9,
              title="run  (★ = final evaluation)")
   return _save(fig, path)
+
+
+def plot_run(workdir: str) -> List[str]:
+  """Writes learning_curves.png, schedules.png and (when the run has a final
+  evaluation) robustness.png into `workdir`; returns the paths written."""
+  run = runs_lib.load_run(workdir)
+  curves, schedule_plot, robustness_plot = (
+      workdir_lib.path(workdir, name) for name in workdir_lib.PLOTS)
+  paths = [learning_curves(run, curves), schedules(run, schedule_plot)]
+  if run.accuracies():
+    paths.append(robustness(run, robustness_plot))
+  return paths

@@ -1,167 +1,74 @@
-"""Reports of finished runs: robustness tables, plots, comparisons.
+"""Reports: an evaluation's table and robustness report, comparisons of runs.
 
-    report.write_robustness_report(workdir, result)  # robustness.{json,md}
-    report.plot_run(workdir)    # learning_curves, schedules, robustness .png
+    print(report.format_table(result, attack_names))   # the printed table
+    report.write_results(workdir, result, training=True)  # metrics.json,
+                                                       # robustness.{json,md}
     report.compare_runs([dir1, dir2], out_dir)       # comparison.{md,png}
     report.make_report([dir1, dir2])     # all of it (`main.py --mode=report`)
 
-Everything is read back from the files a run leaves in its workdir
-(`config.json`, `metrics.jsonl`, `metrics.json`, `robustness.json`), so a
-report can be made for any run, finished or still going, without JAX.
-Accuracies come from `robustness.json` when present, else `metrics.json`.
+Runs are read back with `runs.load_run` (no JAX); plots are `plots.py`'s.
 """
 
 import dataclasses
 import json
 import os
-import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from vitat_jax import metric_writers
-from vitat_jax import workdir as workdir_lib
-from vitat_jax.errors import UserError
+from absl import logging
 
-ROBUSTNESS_JSON = "robustness.json"
-ROBUSTNESS_MD = "robustness.md"
+from vitat_jax import plots
+from vitat_jax import runs as runs_lib
+from vitat_jax import workdir as workdir_lib
+from vitat_jax.attack_names import attack_label
+from vitat_jax.errors import UserError
+from vitat_jax.runs import Run
+
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
-# What `write_robustness_report` and `plot_run` leave in a workdir.
-RUN_FILES = (ROBUSTNESS_JSON, ROBUSTNESS_MD, "learning_curves.png",
-             "schedules.png", "robustness.png")
-# The evaluation attack names of `evaluation.parse_attack` (kept here so
-# that reading reports does not import JAX).
-_ATTACK_NAME = re.compile(r"^(clean|pgd\d+|cw\d+|aa|autoattack)$")
 # The comparison table's fixed columns; other attacks found follow them.
 COMPARISON_ATTACKS = ("clean", "pgd20", "cw20", "pgd100", "aa")
-METHOD_LABELS = {"at": "PGD-AT", "trades": "TRADES", "mart": "MART",
-            "natural": "natural training"}
 # AutoAttack's checks: a true value (or a count above 0) means a problem.
 _AUTOATTACK_CHECKS = ("looks_like_probabilities", "randomized",
                       "zero_gradient_points", "square_beats_white_box",
                       "too_few_classes")
 
 
-def attack_label(name: str) -> str:
-  """"pgd20" -> "PGD-20", "cw20" -> "CW-20", "aa" -> "AutoAttack"."""
-  if name in ("aa", "autoattack"):
-    return "AutoAttack"
-  match = re.match(r"^(pgd|cw)(\d+)$", name)
-  if match:
-    return f"{match.group(1).upper()}-{match.group(2)}"
-  return name
-
-
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}): "
-                    "restore it, or rerun that run's command to write it "
-                    "again") from None
-  if not isinstance(value, dict):
-    raise UserError(f"{path} holds a {type(value).__name__}, not a JSON "
-                    "object: restore it, or rerun that run's command")
-  return value
-
-
-@dataclasses.dataclass
-class Run:
-  """What a workdir holds; missing files are empty."""
-  workdir: str
-  config: Dict[str, Any]
-  metrics: Dict[str, Any]                # metrics.json
-  robustness: Optional[Dict[str, Any]]   # robustness.json
-  records: List[Dict[str, Any]]          # metrics.jsonl
-
-  @property
-  def name(self) -> str:
-    return os.path.basename(os.path.normpath(self.workdir))
-
-  def setting(self, key: str, default=None):
-    """model / method / ard / prm / eps: metrics.json, robustness.json,
-    else config.json."""
-    for source in (self.metrics, self.robustness or {}):
-      if source.get(key) is not None:
-        return source[key]
-    flat = flatten(self.config)
-    if key == "eps":
-      return flat.get("eval.eps") or flat.get("attack.eps", default)
-    return flat.get({"model": "model.name"}.get(key, key), default)
-
-  @property
-  def title(self) -> str:
-    """"deit_tiny_patch16_224, PGD-AT + ARD + PRM (runs/x)"."""
-    method = self.setting("method")
-    recipe = METHOD_LABELS.get(method, method or "")
-    if method != "natural":
-      recipe += "".join(f" + {t.upper()}" for t in ("ard", "prm")
-                        if self.setting(t))
-    parts = [p for p in (self.setting("model"), recipe) if p]
-    return f"{', '.join(parts)} ({self.name})" if parts else self.name
-
-  def accuracies(self) -> Dict[str, Dict[str, Any]]:
-    """{attack: {"accuracy", "correct", "total", "time_s"}}, clean first."""
-    if self.robustness is not None:
-      if "results" in self.robustness:
-        return self.robustness["results"]
-      return robustness_results(self.robustness)  # a flat evaluation result
-    if self.metrics:
-      return robustness_results(self.metrics)
-    return {}
-
-
-def check_workdirs(workdirs: Sequence[str]):
-  if not workdirs:
-    raise UserError("no run directories given: pass --workdirs=DIR1,DIR2")
-  for workdir in workdirs:
-    if not os.path.isdir(workdir):
-      raise UserError(f"run directory {workdir!r} does not exist: pass "
-                      "workdirs of earlier `main.py` runs")
-
-
-def load_run(workdir: str) -> Run:
-  check_workdirs([workdir])
-  return Run(
-      workdir=workdir,
-      config=_read_json(os.path.join(workdir, "config.json")) or {},
-      metrics=_read_json(os.path.join(workdir, "metrics.json")) or {},
-      robustness=_read_json(os.path.join(workdir, ROBUSTNESS_JSON)),
-      records=metric_writers.read_jsonl(workdir))
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-  """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 # --------------------------------------------------------------------------
 # Robustness report of one run.
 
 
-def robustness_results(result: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
-  """`evaluate`'s flat result -> {attack: {accuracy, correct, total,
-  time_s}}."""
-  total = result["num_eval_images"]
-  names = [k[:-4] for k in result if k.endswith("_acc")
-           and _ATTACK_NAME.match(k[:-4])]
-  names.sort(key=lambda n: n != "clean")  # clean first, then as evaluated
-  results = {}
-  for name in names:
-    accuracy = float(result[f"{name}_acc"])
-    correct = result.get(f"{name}_correct", round(accuracy * total))
-    results[name] = {"accuracy": accuracy, "correct": int(correct),
-                     "total": int(total),
-                     "time_s": result.get(f"{name}_time_s")}
-  return results
+def format_table(result: Mapping[str, Any], attack_names) -> str:
+  """The evaluation as the table `main.py` prints."""
+  rows = [("attack", "accuracy")]
+  rows += [(n, f"{100 * result[f'{n}_acc']:.2f}%") for n in attack_names]
+  width = max(len(r[0]) for r in rows) + 2
+  lines = [f"{a:<{width}}{b:>10}" for a, b in rows]
+  lines.insert(1, "-" * (width + 10))
+  lines.append(f"({result['num_eval_images']} test images, eps "
+               f"{result['eps'] * 255:.1f}/255)")
+  return "\n".join(lines)
+
+
+def write_results(workdir: str, result: Dict[str, Any], *,
+                  training: bool) -> None:
+  """metrics.json (`training`) and robustness.json/.md, atomically.
+
+  A workdir that cannot take them (read-only, full) costs a warning and
+  `result["write_error"]`, never the result: the caller prints the table
+  either way.
+  """
+  written = {k: v for k, v in result.items() if k != "table"}
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if training:
+      workdir_lib.write_json(
+          workdir_lib.path(workdir, workdir_lib.METRICS_JSON), written,
+          indent=2)
+    write_robustness_report(workdir, written)
+  except OSError as e:
+    result["write_error"] = f"{type(e).__name__}: {e}"
+    logging.warning("results not written to %s (%s); the table printed "
+                    "below is the result", workdir, e)
 
 
 def _attack_log_dict(attack_log) -> Dict[str, Any]:
@@ -171,8 +78,8 @@ def _attack_log_dict(attack_log) -> Dict[str, Any]:
         "robust_accuracy", "seconds", "checks", "warnings")}
   keep = ("robust_accuracy", "seconds", "checks", "warnings", "version",
           "num_images", "attacked", "broken", "perturbation")
-  return json.loads(json.dumps({k: v for k, v in attack_log.items()
-                                if k in keep}, default=float))
+  return workdir_lib.jsonable({k: v for k, v in attack_log.items()
+                               if k in keep})
 
 
 def _verdict(name: str, value) -> str:
@@ -210,7 +117,7 @@ def write_robustness_report(workdir: str, result: Mapping[str, Any],
   # The result itself (what metrics.json holds), then the same numbers per
   # attack with counts, and the checks.
   report = {k: v for k, v in result.items() if k != "table"}
-  report["results"] = robustness_results(result)
+  report["results"] = runs_lib.robustness_results(result)
   checks = dict(result.get("sanity_checks") or {})
   warnings = list(result.get("warnings") or [])
   if attack_log is not None:
@@ -222,18 +129,12 @@ def write_robustness_report(workdir: str, result: Mapping[str, Any],
   if warnings:
     report["warnings"] = warnings
   os.makedirs(workdir, exist_ok=True)
-  json_path = os.path.join(workdir, ROBUSTNESS_JSON)
-  workdir_lib.write_json(json_path, report, indent=2, default=_plain_json)
-  md_path = os.path.join(workdir, ROBUSTNESS_MD)
-  workdir_lib.write_text(md_path, robustness_markdown(load_run(workdir)))
+  json_path = workdir_lib.path(workdir, workdir_lib.ROBUSTNESS_JSON)
+  workdir_lib.write_json(json_path, report, indent=2)
+  md_path = workdir_lib.path(workdir, workdir_lib.ROBUSTNESS_MD)
+  workdir_lib.write_text(md_path,
+                         robustness_markdown(runs_lib.load_run(workdir)))
   return json_path, md_path
-
-
-def _plain_json(value):
-  """numpy scalars and arrays in a result, as JSON."""
-  if hasattr(value, "tolist"):
-    return value.tolist()
-  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _seconds(value) -> str:
@@ -277,20 +178,7 @@ def robustness_markdown(run: Run) -> str:
 
 
 # --------------------------------------------------------------------------
-# Plots of one run and comparisons of several.
-
-
-def plot_run(workdir: str) -> List[str]:
-  """Writes learning_curves.png, schedules.png and (when the run has a final
-  evaluation) robustness.png into `workdir`; returns the paths written."""
-  from vitat_jax import plots  # matplotlib only when plotting
-  run = load_run(workdir)
-  path = lambda name: os.path.join(workdir, name)
-  paths = [plots.learning_curves(run, path("learning_curves.png")),
-           plots.schedules(run, path("schedules.png"))]
-  if run.accuracies():
-    paths.append(plots.robustness(run, path("robustness.png")))
-  return paths
+# Comparisons of several runs.
 
 
 def _labels(runs: Sequence[Run]) -> List[str]:
@@ -304,7 +192,7 @@ def _labels(runs: Sequence[Run]) -> List[str]:
 
 def config_differences(runs: Sequence[Run]) -> Dict[str, List[Any]]:
   """{dotted key: [value per run]} for keys whose values differ."""
-  flats = [flatten(r.config) for r in runs]
+  flats = [workdir_lib.flatten(r.config) for r in runs]
   keys = sorted(set().union(*flats)) if flats else []
   missing = object()
   differences = {}
@@ -366,9 +254,8 @@ def comparison_markdown(runs: Sequence[Run], labels=None) -> str:
 def compare_runs(workdirs: Sequence[str], out_dir: str) -> Tuple[str, str]:
   """Writes `comparison.md` (one row per run) and `comparison.png` (their
   learning curves) into `out_dir`; returns (markdown path, png path)."""
-  from vitat_jax import plots
-  check_workdirs(workdirs)
-  runs = [load_run(w) for w in workdirs]
+  runs_lib.check_workdirs(workdirs)
+  runs = [runs_lib.load_run(w) for w in workdirs]
   labels = _labels(runs)
   os.makedirs(out_dir, exist_ok=True)
   md_path = os.path.join(out_dir, COMPARISON_MD)
@@ -390,12 +277,12 @@ def make_report(workdirs: Sequence[str], out_dir: Optional[str] = None
   """Plots of each run, then their comparison in `out_dir` (default
   `default_report_dir`). Returns (comparison.md, comparison.png, [the
   runs' plots])."""
-  check_workdirs(workdirs)  # before anything is drawn
+  runs_lib.check_workdirs(workdirs)  # before anything is drawn
   for workdir in workdirs:
-    load_run(workdir)  # every file readable, before anything is written
+    runs_lib.load_run(workdir)  # every file readable, before any writes
   out_dir = out_dir or default_report_dir(workdirs)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f"--report_dir {out_dir!r} is a file: pass a directory")
-  plots_written = [p for w in workdirs for p in plot_run(w)]
+  plots_written = [p for w in workdirs for p in plots.plot_run(w)]
   md_path, png_path = compare_runs(workdirs, out_dir)
   return md_path, png_path, plots_written

@@ -5,7 +5,6 @@ do. Checks that need the data (image sizes of a folder, class counts) run
 right after loading, still before anything is compiled.
 """
 
-import json
 import math
 import os
 
@@ -13,9 +12,7 @@ from vitat_jax import evaluation
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
-from vitat_jax import report
-from vitat_jax import run_checkpoints
-from vitat_jax import workdir as workdir_lib
+from vitat_jax.attack_names import parse_attack
 from vitat_jax.checkpoints.io import FORMATS
 from vitat_jax.data import randaugment
 from vitat_jax.errors import UserError
@@ -92,21 +89,18 @@ def _check_run(config):
           and 0 <= config.drop_rate <= 1):
     raise UserError(f"drop_rate={config.drop_rate} must be in [0, 1] (the "
                     "ARD keep probability reached after warm-up)")
-  accum_steps = config.get("accum_steps", 1)
+  accum_steps = config.accum_steps
   if (not isinstance(accum_steps, int) or accum_steps < 1
       or config.batch_size % accum_steps):
     raise UserError(f"accum_steps={accum_steps} must be a positive integer "
                     f"dividing batch_size={config.batch_size}")
-  fsdp_min_size = config.get("fsdp_min_size", 1)
-  if not isinstance(fsdp_min_size, int) or fsdp_min_size < 1:
-    raise UserError(f"fsdp_min_size={fsdp_min_size} must be a positive "
-                    "integer (leaves with fewer elements stay replicated)")
-  _integer("num_devices", config.get("num_devices", 0), 0,
-           " (0 = every device)")
-  compute_dtype = config.get("compute_dtype", "float32")
-  if compute_dtype not in COMPUTE_DTYPES:
-    raise UserError(f"compute_dtype={compute_dtype!r}: use float32, bfloat16 "
-                    "(GPU/TPU) or float16")
+  if not isinstance(config.fsdp_min_size, int) or config.fsdp_min_size < 1:
+    raise UserError(f"fsdp_min_size={config.fsdp_min_size} must be a positive"
+                    " integer (leaves with fewer elements stay replicated)")
+  _integer("num_devices", config.num_devices, 0, " (0 = every device)")
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise UserError(f"compute_dtype={config.compute_dtype!r}: use float32, "
+                    "bfloat16 (GPU/TPU) or float16")
   _finite("beta", config.beta, low=0,
           hint=" (the TRADES / MART trade-off; the paper uses 6)")
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
@@ -121,7 +115,7 @@ def _check_augment(config):
   aug = config.augment
   _integer("augment.crop_padding", aug.crop_padding, 0, " (0 turns the "
            "random crop off)")
-  randaugment.check_spec(aug.get("randaugment", ""))
+  randaugment.check_spec(aug.randaugment)
   mix = config.mixup
   for name in ("prob", "switch_prob", "mixup_alpha", "cutmix_alpha",
                "label_smoothing"):
@@ -136,8 +130,10 @@ def _check_augment(config):
 def _check_optim(config):
   opt = config.optim
   for name in ("lr", "momentum", "weight_decay", "grad_clip",
-               "warmup_epochs"):
+               "warmup_epochs", "b1", "b2"):
     _finite(f"optim.{name}", opt[name])
+  if not isinstance(opt.nesterov, bool):
+    raise UserError(f"optim.nesterov={opt.nesterov!r} must be True or False")
   optim.check_config(opt)
   _finite("optim.momentum", opt.momentum, low=0, high=1, high_open=True)
   if not 0 <= opt.warmup_epochs <= config.epochs:
@@ -163,7 +159,7 @@ def _check_eval(config):
     raise UserError("eval.epoch_attacks is empty: list at least one, or set "
                     "eval.epoch_num_examples=0 to skip the epoch evaluation")
   for name in list(ev.attacks) + list(ev.epoch_attacks):
-    evaluation.parse_attack(name)
+    parse_attack(name)
   evaluation.check_autoattack_config(config)
   if config.method != "natural" or any(n != "clean" for n in ev.attacks):
     eval_eps = ev.eps or config.attack.eps
@@ -262,85 +258,9 @@ def check_config(config):
 
 def check_steps(config, steps_per_epoch: int) -> int:
   """The run's total steps; a one-line error if they round to zero."""
-  total = int(round(config.epochs * steps_per_epoch))
+  total = optim.epochs_to_steps(config.epochs, steps_per_epoch)
   if total <= 0:
     raise UserError(f"epochs={config.epochs} of {steps_per_epoch} steps each "
                     "round to 0 training steps: raise epochs, or lower "
                     "batch_size")
   return total
-
-
-# Fields that may change between a run and its resumption (prefixes).
-# (init.source only says where the weights came from.)
-_RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
-                   "keep_checkpoints", "data.cache_dir", "init.source")
-
-
-def _run_defining(config_dict):
-  return {k: v for k, v in report.flatten(config_dict).items()
-          if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)}
-
-
-def config_as_dict(config) -> dict:
-  """The resolved config as plain JSON data (what checkpoints carry)."""
-  return json.loads(config.to_json_best_effort())
-
-
-def _differences(previous: dict, current: dict):
-  old, new = _run_defining(previous), _run_defining(current)
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
-def recorded_config(workdir: str):
-  """(the run's config dict, where it came from) or (None, None).
-
-  The newest readable checkpoint carries the config it was trained with;
-  config.json (a copy for people) is only used when no checkpoint has one.
-  """
-  meta = run_checkpoints.read_meta(workdir)
-  if meta and isinstance(meta.get("config"), dict):
-    return upgrade_run_config(meta["config"]), "its checkpoints"
-  path = os.path.join(workdir, "config.json")
-  previous = workdir_lib.read_json(path)
-  if isinstance(previous, dict):
-    return upgrade_run_config(previous), "config.json"
-  return None, None
-
-
-def upgrade_run_config(previous: dict) -> dict:
-  """An older run's config.json with the fields added since, as they ran.
-
-  Runs written before `prm_patch_size` masked the model's patch grid, and
-  before `model.weight_init` were initialised Xavier-uniform.
-  """
-  previous = json.loads(json.dumps(previous))
-  model = previous.get("model", {})
-  if "prm_patch_size" not in previous:
-    patch = model.get("patch_size") or models.model_defaults(
-        model["name"])["patch_size"]
-    previous["prm_patch_size"] = patch
-  model.setdefault("weight_init", "xavier_uniform")
-  previous.get("init", {}).setdefault("source", "")
-  return previous
-
-
-def check_workdir_config(config, workdir: str):
-  """Refuses a workdir holding a run with a different config (no writes)."""
-  previous, source = recorded_config(workdir)
-  if previous is None:
-    return
-  changed = _differences(previous, config_as_dict(config))
-  if changed:
-    shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
-    raise UserError(
-        f"workdir {workdir!r} holds a run with a different config (per "
-        f"{source}, it differs in: {shown}); rerun with that run's settings, "
-        "use a new --workdir, or pass --overwrite to delete that run and "
-        "start over")
-
-
-def write_workdir_config(config, workdir: str):
-  """Writes the resolved config as workdir/config.json (atomically)."""
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_json(os.path.join(workdir, "config.json"),
-                         config_as_dict(config), indent=2, sort_keys=True)

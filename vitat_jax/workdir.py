@@ -1,4 +1,17 @@
-"""The workdir as a place to write: checks, atomic files and the run lock.
+"""A run's workdir: its layout, the files in it, and the run lock.
+
+This module owns the workdir (JAX-free, so reports read runs without it):
+
+    <workdir>/config.json       the resolved config (a copy for people; the
+                                checkpoints carry the one resume checks)
+    <workdir>/checkpoints/<step>/{state,meta}   orbax (state.py)
+    <workdir>/metrics.jsonl     one record per log step (metric_writers.py)
+    <workdir>/tensorboard/      the same scalars as TensorBoard events
+    <workdir>/metrics.json      the final evaluation of a training run
+    <workdir>/robustness.{json,md}  the latest evaluation (report.py)
+    <workdir>/*.png             plots (plots.py)
+    <workdir>/log.txt, adversarial/<attack>.npz   AutoAttack's log, examples
+    <workdir>/run.lock          held by the training run writing the workdir
 
 Everything a run writes that a later run reads (config.json, metrics.json,
 robustness.json) is written to a temporary file and renamed over the old one,
@@ -10,17 +23,39 @@ killed run is stale and simply taken over.
 """
 
 import contextlib
+import copy
 import errno
 import fcntl
 import json
 import os
+import re
+import shutil
 import socket
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from vitat_jax.errors import UserError
 
+CONFIG_JSON = "config.json"
+METRICS_JSON = "metrics.json"
+METRICS_JSONL = "metrics.jsonl"
+ROBUSTNESS_JSON = "robustness.json"
+ROBUSTNESS_MD = "robustness.md"
+PLOTS = ("learning_curves.png", "schedules.png", "robustness.png")
+AUTOATTACK_LOG = "log.txt"
+ADVERSARIAL_DIR = "adversarial"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+UNREADABLE_CHECKPOINTS_DIR = "unreadable_checkpoints"
 LOCK_NAME = "run.lock"
+# What `start_over` deletes (checkpoints and TensorBoard events included).
+RUN_FILES = (CONFIG_JSON, METRICS_JSON, METRICS_JSONL, ROBUSTNESS_JSON,
+             ROBUSTNESS_MD, *PLOTS)
+
+
+def path(workdir: str, name: str) -> str:
+  """`<workdir>/<name>`, for the names above."""
+  return os.path.join(workdir, name)
 
 
 def check_writable(workdir: str) -> None:
@@ -41,9 +76,24 @@ def check_writable(workdir: str) -> None:
                     " or pass another --workdir")
 
 
+def jsonable(value: Any) -> Any:
+  """`value` as plain JSON data: numpy / JAX scalars and arrays (anything
+  with `tolist`) inside dicts, lists and tuples become Python numbers and
+  lists; mapping keys become strings."""
+  if isinstance(value, Mapping):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  if value is None or isinstance(value, (str, bool, int, float)):
+    return value
+  if hasattr(value, "tolist"):
+    return jsonable(value.tolist())
+  return value
+
+
 def write_json(path: str, value: Any, **kwargs) -> None:
-  """`json.dump(value)` to `path` atomically (temp file + rename)."""
-  write_text(path, json.dumps(value, **kwargs))
+  """`json.dump(jsonable(value))` to `path` atomically (temp file + rename)."""
+  write_text(path, json.dumps(jsonable(value), **kwargs))
 
 
 def write_text(path: str, text: str) -> None:
@@ -137,3 +187,177 @@ def lock(workdir: str) -> Iterator[None]:
     with contextlib.suppress(OSError):
       os.remove(path)
     os.close(fd)
+
+
+# ----------------------------------------------------------- checkpoints ---
+# What orbax leaves in `checkpoints/`, read as files (no orbax, no JAX).
+
+
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+
+
+_ORBAX_ENTRY = re.compile(r"^\d+(\.orbax-checkpoint-tmp.*)?$")
+
+
+def check_is_a_run(workdir: str) -> None:
+  """One-line error unless `checkpoints/` holds only orbax steps (no writes).
+
+  `--overwrite` deletes the folder: it must be this program's.
+  """
+  directory = checkpoints_dir(workdir)
+  if not os.path.exists(directory):
+    return
+  if not os.path.isdir(directory):
+    raise UserError(f"{directory} is a file, not a checkpoints folder: move "
+                    "it away or pass another --workdir")
+  foreign = sorted(n for n in os.listdir(directory)
+                   if not _ORBAX_ENTRY.match(n))
+  if foreign:
+    raise UserError(f"{directory} holds {foreign[0]!r}, which is not a "
+                    "checkpoint of a run: --overwrite deletes this folder, "
+                    "so move it away or pass another --workdir")
+
+
+def saved_steps(workdir: str) -> List[int]:
+  """The finished steps in `checkpoints/`, newest first (no writes)."""
+  directory = checkpoints_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted((int(n) for n in os.listdir(directory) if n.isdigit()),
+                reverse=True)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds any finished checkpoint (without creating it)."""
+  return bool(saved_steps(workdir))
+
+
+def read_meta(workdir: str) -> Optional[dict]:
+  """The `meta` item of the newest checkpoint where it is readable JSON: the
+  seed, the input position (`steps_per_epoch`, `epoch`, `index_in_epoch`)
+  and the run's resolved config."""
+  for step in saved_steps(workdir):
+    meta = read_json(os.path.join(checkpoints_dir(workdir), str(step), "meta",
+                                  "metadata"))
+    if isinstance(meta, dict):
+      return meta
+  return None
+
+
+def start_over(workdir: str) -> None:
+  """Deletes a run's checkpoints, metrics, reports and plots (--overwrite)."""
+  shutil.rmtree(checkpoints_dir(workdir), ignore_errors=True)
+  shutil.rmtree(path(workdir, TENSORBOARD_DIR), ignore_errors=True)
+  for name in RUN_FILES:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path(workdir, name))
+
+
+# --------------------------------------------------------- the run config ---
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+  """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_as_dict(config) -> dict:
+  """The resolved config as plain JSON data (what checkpoints carry)."""
+  return json.loads(config.to_json_best_effort())
+
+
+_PATCH_IN_NAME = re.compile(r"_patch(\d+)_")
+
+
+def upgrade_run_config(previous: dict) -> dict:
+  """An older run's config with the fields added since, as they ran.
+
+  Runs written before `prm_patch_size` masked the model's own patch grid
+  (the model's `patch_size`, else the one its timm name states; ConViT's is
+  16), and before `model.weight_init` were initialised Xavier-uniform.
+  Fields added later whose default is the old behaviour are filled in by
+  `merge_run_config`.
+  """
+  previous = copy.deepcopy(previous)
+  model = previous.setdefault("model", {})
+  if "prm_patch_size" not in previous:
+    match = _PATCH_IN_NAME.search(model.get("name", "") + "_")
+    previous["prm_patch_size"] = model.get("patch_size") or (
+        int(match.group(1)) if match else 16)
+  model.setdefault("weight_init", "xavier_uniform")
+  previous.setdefault("init", {}).setdefault("source", "")
+  return previous
+
+
+def recorded_config(workdir: str) -> Tuple[Optional[dict], Optional[str]]:
+  """(the run's config dict, upgraded; where it came from) or (None, None).
+
+  The newest readable checkpoint carries the config it was trained with;
+  config.json (a copy for people) is only used when no checkpoint has one.
+  """
+  meta = read_meta(workdir)
+  if meta and isinstance(meta.get("config"), dict):
+    return upgrade_run_config(meta["config"]), "its checkpoints"
+  previous = read_json(path(workdir, CONFIG_JSON))
+  if isinstance(previous, dict):
+    return upgrade_run_config(previous), CONFIG_JSON
+  return None, None
+
+
+def merge_run_config(current: dict, recorded: dict,
+                     keep: Tuple[str, ...] = ()) -> dict:
+  """A run's recorded config, completed by `current` (the command's config
+  as a dict) with the fields added since the run, and with `current`'s
+  sections named in `keep` (e.g. "eval") instead of the run's."""
+  merged = copy.deepcopy(recorded)
+  for key, value in flatten(current).items():
+    parents, _, field = key.rpartition(".")
+    section = merged
+    for parent in filter(None, parents.split(".")):
+      section = section.setdefault(parent, {})
+    if field not in section:
+      section[field] = copy.deepcopy(value)
+  for section in keep:  # top-level sections, whole
+    merged[section] = copy.deepcopy(current[section])
+  return merged
+
+
+# Fields that may change between a run and its resumption (prefixes).
+# (init.source only says where the weights came from.)
+_RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
+                   "keep_checkpoints", "data.cache_dir", "init.source")
+
+
+def _run_defining(config_dict: dict) -> Dict[str, Any]:
+  return {k: v for k, v in flatten(config_dict).items()
+          if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)}
+
+
+def check_same_config(config, workdir: str) -> None:
+  """Refuses a workdir holding a run with a different config (no writes)."""
+  previous, source = recorded_config(workdir)
+  if previous is None:
+    return
+  old, new = _run_defining(previous), _run_defining(config_as_dict(config))
+  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if changed:
+    shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+    raise UserError(
+        f"workdir {workdir!r} holds a run with a different config (per "
+        f"{source}, it differs in: {shown}); rerun with that run's settings, "
+        "use a new --workdir, or pass --overwrite to delete that run and "
+        "start over")
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes the resolved config as workdir/config.json (atomically)."""
+  os.makedirs(workdir, exist_ok=True)
+  write_json(path(workdir, CONFIG_JSON), config_as_dict(config), indent=2,
+             sort_keys=True)

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests.attacks._models import assert_in_ball_and_box, batch, mlp
+from vitat_jax import attack_names
 from vitat_jax import attacks
+from vitat_jax import data
 from vitat_jax import evaluation
 from vitat_jax.attacks.autoattack import attack_settings
 from vitat_jax.errors import UserError
@@ -208,16 +210,18 @@ class _Linear(nn.Module):
 
 
 def test_evaluator_runs_autoattack_by_name():
-  assert evaluation.parse_attack("aa").kind == "autoattack"
-  assert evaluation.parse_attack("autoattack").kind == "autoattack"
+  assert attack_names.parse_attack("aa").kind == "autoattack"
+  assert attack_names.parse_attack("autoattack").kind == "autoattack"
   model = _Linear()
-  x, y = batch(5, n=8)
+  x, _ = batch(5, n=8)
+  images = np.round(np.asarray(x) * 255).astype(np.uint8)
+  x = jnp.asarray(images, jnp.float32) / 255
   params = model.init(jax.random.key(0), x)["params"]
-  y = jnp.argmax(model.apply({"params": params}, x), -1)
-  evaluate = evaluation.make_evaluator(model, ["clean", "pgd5", "aa"],
-                                       eps=2 / 255, alpha=0.5 / 255)
-  batches = [(np.asarray(x), np.asarray(y), np.ones(8, bool))]
-  result = evaluate(params, batches, jax.random.key(0))
+  y = np.asarray(jnp.argmax(model.apply({"params": params}, x), -1), np.int32)
+  evaluate = evaluation.Evaluator(model, eps=2 / 255, alpha=0.5 / 255,
+                                  batch_size=8)
+  result = evaluate(params, data.ArraySource(images, y),
+                    ["clean", "pgd5", "aa"], key=jax.random.key(0))
   assert result["clean_acc"] == 1.0
   assert result["aa_acc"] <= result["pgd5_acc"] + 1e-9
   assert result["num_eval_images"] == 8

@@ -105,6 +105,11 @@ def test_config_may_be_any_attribute_object_with_fields_missing():
   assert splits.image_size == 16 and len(splits.train) == 1437
 
 
+def test_the_fields_load_reads_are_the_config_data_section():
+  from configs import default
+  assert set(sources.FIELDS) == set(default.get_config().data.keys())
+
+
 def test_mean_and_std_overrides():
   splits = data.load(_config(name="digits", mean=(0.1, 0.2, 0.3),
                              std=[1, 2, 3]))

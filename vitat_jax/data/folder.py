@@ -16,7 +16,7 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import logging
 import numpy as np

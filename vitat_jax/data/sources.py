@@ -45,6 +45,17 @@ DIGITS_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 DIGITS_NUM_TRAIN = 1437
 DIGITS_DEFAULT_SIZE = 16
 DEFAULT_DECODED_CACHE_MB = 1024
+# The fields of a data config and what a missing (or None) one means to
+# `load`: one table, with the keys of configs/default.py's `data` section
+# (tests/data/test_sources.py checks). The values are the library's own
+# (the digits at their native size); the configs set the paper's recipe.
+FIELDS = dict(
+    name="digits", root="", tfds_name="", tfds_data_dir="",
+    train_split="train", test_split="test", image_size=0, train_examples=0,
+    test_examples=0, subset_seed=0, cache_dir="", mean=(), std=(),
+    train_transform="squash", eval_transform="squash",
+    rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3), crop_pct=0.875,
+    eval_subset="", workers=None, decoded_cache_mb=DEFAULT_DECODED_CACHE_MB)
 
 
 class Source(Protocol):
@@ -170,22 +181,21 @@ class DataSplits:
 
 def transforms(data_config, image_size: int):
   """(train, eval) `decode.Transform`s that `data_config` names."""
-  train_name = _get(data_config, "train_transform", "squash")
-  eval_name = _get(data_config, "eval_transform", "squash")
+  train_name = _get(data_config, "train_transform")
+  eval_name = _get(data_config, "eval_transform")
   if train_name not in decode.TRAIN_TRANSFORMS:
     raise UserError(f"data.train_transform={train_name!r}: use one of "
                     f"{', '.join(decode.TRAIN_TRANSFORMS)}")
   if eval_name not in decode.EVAL_TRANSFORMS:
     raise UserError(f"data.eval_transform={eval_name!r}: use one of "
                     f"{', '.join(decode.EVAL_TRANSFORMS)}")
-  scale = tuple(float(v) for v in _get(data_config, "rrc_scale", (0.08, 1.0)))
-  ratio = tuple(float(v) for v in _get(data_config, "rrc_ratio",
-                                       (3 / 4, 4 / 3)))
+  scale = tuple(float(v) for v in _get(data_config, "rrc_scale"))
+  ratio = tuple(float(v) for v in _get(data_config, "rrc_ratio"))
   if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
     raise UserError(f"data.rrc_scale={scale}: two numbers 0 < lo <= hi <= 1")
   if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
     raise UserError(f"data.rrc_ratio={ratio}: two numbers 0 < lo <= hi")
-  crop_pct = float(_get(data_config, "crop_pct", 0.875))
+  crop_pct = float(_get(data_config, "crop_pct"))
   if not 0 < crop_pct <= 1:
     raise UserError(f"data.crop_pct={crop_pct}: use a number in (0, 1], e.g. "
                     "0.875 (224 of 256)")
@@ -214,25 +224,25 @@ def load(data_config) -> DataSplits:
   Raises:
     UserError: a bad field, missing or unusable data.
   """
-  name = _get(data_config, "name", "digits")
+  name = _get(data_config, "name")
   if name not in VALID_NAMES:
     raise UserError(f"unknown data.name {name!r}; use one of: "
                     f"{', '.join(VALID_NAMES)}")
-  workers = _get(data_config, "workers", None)
+  workers = _get(data_config, "workers")
   if workers is not None and (isinstance(workers, bool) or not isinstance(
       workers, (int, np.integer)) or workers < 0):
     raise UserError(f"data.workers={workers!r}: use 0 (decode in the training "
                     "process), a positive number of worker processes, or "
                     "leave it unset for one per spare CPU")
-  image_size = _get_int(data_config, "image_size", 0)
-  subset = dict(train=_get_int(data_config, "train_examples", 0),
-                test=_get_int(data_config, "test_examples", 0),
-                seed=_get_int(data_config, "subset_seed", 0))
+  image_size = _get_int(data_config, "image_size")
+  subset = dict(train=_get_int(data_config, "train_examples"),
+                test=_get_int(data_config, "test_examples"),
+                seed=_get_int(data_config, "subset_seed"))
   mean = _get_stats(data_config, "mean")
   std = _get_stats(data_config, "std")
   if std is not None and min(std) <= 0:
     raise UserError(f"data.std must be positive, got {std}")
-  eval_subset = _get(data_config, "eval_subset", "")
+  eval_subset = _get(data_config, "eval_subset")
   if eval_subset not in EVAL_SUBSETS:
     raise UserError(f"data.eval_subset={eval_subset!r}: use '' (the whole "
                     "test split) or 'robustbench' (its 5000 ImageNet images)")
@@ -246,18 +256,17 @@ def load(data_config) -> DataSplits:
     splits = _load_digits(image_size, **subset)
   elif name == "image_folder":
     splits = _load_image_folder(
-        root=_get(data_config, "root", ""),
+        root=_get(data_config, "root"),
         transforms=(train_transform, eval_transform),
-        cache_dir=_get(data_config, "cache_dir", "") or _default_cache_dir(),
-        cache_mb=_get_int(data_config, "decoded_cache_mb",
-                          DEFAULT_DECODED_CACHE_MB),
+        cache_dir=_get(data_config, "cache_dir") or _default_cache_dir(),
+        cache_mb=_get_int(data_config, "decoded_cache_mb"),
         eval_subset=eval_subset, **subset)
   else:
     splits = _load_tfds(
-        tfds_name=_get(data_config, "tfds_name", ""),
-        data_dir=_get(data_config, "tfds_data_dir", "") or None,
-        split_names=(_get(data_config, "train_split", "train"),
-                     _get(data_config, "test_split", "test")),
+        tfds_name=_get(data_config, "tfds_name"),
+        data_dir=_get(data_config, "tfds_data_dir") or None,
+        split_names=(_get(data_config, "train_split"),
+                     _get(data_config, "test_split")),
         transforms=(train_transform, eval_transform), **subset)
   if train_transform.name != "squash" and isinstance(splits.train,
                                                      ArraySource):
@@ -276,8 +285,9 @@ def load(data_config) -> DataSplits:
 # ----------------------------------------------------------------- config ---
 
 
-def _get(config, field: str, default):
-  """`config.field`, or `default` when it is missing or None."""
+def _get(config, field: str):
+  """`config.field`, or `FIELDS[field]` when it is missing or None."""
+  default = FIELDS[field]
   if hasattr(config, "get"):
     value = config.get(field, default)
   else:
@@ -285,8 +295,8 @@ def _get(config, field: str, default):
   return default if value is None else value
 
 
-def _get_int(config, field: str, default: int) -> int:
-  value = _get(config, field, default)
+def _get_int(config, field: str) -> int:
+  value = _get(config, field)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
       value < 0):
     raise UserError(f"data.{field} must be an integer >= 0, got {value!r}")
@@ -294,7 +304,7 @@ def _get_int(config, field: str, default: int) -> int:
 
 
 def _get_stats(config, field: str) -> Optional[tuple[float, float, float]]:
-  value = _get(config, field, None)
+  value = _get(config, field)
   if value is None or (not isinstance(value, str) and len(value) == 0):
     return None
   try:

@@ -1,0 +1,172 @@
+"""The package's shape: import directions, no cycles, JAX-free entry points.
+
+Imports are read with `ast` (every `import`, at module level or inside a
+function), so the checks need nothing but the source.
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import _fake_runs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, "vitat_jax")
+# The functional core: pure models, attacks and masks know nothing of the
+# training, evaluation, data or reporting around them.
+CORE = ("vitat_jax.models", "vitat_jax.attacks", "vitat_jax.masks")
+OUTSIDE_THE_CORE = (
+    "vitat_jax.train", "vitat_jax.train_step", "vitat_jax.state",
+    "vitat_jax.evaluation", "vitat_jax.eval_only", "vitat_jax.data",
+    "vitat_jax.report", "vitat_jax.runs", "vitat_jax.plots",
+    "vitat_jax.workdir", "vitat_jax.validate",
+    "vitat_jax.objectives", "vitat_jax.metric_writers",
+    "vitat_jax.preemption", "vitat_jax.progress")
+# Modules that read runs and names: never JAX (directly or through others).
+JAX_FREE = ("vitat_jax.attack_names", "vitat_jax.runs", "vitat_jax.report",
+            "vitat_jax.plots", "vitat_jax.workdir", "vitat_jax.errors",
+            "vitat_jax.metric_writers")
+
+
+def _module_name(path):
+  rel = os.path.relpath(path, REPO)[:-len(".py")].replace(os.sep, ".")
+  return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _imports(path):
+  """The modules `path` imports (`from a import b` counts a.b when it is a
+  module of the package, else a)."""
+  tree = ast.parse(open(path).read(), path)
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      for alias in node.names:
+        candidate = f"{node.module}.{alias.name}"
+        names.add(candidate if _is_module(candidate) else node.module)
+  return names
+
+
+def _is_module(name):
+  path = os.path.join(REPO, *name.split("."))
+  return os.path.isfile(path + ".py") or os.path.isdir(path)
+
+
+def _graph(root):
+  graph = {}
+  for folder, _, files in os.walk(root):
+    for file in files:
+      if file.endswith(".py"):
+        path = os.path.join(folder, file)
+        graph[_module_name(path)] = _imports(path)
+  return graph
+
+
+GRAPH = _graph(PACKAGE)
+
+
+def _within(name, prefixes):
+  return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_the_graph_is_read():
+  assert "vitat_jax.train" in GRAPH and "vitat_jax.models.vit" in GRAPH
+  assert "vitat_jax.state" in GRAPH["vitat_jax.train"]
+  assert "jax" in GRAPH["vitat_jax.train"]
+
+
+def test_models_attacks_and_masks_import_nothing_from_the_training_side():
+  wrong = {(module, imported) for module, imports in GRAPH.items()
+           if _within(module, CORE) for imported in imports
+           if _within(imported, OUTSIDE_THE_CORE)}
+  assert not wrong
+
+
+def test_configs_import_nothing_from_the_package():
+  graph = _graph(os.path.join(REPO, "configs"))
+  assert graph  # the configs were read
+  wrong = {(m, i) for m, imports in graph.items() for i in imports
+           if _within(i, ("vitat_jax",))}
+  assert not wrong
+
+
+def test_the_package_init_files_import_nothing_eagerly():
+  assert not {i for i in GRAPH["vitat_jax"] if _within(i, ("vitat_jax",))}
+
+
+def test_no_import_cycle_in_the_package():
+  internal = {m: {i for i in imports if i in GRAPH and i != m}
+              for m, imports in GRAPH.items()}
+  # A package's __init__ re-exporting its own modules is not a cycle.
+  for m in internal:
+    internal[m] = {i for i in internal[m] if not m.startswith(i + ".")}
+  state = {}
+
+  def visit(module, path):
+    state[module] = "open"
+    for imported in sorted(internal[module]):
+      if state.get(imported) == "open":
+        cycle = path[path.index(imported):] + [imported]
+        pytest.fail("import cycle: " + " -> ".join(cycle))
+      if imported not in state:
+        visit(imported, path + [imported])
+    state[module] = "done"
+
+  for module in sorted(internal):
+    if module not in state:
+      visit(module, [module])
+
+
+def test_modules_that_read_runs_never_reach_jax():
+  for start in JAX_FREE:
+    seen, todo = set(), [start]
+    while todo:
+      module = todo.pop()
+      if module in seen:
+        continue
+      seen.add(module)
+      for imported in GRAPH.get(module, ()):
+        assert not _within(imported, ("jax", "flax", "optax", "orbax")), (
+            start, module, imported)
+        if imported in GRAPH:
+          todo.append(imported)
+
+
+_PROBE = """
+import json, runpy, sys
+sys.argv = ["main.py", *json.loads(sys.argv[1])]
+code = 0
+try:
+  runpy.run_path("main.py", run_name="__main__")
+except SystemExit as e:
+  code = e.code or 0
+print(json.dumps({"code": code, "jax": "jax" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--mode=report"]])
+def test_help_and_report_do_not_import_jax(argv, tmp_path):
+  if argv == ["--mode=report"]:
+    _fake_runs.make_run(str(tmp_path / "run"))
+    argv = argv + [f"--workdirs={tmp_path / 'run'}",
+                   f"--report_dir={tmp_path / 'report'}"]
+  proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert outcome == {"code": 0, "jax": False}, proc.stderr[-2000:]
+  if "--mode=report" in argv:
+    assert (tmp_path / "report" / "comparison.md").exists()
+
+
+def test_the_code_is_formatted_with_pyink():
+  """One formatter (pyproject.toml's settings): `python -m pyink .` fixes."""
+  proc = subprocess.run([sys.executable, "-m", "pyink", "--check", "."],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, (
+      "not formatted; run `python -m pyink .`:\n" + proc.stderr[-3000:])
