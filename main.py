@@ -141,7 +141,7 @@ def default_workdir(config, config_path: str) -> str:
   stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   parts = [stem, config.model.name, config.method]
   if config.method != "natural":
-    parts += [trick for trick in ("ard", "prm") if config[trick]]
+    parts += [trick for trick in ("ard", "prm") if config.tricks[trick]]
   return os.path.join("runs", "_".join(parts))
 
 

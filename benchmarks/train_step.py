@@ -52,8 +52,8 @@ def make_config(args):
   config = cifar10.get_config(f"model={args.model}")
   config.batch_size = args.batch_size
   config.attack.steps = args.attack_steps
-  config.ard = args.ard
-  config.prm = args.prm
+  config.tricks.ard = args.ard
+  config.tricks.prm = args.prm
   if hasattr(config, "compute_dtype"):
     config.compute_dtype = args.compute_dtype
   if "remat" in config.model:

@@ -16,16 +16,21 @@ def get_config():
   # the baseline arm).
   config.method = "at"
   config.beta = 6.0               # TRADES / MART trade-off
-  # The paper's tricks, acting only on the training attack, with the shared
-  # warm-up r(t) = min(t / warmup_epochs, 1) * drop_rate.
-  config.ard = False
-  config.prm = False
-  config.warmup_epochs = 10.0     # n_w
-  config.drop_rate = 1.0          # keep probability reached after warm-up
+  # The paper's two tricks, acting only on the training attack: ARD drops
+  # attention-branch gradients, PRM masks the perturbation on image cells.
+  # Both keep a fraction r(t) = min(t / warmup_epochs, 1) * final_keep_rate
+  # at the fractional epoch t (ARD: each block's gradient kept with
+  # probability r; PRM: a fraction r of the cells kept), so they fade out
+  # over the warm-up.
+  config.tricks = ml_collections.ConfigDict()
+  config.tricks.ard = False
+  config.tricks.prm = False
+  config.tricks.warmup_epochs = 10.0   # n_w (not optim.warmup_epochs, the lr's)
+  config.tricks.final_keep_rate = 1.0  # r after the warm-up (1 = tricks off)
   # PRM's cell size in pixels (the reference's --patch): the grid has
   # image_size / prm_patch_size cells per side whatever the model's own patch
   # size; 4 on CIFAR-10, 16 on Imagenette and ImageNet (Swin included).
-  config.prm_patch_size = 4
+  config.tricks.prm_patch_size = 4
 
   # Activations and matmuls in this dtype ("bfloat16" on GPU/TPU); params and
   # optimiser state stay float32. See docs/parallel.md.

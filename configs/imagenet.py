@@ -56,8 +56,8 @@ def get_config(arg=None):
     config.optim.momentum = 0.5     # train_imagenet.py sets it for Swin-B
   config.method = "at"
   both = args.get("ard_prm", False)
-  config.ard = args.get("ard", both)
-  config.prm = args.get("prm", both)
+  config.tricks.ard = args.get("ard", both)
+  config.tricks.prm = args.get("prm", both)
   common.apply_pretrained(config, args.get("pretrained", "in21k"),
                           args.get("pretrained_dir", "pretrained"))
   config.data.name = "tfds"
@@ -67,12 +67,12 @@ def get_config(arg=None):
   config.data.image_size = 224
   config.data.mean = imagenette.IMAGENET_MEAN
   config.data.std = imagenette.IMAGENET_STD
-  config.prm_patch_size = 16
+  config.tricks.prm_patch_size = 16
   config.attack.eps = 4 / 255
   config.attack.alpha = 1 / 255
   config.attack.steps = 5
   config.epochs = 10.0
-  config.warmup_epochs = 2.0
+  config.tricks.warmup_epochs = 2.0
   config.batch_size = 512
   config.accum_steps = args.get("accum_steps", 1)
   config.eval.batch_size = 512

@@ -54,6 +54,6 @@ def get_config(arg=None):
   config.data.image_size = 224
   config.data.mean = IMAGENET_MEAN
   config.data.std = IMAGENET_STD
-  config.prm_patch_size = 16       # the reference's --patch 16: 14x14 cells
+  config.tricks.prm_patch_size = 16       # the reference's --patch 16: 14x14 cells
   config.eval.epoch_num_examples = 200
   return config

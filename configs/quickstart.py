@@ -29,15 +29,15 @@ def get_config():
   # small model stalls for its first 5 epochs (loss 2.34 at step 110) and
   # ends at clean 95.00 / PGD-20 87.50 instead of 97.78 / 95.00 (README).
   config.model.weight_init = "xavier_uniform"
-  config.prm_patch_size = 4        # a 4x4 PRM grid on the 16-px digits
+  config.tricks.prm_patch_size = 4        # a 4x4 PRM grid on the 16-px digits
   config.augment.crop_padding = 0
   config.augment.flip = False
   config.mixup.prob = 0.0
-  config.ard = True
-  config.prm = True
+  config.tricks.ard = True
+  config.tricks.prm = True
   config.attack.steps = 5
   config.epochs = 30.0
-  config.warmup_epochs = 10.0
+  config.tricks.warmup_epochs = 10.0
   config.eval.epoch_num_examples = 0
   config.eval.attacks = ("clean", "pgd20", "cw20")   # a short final list
   config.eval.num_examples = 0

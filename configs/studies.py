@@ -92,9 +92,9 @@ def get_config(arg=None):
     config.optim.lr = 5e-4
     config.optim.weight_decay = 0.05
   elif study == "ard_prm":
-    config.ard = arm in ("ard", "ard_prm")
-    config.prm = arm in ("prm", "ard_prm")
+    config.tricks.ard = arm in ("ard", "ard_prm")
+    config.tricks.prm = arm in ("prm", "ard_prm")
   elif study == "n_w":
-    config.ard = config.prm = True
-    config.warmup_epochs = float(arm)
+    config.tricks.ard = config.tricks.prm = True
+    config.tricks.warmup_epochs = float(arm)
   return config

@@ -25,8 +25,8 @@ def make_run(workdir, *, epochs=40, steps_per_epoch=20, log_every=5,
   config.epochs = float(epochs)
   config.optim.lr = lr
   config.method = method
-  config.ard = ard
-  config.prm = prm
+  config.tricks.ard = ard
+  config.tricks.prm = prm
   config.log_every_steps = log_every
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(json.loads(config.to_json_best_effort()), f, indent=2)

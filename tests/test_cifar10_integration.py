@@ -47,9 +47,10 @@ def _config(root, **overrides):
 
 def test_adversarial_training_is_robust_on_real_cifar10(cifar10_root, tmp_path):
   adversarial = train.train_and_evaluate(
-      _config(cifar10_root, method="at", ard=True, prm=True, epochs=3.0,
-              warmup_epochs=1.0, **{"attack.steps": 3,
-                                    "attack.alpha": 2.5 * (8 / 255) / 3}),
+      _config(cifar10_root, method="at", epochs=3.0,
+              **{"tricks.ard": True, "tricks.prm": True,
+                 "tricks.warmup_epochs": 1.0, "attack.steps": 3,
+                 "attack.alpha": 2.5 * (8 / 255) / 3}),
       str(tmp_path / "at"))
   natural = train.train_and_evaluate(
       _config(cifar10_root, method="natural", epochs=2.0),
@@ -80,10 +81,10 @@ def natural_5k(cifar10_root, tmp_path_factory):
 def test_trades_and_mart_are_robust_on_real_cifar10(cifar10_root, tmp_path,
                                                     natural_5k, method):
   result = train.train_and_evaluate(
-      _config(cifar10_root, method=method, ard=True, prm=True, epochs=2.0,
-              warmup_epochs=1.0, **{"data.train_examples": 5_000,
-                                    "attack.steps": 3,
-                                    "attack.alpha": 2.5 * (8 / 255) / 3}),
+      _config(cifar10_root, method=method, epochs=2.0,
+              **{"tricks.ard": True, "tricks.prm": True,
+                 "tricks.warmup_epochs": 1.0, "data.train_examples": 5_000,
+                 "attack.steps": 3, "attack.alpha": 2.5 * (8 / 255) / 3}),
       str(tmp_path / method))
   print(f"{method}: clean {result['clean_acc']:.3f} pgd20 "
         f"{result['pgd20_acc']:.3f} ({result['wall_time_s']:.0f} s); natural:"

@@ -74,11 +74,11 @@ def test_config_validates_and_builds_a_train_state(name, arg, tmp_path):
 def test_paper_settings():
   imagenet = importlib.import_module("configs.imagenet").get_config()
   assert (imagenet.attack.eps, imagenet.attack.alpha, imagenet.attack.steps,
-          imagenet.epochs, imagenet.warmup_epochs, imagenet.batch_size) == (
+          imagenet.epochs, imagenet.tricks.warmup_epochs, imagenet.batch_size) == (
               4 / 255, 1 / 255, 5, 10.0, 2.0, 512)
   nette = importlib.import_module("configs.imagenette").get_config("root=x")
   assert (nette.data.image_size, state_lib.build_model(nette).patch_size,
-          nette.prm_patch_size) == (224, 16, 16)
+          nette.tricks.prm_patch_size) == (224, 16, 16)
   rand = studies.get_config("study=augmentation,arm=randaugment")
   assert rand.augment.randaugment and rand.mixup.prob == 0
   adamw = studies.get_config("study=optimizer,arm=adamw_cyclic")

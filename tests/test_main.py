@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.image_size=8", "--config.data.train_examples=128",
         "--config.model.embed_dim=16", "--config.model.depth=1",
         "--config.model.num_heads=2", "--config.epochs=1",
-        "--config.warmup_epochs=1", "--config.attack.steps=1",
+        "--config.tricks.warmup_epochs=1", "--config.attack.steps=1",
         "--config.eval.num_examples=32", "--config.eval.batch_size=32",
         "--config.batch_size=32"]
 

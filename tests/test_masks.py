@@ -22,13 +22,13 @@ def test_fractional_epoch_is_the_reference_t():
           pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("t, n_w, drop_rate, expected", [
+@pytest.mark.parametrize("t, n_w, final_keep_rate, expected", [
     (0.0, 10, 1.0, 0.0), (2.5, 10, 1.0, 0.25), (10.0, 10, 1.0, 1.0),
     (25.0, 10, 1.0, 1.0), (5.0, 10, 0.8, 0.4), (12.0, 10, 0.8, 0.8),
     (3.0, 0, 0.9, 0.9),
 ])
-def test_warmup_value(t, n_w, drop_rate, expected):
-  assert float(masks.warmup_value(t, n_w, drop_rate)) == pytest.approx(expected)
+def test_warmup_value(t, n_w, final_keep_rate, expected):
+  assert float(masks.warmup_value(t, n_w, final_keep_rate)) == pytest.approx(expected)
 
 
 def test_ard_keep_extremes_and_rate():

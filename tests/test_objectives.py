@@ -114,7 +114,8 @@ def test_ard_with_r_zero_changes_the_attack_but_r_one_does_not():
 def test_every_method_gives_a_finite_loss_and_gradient(method):
   import ml_collections
   config = ml_collections.ConfigDict(dict(
-      method=method, ard=True, prm=True, beta=6.0, prm_patch_size=4,
+      method=method, beta=6.0,
+      tricks=dict(ard=True, prm=True, prm_patch_size=4),
       attack=dict(eps=8 / 255, alpha=2 / 255, steps=2)))
   objective = objectives.make_objective(config, MODEL)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(

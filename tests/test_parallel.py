@@ -28,7 +28,7 @@ def _config(eval_attacks=("clean",), fsdp=False):
   return tiny_config(**{
       "eval.attacks": tuple(eval_attacks), "eval.batch_size": 8,
       "fsdp": fsdp, "fsdp_min_size": 256, "num_devices": 4 if fsdp else 0,
-      "data.train_examples": 160, "epochs": 1.0, "warmup_epochs": 1.0,
+      "data.train_examples": 160, "epochs": 1.0, "tricks.warmup_epochs": 1.0,
       "augment.crop_padding": 1, "augment.flip": True, "mixup.prob": 1.0,
       "model.drop_path_rate": 0.1,
       "eval.num_examples": 32, "eval.epoch_num_examples": 0,

@@ -57,9 +57,9 @@ PRM_PATCH = 4     # the reference's --patch
 def _config(method):
   config = default.get_config()
   config.method = method
-  config.ard = config.prm = True
-  config.prm_patch_size = PRM_PATCH
-  config.warmup_epochs = WARMUP_EPOCHS
+  config.tricks.ard = config.tricks.prm = True
+  config.tricks.prm_patch_size = PRM_PATCH
+  config.tricks.warmup_epochs = WARMUP_EPOCHS
   config.attack.steps = STEPS
   config.augment.crop_padding = 0
   config.augment.flip = False

@@ -65,8 +65,9 @@ def test_accumulated_step_equals_the_full_batch_step(grad_clip):
 
 def test_adversarial_step_with_accumulation_and_randaugment_runs():
   state, metrics = _one_step(_config(
-      method="trades", ard=True, prm=True, accum_steps=4, warmup_epochs=1.0,
-      **{"attack.steps": 2, "augment.randaugment": "rand-m9-n2"}))
+      method="trades", accum_steps=4,
+      **{"tricks.ard": True, "tricks.prm": True, "tricks.warmup_epochs": 1.0,
+         "attack.steps": 2, "augment.randaugment": "rand-m9-n2"}))
   assert int(state.step) == 1
   assert all(np.isfinite(float(v)) for v in metrics.values())
 
@@ -80,7 +81,8 @@ def test_adversarial_step_with_accumulation_and_randaugment_runs():
     ({"augment.randaugment": "rand-z9"}, "unknown RandAugment spec"),
     ({"optim.name": "lamb"}, "unknown optimizer 'lamb'"),
     ({"optim.schedule": "step"}, "unknown lr schedule 'step'"),
-    (dict(ard=True, warmup_epochs=50.0), "warmup_epochs=50.0 must be in"),
+    ({"tricks.ard": True, "tricks.warmup_epochs": 50.0},
+     "warmup_epochs=50.0 must be in"),
 ])
 def test_recipe_options_fail_with_one_line_errors(overrides, message):
   with pytest.raises(UserError) as error:

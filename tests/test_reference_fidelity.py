@@ -120,9 +120,9 @@ def test_swin_prm_mask_at_224_masks_16px_cells(r):
       "root=x,model=swin_tiny_patch4_window7_224,pretrained=scratch,"
       "ard_prm=True")
   model = state_lib.build_model(config)
-  assert (model.patch_size, config.prm_patch_size) == (4, 16)
+  assert (model.patch_size, config.tricks.prm_patch_size) == (4, 16)
   _, prm_fn = objectives.make_attack_masks(
-      model, ard=False, prm=True, prm_patch_size=config.prm_patch_size)
+      model, ard=False, prm=True, prm_patch_size=config.tricks.prm_patch_size)
   mask = np.asarray(prm_fn(jax.random.key(3), r))[0, :, :, 0]
   assert mask.shape == (224, 224)
   cells = mask.reshape(14, 16, 14, 16)
@@ -132,7 +132,7 @@ def test_swin_prm_mask_at_224_masks_16px_cells(r):
 
 def test_prm_patch_size_that_does_not_tile_the_image_is_one_line():
   config = importlib.import_module("configs.quickstart").get_config()
-  config.prm_patch_size = 5
+  config.tricks.prm_patch_size = 5
   with pytest.raises(UserError) as error:
     validate.check_config(config)
   assert "prm_patch_size=5" in str(error.value)
@@ -162,7 +162,7 @@ def _reduce(config):
   config.data.image_size = 32
   config.model.img_size = 32
   config.model.num_classes = 10
-  config.prm_patch_size = min(config.prm_patch_size, 16)
+  config.tricks.prm_patch_size = min(config.tricks.prm_patch_size, 16)
   for key, value in TINY_FAMILIES[_family(config.model.name)].items():
     if key in config.model and isinstance(value, tuple):
       del config.model[key]       # an int field; Swin takes one per stage
@@ -329,11 +329,17 @@ def test_legacy_vit_small_uses_torch_layer_norm_eps():
 
 def test_old_run_config_is_upgraded_to_what_it_ran():
   old = {"model": {"name": "deit_tiny_patch16_224", "patch_size": None},
-         "init": {"checkpoint": ""}}
+         "init": {"checkpoint": ""}, "ard": True, "prm": False,
+         "warmup_epochs": 5.0, "drop_rate": 0.5}
   upgraded = workdir_lib.upgrade_run_config(old)
-  assert upgraded["prm_patch_size"] == 16           # the model's own patch
+  assert upgraded["tricks"]["prm_patch_size"] == 16  # the model's own patch
   assert upgraded["model"]["weight_init"] == "xavier_uniform"
   assert "prm_patch_size" not in old                # the input is untouched
+  # The tricks' settings, once top-level fields, are the `tricks` section.
+  assert upgraded["tricks"] == {"ard": True, "prm": False,
+                                "warmup_epochs": 5.0, "final_keep_rate": 0.5,
+                                "prm_patch_size": 16}
+  assert not {"ard", "prm", "warmup_epochs", "drop_rate"} & set(upgraded)
 
 
 # --- bf16 compute keeps an attack's small steps -----------------------------

@@ -176,13 +176,15 @@ def test_compare_runs_table_matches_each_run(runs, tmp_path):
     assert table[name]["images"] == "1000"
     assert table[name]["eps (/255)"] == "8"
   differences = table["at_lr005"]["config differences"]
-  assert differences == "ard=false; method=at; optim.lr=0.05; prm=false"
+  assert differences == (
+      "method=at; optim.lr=0.05; tricks.ard=false; tricks.prm=false")
 
 
 def test_config_differences_flatten_nested_keys(runs):
   loaded = [runs_lib.load_run(runs[n]) for n in ("at_ard_prm", "natural")]
   assert report.config_differences(loaded) == {
-      "ard": [True, False], "method": ["at", "natural"], "prm": [True, False]}
+      "method": ["at", "natural"], "tricks.ard": [True, False],
+      "tricks.prm": [True, False]}
   assert workdir_lib.flatten({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {
       "a.b.c": 1, "d": [1, 2]}
 

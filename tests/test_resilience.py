@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config.data.image_size=8", "--config.data.train_examples=320",
          "--config.model.embed_dim=16", "--config.model.depth=1",
          "--config.model.num_heads=2", "--config.epochs=3",
-         "--config.warmup_epochs=1", "--config.attack.steps=2",
+         "--config.tricks.warmup_epochs=1", "--config.attack.steps=2",
          "--config.eval.num_examples=64", "--config.eval.batch_size=32",
          "--config.eval.epoch_num_examples=32", "--config.batch_size=32",
          "--config.checkpoint_every_steps=4", "--config.log_every_steps=1"]

@@ -164,9 +164,16 @@ def test_help_and_report_do_not_import_jax(argv, tmp_path):
     assert (tmp_path / "report" / "comparison.md").exists()
 
 
-def test_the_code_is_formatted_with_pyink():
-  """One formatter (pyproject.toml's settings): `python -m pyink .` fixes."""
-  proc = subprocess.run([sys.executable, "-m", "pyink", "--check", "."],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, (
-      "not formatted; run `python -m pyink .`:\n" + proc.stderr[-3000:])
+FORMATTED = ("main.py", "vitat_jax", "configs", "tests", "scripts",
+             "benchmarks")
+
+
+def test_the_code_is_formatted_with_yapf():
+  """One formatter (pyproject.toml's settings): `python -m yapf -i -r -p .`
+  fixes what this finds."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "yapf", "--diff", "--recursive", "--parallel",
+       *FORMATTED], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and not proc.stdout, (
+      "not formatted; run `python -m yapf -i -r -p .`:\n" +
+      (proc.stdout + proc.stderr)[-3000:])

@@ -28,7 +28,7 @@ def tiny_config(**overrides):
   config.model.num_heads = 2
   config.batch_size = 32
   config.epochs = 2.0
-  config.warmup_epochs = 1.0
+  config.tricks.warmup_epochs = 1.0
   config.attack.steps = 2
   config.eval.num_examples = 64
   config.eval.batch_size = 32
@@ -136,7 +136,7 @@ def test_natural_training_is_one_switch(tmp_path):
      "does not exist"),
     ({"data.name": "imagenet21k"}, "unknown dataset"),
     ({"eval.attacks": ("clean", "pgd")}, "unknown evaluation attack"),
-    ({"warmup_epochs": 5.0, "ard": True}, "warmup_epochs=5.0"),
+    ({"tricks.warmup_epochs": 5.0, "tricks.ard": True}, "warmup_epochs=5.0"),
 ])
 def test_bad_config_fails_in_one_line_before_compiling(
     overrides, fragment, tmp_path, monkeypatch):

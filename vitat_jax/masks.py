@@ -1,9 +1,9 @@
 """ARD keep-masks, PRM patch masks and their shared warm-up schedule.
 
 Both tricks act only while the training attack is generated, and both are
-driven by one value r(t) in [0, drop_rate]:
+driven by one value r(t) in [0, final_keep_rate]:
 
-  r(t) = min(t / n_w, 1) * drop_rate,   t = fractional epoch.
+  r(t) = min(t / n_w, 1) * final_keep_rate,   t = fractional epoch.
 
 - ARD: every block's attention-branch gradient is kept with probability r
   (gamma ~ Bernoulli(r)), independently per block and attack iteration. At
@@ -28,12 +28,12 @@ def fractional_epoch(step, steps_per_epoch: int):
   return (jnp.asarray(step, jnp.float32) + 1.0) / steps_per_epoch
 
 
-def warmup_value(t, warmup_epochs: float, drop_rate: float = 1.0):
-  """r(t) = min(t / n_w, 1) * drop_rate; n_w = 0 means no warm-up."""
+def warmup_value(t, warmup_epochs: float, final_keep_rate: float = 1.0):
+  """r(t) = min(t / n_w, 1) * final_keep_rate; n_w = 0: no warm-up."""
   t = jnp.asarray(t, jnp.float32)
   if warmup_epochs <= 0:
-    return jnp.full_like(t, drop_rate)
-  return jnp.minimum(t / warmup_epochs, 1.0) * drop_rate
+    return jnp.full_like(t, final_keep_rate)
+  return jnp.minimum(t / warmup_epochs, 1.0) * final_keep_rate
 
 
 def ard_keep(key, r, num_blocks: int):

@@ -224,10 +224,11 @@ def make_objective(config, model):
   if config.method == "natural":
     return functools.partial(natural_loss, model=model)
   kwargs = dict(model=model, eps=config.attack.eps, alpha=config.attack.alpha,
-                steps=config.attack.steps, ard=config.ard, prm=config.prm,
-                prm_patch_size=config.prm_patch_size)
-  if config.prm:
-    check_prm_patch_size(config.prm_patch_size, model.img_size)
+                steps=config.attack.steps, ard=config.tricks.ard,
+                prm=config.tricks.prm,
+                prm_patch_size=config.tricks.prm_patch_size)
+  if config.tricks.prm:
+    check_prm_patch_size(config.tricks.prm_patch_size, model.img_size)
   if config.method in ("trades", "mart"):
     kwargs["beta"] = config.beta
   return functools.partial(_ADVERSARIAL[config.method], **kwargs)

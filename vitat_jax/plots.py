@@ -166,7 +166,7 @@ def schedules(run, path: str) -> str:
   ax_r.set_ylim(-0.05, 1.05)
   ax_r.set_title("ARD / PRM warm-up r(t)")
   ax_r.set_ylabel("r(t): ARD keep prob., PRM unmasked fraction")
-  warmup = workdir_lib.flatten(run.config).get("warmup_epochs")
+  warmup = workdir_lib.flatten(run.config).get("tricks.warmup_epochs")
   if warmup:
     ax_r.axvline(warmup, color="0.4", linestyle=":",
                  label=f"end of warm-up (n_w = {warmup:g} epochs)")

@@ -59,7 +59,8 @@ class Run:
     flat = workdir_lib.flatten(self.config)
     if key == "eps":
       return flat.get("eval.eps") or flat.get("attack.eps", default)
-    return flat.get({"model": "model.name"}.get(key, key), default)
+    names = {"model": "model.name", "ard": "tricks.ard", "prm": "tricks.prm"}
+    return flat.get(names.get(key, key), default)
 
   @property
   def title(self) -> str:
@@ -95,7 +96,9 @@ def check_workdirs(workdirs: Sequence[str]):
 def load_run(workdir: str) -> Run:
   check_workdirs([workdir])
   read = lambda name: _read_json(workdir_lib.path(workdir, name))
-  return Run(workdir=workdir, config=read(workdir_lib.CONFIG_JSON) or {},
+  config = read(workdir_lib.CONFIG_JSON)
+  return Run(workdir=workdir,
+             config=workdir_lib.upgrade_run_config(config) if config else {},
              metrics=read(workdir_lib.METRICS_JSON) or {},
              robustness=read(workdir_lib.ROBUSTNESS_JSON),
              records=read_jsonl(workdir))

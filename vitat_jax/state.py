@@ -9,6 +9,7 @@ Shared by training (`train.py`) and `--mode=eval` (`eval_only.py`):
     train_state, step, meta = state.restore_latest(mngr, abstract)
     if train_state is None:
       train_state = state.initial_state(config, model, tx, init_key)
+    # or, placed on a mesh: state.restore_or_init(config, workdir, ...)
     state.save_checkpoint(mngr, step, train_state, meta)   # asynchronous
 
 Nothing compiles before the restore is decided: a run whose checkpoints are
@@ -38,6 +39,7 @@ from absl import logging
 from vitat_jax import checkpoints
 from vitat_jax import models
 from vitat_jax import optim
+from vitat_jax import parallel
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.data import pipeline
 from vitat_jax.errors import UserError
@@ -116,6 +118,16 @@ def initial_state(config, model, tx, key) -> TrainState:
 # ---------------------------------------------------------- checkpoints ---
 
 
+def check_same_data(meta, steps_per_epoch: int, where: str) -> None:
+  """The input position a checkpoint records still means the same data."""
+  if meta and meta.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+    raise UserError(
+        f"the training data changed since {where} was saved "
+        f"({meta['steps_per_epoch']} steps per epoch then, {steps_per_epoch} "
+        "now): restore the data, use a new --workdir, or pass --overwrite to "
+        "start over")
+
+
 def checkpoint_manager(workdir: str, *,
                        max_to_keep: int = 3) -> ocp.CheckpointManager:
   """Orbax's manager of `<workdir>/checkpoints` (items `state` and `meta`)."""
@@ -185,3 +197,35 @@ def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
     logging.warning("moved the unreadable checkpoint of step %d to %s", step,
                     target)
   mngr.reload()
+
+
+def restore_or_init(config, workdir: str, model, tx, mesh,
+                    steps_per_epoch: int):
+  """(checkpoint manager, train state placed on `mesh`, its step, the
+  state's shardings): the newest readable checkpoint, else step 0.
+
+  Shapes only until the restore (the keys too): a run whose checkpoints
+  are all unreadable is refused before anything is compiled.
+  """
+  abstract = abstract_state(model, tx, config.seed)
+  shardings = parallel.state_shardings(mesh, abstract, fsdp=config.fsdp,
+                                       fsdp_min_size=config.fsdp_min_size)
+  mngr = checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
+  state, start_step, meta = restore_latest(
+      mngr, parallel.with_shardings(abstract, shardings))
+  if state is None:
+    init_key = run_keys(config.seed)[0]
+    state, start_step = initial_state(config, model, tx, init_key), 0
+  else:
+    check_same_data(meta, steps_per_epoch,
+                    f"the checkpoint of step {start_step}")
+  num_params = sum(p.size for p in jax.tree.leaves(state.params))
+  logging.info("model %s: %.2fM parameters", config.model.name,
+               num_params / 1e6)
+  state = jax.device_put(state, shardings)
+  if config.fsdp:
+    leaves = jax.tree.leaves(state)
+    logging.info("FSDP: %d of %d state arrays split over %d devices",
+                 sum(not x.sharding.is_fully_replicated for x in leaves),
+                 len(leaves), mesh.devices.size)
+  return mngr, state, start_step, shardings

@@ -38,7 +38,6 @@ from vitat_jax import train_step as train_step_lib
 from vitat_jax import validate
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.data import pipeline
-from vitat_jax.errors import UserError
 
 
 def _mean_metrics(history):
@@ -55,16 +54,6 @@ def _check_finite(metrics, step, config):
       raise FloatingPointError(
           f"non-finite {name}={metrics[name]} at step {step}{hint}; the last "
           "good checkpoint is kept")
-
-
-def _check_same_data(meta, steps_per_epoch: int, where: str) -> None:
-  """The input position a checkpoint records still means the same data."""
-  if meta and meta.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-    raise UserError(
-        f"the training data changed since {where} was saved "
-        f"({meta['steps_per_epoch']} steps per epoch then, {steps_per_epoch} "
-        "now): restore the data, use a new --workdir, or pass --overwrite to "
-        "start over")
 
 
 def train_and_evaluate(config, workdir: str, *,
@@ -108,7 +97,7 @@ def train_and_evaluate(config, workdir: str, *,
     checkpoints.check(config.init.checkpoint, model, config.init.format,
                       config.init.allow_pickle)
   if not overwrite:
-    _check_same_data(workdir_lib.read_meta(workdir), steps_per_epoch,
+    state_lib.check_same_data(workdir_lib.read_meta(workdir), steps_per_epoch,
                      f"the run in {workdir!r}")
   run = _Run(config, workdir, mesh, splits, model, objective, tx, schedule,
              steps_per_epoch, total_steps)
@@ -145,39 +134,6 @@ class _Run:
                                                       self.shard)
 
   # ----------------------------------------------------------------- state
-  def restore_or_init(self):
-    """(train state placed on the mesh, its step, the state's shardings)."""
-    config = self.config
-    # Shapes only until the restore: a run whose checkpoints are all
-    # unreadable is refused before anything is compiled.
-    abstract = state_lib.abstract_state(self.model, self.tx, config.seed)
-    shardings = parallel.state_shardings(
-        self.mesh, abstract, fsdp=config.fsdp,
-        fsdp_min_size=config.fsdp_min_size)
-    self.ckpt = state_lib.checkpoint_manager(self.workdir,
-                                        max_to_keep=config.keep_checkpoints)
-    state, start_step, meta = state_lib.restore_latest(
-        self.ckpt, parallel.with_shardings(abstract, shardings))
-    init_key, self.loop_key, self.eval_key = state_lib.run_keys(config.seed)
-    if state is None:
-      state, start_step = state_lib.initial_state(config, self.model, self.tx,
-                                                  init_key), 0
-    else:
-      _check_same_data(meta, self.steps_per_epoch,
-                       f"the checkpoint of step {start_step}")
-    num_params = sum(p.size for p in jax.tree.leaves(state.params))
-    logging.info("model %s: %.2fM parameters, %d steps/epoch, %d steps%s",
-                 config.model.name, num_params / 1e6, self.steps_per_epoch,
-                 self.total_steps,
-                 f", resuming at step {start_step}" if start_step else "")
-    state = jax.device_put(state, shardings)
-    if config.fsdp:
-      leaves = jax.tree.leaves(state)
-      logging.info("FSDP: %d of %d state arrays split over %d devices",
-                   sum(not x.sharding.is_fully_replicated for x in leaves),
-                   len(leaves), self.mesh.devices.size)
-    return state, start_step, shardings
-
   def save(self, step, state, history):
     """An asynchronous checkpoint of `step`, never of non-finite metrics."""
     if history:
@@ -191,7 +147,13 @@ class _Run:
   # ------------------------------------------------------------------- run
   def train_and_evaluate(self, wall_start):
     config = self.config
-    state, start_step, shardings = self.restore_or_init()
+    self.ckpt, state, start_step, shardings = state_lib.restore_or_init(
+        config, self.workdir, self.model, self.tx, self.mesh,
+        self.steps_per_epoch)
+    _, self.loop_key, self.eval_key = state_lib.run_keys(config.seed)
+    logging.info("%d steps/epoch, %d steps%s", self.steps_per_epoch,
+                 self.total_steps,
+                 f", resuming at step {start_step}" if start_step else "")
     # Only now, with every check passed and the run restored.
     workdir_lib.write_config(config, self.workdir)
     train_step = jax.jit(
@@ -293,7 +255,8 @@ class _Run:
                                   self.eval_key, self.workdir)
     result.update(
         eps=self.evaluator.eps, model=config.model.name,
-        method=config.method, ard=config.ard, prm=config.prm, steps=total,
+        method=config.method, ard=config.tricks.ard, prm=config.tricks.prm,
+        steps=total,
         resumed_from_step=start_step, train_time_s=train_seconds,
         eval_time_s=time.perf_counter() - eval_start,
         wall_time_s=time.perf_counter() - wall_start)

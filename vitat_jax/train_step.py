@@ -80,7 +80,8 @@ def make_train_step(config, model, objective, tx, schedule,
       targets = mixup.smooth_one_hot(labels, num_classes, mix.label_smoothing)
     batch = {"image": x, "target": targets}
     t = masks.fractional_epoch(state.step, steps_per_epoch)
-    r = masks.warmup_value(t, config.warmup_epochs, config.drop_rate)
+    r = masks.warmup_value(t, config.tricks.warmup_epochs,
+                           config.tricks.final_keep_rate)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if accum_steps == 1:
       (_, metrics), grads = grad_fn(state.params, batch, objective_key, r)

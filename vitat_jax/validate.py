@@ -78,16 +78,16 @@ def _check_run(config):
                     "number")
   if config.batch_size <= 0 or config.eval.batch_size <= 0:
     raise UserError("batch_size and eval.batch_size must be positive")
-  _finite("warmup_epochs", config.warmup_epochs, low=0)
-  _integer("prm_patch_size", config.prm_patch_size, 1,
+  _finite("tricks.warmup_epochs", config.tricks.warmup_epochs, low=0)
+  _integer("tricks.prm_patch_size", config.tricks.prm_patch_size, 1,
            " (PRM's cell size in pixels)")
-  if (config.ard or config.prm) and not (
-      0 <= config.warmup_epochs <= config.epochs):
-    raise UserError(f"warmup_epochs={config.warmup_epochs} must be in [0, "
+  if (config.tricks.ard or config.tricks.prm) and not (
+      0 <= config.tricks.warmup_epochs <= config.epochs):
+    raise UserError(f"tricks.warmup_epochs={config.tricks.warmup_epochs} must be in [0, "
                     f"epochs={config.epochs}]: ARD/PRM warm up within the run")
-  if not (isinstance(config.drop_rate, (int, float))
-          and 0 <= config.drop_rate <= 1):
-    raise UserError(f"drop_rate={config.drop_rate} must be in [0, 1] (the "
+  if not (isinstance(config.tricks.final_keep_rate, (int, float))
+          and 0 <= config.tricks.final_keep_rate <= 1):
+    raise UserError(f"tricks.final_keep_rate={config.tricks.final_keep_rate} must be in [0, 1] (the "
                     "ARD keep probability reached after warm-up)")
   accum_steps = config.accum_steps
   if (not isinstance(accum_steps, int) or accum_steps < 1
@@ -250,9 +250,9 @@ def check_config(config):
   _check_data_fields(config)
   _check_model_fields(config)
   _check_model(config)
-  if config.prm:
+  if config.tricks.prm:
     objectives.check_prm_patch_size(
-        config.prm_patch_size,
+        config.tricks.prm_patch_size,
         config.model.get("img_size") or config.data.image_size)
 
 

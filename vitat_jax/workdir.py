@@ -273,23 +273,34 @@ def config_as_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# (field before the `tricks` section, its name there)
+_TRICKS_FIELDS = (("ard", "ard"), ("prm", "prm"),
+                  ("warmup_epochs", "warmup_epochs"),
+                  ("drop_rate", "final_keep_rate"),
+                  ("prm_patch_size", "prm_patch_size"))
 _PATCH_IN_NAME = re.compile(r"_patch(\d+)_")
 
 
 def upgrade_run_config(previous: dict) -> dict:
   """An older run's config with the fields added since, as they ran.
 
-  Runs written before `prm_patch_size` masked the model's own patch grid
-  (the model's `patch_size`, else the one its timm name states; ConViT's is
-  16), and before `model.weight_init` were initialised Xavier-uniform.
+  The tricks' settings were top-level fields before the `tricks` section
+  (`drop_rate` is `tricks.final_keep_rate`). Runs written before
+  `prm_patch_size` masked the model's own patch grid (the model's
+  `patch_size`, else the one its timm name states; ConViT's is 16), and
+  before `model.weight_init` were initialised Xavier-uniform.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
   previous = copy.deepcopy(previous)
   model = previous.setdefault("model", {})
-  if "prm_patch_size" not in previous:
+  tricks = previous.setdefault("tricks", {})
+  for old, new in _TRICKS_FIELDS:
+    if old in previous:
+      tricks.setdefault(new, previous.pop(old))
+  if "prm_patch_size" not in tricks:
     match = _PATCH_IN_NAME.search(model.get("name", "") + "_")
-    previous["prm_patch_size"] = model.get("patch_size") or (
+    tricks["prm_patch_size"] = model.get("patch_size") or (
         int(match.group(1)) if match else 16)
   model.setdefault("weight_init", "xavier_uniform")
   previous.setdefault("init", {}).setdefault("source", "")

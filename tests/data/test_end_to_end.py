@@ -13,7 +13,7 @@ from vitat_jax import train
 
 _TINY_MODEL = {"model.embed_dim": 16, "model.depth": 1, "model.num_heads": 2,
                "data.image_size": 32, "batch_size": 8, "accum_steps": 1,
-               "attack.steps": 1, "warmup_epochs": 0.0,
+               "attack.steps": 1, "tricks.warmup_epochs": 0.0,
                "eval.batch_size": 8, "eval.num_examples": 8,
                "eval.attacks": ("clean",), "eval.epoch_num_examples": 0,
                "log_every_steps": 1, "checkpoint_every_steps": 1000,

@@ -134,6 +134,10 @@ def single_run(model: Callable, loss_fn: Callable, key, x: jax.Array,
                eot_iter: int = 1, rho: float = 0.75):
   """One APGD run from a random start.
 
+  (Long on purpose: it follows fra31's `attack_single_run` step by step,
+  step-size halving and checkpoints included, so the port can be audited
+  line by line.)
+
   Args:
     model: `model(x, key) -> logits`.
     loss_fn: `loss_fn(logits) -> [B]`, to maximise.

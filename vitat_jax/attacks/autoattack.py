@@ -452,6 +452,10 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
                ) -> AutoAttackResult:
   """Runs AutoAttack on `images` [N, H, W, C] in [0, 1] with integer labels.
 
+  (Long on purpose: the ensemble's sequence, checks and per-attack
+  bookkeeping read top to bottom as fra31's `run_standard_evaluation`, so
+  the two can be audited side by side.)
+
   Args:
     logits_fn: `logits_fn(x) -> logits`; `logits_fn(params, x)` when
       `params` is given (then each attack compiles once per logits_fn and
