@@ -91,6 +91,7 @@ def _autoattack_child(args):
       lambda p, x: jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"]) @ p["w2"],
       np.asarray(images), np.asarray(labels), params=params, eps=2 / 255,
       key=jax.random.key(0), batch_size=8, verbose=False,
+      placement=parallel.autoattack_placement(),
       overrides={"apgd-ce": {"n_iter": 20}, "apgd-t": {"n_iter": 20},
                  "fab-t": {"n_iter": 20}, "square": {"n_queries": 100}})
   if jax.process_index() == 0:

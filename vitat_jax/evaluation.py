@@ -296,7 +296,8 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm,
         logits_fn, x, labels, params=params, key=key, eps=eps, norm=norm,
         version=version, attacks_to_run=attacks_to_run,
         batch_size=batch_size, verbose=False, first_index=first,
-        gather_adversarial=save_adversarial)
+        gather_adversarial=save_adversarial,
+        placement=parallel.autoattack_placement())
     pieces.append(run)
     if save_adversarial:
       robust_before = run.clean

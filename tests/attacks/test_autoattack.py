@@ -155,6 +155,16 @@ def test_bad_arguments_are_one_line_errors(kwargs, fragment):
   assert "\n" not in str(info.value)
 
 
+def test_a_multi_process_call_needs_a_placement(monkeypatch):
+  # Each process attacks its own rows: the runner must say how to merge.
+  x, y = batch(0, n=2)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(UserError, match="placement=parallel.autoattack_"
+                     "placement") as info:
+    attacks.autoattack(mlp, x, y, key=jax.random.key(0))
+  assert "\n" not in str(info.value)
+
+
 def _eval_config(**changes):
   from configs import default
   config = default.get_config()

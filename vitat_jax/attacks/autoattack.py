@@ -53,7 +53,6 @@ from vitat_jax.attacks.apgd import dlr_loss
 from vitat_jax.attacks.apgd import dlr_loss_targeted
 from vitat_jax.attacks.apgd import UNTARGETED_LOSSES
 from vitat_jax.attacks.pgd import cross_entropy_per_example
-from vitat_jax import parallel
 from vitat_jax.errors import UserError
 
 ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -366,16 +365,53 @@ def _chunks(indices: np.ndarray, batch_size: int, multiple: int = 1):
     yield np.pad(chunk, (0, size - len(chunk)), mode="edge"), len(chunk)
 
 
+def _identity(value):
+  return value
+
+
+def _own_rows_only(values, owner):
+  del owner
+  return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where AutoAttack runs: this process's devices and its share of rows.
+
+  The default is a single process on all its local devices. The runner of a
+  multi-process (multi-host) evaluation hands in
+  `parallel.autoattack_placement()`, whose functions gather sharded params
+  into a local copy and merge the rows each process attacked.
+
+  Attributes:
+    devices: the devices each attack batch is sharded over (axis "data");
+      None = `jax.local_devices()`.
+    process_index, process_count: process p attacks rows p, p + P, ...
+    local_params: the params as a full copy on this process's devices.
+    merge_rows: `(values [N, ...], owner [N]) -> values`, row i as process
+      owner[i] computed it.
+    max_over_processes: the element-wise maximum of a small host array.
+  """
+  devices: Optional[Sequence[Any]] = None
+  process_index: int = 0
+  process_count: int = 1
+  local_params: Callable = _identity
+  merge_rows: Callable = _own_rows_only
+  max_over_processes: Callable = _identity
+
+
 class _Runner:
   """Runs a jitted per-point function on dense batches of chosen rows,
   each batch sharded over this process's devices ("data" axis), the
   params replicated."""
 
-  def __init__(self, params, batch_size: int, first_index: int):
-    self.mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()),
-                                  (parallel.DATA_AXIS,))
-    self.params = jax.device_put(parallel.single_device_copy(params),
-                                 parallel.replicated(self.mesh))
+  def __init__(self, params, batch_size: int, first_index: int,
+               placement: Placement):
+    devices = placement.devices or jax.local_devices()
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    self.params = jax.device_put(
+        placement.local_params(params),
+        jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     self.batch_size, self.first_index = batch_size, first_index
 
   def __call__(self, fn, key, todo, arrays, *extra_args, per_row=(),
@@ -383,7 +419,8 @@ class _Runner:
     """Yields (indices into `todo`, outputs) per batch: `fn(params, key,
     rows, *[a[todo] for a in arrays], *[a[positions] for a in per_row],
     *extra_args, **static)`, outputs cut to the valid rows."""
-    sharding = parallel.batch_sharding(self.mesh)
+    sharding = jax.sharding.NamedSharding(self.mesh,
+                                          jax.sharding.PartitionSpec("data"))
     put = lambda a: jax.device_put(np.asarray(a), sharding)
     for positions, valid in _chunks(np.arange(len(todo)), self.batch_size,
                                     self.mesh.devices.size):
@@ -448,8 +485,8 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
                batch_size: int = 250, params=None, stochastic: bool = False,
                overrides: Optional[Dict[str, Dict[str, int]]] = None,
                run_checks: bool = True, verbose: bool = True,
-               first_index: int = 0, gather_adversarial: bool = False
-               ) -> AutoAttackResult:
+               first_index: int = 0, gather_adversarial: bool = False,
+               placement: Optional[Placement] = None) -> AutoAttackResult:
   """Runs AutoAttack on `images` [N, H, W, C] in [0, 1] with integer labels.
 
   (Long on purpose: the ensemble's sequence, checks and per-attack
@@ -490,8 +527,14 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
                     "them itself)")
   if batch_size <= 0:
     raise UserError(f"batch_size={batch_size} must be a positive integer")
+  if placement is None:
+    if jax.process_count() > 1:
+      raise UserError("autoattack in a multi-process run needs "
+                      "placement=parallel.autoattack_placement() (each "
+                      "process attacks its own rows)")
+    placement = Placement()
   model = _Model(logits_fn, params is not None, stochastic)
-  runner = _Runner(params, batch_size, first_index)
+  runner = _Runner(params, batch_size, first_index, placement)
   check_key, clean_key, attacks_key = jax.random.split(key, 3)
   warnings = []
   checks = {}
@@ -503,15 +546,15 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
   # Process p attacks rows p, p + P, ...; only the robust flags (and, when
   # asked, the adversarial images at the end) are merged over processes.
   n = len(x_all)
-  owner = np.arange(n) % jax.process_count()
-  mine = np.flatnonzero(owner == jax.process_index())
+  owner = np.arange(n) % placement.process_count
+  mine = np.flatnonzero(owner == placement.process_index)
   robust = np.zeros(n, bool)
   zero_grad = np.zeros(n, bool)
   for pos, (correct, zero) in runner(_clean_batch, clean_key, mine,
                                      (x_all, y_all), model=model):
     robust[mine[pos]], zero_grad[mine[pos]] = correct, zero
-  robust = parallel.merge_owned_rows(robust, owner)
-  zero_grad = parallel.merge_owned_rows(zero_grad, owner)
+  robust = placement.merge_rows(robust, owner)
+  zero_grad = placement.merge_rows(zero_grad, owner)
   robust_accuracy = {"clean": float(robust.mean())}
   clean = robust.copy()
   if run_checks:
@@ -541,7 +584,7 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
           broken = todo[pos][~correct]
           adv_all[broken] = adv[~correct]
           robust[broken] = False
-    robust = parallel.merge_owned_rows(robust, owner)
+    robust = placement.merge_rows(robust, owner)
     seconds[s.name] = time.perf_counter() - start
     robust_accuracy[s.name] = float(robust.mean())
     robust_after[s.name] = robust.copy()
@@ -550,9 +593,10 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
                    s.name.upper(), 100 * robust_accuracy[s.name],
                    attacked[s.name], seconds[s.name])
   if gather_adversarial:
-    adv_all = parallel.merge_owned_rows(adv_all, owner)
-  held = (np.ones(n, bool) if gather_adversarial or jax.process_count() == 1
-          else owner == jax.process_index())
+    adv_all = placement.merge_rows(adv_all, owner)
+  held = (np.ones(n, bool) if gather_adversarial
+          or placement.process_count == 1
+          else owner == placement.process_index)
 
   if run_checks:
     _square_check(checks, robust_accuracy, warnings)
@@ -564,18 +608,18 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
                           seconds=seconds, attacked=attacked, held=held,
                           clean=clean,
                           perturbation=_perturbation(adv_all, x_all, norm,
-                                                     held))
+                                                     held, placement))
 
 
-def _perturbation(adv, x, norm, held) -> Dict[str, float]:
+def _perturbation(adv, x, norm, held, placement) -> Dict[str, float]:
   delta = (adv[held] - x[held]).reshape(int(held.sum()), -1)
   size = (np.abs(delta).max(-1) if norm == "Linf"
           else np.sqrt((delta ** 2).sum(-1)))
   values = np.asarray([size.max(initial=0.0), np.isnan(adv[held]).sum(),
                        adv[held].max(initial=0.0),
                        -adv[held].min(initial=1.0)], np.float64)
-  if jax.process_count() > 1 and not held.all():  # four numbers per host
-    values = parallel.process_max(values)
+  if not held.all():  # four numbers per host
+    values = placement.max_over_processes(values)
   return dict(max=float(values[0]), nan=int(values[1]),
               max_value=float(values[2]), min_value=float(-values[3]))
 
