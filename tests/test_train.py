@@ -234,3 +234,46 @@ def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
       assert image.size[0] >= 600 and image.size[1] >= 400
   for name in ("robustness.json", "robustness.md"):
     assert os.path.exists(os.path.join(workdir, name))
+
+
+def _as_written_before_the_tricks_section(config_dict):
+  """A config as runs saved it before `tricks`, `optim.nesterov/b1/b2` and
+  `model.weight_init` existed."""
+  old = json.loads(json.dumps(config_dict))
+  tricks = old.pop("tricks")
+  old.update(ard=tricks["ard"], prm=tricks["prm"],
+             warmup_epochs=tricks["warmup_epochs"],
+             drop_rate=tricks["final_keep_rate"])
+  for field in ("nesterov", "b1", "b2"):
+    del old["optim"][field]
+  # Those runs' PRM grid was the model's patch grid, their init Xavier's.
+  assert tricks["prm_patch_size"] == old["model"]["patch_size"]
+  assert old["model"].pop("weight_init") == "xavier_uniform"
+  return old
+
+
+def test_a_run_saved_before_the_config_changes_resumes_and_evaluates(
+    finished_run, tmp_path):
+  import shutil
+  from vitat_jax import eval_only
+  workdir = str(tmp_path / "old")
+  shutil.copytree(finished_run[0], workdir)
+  step_meta = os.path.join(workdir, "checkpoints", "20", "meta", "metadata")
+  for path, key in ((step_meta, "config"),
+                    (os.path.join(workdir, "config.json"), None)):
+    with open(path) as f:
+      saved = json.load(f)
+    if key:
+      saved[key] = _as_written_before_the_tricks_section(saved[key])
+    else:
+      saved = _as_written_before_the_tricks_section(saved)
+    with open(path, "w") as f:
+      json.dump(saved, f)
+  # The same command resumes (here: the finished run is evaluated again)...
+  again = train.train_and_evaluate(tiny_config(), workdir)
+  assert again["resumed_from_step"] == 20
+  assert again["clean_acc"] == finished_run[1]["clean_acc"]
+  # ... and --mode=eval, with a command config of today, evaluates it.
+  evaluated = eval_only.evaluate_checkpoint(
+      eval_only.config_for_evaluation(tiny_config(), workdir), workdir)
+  assert evaluated["clean_acc"] == finished_run[1]["clean_acc"]

@@ -288,7 +288,8 @@ def upgrade_run_config(previous: dict) -> dict:
   (`drop_rate` is `tricks.final_keep_rate`). Runs written before
   `prm_patch_size` masked the model's own patch grid (the model's
   `patch_size`, else the one its timm name states; ConViT's is 16), and
-  before `model.weight_init` were initialised Xavier-uniform.
+  before `model.weight_init` were initialised Xavier-uniform; `optim.nesterov`,
+  `b1` and `b2` were read with their defaults before they were declared.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
@@ -303,6 +304,10 @@ def upgrade_run_config(previous: dict) -> dict:
     tricks["prm_patch_size"] = model.get("patch_size") or (
         int(match.group(1)) if match else 16)
   model.setdefault("weight_init", "xavier_uniform")
+  # Declared since; the optimiser read them with these defaults before.
+  optim = previous.setdefault("optim", {})
+  for field, value in (("nesterov", False), ("b1", 0.9), ("b2", 0.999)):
+    optim.setdefault(field, value)
   previous.setdefault("init", {}).setdefault("source", "")
   return previous
 
