@@ -1,12 +1,37 @@
-"""Shared fixtures: the real CIFAR-10 image folder, unpacked once."""
+"""Shared fixtures: the real CIFAR-10 image folder, unpacked once; one XLA
+compilation cache for the whole session."""
 
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
+
+# One persistent compilation cache per test session, in a fresh temporary
+# directory (nothing carries over between sessions): the same tiny train
+# step and evaluation, compiled again by every `train_and_evaluate` and every
+# `python main.py` child (which inherit the variables), is compiled once and
+# then loaded. A loaded executable is the compiled one, so bitwise
+# comparisons between runs are unaffected. A cache the caller set is kept.
+_SESSION_COMPILE_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="vitat-jax-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_COMPILE_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  if "jax" in sys.modules:  # imported before this file: set it directly
+    sys.modules["jax"].config.update("jax_compilation_cache_dir",
+                                     _SESSION_COMPILE_CACHE)
+    sys.modules["jax"].config.update(
+        "jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _SESSION_COMPILE_CACHE:
+    shutil.rmtree(_SESSION_COMPILE_CACHE, ignore_errors=True)
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # `../shared/data` beside the checkout; outside this setup it is absent.

@@ -2,10 +2,11 @@
 
 A micro ViT (patch 8, width 96, depth 4) on 10,000 real training images
 (1,000 per class) and 500 held-out test images, trained adversarially (PGD-3
-with ARD and PRM) and naturally under similar budgets; PGD-20 at eps 8/255
-must separate them clearly. TRADES and MART (PGD-3, ARD+PRM, 2 epochs on
-5,000 images) must likewise beat one shared natural run on that budget.
-Skips only when the CIFAR-10 archive is absent.
+with ARD and PRM, 2 epochs); PGD-20 at eps 8/255 must separate it clearly
+from natural training. TRADES and MART (PGD-3, ARD+PRM, 2 epochs on 5,000
+images) must likewise beat the natural run. One natural run (2 epochs on
+5,000 images) serves all three tests. Skips only when the CIFAR-10 archive
+is absent.
 """
 
 import pytest
@@ -45,16 +46,31 @@ def _config(root, **overrides):
   return config
 
 
-def test_adversarial_training_is_robust_on_real_cifar10(cifar10_root, tmp_path):
+@pytest.fixture(scope="module")
+def natural_5k(cifar10_root, tmp_path_factory):
+  """The one natural run: 2 epochs on 5,000 images (no attack to fail it).
+
+  Measured (2 cores): clean 0.334, PGD-20 0.004. The first test's own
+  natural run on 10,000 images measured clean 0.388, PGD-20 0.000: against
+  this one each of its assertions is at least as hard to meet.
+  """
+  return train.train_and_evaluate(
+      _config(cifar10_root, method="natural", epochs=2.0,
+              **{"data.train_examples": 5_000}),
+      str(tmp_path_factory.mktemp("natural_5k")))
+
+
+def test_adversarial_training_is_robust_on_real_cifar10(cifar10_root, tmp_path,
+                                                        natural_5k):
+  # Measured (2 cores): 2 epochs clean 0.240, PGD-20 0.178 (3 epochs: 0.272,
+  # 0.188, for a third more time).
   adversarial = train.train_and_evaluate(
-      _config(cifar10_root, method="at", epochs=3.0,
+      _config(cifar10_root, method="at", epochs=2.0,
               **{"tricks.ard": True, "tricks.prm": True,
                  "tricks.warmup_epochs": 1.0, "attack.steps": 3,
                  "attack.alpha": 2.5 * (8 / 255) / 3}),
       str(tmp_path / "at"))
-  natural = train.train_and_evaluate(
-      _config(cifar10_root, method="natural", epochs=2.0),
-      str(tmp_path / "natural"))
+  natural = natural_5k
   print(f"AT: clean {adversarial['clean_acc']:.3f} pgd20 "
         f"{adversarial['pgd20_acc']:.3f} ({adversarial['wall_time_s']:.0f} s); "
         f"natural: clean {natural['clean_acc']:.3f} pgd20 "
@@ -66,15 +82,6 @@ def test_adversarial_training_is_robust_on_real_cifar10(cifar10_root, tmp_path):
   assert adversarial["pgd20_acc"] >= 0.14
   assert natural["pgd20_acc"] <= 0.05
   assert adversarial["pgd20_acc"] - natural["pgd20_acc"] >= 0.10
-
-
-@pytest.fixture(scope="module")
-def natural_5k(cifar10_root, tmp_path_factory):
-  """One natural run on the 5,000-image budget of the TRADES/MART test."""
-  return train.train_and_evaluate(
-      _config(cifar10_root, method="natural", epochs=2.0,
-              **{"data.train_examples": 5_000}),
-      str(tmp_path_factory.mktemp("natural_5k")))
 
 
 @pytest.mark.parametrize("method", ["trades", "mart"])
