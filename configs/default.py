@@ -149,6 +149,10 @@ def get_config():
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128
+  # The evaluations' compute dtype: "" = the run's compute_dtype; e.g.
+  # "float32" evaluates a bfloat16-trained run at full precision (the params
+  # are float32 either way; --mode=eval can set it).
+  config.eval.compute_dtype = ""
   config.eval.eps = config_dict.placeholder(float)   # default: attack.eps
   config.eval.alpha = 2 / 255
   config.eval.restarts = 1

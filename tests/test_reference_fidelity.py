@@ -363,3 +363,23 @@ def test_bf16_patch_embedding_sees_a_quarter_level_pixel_change(name, sizes):
   assert np.abs(change[jnp.float32]).max() > 0
   np.testing.assert_allclose(change[jnp.bfloat16], change[jnp.float32],
                              rtol=1e-3, atol=1e-6)
+
+
+def test_eval_compute_dtype_sets_the_evaluators_precision():
+  from configs import quickstart
+  from vitat_jax import evaluation
+  config = quickstart.get_config()
+  config.compute_dtype = "bfloat16"  # a run trained in bf16 ...
+  model = state_lib.build_model(config)
+  assert model.dtype == jnp.bfloat16
+  config.eval.compute_dtype = "float32"  # ... evaluated in float32
+  evaluator = evaluation.Evaluator.from_config(config, model, lambda b: b)
+  assert evaluator.model.dtype == jnp.float32
+  config.eval.compute_dtype = ""  # by default, in the run's dtype
+  assert evaluation.Evaluator.from_config(
+      config, model, lambda b: b).model.dtype == jnp.bfloat16
+  config.eval.compute_dtype = "fp8"
+  with pytest.raises(UserError) as error:
+    validate.check_config(config)
+  assert "eval.compute_dtype='fp8'" in str(error.value)
+  assert "\n" not in str(error.value)

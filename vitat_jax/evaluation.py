@@ -85,8 +85,11 @@ class Evaluator:
 
   @classmethod
   def from_config(cls, config, model, shard_fn) -> "Evaluator":
-    """The evaluations of `config.eval`, after each epoch and at the end."""
+    """The evaluations of `config.eval`, after each epoch and at the end
+    (in `eval.compute_dtype` when it is set)."""
     ev = config.eval
+    if ev.compute_dtype:
+      model = model.clone(dtype=jnp.dtype(ev.compute_dtype))
     evaluator = cls(model, eps=eval_eps(config), alpha=ev.alpha,
                     restarts=ev.restarts, batch_size=ev.batch_size,
                     shard_fn=shard_fn, workers=config.data.workers,

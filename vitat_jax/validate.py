@@ -146,6 +146,9 @@ def _check_eval(config):
   if ev.eps is not None:
     _finite("eval.eps", ev.eps, low=0, high=1, low_open=True,
             hint=" (pixel units); leave it unset to use attack.eps")
+  if ev.compute_dtype not in ("",) + COMPUTE_DTYPES:
+    raise UserError(f"eval.compute_dtype={ev.compute_dtype!r}: use '' (the "
+                    "run's compute_dtype), float32, bfloat16 or float16")
   _finite("eval.alpha", ev.alpha)
   _integer("eval.restarts", ev.restarts, 1, " (random starts per attack)")
   _integer("eval.num_examples", ev.num_examples, 0,
