@@ -178,5 +178,9 @@ def get_config():
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
+  # Also a checkpoint at the first log step after this many minutes since
+  # the last one (process 0's clock, for all hosts): a killed run loses at
+  # most about this much work; 0 = by steps only.
+  config.checkpoint_every_minutes = 5.0
   config.keep_checkpoints = 3
   return config

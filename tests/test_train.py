@@ -277,3 +277,14 @@ def test_a_run_saved_before_the_config_changes_resumes_and_evaluates(
   evaluated = eval_only.evaluate_checkpoint(
       eval_only.config_for_evaluation(tiny_config(), workdir), workdir)
   assert evaluated["clean_acc"] == finished_run[1]["clean_acc"]
+
+
+def test_wall_clock_checkpoints_land_on_log_steps(tmp_path):
+  from vitat_jax import workdir as workdir_lib
+  workdir = str(tmp_path)
+  # Minutes so short that every log step is due; steps so many that none is.
+  train.train_and_evaluate(tiny_config(**{
+      "checkpoint_every_minutes": 1e-9, "checkpoint_every_steps": 1000,
+      "keep_checkpoints": 10, "eval.epoch_num_examples": 0,
+      "eval.attacks": ("clean",)}), workdir)
+  assert workdir_lib.saved_steps(workdir) == [20, 15, 10, 5]

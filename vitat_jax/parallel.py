@@ -223,3 +223,11 @@ def autoattack_placement():
       devices=jax.local_devices(), process_index=jax.process_index(),
       process_count=jax.process_count(), local_params=single_device_copy,
       merge_rows=merge_owned_rows, max_over_processes=process_max)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag`, on every process (one decision for a multi-host
+  run, e.g. a wall-clock checkpoint); the flag itself in one process."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, bool)))

@@ -8,7 +8,8 @@
      (`state.py`);
   3. the loop: a batch is a function of (seed, step), so a resumed run
      continues bit for bit; metrics every `log_every_steps`, an evaluation
-     after each epoch, a checkpoint every `checkpoint_every_steps`;
+     after each epoch, a checkpoint every `checkpoint_every_steps` and
+     every `checkpoint_every_minutes`;
   4. the final evaluation (`evaluation.Evaluator`), written as metrics.json
      and robustness.{json,md} with plots.
 """
@@ -128,14 +129,24 @@ class _Run:
     self.schedule = schedule
     self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
     self.is_chief = jax.process_index() == 0
+    self.last_save = time.monotonic()
     self.shard = functools.partial(parallel.shard_batch, mesh)
     # Every host reads only its rows of each evaluation batch, as in training.
     self.evaluator = evaluation.Evaluator.from_config(config, model,
                                                       self.shard)
 
   # ----------------------------------------------------------------- state
+  def checkpoint_due(self) -> bool:
+    """Whether `checkpoint_every_minutes` have passed since the last save,
+    by process 0's clock (checked at log steps: one decision, all hosts)."""
+    minutes = self.config.checkpoint_every_minutes
+    if not minutes:
+      return False
+    return parallel.agree(time.monotonic() - self.last_save >= 60 * minutes)
+
   def save(self, step, state, history):
     """An asynchronous checkpoint of `step`, never of non-finite metrics."""
+    self.last_save = time.monotonic()
     if history:
       _check_finite(_mean_metrics(history), step, self.config)
     spe = self.steps_per_epoch
@@ -205,7 +216,8 @@ class _Run:
         history.append(metrics)
         done = step + 1
         bar.update(done)
-        if done % config.log_every_steps == 0 or done == total:
+        logged = done % config.log_every_steps == 0 or done == total
+        if logged:
           self.log_train(done, _mean_metrics(history), bar)
           history = []
         if done % spe == 0 and config.eval.epoch_num_examples:
@@ -214,7 +226,7 @@ class _Run:
           self.epoch_evaluation(done, state.params)
           epoch_start = time.perf_counter()
         if (done == total or done % config.checkpoint_every_steps == 0
-            or guard.requested):
+            or guard.requested or (logged and self.checkpoint_due())):
           self.save(done, state, history)
         if guard.requested:
           self.writer.close()

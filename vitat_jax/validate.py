@@ -106,6 +106,8 @@ def _check_run(config):
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     raise UserError("log_every_steps and checkpoint_every_steps must be "
                     "positive")
+  _finite("checkpoint_every_minutes", config.checkpoint_every_minutes,
+          low=0, hint=" (0 = checkpoints by steps only)")
   if config.keep_checkpoints < 1:
     raise UserError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1"
                     " (the checkpoints a run keeps; 0 would delete them all)")
