@@ -183,4 +183,7 @@ def get_config():
   # most about this much work; 0 = by steps only.
   config.checkpoint_every_minutes = 5.0
   config.keep_checkpoints = 3
+  # Compiled executables are kept here, so a restart loads them ("" = off;
+  # JAX_COMPILATION_CACHE_DIR, when set, wins).
+  config.compilation_cache_dir = "~/.cache/vitat_jax/xla"
   return config

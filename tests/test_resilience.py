@@ -145,11 +145,13 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
   assert not os.path.exists(os.path.join(workdir, "run.lock"))
 
   # Resume; SIGTERM once training is over and the final evaluation runs.
-  # Without the session's compilation cache (tests/conftest.py), so that the
-  # final evaluation compiles, as in a first run, and the signal lands in it.
+  # Without the session's compilation cache (tests/conftest.py) or any
+  # other, so that the final evaluation compiles, as in a first run, and the
+  # signal lands in it.
   env = {k: v for k, v in os.environ.items()
          if k != "JAX_COMPILATION_CACHE_DIR"}
-  proc = subprocess.Popen(_command(workdir), cwd=REPO, text=True, env=env,
+  proc = subprocess.Popen(_command(workdir) + [
+      "--config.compilation_cache_dir="], cwd=REPO, text=True, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   final = os.path.join(workdir_lib.checkpoints_dir(workdir), str(TOTAL_STEPS))
   deadline = time.time() + 240

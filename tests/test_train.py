@@ -288,3 +288,20 @@ def test_wall_clock_checkpoints_land_on_log_steps(tmp_path):
       "keep_checkpoints": 10, "eval.epoch_num_examples": 0,
       "eval.attacks": ("clean",)}), workdir)
   assert workdir_lib.saved_steps(workdir) == [20, 15, 10, 5]
+
+
+def test_the_compilation_cache_is_configured_and_reported():
+  from vitat_jax import compilation
+  # A directory configured outside the config (as tests/conftest.py does)
+  # wins; an empty setting leaves the cache off.
+  assert compilation.choose_directory("/elsewhere", "~/c") == "/elsewhere"
+  assert compilation.choose_directory(None, "~/c") == os.path.expanduser("~/c")
+  assert compilation.choose_directory(None, "") is None
+  assert compilation.enable_cache("") == jax.config.jax_compilation_cache_dir
+  hits = compilation.cache_hits()
+  assert "cache off" in compilation.describe(hits, None)
+  assert "kept in the compilation cache in /c" in compilation.describe(
+      hits, "/c")
+  compilation._count("/jax/compilation_cache/cache_hits")  # pylint: disable=protected-access
+  assert compilation.describe(hits, "/c") == (
+      "loaded from the compilation cache in /c")

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from vitat_jax import checkpoints
+from vitat_jax import compilation
 from vitat_jax import data as data_lib
 from vitat_jax import evaluation
 from vitat_jax import parallel
@@ -67,6 +68,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   printed `table` (and `write_error` if the workdir could not take it)."""
   wall_start = time.perf_counter()
   validate.check_config(config)
+  compilation.enable_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   if not config.init.checkpoint:

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from vitat_jax import checkpoints
+from vitat_jax import compilation
 from vitat_jax import data as data_lib
 from vitat_jax import evaluation
 from vitat_jax import metric_writers
@@ -78,6 +79,7 @@ def train_and_evaluate(config, workdir: str, *,
   # and before anything is compiled.
   validate.check_config(config)
   workdir_lib.check_writable(workdir)
+  cache_dir = compilation.enable_cache(config.compilation_cache_dir)
   if overwrite:
     workdir_lib.check_is_a_run(workdir)
   mesh = parallel.make_mesh(config.num_devices)
@@ -101,7 +103,7 @@ def train_and_evaluate(config, workdir: str, *,
     state_lib.check_same_data(workdir_lib.read_meta(workdir), steps_per_epoch,
                      f"the run in {workdir!r}")
   run = _Run(config, workdir, mesh, splits, model, objective, tx, schedule,
-             steps_per_epoch, total_steps)
+             steps_per_epoch, total_steps, cache_dir)
   # The first write: from here on this process owns the workdir.
   with (workdir_lib.lock(workdir) if is_chief else contextlib.nullcontext()):
     if overwrite:
@@ -122,12 +124,13 @@ class _Run:
   """One training run once every check passed: its state, loop and end."""
 
   def __init__(self, config, workdir, mesh, splits, model, objective, tx,
-               schedule, steps_per_epoch, total_steps):
+               schedule, steps_per_epoch, total_steps, cache_dir):
     self.config, self.workdir, self.mesh = config, workdir, mesh
     self.splits, self.model, self.objective = splits, model, objective
     self.tx = tx
     self.schedule = schedule
     self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+    self.cache_dir = cache_dir
     self.is_chief = jax.process_index() == 0
     self.last_save = time.monotonic()
     self.shard = functools.partial(parallel.shard_batch, mesh)
@@ -212,7 +215,13 @@ class _Run:
       for step in range(start_step, total):
         images, labels = next(batches)
         images, labels = self.shard((images, labels.astype(np.int32)))
+        if step == start_step:
+          hits, start = compilation.cache_hits(), time.perf_counter()
         state, metrics = train_step(state, images, labels, self.loop_key)
+        if step == start_step:
+          jax.block_until_ready(metrics)
+          logging.info("first step in %.1f s: %s", time.perf_counter() - start,
+                       compilation.describe(hits, self.cache_dir))
         history.append(metrics)
         done = step + 1
         bar.update(done)

@@ -106,6 +106,9 @@ def _check_run(config):
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     raise UserError("log_every_steps and checkpoint_every_steps must be "
                     "positive")
+  if not isinstance(config.compilation_cache_dir, str):
+    raise UserError(f"compilation_cache_dir={config.compilation_cache_dir!r}"
+                    " must be a directory path, or '' to turn the cache off")
   _finite("checkpoint_every_minutes", config.checkpoint_every_minutes,
           low=0, hint=" (0 = checkpoints by steps only)")
   if config.keep_checkpoints < 1:

@@ -348,7 +348,7 @@ def merge_run_config(current: dict, recorded: dict,
 # Fields that may change between a run and its resumption (prefixes).
 # (init.source only says where the weights came from.)
 _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
-                   "checkpoint_every_minutes",
+                   "checkpoint_every_minutes", "compilation_cache_dir",
                    "keep_checkpoints", "data.cache_dir", "init.source")
 
 
