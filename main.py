@@ -80,8 +80,8 @@ def _check_command_line(argv):
   except SystemExit:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    _fail(f"--config={spec}: {e}" if isinstance(e, (ValueError, KeyError))
-          else f"config file {path!r} cannot be loaded ({type(e).__name__}: "
+    _fail(f"--config={spec}: {e}" if isinstance(e, (ValueError, KeyError)) else
+          f"config file {path!r} cannot be loaded ({type(e).__name__}: "
           f"{e}): fix it or pass another --config")
   fields = list(_field_paths(config))
   for arg in argv[1:]:
@@ -100,7 +100,8 @@ if __name__ == "__main__" and not set(sys.argv[1:]) & set(_HELP_FLAGS):
   _check_command_line(sys.argv)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG,
+    "config",
+    _DEFAULT_CONFIG,
     "Training configuration file (a get_config(arg) module); fields are set "
     "with --config.<section>.<field>=value, listed in configs/default.py.",
     lock_config=True)
@@ -226,9 +227,10 @@ def main(argv):
 
   try:
     # Before anything else touches JAX: the devices of all hosts form one mesh.
-    parallel.initialize_distributed(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-        auto=_AUTO_DISTRIBUTED.value)
+    parallel.initialize_distributed(_COORDINATOR.value,
+                                    _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value,
+                                    auto=_AUTO_DISTRIBUTED.value)
   except UserError as e:
     _fail(e)
   from vitat_jax.preemption import Preempted
@@ -243,7 +245,8 @@ def main(argv):
       result = eval_only.evaluate_checkpoint(
           eval_only.config_for_evaluation(config, workdir), workdir)
     else:
-      result = train.train_and_evaluate(config, workdir,
+      result = train.train_and_evaluate(config,
+                                        workdir,
                                         overwrite=_OVERWRITE.value)
   except (UserError, FloatingPointError) as e:
     _fail(e)

@@ -37,9 +37,11 @@ def _parse():
 
 ARGS = _parse()
 if ARGS.cpu_devices > 1:  # before JAX starts its CPU client
-  os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-      os.environ.get("XLA_FLAGS", ""),
-      f"--xla_force_host_platform_device_count={ARGS.cpu_devices}"]))
+  os.environ["XLA_FLAGS"] = " ".join(
+      filter(None, [
+          os.environ.get("XLA_FLAGS", ""),
+          f"--xla_force_host_platform_device_count={ARGS.cpu_devices}"
+      ]))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -53,8 +55,7 @@ from vitat_jax import state as state_lib
 
 # What an op computes, from its op_name; first match wins.
 CATEGORIES = (
-    ("dense matmuls (qkv, proj, fc1, fc2)",
-     r"/(qkv|proj|fc1|fc2)/dot_general"),
+    ("dense matmuls (qkv, proj, fc1, fc2)", r"/(qkv|proj|fc1|fc2)/dot_general"),
     ("per-head attention matmuls", r"/attn/bh\w+,bh\w+->bh\w+"),
     ("softmax reductions", r"/attn/reduce_(max|sum)"),
     ("everything else (elementwise, LayerNorm, transposes)", r""),
@@ -62,11 +63,15 @@ CATEGORIES = (
 
 
 def attack_loop(model, iterations):
+
   def one(params, x, y):
+
     def loss(xi):
       logits = model.apply({"params": params}, xi)
       return -jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(y, 10))
+
     return x + 0.01 * jnp.sign(jax.grad(loss)(x))
+
   return jax.jit(lambda params, x, y: jax.lax.fori_loop(
       0, iterations, lambda _, xi: one(params, xi, y), x))
 
@@ -79,8 +84,8 @@ def profile(loop, params, x, y):
     jax.profiler.start_trace(directory, create_perfetto_trace=True)
     jax.block_until_ready(loop(params, x, y))
     jax.profiler.stop_trace()
-    (path,) = glob.glob(os.path.join(directory, "**",
-                                     "perfetto_trace.json.gz"), recursive=True)
+    (path,) = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"),
+                        recursive=True)
     with gzip.open(path) as f:
       events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -89,23 +94,32 @@ def profile(loop, params, x, y):
     op_name = op_names.get(event.get("name"))
     if event.get("ph") != "X" or op_name is None:
       continue
-    category = next(c for c, pattern in CATEGORIES
-                    if re.search(pattern, op_name))
+    category = next(
+        c for c, pattern in CATEGORIES if re.search(pattern, op_name))
     totals[category] += event.get("dur", 0) / 1000
   return totals
 
 
 def main():
-  model = state_lib.build_model(train_step.make_config(argparse.Namespace(
-      model="deit_tiny_patch16_224", batch_size=32, attack_steps=10,
-      ard=False, prm=False, compute_dtype="float32", remat=False))).clone(
-          num_classes=10, img_size=32, mean=train_step.CIFAR10_MEAN,
-          std=train_step.CIFAR10_STD)
+  model = state_lib.build_model(
+      train_step.make_config(
+          argparse.Namespace(model="deit_tiny_patch16_224",
+                             batch_size=32,
+                             attack_steps=10,
+                             ard=False,
+                             prm=False,
+                             compute_dtype="float32",
+                             remat=False))).clone(num_classes=10,
+                                                  img_size=32,
+                                                  mean=train_step.CIFAR10_MEAN,
+                                                  std=train_step.CIFAR10_STD)
   mesh = parallel.make_mesh()
-  params = parallel.replicate(mesh, jax.jit(model.init)(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
-  x, y = parallel.shard_global_batch(mesh, (
-      np.random.default_rng(0).uniform(size=(32, 32, 32, 3)).astype(
+  params = parallel.replicate(
+      mesh,
+      jax.jit(model.init)(jax.random.key(0), jnp.zeros(
+          (1, 32, 32, 3)))["params"])
+  x, y = parallel.shard_global_batch(
+      mesh, (np.random.default_rng(0).uniform(size=(32, 32, 32, 3)).astype(
           np.float32), np.arange(32, dtype=np.int32) % 10))
   loop = attack_loop(model, ARGS.iterations)
   jax.block_until_ready(loop(params, x, y))
@@ -130,7 +144,7 @@ def main():
     # Dense matmul FLOPs per iteration: qkv (3 d^2), proj (d^2) and the MLP
     # (2 r d^2) per token and block, forward and input gradient.
     d, r = model.embed_dim, model.mlp_ratio
-    tokens = 32 * ((32 // model.patch_size) ** 2 + 1)
+    tokens = 32 * ((32 // model.patch_size)**2 + 1)
     dense = 2 * 2 * tokens * model.depth * (4 + 2 * r) * d * d
     rate = ARGS.iterations * dense / (totals[CATEGORIES[0][0]] / 1000) / 1e9
     print(f"dense matmuls: {rate:.0f} GFLOP/s; compare the f32 matmul peak "

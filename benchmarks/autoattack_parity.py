@@ -34,9 +34,11 @@ def _cpu_devices_from_argv():
     if arg.startswith("--cpu_devices="):
       count = int(arg.split("=", 1)[1])
       if count > 1:
-        os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-            os.environ.get("XLA_FLAGS", ""),
-            f"--xla_force_host_platform_device_count={count}"]))
+        os.environ["XLA_FLAGS"] = " ".join(
+            filter(None, [
+                os.environ.get("XLA_FLAGS", ""),
+                f"--xla_force_host_platform_device_count={count}"
+            ]))
 
 
 _cpu_devices_from_argv()
@@ -74,7 +76,8 @@ def init_mlp(k1, k2, dim):
       "w1": jax.random.normal(k1, (dim, HIDDEN)) * np.sqrt(2 / dim),
       "b1": jnp.zeros(HIDDEN),
       "w2": jax.random.normal(k2, (HIDDEN, NUM_CLASSES)) * np.sqrt(1 / HIDDEN),
-      "b2": jnp.zeros(NUM_CLASSES)}
+      "b2": jnp.zeros(NUM_CLASSES)
+  }
 
 
 def tiny_vit():
@@ -82,16 +85,28 @@ def tiny_vit():
   return models.create("deit_tiny_patch16_224", **VIT_KWARGS)
 
 
-VIT_KWARGS = dict(num_classes=NUM_CLASSES, img_size=8, patch_size=2,
-                  embed_dim=32, depth=2, num_heads=2)
+VIT_KWARGS = dict(num_classes=NUM_CLASSES,
+                  img_size=8,
+                  patch_size=2,
+                  embed_dim=32,
+                  depth=2,
+                  num_heads=2)
 
 
 def vit_logits(params, x):
   return tiny_vit().apply({"params": params}, x)
 
 
-def train_robust(logits_fn, params, images, labels, attack_key, *, eps=EPS,
-                 steps=300, lr=3e-3, batch_size=None):
+def train_robust(logits_fn,
+                 params,
+                 images,
+                 labels,
+                 attack_key,
+                 *,
+                 eps=EPS,
+                 steps=300,
+                 lr=3e-3,
+                 batch_size=None):
   """PGD-AT (PGD-5, step eps / 2) with Adam; full batch unless batch_size."""
   optimizer = optax.adam(lr)
   rng = np.random.default_rng(0)
@@ -100,8 +115,7 @@ def train_robust(logits_fn, params, images, labels, attack_key, *, eps=EPS,
   def step(params, opt_state, key, x, y):
     objective = lambda xa, _: attacks.cross_entropy_per_example(
         logits_fn(params, xa), y).mean()
-    x_adv = attacks.perturb(objective, key, x, eps=eps, alpha=eps / 2,
-                            steps=5)
+    x_adv = attacks.perturb(objective, key, x, eps=eps, alpha=eps / 2, steps=5)
     loss_fn = lambda p: attacks.cross_entropy_per_example(
         logits_fn(p, x_adv), y).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -110,8 +124,8 @@ def train_robust(logits_fn, params, images, labels, attack_key, *, eps=EPS,
 
   opt_state = optimizer.init(params)
   for i in range(steps):
-    rows = (slice(None) if batch_size is None else
-            rng.choice(len(images), batch_size, replace=False))
+    rows = (slice(None) if batch_size is None else rng.choice(
+        len(images), batch_size, replace=False))
     params, opt_state, _ = step(params, opt_state,
                                 jax.random.fold_in(attack_key, i),
                                 jnp.asarray(images[rows]),
@@ -123,7 +137,12 @@ def train_robust_mlp(images, labels, *, eps=EPS, steps=300, seed=0):
   """The MLP, adversarially trained in a few seconds."""
   k1, k2, attack_key = jax.random.split(jax.random.key(seed), 3)
   params = init_mlp(k1, k2, int(np.prod(images.shape[1:])))
-  return train_robust(mlp_logits, params, images, labels, attack_key, eps=eps,
+  return train_robust(mlp_logits,
+                      params,
+                      images,
+                      labels,
+                      attack_key,
+                      eps=eps,
                       steps=steps)
 
 
@@ -131,16 +150,35 @@ def train_robust_vit(images, labels, *, eps=EPS, steps=2000, seed=0):
   """The tiny ViT, adversarially trained on mini-batches."""
   init_key, attack_key = jax.random.split(jax.random.key(seed))
   params = jax.jit(tiny_vit().init)(init_key, jnp.asarray(images[:1]))["params"]
-  return train_robust(vit_logits, params, images, labels, attack_key,
-                      eps=eps, steps=steps, lr=2e-3, batch_size=128)
+  return train_robust(vit_logits,
+                      params,
+                      images,
+                      labels,
+                      attack_key,
+                      eps=eps,
+                      steps=steps,
+                      lr=2e-3,
+                      batch_size=128)
 
 
-def run_ours(params, images, labels, *, eps=EPS, seed=0, batch_size=500,
-             version="standard", logits_fn=mlp_logits,
+def run_ours(params,
+             images,
+             labels,
+             *,
+             eps=EPS,
+             seed=0,
+             batch_size=500,
+             version="standard",
+             logits_fn=mlp_logits,
              with_seconds=False) -> Dict[str, float]:
-  result = attacks.autoattack(logits_fn, images, labels, params=params,
-                              eps=eps, key=jax.random.key(seed),
-                              batch_size=batch_size, version=version,
+  result = attacks.autoattack(logits_fn,
+                              images,
+                              labels,
+                              params=params,
+                              eps=eps,
+                              key=jax.random.key(seed),
+                              batch_size=batch_size,
+                              version=version,
                               verbose=False)
   if with_seconds:
     return result.robust_accuracy, result.seconds
@@ -158,8 +196,9 @@ class _Capture(logging.Handler):
 
   def emit(self, record):
     message = record.getMessage()
-    match = re.match(r"robust accuracy after (\S+): ([\d.]+)%"
-                     r"(?: \(total time ([\d.]+) s\))?", message)
+    match = re.match(
+        r"robust accuracy after (\S+): ([\d.]+)%"
+        r"(?: \(total time ([\d.]+) s\))?", message)
     if match:
       self.accuracy[match.group(1).lower()] = float(match.group(2)) / 100
       if match.group(3):
@@ -198,7 +237,8 @@ def torch_vit(params, directory):
   model = tiny_vit()
   path = os.path.join(directory, "tiny_vit.safetensors")
   checkpoints.export_timm(params, model, path)
-  vit = timm.create_model("deit_tiny_patch16_224", pretrained=False,
+  vit = timm.create_model("deit_tiny_patch16_224",
+                          pretrained=False,
                           **VIT_KWARGS)
   vit.load_state_dict(safetensors.torch.load_file(path), strict=True)
 
@@ -216,14 +256,25 @@ def torch_vit(params, directory):
   return Normalized().eval()
 
 
-def run_reference(params, images, labels, *, eps=EPS, seed=0, batch_size=500,
-                  version="standard", torch_model=None,
+def run_reference(params,
+                  images,
+                  labels,
+                  *,
+                  eps=EPS,
+                  seed=0,
+                  batch_size=500,
+                  version="standard",
+                  torch_model=None,
                   torch_threads=1) -> Dict[str, float]:
   import torch  # pylint: disable=g-import-not-at-top
   from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
   torch_model = torch_mlp(params) if torch_model is None else torch_model
-  adversary = AutoAttack(torch_model, eps=eps, norm="Linf",
-                         version=version, seed=seed, device="cpu")
+  adversary = AutoAttack(torch_model,
+                         eps=eps,
+                         norm="Linf",
+                         version=version,
+                         seed=seed,
+                         device="cpu")
   capture = _Capture()
   logger = adversary.logger
   old_level, old_threads = logger.level, torch.get_num_threads()
@@ -258,19 +309,25 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=500)
   parser.add_argument("--model", default="mlp", choices=["mlp", "vit"])
-  parser.add_argument("--torch_threads", default="",
+  parser.add_argument("--torch_threads",
+                      default="",
                       help="comma-separated PyTorch thread counts for fra31, "
                       "each run in turn, the fastest compared (default: 1 "
                       "for the MLP, 1,2 for the ViT)")
-  parser.add_argument("--cpu_devices", type=int, default=1,
+  parser.add_argument("--cpu_devices",
+                      type=int,
+                      default=1,
                       help="CPU devices for ours (the batch is sharded "
                       "over them); read before JAX starts")
-  parser.add_argument("--params_cache", default="",
+  parser.add_argument("--params_cache",
+                      default="",
                       help="a pickle of the trained weights: loaded if it "
                       "exists, else written (saves the training in reruns)")
-  parser.add_argument("--ours_only", action="store_true",
+  parser.add_argument("--ours_only",
+                      action="store_true",
                       help="time ours only (no fra31, no comparison)")
-  parser.add_argument("--version", default="standard",
+  parser.add_argument("--version",
+                      default="standard",
                       choices=["standard", "plus"])
   args = parser.parse_args()
   images, labels = digits()
@@ -289,18 +346,28 @@ def main():
   images, labels = images[:args.num_images], labels[:args.num_images]
   logits_fn = {"mlp": mlp_logits, "vit": vit_logits}[args.model]
   with tempfile.TemporaryDirectory() as directory:
-    torch_model = (torch_vit(params, directory) if args.model == "vit"
-                   else torch_mlp(params))
+    torch_model = (torch_vit(params, directory)
+                   if args.model == "vit" else torch_mlp(params))
   start = time.perf_counter()
-  common = dict(eps=args.eps, seed=args.seed, batch_size=args.batch_size,
+  common = dict(eps=args.eps,
+                seed=args.seed,
+                batch_size=args.batch_size,
                 version=args.version)
-  ours, ours_seconds = run_ours(params, images, labels, logits_fn=logits_fn,
-                                with_seconds=True, **common)
+  ours, ours_seconds = run_ours(params,
+                                images,
+                                labels,
+                                logits_fn=logits_fn,
+                                with_seconds=True,
+                                **common)
   ours_s = time.perf_counter() - start
   # Again, compiled: what a second evaluation in the same process costs.
   start = time.perf_counter()
-  _, warm_seconds = run_ours(params, images, labels, logits_fn=logits_fn,
-                             with_seconds=True, **common)
+  _, warm_seconds = run_ours(params,
+                             images,
+                             labels,
+                             logits_fn=logits_fn,
+                             with_seconds=True,
+                             **common)
   warm_s = time.perf_counter() - start
   if args.ours_only:
     print(f"ours on {jax.device_count()} CPU device(s): {ours_s:.1f} s "
@@ -309,13 +376,21 @@ def main():
       print(f"{name:10s} {100 * ours[name]:9.2f}% {ours_seconds[name]:8.1f}"
             f" {warm_seconds[name]:8.1f}")
     return
-  threads = [int(t) for t in (args.torch_threads or {
-      "mlp": "1", "vit": "1,2"}[args.model]).split(",")]
+  threads = [
+      int(t) for t in (args.torch_threads or {
+          "mlp": "1",
+          "vit": "1,2"
+      }[args.model]).split(",")
+  ]
   references = {}
   for count in threads:
     start = time.perf_counter()
-    result = run_reference(params, images, labels, torch_model=torch_model,
-                           torch_threads=count, **common)
+    result = run_reference(params,
+                           images,
+                           labels,
+                           torch_model=torch_model,
+                           torch_threads=count,
+                           **common)
     references[count] = (result, time.perf_counter() - start)
   best = min(references, key=lambda t: references[t][1])
   theirs, theirs_s = references[best]
@@ -329,8 +404,8 @@ def main():
     times = ("" if name == "clean" else
              f" {ours_seconds[name]:8.1f} {warm_seconds[name]:8.1f} "
              f"{theirs.get(name + '_s', float('nan')):8.1f}")
-    print(f"{name:10s} {100 * a:9.2f}% {100 * b:9.2f}% {100 * (a - b):+10.2f}"
-          + times)
+    print(f"{name:10s} {100 * a:9.2f}% {100 * b:9.2f}% {100 * (a - b):+10.2f}" +
+          times)
   print(f"{'time':10s} {ours_s:9.1f}s {theirs_s:9.1f}s   (ours including "
         "compilation)")
   print(f"{'compiled':10s} {warm_s:9.1f}s")

@@ -44,20 +44,31 @@ def _cpu_s(pid) -> float:
   return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(root: str, image_size: int, workers: int, batches: int,
-        batch_size: int, transform: str, warmup: int, seed: int = 0):
+def run(root: str,
+        image_size: int,
+        workers: int,
+        batches: int,
+        batch_size: int,
+        transform: str,
+        warmup: int,
+        seed: int = 0):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from vitat_jax import data  # pylint: disable=g-import-not-at-top
   from vitat_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(dict(
-      name="image_folder", root=root, image_size=image_size,
-      train_transform=transform, decoded_cache_mb=0,
-      cache_dir=os.path.join(root, ".vitat_cache")))
+  config = ml_collections.ConfigDict(
+      dict(name="image_folder",
+           root=root,
+           image_size=image_size,
+           train_transform=transform,
+           decoded_cache_mb=0,
+           cache_dir=os.path.join(root, ".vitat_cache")))
   start = time.perf_counter()
   splits = data.load(config)
   load_s = time.perf_counter() - start
   assert isinstance(splits.train, data.FileSource), type(splits.train)
-  iterator = pipeline.train_batches(splits.train, batch_size, seed=seed,
+  iterator = pipeline.train_batches(splits.train,
+                                    batch_size,
+                                    seed=seed,
                                     workers=workers)
   for _ in range(warmup):
     next(iterator)
@@ -75,12 +86,16 @@ def run(root: str, image_size: int, workers: int, batches: int,
   worker_mb = [_hwm_mb(p.pid) for p in multiprocessing.active_children()]
   main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   iterator.close()
-  return dict(images=len(splits.train), load_s=load_s, seconds=seconds,
-              rate=batches * batch_size / seconds, main_mb=main_mb,
+  return dict(images=len(splits.train),
+              load_s=load_s,
+              seconds=seconds,
+              rate=batches * batch_size / seconds,
+              main_mb=main_mb,
               worker_mb=worker_mb,
               main_cpu_s=(cpu_end.user + cpu_end.system) -
               (cpu_start.user + cpu_start.system),
-              worker_cpu_s=worker_cpu, load_avg=os.getloadavg())
+              worker_cpu_s=worker_cpu,
+              load_avg=os.getloadavg())
 
 
 def compare_decoders(root: str, image_size: int, count: int, rounds: int = 3):
@@ -103,10 +118,14 @@ def compare_decoders(root: str, image_size: int, count: int, rounds: int = 3):
     image.draft("RGB", (image.size[0] // 2, image.size[1] // 2))
     return np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
 
-  options = {"vitat_jax decode.Transform (PIL, draft when exact)":
-             lambda blob: decode.Transform("squash", image_size)(blob),
-             "PIL full decode + resize": pil_full,
-             "PIL draft 1/2 always + resize": pil_draft_half}
+  options = {
+      "vitat_jax decode.Transform (PIL, draft when exact)":
+          lambda blob: decode.Transform("squash", image_size)(blob),
+      "PIL full decode + resize":
+          pil_full,
+      "PIL draft 1/2 always + resize":
+          pil_draft_half
+  }
   try:
     import simplejpeg  # pylint: disable=g-import-not-at-top
     options["simplejpeg + PIL resize"] = lambda blob: np.asarray(
@@ -125,8 +144,9 @@ def compare_decoders(root: str, image_size: int, count: int, rounds: int = 3):
       best[name] = min(best[name], time.perf_counter() - start)
       best_cpu[name] = min(best_cpu[name], time.process_time() - cpu_start)
   for name, fn in options.items():
-    error = np.mean([np.abs(fn(b).astype(int) - r).mean()
-                     for b, r in zip(blobs, reference)])
+    error = np.mean([
+        np.abs(fn(b).astype(int) - r).mean() for b, r in zip(blobs, reference)
+    ])
     print(f"{name}: {len(blobs) / best[name]:.0f} images/s wall, "
           f"{len(blobs) / best_cpu[name]:.0f} per CPU-second; mean |diff| to "
           f"the full decode {error:.2f}/255")
@@ -141,7 +161,8 @@ def main(argv=None):
   parser.add_argument("--batches", type=int, default=40)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--transform", default="squash",
+  parser.add_argument("--transform",
+                      default="squash",
                       choices=("squash", "random_resized_crop"))
   parser.add_argument("--compare_decoders", type=int, default=0)
   args = parser.parse_args(argv)
@@ -151,17 +172,19 @@ def main(argv=None):
   result = run(args.root, args.image_size, args.workers, args.batches,
                args.batch_size, args.transform, args.warmup)
   workers_mb = result["worker_mb"]
-  print(f"root {args.root}: {result['images']} images, indexed in "
-        f"{result['load_s']:.1f} s; transform {args.transform}, {args.workers} worker(s), {args.batches} batches of "
-        f"{args.batch_size} at {args.image_size}px")
+  print(
+      f"root {args.root}: {result['images']} images, indexed in "
+      f"{result['load_s']:.1f} s; transform {args.transform}, {args.workers} worker(s), {args.batches} batches of "
+      f"{args.batch_size} at {args.image_size}px")
   print(f"loader peak RSS: main {result['main_mb']:.0f} MB, workers "
         f"{' + '.join(f'{m:.0f}' for m in workers_mb) or '-'} MB, total "
         f"{result['main_mb'] + sum(workers_mb):.0f} MB")
-  print(f"load average during the run: "
-        f"{', '.join(f'{x:.2f}' for x in result['load_avg'])} "
-        f"(on {os.cpu_count()} CPUs); main process CPU "
-        f"{result['main_cpu_s']:.1f} s, workers {result['worker_cpu_s']:.1f} s of "
-        f"{result['seconds']:.1f} s wall")
+  print(
+      f"load average during the run: "
+      f"{', '.join(f'{x:.2f}' for x in result['load_avg'])} "
+      f"(on {os.cpu_count()} CPUs); main process CPU "
+      f"{result['main_cpu_s']:.1f} s, workers {result['worker_cpu_s']:.1f} s of "
+      f"{result['seconds']:.1f} s wall")
   if result["worker_cpu_s"]:
     print(f"images per worker CPU-second: "
           f"{args.batches * args.batch_size / result['worker_cpu_s']:.0f}")

@@ -25,8 +25,13 @@ from PIL import Image
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def make(cifar10_root: pathlib.Path, out: pathlib.Path, num_train: int,
-         num_test: int, size=(500, 375), noise: float = 20.0, seed: int = 0):
+def make(cifar10_root: pathlib.Path,
+         out: pathlib.Path,
+         num_train: int,
+         num_test: int,
+         size=(500, 375),
+         noise: float = 20.0,
+         seed: int = 0):
   """Writes the folder; returns the mean file size in bytes."""
   rng = np.random.default_rng(seed)
   classes = sorted(p.name for p in (cifar10_root / "train").iterdir())
@@ -54,14 +59,19 @@ def main(argv=None):
   parser.add_argument("--train", type=int, default=2000)
   parser.add_argument("--test", type=int, default=100)
   parser.add_argument("--noise", type=float, default=20.0)
-  parser.add_argument("--cifar10_tar", default=str(
-      _REPO.parent / "shared/data/cifar10-jpeg.tar.gz"))
+  parser.add_argument("--cifar10_tar",
+                      default=str(_REPO.parent /
+                                  "shared/data/cifar10-jpeg.tar.gz"))
   args = parser.parse_args(argv)
   sys.path.insert(0, str(_REPO))
   from tests import conftest  # pylint: disable=g-import-not-at-top
-  root = conftest._unpack(pathlib.Path(args.cifar10_tar),  # pylint: disable=protected-access
-                          conftest._CACHE_DIR)  # pylint: disable=protected-access
-  mean_bytes = make(root, pathlib.Path(args.out), args.train, args.test,
+  root = conftest._unpack(
+      pathlib.Path(args.cifar10_tar),  # pylint: disable=protected-access
+      conftest._CACHE_DIR)  # pylint: disable=protected-access
+  mean_bytes = make(root,
+                    pathlib.Path(args.out),
+                    args.train,
+                    args.test,
                     noise=args.noise)
   print(f"wrote {args.train} train and {args.test} test JPEGs (500x375, q90, "
         f"mean {mean_bytes / 1024:.0f} KiB) under {args.out}")

@@ -82,33 +82,36 @@ class JaxSide:
 
   def __init__(self, args):
     config = make_config(args)
-    self.model = state_lib.build_model(config).clone(
-        num_classes=NUM_CLASSES, img_size=32, mean=CIFAR10_MEAN,
-        std=CIFAR10_STD)
+    self.model = state_lib.build_model(config).clone(num_classes=NUM_CLASSES,
+                                                     img_size=32,
+                                                     mean=CIFAR10_MEAN,
+                                                     std=CIFAR10_STD)
     steps_per_epoch = 781
     tx, schedule = optim.make_optimizer(config.optim, config.epochs,
                                         steps_per_epoch)
     objective = objectives.make_objective(config, self.model)
     key = jax.random.key(0)
     rng = np.random.default_rng(0)
-    self.images = jnp.asarray(rng.integers(0, 256, (args.batch_size, 32, 32, 3),
-                                           dtype=np.uint8))
-    self.labels = jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch_size,
-                                           dtype=np.int32))
-    params = jax.jit(self.model.init)(
-        key, jnp.zeros((1, 32, 32, 3)))["params"]
+    self.images = jnp.asarray(
+        rng.integers(0, 256, (args.batch_size, 32, 32, 3), dtype=np.uint8))
+    self.labels = jnp.asarray(
+        rng.integers(0, NUM_CLASSES, args.batch_size, dtype=np.int32))
+    params = jax.jit(self.model.init)(key, jnp.zeros((1, 32, 32, 3)))["params"]
     # As training places them: the state replicated over the device mesh,
     # the batch split along "data" (one device unless --cpu_devices > 1).
     mesh = parallel.make_mesh()
     parallel.check_batch_size(args.batch_size, mesh)
     self.num_devices = mesh.devices.size
-    self.state = parallel.replicate(mesh, state_lib.TrainState(
-        jnp.asarray(0, jnp.int32), params, tx.init(params)))
+    self.state = parallel.replicate(
+        mesh,
+        state_lib.TrainState(jnp.asarray(0, jnp.int32), params,
+                             tx.init(params)))
     self.images, self.labels = parallel.shard_global_batch(
         mesh, (self.images, self.labels))
-    step = jax.jit(train_step_lib.make_train_step(config, self.model, objective, tx,
-                                         schedule, steps_per_epoch,
-                                         NUM_CLASSES), donate_argnums=0)
+    step = jax.jit(train_step_lib.make_train_step(config, self.model, objective,
+                                                  tx, schedule, steps_per_epoch,
+                                                  NUM_CLASSES),
+                   donate_argnums=0)
     start = time.perf_counter()
     self.train_step = step.lower(self.state, self.images, self.labels,
                                  key).compile()
@@ -117,30 +120,33 @@ class JaxSide:
     # XLA's cost analysis counts a while loop's body once, so the attack's
     # share is found as (AT step - natural step) and scaled by its steps.
     config.method = "natural"
-    natural = jax.jit(train_step_lib.make_train_step(
-        config, self.model, objectives.make_objective(config, self.model), tx,
-        schedule, steps_per_epoch, NUM_CLASSES)).lower(
-            self.state, self.images, self.labels, key)
+    natural = jax.jit(
+        train_step_lib.make_train_step(
+            config, self.model, objectives.make_objective(config, self.model),
+            tx, schedule, steps_per_epoch,
+            NUM_CLASSES)).lower(self.state, self.images, self.labels, key)
     at_flops = _flops(step.lower(self.state, self.images, self.labels, key))
     natural_flops = _flops(natural)
-    self.train_flops = natural_flops + args.attack_steps * (
-        at_flops - natural_flops)
+    self.train_flops = natural_flops + args.attack_steps * (at_flops -
+                                                            natural_flops)
 
     self.float_images = jax.jit(lambda x: x.astype(jnp.float32) / 255)(
         self.images)
     params = self.state.params
-    pgd20 = evaluation.make_attack_fn(
-        self.model, attack_names.parse_attack("pgd20"), eps=8 / 255,
-        alpha=2 / 255)
+    pgd20 = evaluation.make_attack_fn(self.model,
+                                      attack_names.parse_attack("pgd20"),
+                                      eps=8 / 255,
+                                      alpha=2 / 255)
     start = time.perf_counter()
     self.eval_step = pgd20.lower(params, key, self.float_images,
                                  self.labels).compile()
     self.eval_compile_s = time.perf_counter() - start
-    clean = evaluation.make_attack_fn(
-        self.model, attack_names.parse_attack("clean"), eps=8 / 255,
-        alpha=2 / 255)
-    clean_flops = _flops(clean.lower(params, key, self.float_images,
-                                     self.labels))
+    clean = evaluation.make_attack_fn(self.model,
+                                      attack_names.parse_attack("clean"),
+                                      eps=8 / 255,
+                                      alpha=2 / 255)
+    clean_flops = _flops(
+        clean.lower(params, key, self.float_images, self.labels))
     pgd_flops = _flops(pgd20.lower(params, key, self.float_images, self.labels))
     # The PGD step's program holds the loop body once plus two plain
     # forward passes (the restart's final loss and the accuracy).
@@ -154,8 +160,9 @@ class JaxSide:
     jax.block_until_ready(metrics)
 
   def run_eval(self):
-    jax.block_until_ready(self.eval_step(self.state.params, self.key,
-                                         self.float_images, self.labels))
+    jax.block_until_ready(
+        self.eval_step(self.state.params, self.key, self.float_images,
+                       self.labels))
 
 
 class TorchSide:
@@ -166,12 +173,16 @@ class TorchSide:
     import torch
     self.torch = torch
     torch.manual_seed(0)
-    self.model = timm.create_model(args.model, pretrained=False,
-                                   num_classes=NUM_CLASSES, img_size=32,
+    self.model = timm.create_model(args.model,
+                                   pretrained=False,
+                                   num_classes=NUM_CLASSES,
+                                   img_size=32,
                                    patch_size=4)
     self.mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
     self.std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9,
+    self.opt = torch.optim.SGD(self.model.parameters(),
+                               lr=0.1,
+                               momentum=0.9,
                                weight_decay=1e-4)
     self.x = torch.rand(args.batch_size, 3, 32, 32)
     self.y = torch.randint(0, NUM_CLASSES, (args.batch_size,))
@@ -223,19 +234,19 @@ class TorchSide:
 
 def matmul_gflops(n=2048, repeats=5):
   """Best f32 n x n matmul rate of XLA (and PyTorch, if present)."""
-  flops = 2 * n ** 3
+  flops = 2 * n**3
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
   mm = jax.jit(lambda x, y: x @ y)
   mm(a, a).block_until_ready()
-  best = min(_timed(lambda: mm(a, a).block_until_ready())
-             for _ in range(repeats))
+  best = min(
+      _timed(lambda: mm(a, a).block_until_ready()) for _ in range(repeats))
   result = {"xla": flops / best / 1e9}
   try:
     import torch
     t = torch.from_numpy(np.array(a))
     torch.mm(t, t)
-    result["torch"] = flops / min(_timed(lambda: torch.mm(t, t))
-                                  for _ in range(repeats)) / 1e9
+    result["torch"] = flops / min(
+        _timed(lambda: torch.mm(t, t)) for _ in range(repeats)) / 1e9
   except ImportError:
     pass
   return result
@@ -250,8 +261,7 @@ def _timed(fn) -> float:
 def pipeline_images_per_s(batch_size, num_batches=200):
   """Training-batch throughput (prefetch 2) on CIFAR-10 (digits without it)."""
   from vitat_jax import data as data_lib
-  config = cifar10.get_config(
-      f"source=folder,root={_CIFAR10_FOLDER}").data
+  config = cifar10.get_config(f"source=folder,root={_CIFAR10_FOLDER}").data
   name = "CIFAR-10 (image folder)"
   if not os.path.isdir(_CIFAR10_FOLDER):
     config.name, config.image_size, name = "digits", 16, "digits"
@@ -269,14 +279,19 @@ def pipeline_images_per_s(batch_size, num_batches=200):
 def _worker(side_name, args, conn):
   """Runs one side in its own process: no thread pool spins beside the other."""
   side = {"jax": JaxSide, "torch": TorchSide}[side_name](args)
-  info = {k: v for k, v in vars(side).items() if k.endswith(
-      ("_s", "_flops", "_bytes", "_devices"))}
+  info = {
+      k: v
+      for k, v in vars(side).items()
+      if k.endswith(("_s", "_flops", "_bytes", "_devices"))
+  }
   conn.send(info)
   while True:
     command = conn.recv()
     if command == "stop":
-      info = {"max_rss_mib": resource.getrusage(
-          resource.RUSAGE_SELF).ru_maxrss / 1024}
+      info = {
+          "max_rss_mib":
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+      }
       if side_name == "jax":
         info["matmul_gflops"] = matmul_gflops()
       conn.send(info)
@@ -294,7 +309,9 @@ def main():
   parser.add_argument("--prm", action="store_true")
   parser.add_argument("--compute_dtype", default="float32")
   parser.add_argument("--remat", action="store_true")
-  parser.add_argument("--cpu_devices", type=int, default=1,
+  parser.add_argument("--cpu_devices",
+                      type=int,
+                      default=1,
                       help="CPU devices the JAX side splits the batch over "
                       "(XLA's host device count), as training does on a mesh")
   parser.add_argument("--no_torch", action="store_true")
@@ -303,14 +320,18 @@ def main():
   args = parser.parse_args()
 
   if args.cpu_devices > 1:  # read by the spawned JAX worker's XLA
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-        os.environ.get("XLA_FLAGS", ""),
-        f"--xla_force_host_platform_device_count={args.cpu_devices}"]))
-  print(f"JAX {jax.__version__}, {args.model}, 32 px, patch 4, batch "
-        f"{args.batch_size}, PGD-{args.attack_steps} AT step, compute "
-        f"{args.compute_dtype}, remat {args.remat}, {args.cpu_devices} CPU "
-        f"device(s); "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    os.environ["XLA_FLAGS"] = " ".join(
+        filter(None, [
+            os.environ.get("XLA_FLAGS", ""),
+            f"--xla_force_host_platform_device_count={args.cpu_devices}"
+        ]))
+  print(
+      f"JAX {jax.__version__}, {args.model}, 32 px, patch 4, batch "
+      f"{args.batch_size}, PGD-{args.attack_steps} AT step, compute "
+      f"{args.compute_dtype}, remat {args.remat}, {args.cpu_devices} CPU "
+      f"device(s); "
+      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+      flush=True)
   names = ["jax"]
   if not args.no_torch:
     try:
@@ -330,12 +351,14 @@ def main():
   jax_info = infos["jax"]
   print(f"compile: AT step {jax_info['train_compile_s']:.1f} s, PGD-20 step "
         f"{jax_info['eval_compile_s']:.1f} s")
-  print(f"XLA cost analysis (loops x trip count): AT step "
-        f"{jax_info['train_flops'] / 1e9:.0f} GFLOP, PGD-20 step "
-        f"{jax_info['eval_flops'] / 1e9:.0f} GFLOP; peak memory (XLA "
-        f"estimate, per device x {jax_info['num_devices']}): AT step "
-        f"{jax_info['train_peak_bytes'] / 2**20:.0f} MiB, "
-        f"PGD-20 {jax_info['eval_peak_bytes'] / 2**20:.0f} MiB", flush=True)
+  print(
+      f"XLA cost analysis (loops x trip count): AT step "
+      f"{jax_info['train_flops'] / 1e9:.0f} GFLOP, PGD-20 step "
+      f"{jax_info['eval_flops'] / 1e9:.0f} GFLOP; peak memory (XLA "
+      f"estimate, per device x {jax_info['num_devices']}): AT step "
+      f"{jax_info['train_peak_bytes'] / 2**20:.0f} MiB, "
+      f"PGD-20 {jax_info['eval_peak_bytes'] / 2**20:.0f} MiB",
+      flush=True)
 
   kinds = ["train"] + ([] if args.no_eval else ["eval"])
 
@@ -343,11 +366,11 @@ def main():
     workers[name][1].send(kind)
     return workers[name][1].recv()
 
-  for kind in kinds:                # warm-up, untimed
+  for kind in kinds:  # warm-up, untimed
     for name in names:
       run(name, kind)
   times = {(n, k): [] for n in names for k in kinds}
-  for _ in range(args.repeats):     # alternating, so drifting load hits both
+  for _ in range(args.repeats):  # alternating, so drifting load hits both
     for kind in kinds:
       for name in names:
         times[name, kind].append(run(name, kind))
@@ -361,8 +384,10 @@ def main():
         (f", PyTorch {peak['torch']:.0f} GFLOP/s" if "torch" in peak else ""))
   flops = {"train": jax_info["train_flops"], "eval": jax_info["eval_flops"]}
   for kind in kinds:
-    label = {"train": f"AT step (PGD-{args.attack_steps} + SGD)",
-             "eval": "PGD-20 eval step"}[kind]
+    label = {
+        "train": f"AT step (PGD-{args.attack_steps} + SGD)",
+        "eval": "PGD-20 eval step"
+    }[kind]
     med = {n: statistics.median(times[n, kind]) for n in names}
     line = (f"{label}: JAX median {med['jax']:.2f} s "
             f"(runs {', '.join(f'{t:.2f}' for t in times['jax', kind])}), "
@@ -374,8 +399,8 @@ def main():
                f"{', '.join(f'{t:.2f}' for t in times['torch', kind])}); "
                f"PyTorch/JAX time ratio {med['torch'] / med['jax']:.2f}")
     print(line)
-  print("max RSS: " + ", ".join(f"{n} {infos[n]['max_rss_mib']:.0f} MiB"
-                                for n in names))
+  print("max RSS: " +
+        ", ".join(f"{n} {infos[n]['max_rss_mib']:.0f} MiB" for n in names))
 
   if not args.no_pipeline:
     name, rate = pipeline_images_per_s(args.batch_size)

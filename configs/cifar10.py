@@ -63,7 +63,7 @@ def apply_args(config, args):
   config.tricks.ard = args.get("ard", both)
   config.tricks.prm = args.get("prm", both)
   if config.model.name.startswith("swin"):
-    config.optim.momentum = 0.5    # the reference's Swin runs set it
+    config.optim.momentum = 0.5  # the reference's Swin runs set it
   return common.apply_pretrained(config, args.get("pretrained", "in1k"),
                                  args.get("pretrained_dir", "pretrained"))
 
@@ -88,5 +88,5 @@ def config_from_args(args):
   else:
     raise ValueError(f"source={source!r}: use tfds or folder")
   config.data.image_size = 32
-  config.tricks.prm_patch_size = 4        # the reference's --patch 4: 8x8 cells
+  config.tricks.prm_patch_size = 4  # the reference's --patch 4: 8x8 cells
   return config

@@ -25,10 +25,10 @@ _EXTENSIONS = (".safetensors", ".pth", ".npz")
 # own `vit_small_patch16_224` is timm's early custom ViT-S (768 wide, depth
 # 8), registered here as `vit_small_patch16_224_legacy`; the plain name
 # keeps timm's current meaning (384 wide, depth 12).
-PAPER_MODELS = (
-    "vit_small_patch16_224_legacy", "vit_base_patch16_224",
-    "vit_base_patch16_224_in21k", "deit_small_patch16_224",
-    "deit_tiny_patch16_224", "convit_base", "convit_small", "convit_tiny")
+PAPER_MODELS = ("vit_small_patch16_224_legacy", "vit_base_patch16_224",
+                "vit_base_patch16_224_in21k", "deit_small_patch16_224",
+                "deit_tiny_patch16_224", "convit_base", "convit_small",
+                "convit_tiny")
 # The reference also trains Swin-T/S/B, on Imagenette only (momentum 0.5).
 SWIN_MODELS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
                "swin_base_patch4_window7_224")
@@ -41,21 +41,31 @@ SWIN_MODELS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
 # reference does when fine-tuning. The legacy ViT-S has no timm tag any more:
 # it is timm's v0.1 release file, fetched by URL.
 REFERENCE_WEIGHTS = {
-    "vit_small_patch16_224_legacy": (
-        "https://github.com/rwightman/pytorch-image-models/releases/download/"
-        "v0.1-weights/vit_small_p16_224-15ec54c9.pth"),
-    "vit_base_patch16_224": "vit_base_patch16_224.orig_in21k_ft_in1k",
-    "vit_base_patch16_224_in21k": "vit_base_patch16_224.orig_in21k",
-    "deit_tiny_patch16_224": "deit_tiny_patch16_224.fb_in1k",
-    "deit_small_patch16_224": "deit_small_patch16_224.fb_in1k",
-    "convit_tiny": "convit_tiny.fb_in1k",
-    "convit_small": "convit_small.fb_in1k",
-    "convit_base": "convit_base.fb_in1k",
-    "swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224.ms_in1k",
-    "swin_small_patch4_window7_224": "swin_small_patch4_window7_224.ms_in1k",
+    "vit_small_patch16_224_legacy":
+        ("https://github.com/rwightman/pytorch-image-models/releases/download/"
+         "v0.1-weights/vit_small_p16_224-15ec54c9.pth"),
+    "vit_base_patch16_224":
+        "vit_base_patch16_224.orig_in21k_ft_in1k",
+    "vit_base_patch16_224_in21k":
+        "vit_base_patch16_224.orig_in21k",
+    "deit_tiny_patch16_224":
+        "deit_tiny_patch16_224.fb_in1k",
+    "deit_small_patch16_224":
+        "deit_small_patch16_224.fb_in1k",
+    "convit_tiny":
+        "convit_tiny.fb_in1k",
+    "convit_small":
+        "convit_small.fb_in1k",
+    "convit_base":
+        "convit_base.fb_in1k",
+    "swin_tiny_patch4_window7_224":
+        "swin_tiny_patch4_window7_224.ms_in1k",
+    "swin_small_patch4_window7_224":
+        "swin_small_patch4_window7_224.ms_in1k",
     "swin_base_patch4_window7_224":
         "swin_base_patch4_window7_224.ms_in22k_ft_in1k",
-    "swin_base_patch4_window7_224_in22k": "swin_base_patch4_window7_224.ms_in22k",
+    "swin_base_patch4_window7_224_in22k":
+        "swin_base_patch4_window7_224.ms_in22k",
 }
 
 # pretrained=in21k: the ImageNet-21k variant of a model.

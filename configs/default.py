@@ -15,7 +15,7 @@ def get_config():
   # "at" (PGD-AT, Madry et al.), "trades", "mart", or "natural" (no attack,
   # the baseline arm).
   config.method = "at"
-  config.beta = 6.0               # TRADES / MART trade-off
+  config.beta = 6.0  # TRADES / MART trade-off
   # The paper's two tricks, acting only on the training attack: ARD drops
   # attention-branch gradients, PRM masks the perturbation on image cells.
   # Both keep a fraction r(t) = min(t / warmup_epochs, 1) * final_keep_rate
@@ -25,7 +25,7 @@ def get_config():
   config.tricks = ml_collections.ConfigDict()
   config.tricks.ard = False
   config.tricks.prm = False
-  config.tricks.warmup_epochs = 10.0   # n_w (not optim.warmup_epochs, the lr's)
+  config.tricks.warmup_epochs = 10.0  # n_w (not optim.warmup_epochs, the lr's)
   config.tricks.final_keep_rate = 1.0  # r after the warm-up (1 = tricks off)
   # PRM's cell size in pixels (the reference's --patch): the grid has
   # image_size / prm_patch_size cells per side whatever the model's own patch
@@ -38,7 +38,7 @@ def get_config():
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "deit_tiny_patch16_224"
-  config.model.img_size = config_dict.placeholder(int)    # default: data's
+  config.model.img_size = config_dict.placeholder(int)  # default: data's
   config.model.patch_size = config_dict.placeholder(int)
   config.model.embed_dim = config_dict.placeholder(int)
   config.model.depth = config_dict.placeholder(int)
@@ -58,25 +58,25 @@ def get_config():
   # model's image/patch/window sizes, with a new head for the data's classes.
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = ""
-  config.init.format = "auto"          # auto | safetensors | torch | npz
-  config.init.allow_pickle = False     # .pth holding arbitrary objects
+  config.init.format = "auto"  # auto | safetensors | torch | npz
+  config.init.allow_pickle = False  # .pth holding arbitrary objects
   # Where the checkpoint comes from (a timm tag or a URL), named in the error
   # when the file is missing; set by the paper configs.
   config.init.source = ""
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "tfds"            # digits | image_folder | tfds
-  config.data.root = ""                # image_folder: root/{train,test}/<class>/
+  config.data.name = "tfds"  # digits | image_folder | tfds
+  config.data.root = ""  # image_folder: root/{train,test}/<class>/
   config.data.tfds_name = "cifar10"
   config.data.tfds_data_dir = ""
   config.data.train_split = "train"
   config.data.test_split = "test"
   config.data.image_size = 32
-  config.data.train_examples = 0       # 0 = all
+  config.data.train_examples = 0  # 0 = all
   config.data.test_examples = 0
   config.data.subset_seed = 0
   config.data.cache_dir = ""
-  config.data.mean = ()                # () = the data set's default
+  config.data.mean = ()  # () = the data set's default
   config.data.std = ()
   # Host-side transforms (vitat_jax/data/decode.py). Train: "squash" (resize
   # to image_size; the reference's recipe, pad-crop and flip then run on the
@@ -121,16 +121,16 @@ def get_config():
   config.attack.steps = 10
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.name = "sgd"            # sgd | adamw
+  config.optim.name = "sgd"  # sgd | adamw
   config.optim.lr = 0.1
   config.optim.momentum = 0.9
   config.optim.weight_decay = 1e-4
-  config.optim.grad_clip = 1.0         # global norm; 0 turns clipping off
+  config.optim.grad_clip = 1.0  # global norm; 0 turns clipping off
   config.optim.schedule = "piecewise"  # piecewise | cyclic | cosine | constant
-  config.optim.warmup_epochs = 0.0     # cosine only
-  config.optim.nesterov = False        # sgd
-  config.optim.b1 = 0.9                # adamw
-  config.optim.b2 = 0.999              # adamw
+  config.optim.warmup_epochs = 0.0  # cosine only
+  config.optim.nesterov = False  # sgd
+  config.optim.b1 = 0.9  # adamw
+  config.optim.b2 = 0.999  # adamw
 
   config.epochs = 40.0
   config.batch_size = 64
@@ -142,7 +142,7 @@ def get_config():
   # dimension the device count divides (XLA gathers them per use); False
   # keeps a full copy on every device. See docs/parallel.md.
   config.fsdp = False
-  config.fsdp_min_size = 2 ** 16
+  config.fsdp_min_size = 2**16
   # Devices in the data mesh: 0 = every device of every host; k = the first
   # k / process_count devices of each host.
   config.num_devices = 0
@@ -153,20 +153,20 @@ def get_config():
   # "float32" evaluates a bfloat16-trained run at full precision (the params
   # are float32 either way; --mode=eval can set it).
   config.eval.compute_dtype = ""
-  config.eval.eps = config_dict.placeholder(float)   # default: attack.eps
+  config.eval.eps = config_dict.placeholder(float)  # default: attack.eps
   config.eval.alpha = 2 / 255
   config.eval.restarts = 1
-  config.eval.num_examples = 0         # final evaluation; 0 = the whole test set
+  config.eval.num_examples = 0  # final evaluation; 0 = the whole test set
   # The reference's final evaluation: CW-20, PGD-20, PGD-100, AutoAttack.
   config.eval.attacks = ("clean", "cw20", "pgd20", "pgd100", "aa")
-  config.eval.epoch_num_examples = 500 # per-epoch subset; 0 = no epoch eval
+  config.eval.epoch_num_examples = 500  # per-epoch subset; 0 = no epoch eval
   config.eval.epoch_attacks = ("clean", "pgd20")
   # AutoAttack ("aa" in eval.attacks): fra31's versions, or a custom list
   # of attacks (then the version is left at "standard"); norm Linf or L2
   # (L2: APGD attacks only). batch_size 0 = eval.batch_size.
   config.eval.autoattack = ml_collections.ConfigDict()
-  config.eval.autoattack.version = "standard"   # standard | plus | rand
-  config.eval.autoattack.attacks = ()           # e.g. ("apgd-ce", "square")
+  config.eval.autoattack.version = "standard"  # standard | plus | rand
+  config.eval.autoattack.attacks = ()  # e.g. ("apgd-ce", "square")
   config.eval.autoattack.norm = "Linf"
   config.eval.autoattack.batch_size = 0
   # "" = eval.num_examples test images; "robustbench": RobustBench's set

@@ -48,12 +48,13 @@ MODELS = ("vit_base_patch16_224_in21k", "swin_base_patch4_window7_224_in22k")
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, _KEYS, ("ard", "prm", "ard_prm"),
+  args = common.parse_arg(arg,
+                          _KEYS, ("ard", "prm", "ard_prm"),
                           int_keys=("accum_steps",))
   config = default.get_config()
   config.model.name = args.get("model", MODELS[0])
   if config.model.name.startswith("swin"):
-    config.optim.momentum = 0.5     # train_imagenet.py sets it for Swin-B
+    config.optim.momentum = 0.5  # train_imagenet.py sets it for Swin-B
   config.method = "at"
   both = args.get("ard_prm", False)
   config.tricks.ard = args.get("ard", both)

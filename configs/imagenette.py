@@ -44,7 +44,7 @@ def get_config(arg=None):
   config = default.get_config()
   config.model.name = "deit_tiny_patch16_224"
   config.method = "at"
-  cifar10.apply_args(config, args)     # Swin: momentum 0.5
+  cifar10.apply_args(config, args)  # Swin: momentum 0.5
   version = args.get("version", "v1")
   if version not in ("v1", "v2"):
     raise ValueError(f"version={version!r}: use v1 (the reference's) or v2")
@@ -54,6 +54,6 @@ def get_config(arg=None):
   config.data.image_size = 224
   config.data.mean = IMAGENET_MEAN
   config.data.std = IMAGENET_STD
-  config.tricks.prm_patch_size = 16       # the reference's --patch 16: 14x14 cells
+  config.tricks.prm_patch_size = 16  # the reference's --patch 16: 14x14 cells
   config.eval.epoch_num_examples = 200
   return config

@@ -29,7 +29,7 @@ def get_config():
   # small model stalls for its first 5 epochs (loss 2.34 at step 110) and
   # ends at clean 95.00 / PGD-20 87.50 instead of 97.78 / 95.00 (README).
   config.model.weight_init = "xavier_uniform"
-  config.tricks.prm_patch_size = 4        # a 4x4 PRM grid on the 16-px digits
+  config.tricks.prm_patch_size = 4  # a 4x4 PRM grid on the 16-px digits
   config.augment.crop_padding = 0
   config.augment.flip = False
   config.mixup.prob = 0.0
@@ -39,7 +39,7 @@ def get_config():
   config.epochs = 30.0
   config.tricks.warmup_epochs = 10.0
   config.eval.epoch_num_examples = 0
-  config.eval.attacks = ("clean", "pgd20", "cw20")   # a short final list
+  config.eval.attacks = ("clean", "pgd20", "cw20")  # a short final list
   config.eval.num_examples = 0
-  config.log_every_steps = 110   # every 5 epochs
+  config.log_every_steps = 110  # every 5 epochs
   return config

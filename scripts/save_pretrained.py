@@ -23,7 +23,8 @@ from configs import common  # pylint: disable=g-import-not-at-top
 def _state_dict(source: str):
   import torch  # pylint: disable=g-import-not-at-top
   if source.startswith("https://"):
-    return torch.hub.load_state_dict_from_url(source, map_location="cpu",
+    return torch.hub.load_state_dict_from_url(source,
+                                              map_location="cpu",
                                               weights_only=True)
   import timm  # pylint: disable=g-import-not-at-top
   return timm.create_model(source, pretrained=True).state_dict()
@@ -33,17 +34,20 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("models", nargs="*", help="model names (the configs')")
   parser.add_argument("--dir", required=True, help="the pretrained_dir")
-  parser.add_argument("--all", action="store_true",
+  parser.add_argument("--all",
+                      action="store_true",
                       help="every model of configs/common.REFERENCE_WEIGHTS")
-  parser.add_argument("--dry_run", action="store_true",
+  parser.add_argument("--dry_run",
+                      action="store_true",
                       help="print what would be saved, download nothing")
   args = parser.parse_args(argv)
   names = list(common.REFERENCE_WEIGHTS) if args.all else args.models
   unknown = [n for n in names if n not in common.REFERENCE_WEIGHTS]
   if not names or unknown:
-    print(f"error: unknown model(s) {', '.join(unknown) or '(none given)'}: "
-          f"use --all or some of {', '.join(common.REFERENCE_WEIGHTS)}",
-          file=sys.stderr)
+    print(
+        f"error: unknown model(s) {', '.join(unknown) or '(none given)'}: "
+        f"use --all or some of {', '.join(common.REFERENCE_WEIGHTS)}",
+        file=sys.stderr)
     return 2
   for name in names:
     source = common.REFERENCE_WEIGHTS[name]

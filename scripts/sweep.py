@@ -32,10 +32,11 @@ def workdir_name(config_string: str) -> str:
 
 
 def commands(config_strings, base_workdir, extra_flags=()):
-  return [[sys.executable, os.path.join(_ROOT, "main.py"),
-           f"--config={c}",
-           f"--workdir={os.path.join(base_workdir, workdir_name(c))}",
-           *extra_flags] for c in config_strings]
+  return [[
+      sys.executable,
+      os.path.join(_ROOT, "main.py"), f"--config={c}",
+      f"--workdir={os.path.join(base_workdir, workdir_name(c))}", *extra_flags
+  ] for c in config_strings]
 
 
 def study_configs(study, extra=""):
@@ -54,10 +55,13 @@ def main(argv=None):
     extra_flags = argv[argv.index("--") + 1:]
     argv = argv[:argv.index("--")]
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", nargs="*", default=[],
+  parser.add_argument("--configs",
+                      nargs="*",
+                      default=[],
                       help="config strings, e.g. configs/cifar10.py:method=at")
   parser.add_argument("--study", help="all arms of a configs/studies.py study")
-  parser.add_argument("--extra", default="",
+  parser.add_argument("--extra",
+                      default="",
                       help="key=value,... appended to every study arm")
   parser.add_argument("--base_workdir", default="runs/sweep")
   parser.add_argument("--dry_run", action="store_true")

@@ -33,6 +33,7 @@ def pytest_unconfigure(config):
   if _SESSION_COMPILE_CACHE:
     shutil.rmtree(_SESSION_COMPILE_CACHE, ignore_errors=True)
 
+
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # `../shared/data` beside the checkout; outside this setup it is absent.
 _DEFAULT_CIFAR10_TAR = _REPO_ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"
@@ -40,8 +41,7 @@ _CACHE_DIR = pathlib.Path("~/.cache/vitat_jax/cifar10-jpeg").expanduser()
 
 
 def _cifar10_tar() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("VITAT_CIFAR10_TAR",
-                                     _DEFAULT_CIFAR10_TAR))
+  return pathlib.Path(os.environ.get("VITAT_CIFAR10_TAR", _DEFAULT_CIFAR10_TAR))
 
 
 def _unpack(tar_path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
@@ -60,8 +60,9 @@ def _unpack(tar_path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
   staging = pathlib.Path(tempfile.mkdtemp(dir=cache_dir, prefix="unpacking-"))
   try:
     # The tar command is ~7x faster than Python's tarfile here.
-    subprocess.run(["tar", "-xzf", str(tar_path), "-C", str(staging)],
-                   check=True)
+    subprocess.run(
+        ["tar", "-xzf", str(tar_path), "-C",
+         str(staging)], check=True)
     stamp_file.unlink(missing_ok=True)
     if root.exists():
       shutil.rmtree(root)

@@ -29,7 +29,7 @@ def _config(root, **overrides):
   config.model.num_heads = 4
   config.data.train_examples = 10_000
   config.data.test_examples = 500
-  config.augment.crop_padding = 0   # hurts at these tiny budgets
+  config.augment.crop_padding = 0  # hurts at these tiny budgets
   config.augment.flip = False
   config.mixup.prob = 0.0
   config.optim.name = "adamw"
@@ -55,7 +55,9 @@ def natural_5k(cifar10_root, tmp_path_factory):
   this one each of its assertions is at least as hard to meet.
   """
   return train.train_and_evaluate(
-      _config(cifar10_root, method="natural", epochs=2.0,
+      _config(cifar10_root,
+              method="natural",
+              epochs=2.0,
               **{"data.train_examples": 5_000}),
       str(tmp_path_factory.mktemp("natural_5k")))
 
@@ -65,11 +67,16 @@ def test_adversarial_training_is_robust_on_real_cifar10(cifar10_root, tmp_path,
   # Measured (2 cores): 2 epochs clean 0.240, PGD-20 0.178 (3 epochs: 0.272,
   # 0.188, for a third more time).
   adversarial = train.train_and_evaluate(
-      _config(cifar10_root, method="at", epochs=2.0,
-              **{"tricks.ard": True, "tricks.prm": True,
-                 "tricks.warmup_epochs": 1.0, "attack.steps": 3,
-                 "attack.alpha": 2.5 * (8 / 255) / 3}),
-      str(tmp_path / "at"))
+      _config(cifar10_root,
+              method="at",
+              epochs=2.0,
+              **{
+                  "tricks.ard": True,
+                  "tricks.prm": True,
+                  "tricks.warmup_epochs": 1.0,
+                  "attack.steps": 3,
+                  "attack.alpha": 2.5 * (8 / 255) / 3
+              }), str(tmp_path / "at"))
   natural = natural_5k
   print(f"AT: clean {adversarial['clean_acc']:.3f} pgd20 "
         f"{adversarial['pgd20_acc']:.3f} ({adversarial['wall_time_s']:.0f} s); "
@@ -88,11 +95,17 @@ def test_adversarial_training_is_robust_on_real_cifar10(cifar10_root, tmp_path,
 def test_trades_and_mart_are_robust_on_real_cifar10(cifar10_root, tmp_path,
                                                     natural_5k, method):
   result = train.train_and_evaluate(
-      _config(cifar10_root, method=method, epochs=2.0,
-              **{"tricks.ard": True, "tricks.prm": True,
-                 "tricks.warmup_epochs": 1.0, "data.train_examples": 5_000,
-                 "attack.steps": 3, "attack.alpha": 2.5 * (8 / 255) / 3}),
-      str(tmp_path / method))
+      _config(cifar10_root,
+              method=method,
+              epochs=2.0,
+              **{
+                  "tricks.ard": True,
+                  "tricks.prm": True,
+                  "tricks.warmup_epochs": 1.0,
+                  "data.train_examples": 5_000,
+                  "attack.steps": 3,
+                  "attack.alpha": 2.5 * (8 / 255) / 3
+              }), str(tmp_path / method))
   print(f"{method}: clean {result['clean_acc']:.3f} pgd20 "
         f"{result['pgd20_acc']:.3f} ({result['wall_time_s']:.0f} s); natural:"
         f" clean {natural_5k['clean_acc']:.3f} pgd20 "

@@ -20,7 +20,8 @@ PAPER_MODELS = ("vit_small_patch16_224_legacy", "vit_base_patch16_224",
                 "convit_tiny")
 
 CASES = [
-    ("default", None), ("quickstart", None),
+    ("default", None),
+    ("quickstart", None),
     ("cifar10", None),
     ("cifar10", "method=trades,ard_prm=True,pretrained=in1k"),
     ("cifar10", "method=mart,ard=True,prm=False"),
@@ -28,22 +29,23 @@ CASES = [
     ("cifar10", "model=vit_base_patch16_224,pretrained=in21k"),
     ("imagenette", "root={tmp}"),
     ("imagenette", "root={tmp},version=v2,method=trades,ard_prm=True,"
-                   "pretrained=in1k"),
+     "pretrained=in1k"),
     ("imagenet", None),
     ("imagenet", "model=swin_base_patch4_window7_224_in22k,ard_prm=True,"
-                 "accum_steps=4"),
+     "accum_steps=4"),
     ("imagenet", "pretrained=scratch"),
 ] + [("cifar10", f"model={m},pretrained=in1k") for m in PAPER_MODELS] + [
-    ("imagenette", f"root={{tmp}},model={m}") for m in PAPER_MODELS] + [
-    ("studies", arm) for s in studies.STUDIES for arm in studies.study_args(s)]
+    ("imagenette", f"root={{tmp}},model={m}") for m in PAPER_MODELS
+] + [("studies", arm) for s in studies.STUDIES for arm in studies.study_args(s)]
 
 
 def _load(name, arg, tmp_path):
   module = importlib.import_module(f"configs.{name}")
   if name in ("default", "quickstart"):
     return module.get_config()
-  arg = ",".join(filter(None, [(arg or "").format(tmp=tmp_path),
-                               f"pretrained_dir={tmp_path}"]))
+  arg = ",".join(
+      filter(None,
+             [(arg or "").format(tmp=tmp_path), f"pretrained_dir={tmp_path}"]))
   return module.get_config(arg)
 
 
@@ -74,8 +76,8 @@ def test_config_validates_and_builds_a_train_state(name, arg, tmp_path):
 def test_paper_settings():
   imagenet = importlib.import_module("configs.imagenet").get_config()
   assert (imagenet.attack.eps, imagenet.attack.alpha, imagenet.attack.steps,
-          imagenet.epochs, imagenet.tricks.warmup_epochs, imagenet.batch_size) == (
-              4 / 255, 1 / 255, 5, 10.0, 2.0, 512)
+          imagenet.epochs, imagenet.tricks.warmup_epochs,
+          imagenet.batch_size) == (4 / 255, 1 / 255, 5, 10.0, 2.0, 512)
   nette = importlib.import_module("configs.imagenette").get_config("root=x")
   assert (nette.data.image_size, state_lib.build_model(nette).patch_size,
           nette.tricks.prm_patch_size) == (224, 16, 16)
@@ -87,12 +89,14 @@ def test_paper_settings():
   assert scratch.init.checkpoint == ""
 
 
-@pytest.mark.parametrize("name,arg", [
-    ("cifar10", "method"), ("cifar10", "colour=red"),
-    ("cifar10", "pretrained=jft"), ("cifar10", "model=deit_tiny_patch16_224,"
-                                               "pretrained=in21k"),
-    ("studies", "study=dropout"), ("studies", "study=clip,arm=maybe"),
-    ("imagenette", "version=v3")])
+@pytest.mark.parametrize("name,arg", [("cifar10", "method"),
+                                      ("cifar10", "colour=red"),
+                                      ("cifar10", "pretrained=jft"),
+                                      ("cifar10", "model=deit_tiny_patch16_224,"
+                                       "pretrained=in21k"),
+                                      ("studies", "study=dropout"),
+                                      ("studies", "study=clip,arm=maybe"),
+                                      ("imagenette", "version=v3")])
 def test_bad_arguments_are_rejected(name, arg):
   module = importlib.import_module(f"configs.{name}")
   with pytest.raises(ValueError):
@@ -101,10 +105,12 @@ def test_bad_arguments_are_rejected(name, arg):
 
 def test_sweep_dry_run_prints_one_command_per_arm(capsys, tmp_path):
   sweep = importlib.import_module("scripts.sweep")
-  assert sweep.main(["--study=ard_prm", f"--base_workdir={tmp_path}",
-                     "--dry_run", "--", "--config.epochs=1"]) == 0
+  assert sweep.main([
+      "--study=ard_prm", f"--base_workdir={tmp_path}", "--dry_run", "--",
+      "--config.epochs=1"
+  ]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 4
-  assert all("--config=configs/studies.py:study=ard_prm,arm=" in l
-             and l.endswith("--config.epochs=1") for l in lines)
+  assert all("--config=configs/studies.py:study=ard_prm,arm=" in l and
+             l.endswith("--config.epochs=1") for l in lines)
   assert len({l.split("--workdir=")[1] for l in lines}) == 4

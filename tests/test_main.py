@@ -8,17 +8,22 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.data.image_size=8", "--config.data.train_examples=128",
-        "--config.model.embed_dim=16", "--config.model.depth=1",
-        "--config.model.num_heads=2", "--config.epochs=1",
-        "--config.tricks.warmup_epochs=1", "--config.attack.steps=1",
-        "--config.eval.num_examples=32", "--config.eval.batch_size=32",
-        "--config.batch_size=32"]
+TINY = [
+    "--config.data.image_size=8", "--config.data.train_examples=128",
+    "--config.model.embed_dim=16", "--config.model.depth=1",
+    "--config.model.num_heads=2", "--config.epochs=1",
+    "--config.tricks.warmup_epochs=1", "--config.attack.steps=1",
+    "--config.eval.num_examples=32", "--config.eval.batch_size=32",
+    "--config.batch_size=32"
+]
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, "main.py", *args],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +81,9 @@ def test_eval_mode_reproduces_the_final_evaluation_and_adds_autoattack(trained):
   assert robustness["pgd20_acc"] == trained_metrics["pgd20_acc"]
   assert robustness["aa_acc"] <= robustness["clean_acc"]
   log = robustness["autoattack"]
-  assert list(log["robust_accuracy"]) == ["clean", "apgd-ce", "apgd-t",
-                                          "fab-t", "square"]
+  assert list(log["robust_accuracy"]) == [
+      "clean", "apgd-ce", "apgd-t", "fab-t", "square"
+  ]
   assert "zero_gradient_points" in log["checks"]
   assert "aa" in proc.stdout
   # fra31's log format, and the broken points' images per attack.
@@ -92,11 +98,10 @@ def test_eval_mode_reproduces_the_final_evaluation_and_adds_autoattack(trained):
   for name in log["robust_accuracy"]:
     if name != "clean":
       with np.load(workdir / "adversarial" / f"{name}.npz") as saved:
-        assert len(saved["indices"]) == len(saved["images"]) == log[
-            "broken"][name]
+        assert len(saved["indices"]) == len(
+            saved["images"]) == log["broken"][name]
         broken += len(saved["indices"])
-  assert broken == round(32 * (robustness["clean_acc"]
-                               - robustness["aa_acc"]))
+  assert broken == round(32 * (robustness["clean_acc"] - robustness["aa_acc"]))
 
 
 def test_bad_autoattack_version_fails_before_any_work(trained):
@@ -120,8 +125,9 @@ def test_eval_mode_on_an_exported_checkpoint_gives_the_same_numbers(
   with open(workdir / "config.json") as f:
     config = ml_collections.ConfigDict(json.load(f))
   mngr = state_lib.checkpoint_manager(str(workdir))
-  state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore())).state
+  state = mngr.restore(
+      mngr.latest_step(),
+      args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
   from vitat_jax import data
   model = build_model(config, data.load(config.data))
   exported = str(tmp_path / "robust.safetensors")
@@ -162,5 +168,5 @@ def test_report_mode_compares_runs_with_the_numbers_of_each(trained, tmp_path):
       metrics = json.load(f)
     assert f"{100 * metrics['pgd20_acc']:.2f}" in table
     assert f"{100 * metrics['clean_acc']:.2f}" in table
-  assert "seed" in table       # the config difference between the runs
+  assert "seed" in table  # the config difference between the runs
   assert (out / "comparison.png").stat().st_size > 10_000

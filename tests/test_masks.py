@@ -23,20 +23,25 @@ def test_fractional_epoch_is_the_reference_t():
 
 
 @pytest.mark.parametrize("t, n_w, final_keep_rate, expected", [
-    (0.0, 10, 1.0, 0.0), (2.5, 10, 1.0, 0.25), (10.0, 10, 1.0, 1.0),
-    (25.0, 10, 1.0, 1.0), (5.0, 10, 0.8, 0.4), (12.0, 10, 0.8, 0.8),
+    (0.0, 10, 1.0, 0.0),
+    (2.5, 10, 1.0, 0.25),
+    (10.0, 10, 1.0, 1.0),
+    (25.0, 10, 1.0, 1.0),
+    (5.0, 10, 0.8, 0.4),
+    (12.0, 10, 0.8, 0.8),
     (3.0, 0, 0.9, 0.9),
 ])
 def test_warmup_value(t, n_w, final_keep_rate, expected):
-  assert float(masks.warmup_value(t, n_w, final_keep_rate)) == pytest.approx(expected)
+  assert float(masks.warmup_value(t, n_w,
+                                  final_keep_rate)) == pytest.approx(expected)
 
 
 def test_ard_keep_extremes_and_rate():
   key = jax.random.key(0)
   assert not np.any(masks.ard_keep(key, 0.0, 12))
   assert np.all(masks.ard_keep(key, 1.0, 12) == 1.0)
-  draws = jax.vmap(lambda k: masks.ard_keep(k, 0.3, 12))(
-      jax.random.split(key, 2000))
+  draws = jax.vmap(lambda k: masks.ard_keep(k, 0.3, 12))(jax.random.split(
+      key, 2000))
   assert draws.shape == (2000, 12)
   assert set(np.unique(draws)) <= {0.0, 1.0}
   assert float(draws.mean()) == pytest.approx(0.3, abs=0.02)
@@ -93,8 +98,8 @@ def test_prm_choice_is_uniform_and_keyed():
 
 
 def test_masks_run_inside_jit_with_traced_r():
-  fn = jax.jit(lambda k, r: (masks.prm_mask(k, r, 8, 4),
-                             masks.ard_keep(k, r, 12)))
+  fn = jax.jit(lambda k, r:
+               (masks.prm_mask(k, r, 8, 4), masks.ard_keep(k, r, 12)))
   mask, keep = fn(jax.random.key(0), jnp.float32(0.5))
   assert int((mask[0, ::4, ::4, 0] == 0).sum()) == 32
   assert keep.shape == (12,)

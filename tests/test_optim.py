@@ -12,10 +12,17 @@ from vitat_jax.errors import UserError
 
 
 def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, grad_clip=1.0,
-      schedule="piecewise", warmup_epochs=0.0, nesterov=False, b1=0.9,
-      b2=0.999))
+  config = ml_collections.ConfigDict(
+      dict(name="sgd",
+           lr=0.1,
+           momentum=0.9,
+           weight_decay=1e-4,
+           grad_clip=1.0,
+           schedule="piecewise",
+           warmup_epochs=0.0,
+           nesterov=False,
+           b1=0.9,
+           b2=0.999))
   config.update(overrides)
   return config
 
@@ -42,7 +49,7 @@ def _torch_semantics_numpy(params, grads_per_step, *, lr_max, epochs,
   lr = lr_max
   for step, grads in enumerate(grads_per_step):
     grads = {k: g.astype(np.float64) for k, g in grads.items()}
-    norm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
     coef = min(max_norm / (norm + 1e-6), 1.0)
     grads = {k: g * coef for k, g in grads.items()}
     d = {k: grads[k] + weight_decay * params[k] for k in params}
@@ -58,15 +65,19 @@ def _torch_semantics_numpy(params, grads_per_step, *, lr_max, epochs,
 
 def test_sgd_chain_matches_the_pytorch_reference_loop():
   rng = np.random.default_rng(0)
-  params = {"w": rng.normal(size=(5, 3)).astype(np.float32),
-            "b": rng.normal(size=(3,)).astype(np.float32)}
-  epochs, steps_per_epoch = 7, 3      # lr drops at t = 2 and t = 5
+  params = {
+      "w": rng.normal(size=(5, 3)).astype(np.float32),
+      "b": rng.normal(size=(3,)).astype(np.float32)
+  }
+  epochs, steps_per_epoch = 7, 3  # lr drops at t = 2 and t = 5
   num_steps = epochs * steps_per_epoch
   # Gradient norms both below and far above the clipping threshold.
   scales = rng.choice([0.05, 0.5, 5.0, 50.0], size=num_steps)
-  grads_per_step = [
-      {k: (s * rng.normal(size=v.shape)).astype(np.float32)
-       for k, v in params.items()} for s in scales]
+  grads_per_step = [{
+      k: (s * rng.normal(size=v.shape)).astype(np.float32)
+      for k, v in params.items()
+  }
+                    for s in scales]
 
   tx, schedule = optim.make_optimizer(_config(), epochs, steps_per_epoch)
   state = tx.init(params)
@@ -76,10 +87,14 @@ def test_sgd_chain_matches_the_pytorch_reference_loop():
     updates, state = update(grads, state, ours)
     ours = optax.apply_updates(ours, updates)
 
-  expected = _torch_semantics_numpy(
-      params, grads_per_step, lr_max=0.1, epochs=epochs,
-      steps_per_epoch=steps_per_epoch, momentum=0.9, weight_decay=1e-4,
-      max_norm=1.0)
+  expected = _torch_semantics_numpy(params,
+                                    grads_per_step,
+                                    lr_max=0.1,
+                                    epochs=epochs,
+                                    steps_per_epoch=steps_per_epoch,
+                                    momentum=0.9,
+                                    weight_decay=1e-4,
+                                    max_norm=1.0)
   for k in params:
     np.testing.assert_allclose(ours[k], expected[k], rtol=2e-5, atol=2e-6)
   # The schedule itself, step by step (lr used at update `count`).
@@ -108,8 +123,7 @@ def test_against_torch_when_installed():
   for g in grads:
     updates, state = tx.update(jnp.asarray(g), state, ours)
     ours = optax.apply_updates(ours, updates)
-  np.testing.assert_allclose(ours, param.detach().numpy(), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(ours, param.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_clipping_off_and_adamw_arm_build():
@@ -119,10 +133,10 @@ def test_clipping_off_and_adamw_arm_build():
   # No clipping: the full gradient (plus decay) times lr.
   np.testing.assert_allclose(updates["w"], -0.1 * (100.0 + 1e-4), rtol=1e-6)
   tx, schedule = optim.make_optimizer(
-      _config(name="adamw", lr=1e-3, weight_decay=0.05, schedule="cyclic"),
-      10, 5)
+      _config(name="adamw", lr=1e-3, weight_decay=0.05, schedule="cyclic"), 10,
+      5)
   assert float(schedule(0)) == 0.0
-  assert float(schedule(20)) == pytest.approx(1e-3)   # peak at 0.4 E
+  assert float(schedule(20)) == pytest.approx(1e-3)  # peak at 0.4 E
   tx.init({"w": jnp.ones(3)})
 
 

@@ -25,14 +25,25 @@ def _config(eval_attacks=("clean",), fsdp=False):
   from tests.test_train import tiny_config
   # Augmentation, Mixup/CutMix, ARD, PRM and drop-path all draw random
   # numbers from the global batch, so all of them are exercised here.
-  return tiny_config(**{
-      "eval.attacks": tuple(eval_attacks), "eval.batch_size": 8,
-      "fsdp": fsdp, "fsdp_min_size": 256, "num_devices": 4 if fsdp else 0,
-      "data.train_examples": 160, "epochs": 1.0, "tricks.warmup_epochs": 1.0,
-      "augment.crop_padding": 1, "augment.flip": True, "mixup.prob": 1.0,
-      "model.drop_path_rate": 0.1,
-      "eval.num_examples": 32, "eval.epoch_num_examples": 0,
-      "log_every_steps": 2, "checkpoint_every_steps": 1000})
+  return tiny_config(
+      **{
+          "eval.attacks": tuple(eval_attacks),
+          "eval.batch_size": 8,
+          "fsdp": fsdp,
+          "fsdp_min_size": 256,
+          "num_devices": 4 if fsdp else 0,
+          "data.train_examples": 160,
+          "epochs": 1.0,
+          "tricks.warmup_epochs": 1.0,
+          "augment.crop_padding": 1,
+          "augment.flip": True,
+          "mixup.prob": 1.0,
+          "model.drop_path_rate": 0.1,
+          "eval.num_examples": 32,
+          "eval.epoch_num_examples": 0,
+          "log_every_steps": 2,
+          "checkpoint_every_steps": 1000
+      })
 
 
 def _child(args):
@@ -53,18 +64,21 @@ def _child(args):
     again = train.train_and_evaluate(config, args.workdir)
     assert again["clean_acc"] == result["clean_acc"], (again, result)
   mngr = state_lib.checkpoint_manager(args.workdir)
-  params = mngr.restore(mngr.latest_step(),
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore())).state["params"]
+  params = mngr.restore(
+      mngr.latest_step(),
+      args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
   if jax.process_index() == 0:
     flat = jax.tree_util.tree_flatten_with_path(parallel.to_host(params))[0]
-    final = {f"final/{k}": np.asarray(v) for k, v in result.items()
-             if k.endswith("_acc")}
+    final = {
+        f"final/{k}": np.asarray(v)
+        for k, v in result.items()
+        if k.endswith("_acc")
+    }
     if config.fsdp:  # orbax restores each array with the sharding saved
-      final["sharded_leaves"] = np.asarray(sum(
-          not x.sharding.is_fully_replicated for x in jax.tree.leaves(params)))
-    np.savez(args.out, **{jax.tree_util.keystr(k): v for k, v in flat},
-             **final)
+      final["sharded_leaves"] = np.asarray(
+          sum(not x.sharding.is_fully_replicated
+              for x in jax.tree.leaves(params)))
+    np.savez(args.out, **{jax.tree_util.keystr(k): v for k, v in flat}, **final)
 
 
 def _autoattack_child(args):
@@ -80,35 +94,67 @@ def _autoattack_child(args):
   from tests.attacks import _models
   from vitat_jax import attacks
   assert jax.device_count() == args.devices, jax.devices()
-  params = parallel.replicate(parallel.make_mesh(),
-                              {"w1": _models.W1, "w2": _models.W2})
+  params = parallel.replicate(parallel.make_mesh(), {
+      "w1": _models.W1,
+      "w2": _models.W2
+  })
   sent = []  # AutoAttack's host-to-host exchanges: process_allgather
   allgather = multihost_utils.process_allgather
-  multihost_utils.process_allgather = lambda x, **kw: (
-      sent.append(np.asarray(x).nbytes), allgather(x, **kw))[1]
+  multihost_utils.process_allgather = lambda x, **kw: (sent.append(
+      np.asarray(x).nbytes), allgather(x, **kw))[1]
   images, labels = _models.batch(0, n=40)
   result = attacks.autoattack(
       lambda p, x: jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"]) @ p["w2"],
-      np.asarray(images), np.asarray(labels), params=params, eps=2 / 255,
-      key=jax.random.key(0), batch_size=8, verbose=False,
+      np.asarray(images),
+      np.asarray(labels),
+      params=params,
+      eps=2 / 255,
+      key=jax.random.key(0),
+      batch_size=8,
+      verbose=False,
       placement=parallel.autoattack_placement(),
-      overrides={"apgd-ce": {"n_iter": 20}, "apgd-t": {"n_iter": 20},
-                 "fab-t": {"n_iter": 20}, "square": {"n_queries": 100}})
+      overrides={
+          "apgd-ce": {
+              "n_iter": 20
+          },
+          "apgd-t": {
+              "n_iter": 20
+          },
+          "fab-t": {
+              "n_iter": 20
+          },
+          "square": {
+              "n_queries": 100
+          }
+      })
   if jax.process_index() == 0:
-    np.savez(args.out, robust=result.robust, adv_images=result.adv_images,
-             held=result.held, sent_bytes=np.asarray(sum(sent)),
+    np.savez(args.out,
+             robust=result.robust,
+             adv_images=result.adv_images,
+             held=result.held,
+             sent_bytes=np.asarray(sum(sent)),
              image_bytes=np.asarray(np.asarray(images).nbytes),
-             **{f"after {k}": v for k, v in result.robust_accuracy.items()})
+             **{
+                 f"after {k}": v for k, v in result.robust_accuracy.items()
+             })
 
 
-def _launch(tmp_path, name, devices_per_process, num_processes=1,
-            eval_attacks="clean", task="train", fsdp="off"):
+def _launch(tmp_path,
+            name,
+            devices_per_process,
+            num_processes=1,
+            eval_attacks="clean",
+            task="train",
+            fsdp="off"):
   """Starts the child processes of one run; `_collect` waits for them."""
   # Cheap LLVM passes halve the compile time, which dominates these runs.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count={devices_per_process} "
-      "--xla_backend_optimization_level=0 "
-      "--xla_llvm_disable_expensive_passes=true"))
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=(
+          f"--xla_force_host_platform_device_count={devices_per_process} "
+          "--xla_backend_optimization_level=0 "
+          "--xla_llvm_disable_expensive_passes=true"))
   for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
                    "JAX_PROCESS_ID"):
     env.pop(variable, None)
@@ -118,16 +164,21 @@ def _launch(tmp_path, name, devices_per_process, num_processes=1,
   out = tmp_path / f"{name}.npz"
   procs = []
   for process_id in range(num_processes):
-    cmd = [sys.executable, "-m", "tests.test_parallel",
-           "--devices", str(devices_per_process * num_processes),
-           "--num_processes", str(num_processes),
-           "--process_id", str(process_id),
-           "--coordinator", f"127.0.0.1:{port}",
-           "--workdir", str(tmp_path / name), "--out", str(out),
-           "--eval_attacks", eval_attacks, "--task", task, "--fsdp", fsdp]
-    procs.append(subprocess.Popen(cmd, cwd=_REPO_ROOT, env=env,
-                                  stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    cmd = [
+        sys.executable, "-m", "tests.test_parallel", "--devices",
+        str(devices_per_process * num_processes), "--num_processes",
+        str(num_processes), "--process_id",
+        str(process_id), "--coordinator", f"127.0.0.1:{port}", "--workdir",
+        str(tmp_path / name), "--out",
+        str(out), "--eval_attacks", eval_attacks, "--task", task, "--fsdp", fsdp
+    ]
+    procs.append(
+        subprocess.Popen(cmd,
+                         cwd=_REPO_ROOT,
+                         env=env,
+                         stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT,
+                         text=True))
   return procs, out
 
 
@@ -149,8 +200,11 @@ def _collect(run):
 def _assert_close(actual, expected):
   assert actual.keys() == expected.keys()
   for key in expected:
-    np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4,
-                               atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(actual[key],
+                               expected[key],
+                               rtol=1e-4,
+                               atol=1e-5,
+                               err_msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +212,11 @@ def single_host_runs(tmp_path_factory):
   """1 device, 8 devices, and FSDP on 4 of 8 devices, started together
   (each is mostly single-threaded compilation)."""
   root = tmp_path_factory.mktemp("runs")
-  runs = {"one": _launch(root, "one", 1), "eight": _launch(root, "eight", 8),
-          "fsdp": _launch(root, "fsdp", 8, fsdp="on")}
+  runs = {
+      "one": _launch(root, "one", 1),
+      "eight": _launch(root, "eight", 8),
+      "fsdp": _launch(root, "fsdp", 8, fsdp="on")
+  }
   return {name: _collect(run) for name, run in runs.items()}
 
 
@@ -179,7 +236,10 @@ def test_two_hosts_match_one_process_with_four_devices(tmp_path):
   # Training, then the final clean and PGD evaluation with the batches
   # sharded over all devices of both hosts.
   single = _launch(tmp_path, "single", 4, eval_attacks="clean,pgd3")
-  multi = _launch(tmp_path, "multi", 2, num_processes=2,
+  multi = _launch(tmp_path,
+                  "multi",
+                  2,
+                  num_processes=2,
                   eval_attacks="clean,pgd3")
   multi, single = _collect(multi), _collect(single)
   assert {"final/clean_acc", "final/pgd3_acc"} <= set(single)
@@ -191,11 +251,16 @@ def autoattack_runs(tmp_path_factory):
   """AutoAttack on 1, 8 and 4 devices of one process, and on 2 processes x
   2 devices, started together."""
   root = tmp_path_factory.mktemp("aa")
-  runs = {"one": _launch(root, "one", 1, task="autoattack"),
-          "eight": _launch(root, "eight", 8, task="autoattack"),
-          "four": _launch(root, "four", 4, task="autoattack"),
-          "two_hosts": _launch(root, "two_hosts", 2, num_processes=2,
-                               task="autoattack")}
+  runs = {
+      "one":
+          _launch(root, "one", 1, task="autoattack"),
+      "eight":
+          _launch(root, "eight", 8, task="autoattack"),
+      "four":
+          _launch(root, "four", 4, task="autoattack"),
+      "two_hosts":
+          _launch(root, "two_hosts", 2, num_processes=2, task="autoattack")
+  }
   return {name: _collect(run) for name, run in runs.items()}
 
 
@@ -217,7 +282,8 @@ def test_autoattack_on_two_hosts_matches_one_process(autoattack_runs):
   held = multi.pop("held")
   assert held.sum() == 20 and held[::2].all()
   np.testing.assert_allclose(multi.pop("adv_images")[held],
-                             single.pop("adv_images")[held], atol=1e-6)
+                             single.pop("adv_images")[held],
+                             atol=1e-6)
   assert single.pop("sent_bytes") == 0
   sent = int(multi.pop("sent_bytes"))
   assert sent == 6 * 40 + 4 * 8 < int(multi["image_bytes"]) / 100, sent
@@ -229,26 +295,35 @@ def test_remat_and_bfloat16_keep_parameters_and_gradients():
   import jax
   import jax.numpy as jnp
   from vitat_jax import models
-  kwargs = dict(num_classes=10, img_size=8, patch_size=4, embed_dim=16,
-                depth=2, num_heads=2)
+  kwargs = dict(num_classes=10,
+                img_size=8,
+                patch_size=4,
+                embed_dim=16,
+                depth=2,
+                num_heads=2)
   plain = models.create("deit_tiny_patch16_224", **kwargs)
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
   params = plain.init(jax.random.key(1), x)["params"]
 
   def input_grad(model):
-    return jax.jit(jax.grad(lambda v: model.apply({"params": params}, v).sum()))(x)
+    return jax.jit(jax.grad(lambda v: model.apply({
+        "params": params
+    }, v).sum()))(x)
 
   remat = models.create("deit_tiny_patch16_224", remat=True, **kwargs)
   assert jax.tree.structure(remat.init(jax.random.key(1), x)["params"]) == \
       jax.tree.structure(params)
-  np.testing.assert_allclose(input_grad(remat), input_grad(plain), rtol=1e-5,
+  np.testing.assert_allclose(input_grad(remat),
+                             input_grad(plain),
+                             rtol=1e-5,
                              atol=1e-6)
   half = models.create("deit_tiny_patch16_224", dtype=jnp.bfloat16, **kwargs)
   half_params = half.init(jax.random.key(1), x)["params"]
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(half_params))
   logits = half.apply({"params": params}, x)
   assert logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, plain.apply({"params": params}, x),
+  np.testing.assert_allclose(logits,
+                             plain.apply({"params": params}, x),
                              atol=0.1)
 
 
@@ -271,7 +346,7 @@ def test_incomplete_multihost_settings_fail_in_one_line(monkeypatch):
   for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
                    "JAX_PROCESS_ID"):
     monkeypatch.delenv(variable, raising=False)
-  assert not parallel.initialize_distributed()   # one process: nothing to do
+  assert not parallel.initialize_distributed()  # one process: nothing to do
   with pytest.raises(UserError, match="process's id") as info:
     parallel.initialize_distributed("127.0.0.1:1234", num_processes=2)
   assert "\n" not in str(info.value)
@@ -283,8 +358,8 @@ def test_incomplete_multihost_settings_fail_in_one_line(monkeypatch):
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
   for flag, kind in (("devices", int), ("num_processes", int),
-                     ("process_id", int), ("coordinator", str),
-                     ("workdir", str), ("out", str),
+                     ("process_id", int), ("coordinator",
+                                           str), ("workdir", str), ("out", str),
                      ("eval_attacks", str), ("task", str), ("fsdp", str)):
     parser.add_argument(f"--{flag}", type=kind, required=True)
   parsed = parser.parse_args()

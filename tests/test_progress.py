@@ -6,13 +6,17 @@ from vitat_jax import progress
 
 
 class _Terminal(io.StringIO):
+
   def isatty(self):
     return True
 
 
 def _run(stream, **kwargs):
-  bar = progress.Progress(total_steps=25, steps_per_epoch=10, batch_size=64,
-                          stream=stream, **kwargs)
+  bar = progress.Progress(total_steps=25,
+                          steps_per_epoch=10,
+                          batch_size=64,
+                          stream=stream,
+                          **kwargs)
   for step in range(kwargs.get("start_step", 0) + 1, 26):
     bar.update(step)
     if step == 12:
@@ -37,8 +41,8 @@ def test_draws_one_bar_per_epoch_on_a_terminal():
   assert "img/s" in output and "run ETA" in output
   assert "loss 1.25" in output and "a log line" in output
   final_lines = [l.rsplit("\r", 1)[-1] for l in output.splitlines()]
-  assert any(l.startswith("epoch 3/3: 100%") and "320/320" in l
-             for l in final_lines)
+  assert any(
+      l.startswith("epoch 3/3: 100%") and "320/320" in l for l in final_lines)
 
 
 def test_forced_on_and_resumed_mid_epoch():

@@ -37,21 +37,32 @@ from vitat_jax import train_step
 
 torch.set_num_threads(1)
 
-MODEL_KWARGS = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32,
-                    depth=2, num_heads=2)
+MODEL_KWARGS = dict(num_classes=10,
+                    img_size=16,
+                    patch_size=4,
+                    embed_dim=32,
+                    depth=2,
+                    num_heads=2)
 # A Swin whose own patch (2 px, an 8x8 token grid) differs from the PRM cell
 # (4 px, a 4x4 grid), with a shifted block in its first stage; no drop-path
 # (torch would draw its own).
-SWIN_KWARGS = dict(num_classes=10, img_size=16, patch_size=2, embed_dim=16,
-                   depths=(2, 2), num_heads=(2, 2), window_size=4,
+SWIN_KWARGS = dict(num_classes=10,
+                   img_size=16,
+                   patch_size=2,
+                   embed_dim=16,
+                   depths=(2, 2),
+                   num_heads=(2, 2),
+                   window_size=4,
                    drop_path_rate=0.0)
-MODELS = {"deit_tiny_patch16_224": MODEL_KWARGS,
-          "swin_tiny_patch4_window7_224": SWIN_KWARGS}
+MODELS = {
+    "deit_tiny_patch16_224": MODEL_KWARGS,
+    "swin_tiny_patch4_window7_224": SWIN_KWARGS
+}
 BATCH, STEPS, EPS, ALPHA, LR = 8, 3, 8 / 255, 2 / 255, 0.1
 # r(t) = t / n_w at t = (0 + 1) / steps_per_epoch = 0.5 with n_w = 1.
 STEPS_PER_EPOCH, WARMUP_EPOCHS = 2, 1.0
 R = 0.5
-PRM_PATCH = 4     # the reference's --patch
+PRM_PATCH = 4  # the reference's --patch
 
 
 def _config(method):
@@ -101,16 +112,17 @@ def _reference_draws(model, x, loop_key, init):
   grid = model.img_size // PRM_PATCH
   for i in range(STEPS):
     mask_key, ard_key = jax.random.split(jax.random.fold_in(attack_loop_key, i))
-    prm.append(_reference_prm_mask(masks.prm_grid_mask(mask_key, R, grid),
-                                   model.img_size))
-    ard.append(np.asarray(masks.ard_keep(ard_key, R,
-                                         model.num_attention_blocks)))
+    prm.append(
+        _reference_prm_mask(masks.prm_grid_mask(mask_key, R, grid),
+                            model.img_size))
+    ard.append(
+        np.asarray(masks.ard_keep(ard_key, R, model.num_attention_blocks)))
   return np.asarray(delta0), prm, ard, attack_key
 
 
 def _nchw(a):
-  return torch.from_numpy(np.ascontiguousarray(
-      np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
+  return torch.from_numpy(
+      np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
 
 
 class _Reference:
@@ -119,30 +131,35 @@ class _Reference:
   def __init__(self, name, model, params):
     torch.manual_seed(0)
     self.net = timm.create_model(name, pretrained=False, **MODELS[name])
-    state = {k: torch.from_numpy(np.array(v)) for k, v in
-             checkpoints.timm_state_dict(params, model).items()}
+    state = {
+        k: torch.from_numpy(np.array(v))
+        for k, v in checkpoints.timm_state_dict(params, model).items()
+    }
     self.net.load_state_dict(state, strict=True)
     self.mean = torch.tensor(model.mean).view(1, 3, 1, 1)
     self.std = torch.tensor(model.std).view(1, 3, 1, 1)
-    self.gammas = None   # one value per block while the attack runs
+    self.gammas = None  # one value per block while the attack runs
     if name.startswith("swin"):
       # The window-attention branch, after the reverse shift: what enters
       # drop_path1 (the reference hooks each SwinTransformerBlock's
       # drop_path).
-      branches = [b.drop_path1 for layer in self.net.layers
-                  for b in layer.blocks]
+      branches = [
+          b.drop_path1 for layer in self.net.layers for b in layer.blocks
+      ]
     else:
       branches = [b.attn for b in self.net.blocks]
     for index, branch in enumerate(branches):
       branch.register_forward_hook(self._gate(index))
 
   def _gate(self, index):
+
     def hook(module, inputs, output):
       del module, inputs
       if self.gammas is not None and output.requires_grad:
         gamma = float(self.gammas[index])
         output.register_hook(lambda grad: grad * gamma)
       return output
+
     return hook
 
   def __call__(self, x):
@@ -160,13 +177,13 @@ def _attack(ref, X, delta0, prm, ard, loss_fn):
   delta.requires_grad = True
   for i in range(STEPS):
     ref.gammas = ard[i]
-    delta = delta * _nchw(prm[i])                      # if args.PRM
+    delta = delta * _nchw(prm[i])  # if args.PRM
     loss = loss_fn(X + delta)
     grad = torch.autograd.grad(loss, delta)[0].detach()
     delta.data = _clamp(delta + ALPHA * torch.sign(grad), -EPS * torch.ones(1),
                         EPS * torch.ones(1))
     delta.data = _clamp(delta, -X, 1 - X)
-  ref.gammas = None                                    # handle.remove()
+  ref.gammas = None  # handle.remove()
   ref.net.train()
   return delta.detach()
 
@@ -179,8 +196,9 @@ def _torch_step(method, ref, X, y, delta0, prm, ard, beta=6.0):
     loss = F.cross_entropy(ref(X + delta), y)
   elif method == "trades":
     criterion_kl = torch.nn.KLDivLoss(reduction="sum")
-    delta = _attack(ref, X, delta0, prm, ard, lambda xa: criterion_kl(
-        F.log_softmax(ref(xa), dim=1), F.softmax(ref(X), dim=1)))
+    delta = _attack(
+        ref, X, delta0, prm, ard, lambda xa: criterion_kl(
+            F.log_softmax(ref(xa), dim=1), F.softmax(ref(X), dim=1)))
     x_adv = (X + delta).detach()
     logits = ref(X)
     loss_natural = F.cross_entropy(logits, y)
@@ -201,18 +219,21 @@ def _torch_step(method, ref, X, y, delta0, prm, ard, beta=6.0):
         torch.log(1.0001 - adv_probs + 1e-12), new_y)
     nat_probs = F.softmax(logits, dim=1)
     true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
-    loss_robust = (1.0 / batch_size) * torch.sum(torch.sum(
-        kl(torch.log(adv_probs + 1e-12), nat_probs), dim=1) * (
-            1.0000001 - true_probs))
+    loss_robust = (1.0 / batch_size) * torch.sum(
+        torch.sum(kl(torch.log(adv_probs + 1e-12), nat_probs), dim=1) *
+        (1.0000001 - true_probs))
     loss = loss_adv + float(beta) * loss_robust
-  opt = torch.optim.SGD(ref.net.parameters(), lr=LR, momentum=0.9,
+  opt = torch.optim.SGD(ref.net.parameters(),
+                        lr=LR,
+                        momentum=0.9,
                         weight_decay=1e-4)
   opt.zero_grad()
   loss.backward()
   torch.nn.utils.clip_grad_norm_(ref.net.parameters(), 1.0)
   opt.step()
-  return loss.item(), {k: v.detach().numpy()
-                       for k, v in ref.net.state_dict().items()}
+  return loss.item(), {
+      k: v.detach().numpy() for k, v in ref.net.state_dict().items()
+  }
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,30 +242,33 @@ def _setup(name):
   rng = np.random.RandomState(0)
   images = rng.randint(0, 256, (BATCH, 16, 16, 3)).astype(np.uint8)
   labels = (np.arange(BATCH) % 10).astype(np.int32)
-  params = model.init(jax.random.key(0),
-                      jnp.zeros((1, 16, 16, 3)))["params"]
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   # Larger weights than init's so the step is not dominated by clipping ties.
-  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(
-      jax.random.key(p.size), p.shape), params)
+  params = jax.tree.map(
+      lambda p: p + 0.02 * jax.random.normal(jax.random.key(p.size), p.shape),
+      params)
   return model, images, labels, params
 
 
 # Swin runs AT and TRADES (MART's attack is AT's, its loss is model-free).
-@pytest.mark.parametrize("name,method,init", [
-    ("deit_tiny_patch16_224", "at", "uniform"),
-    ("deit_tiny_patch16_224", "trades", "gaussian"),
-    ("deit_tiny_patch16_224", "mart", "gaussian"),
-    ("swin_tiny_patch4_window7_224", "at", "uniform"),
-    ("swin_tiny_patch4_window7_224", "trades", "gaussian")])
+@pytest.mark.parametrize(
+    "name,method,init",
+    [("deit_tiny_patch16_224", "at", "uniform"),
+     ("deit_tiny_patch16_224", "trades", "gaussian"),
+     ("deit_tiny_patch16_224", "mart", "gaussian"),
+     ("swin_tiny_patch4_window7_224", "at", "uniform"),
+     ("swin_tiny_patch4_window7_224", "trades", "gaussian")])
 def test_one_step_matches_the_reference(name, method, init):
   model, images, labels, params = _setup(name)
   config = _config(method)
   objective = objectives.make_objective(config, model)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
                                       STEPS_PER_EPOCH)
-  step = jax.jit(train_step.make_train_step(config, model, objective, tx, schedule,
-                                       STEPS_PER_EPOCH, 10))
-  state = state_lib.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+  step = jax.jit(
+      train_step.make_train_step(config, model, objective, tx, schedule,
+                                 STEPS_PER_EPOCH, 10))
+  state = state_lib.TrainState(jnp.asarray(0, jnp.int32), params,
+                               tx.init(params))
   loop_key = jax.random.key(7)
   new_state, metrics = step(state, images, labels, loop_key)
   assert float(metrics["r"]) == pytest.approx(R)
@@ -254,11 +278,20 @@ def test_one_step_matches_the_reference(name, method, init):
                                                   loop_key, init)
   # Our attack starts where the reference's does (TRADES / MART: 0.001 N(0, 1)
   # in normalised units); the sign steps after it would hide a wrong scale.
-  start = objectives.training_attack(
-      model, params, jnp.asarray(x), attack_key, R, eps=EPS, alpha=ALPHA,
-      steps=0, attack_loss=jnp.sum, init=init)
-  np.testing.assert_allclose(np.asarray(start), np.clip(x + delta0, 0, 1),
-                             rtol=0, atol=1e-7)
+  start = objectives.training_attack(model,
+                                     params,
+                                     jnp.asarray(x),
+                                     attack_key,
+                                     R,
+                                     eps=EPS,
+                                     alpha=ALPHA,
+                                     steps=0,
+                                     attack_loss=jnp.sum,
+                                     init=init)
+  np.testing.assert_allclose(np.asarray(start),
+                             np.clip(x + delta0, 0, 1),
+                             rtol=0,
+                             atol=1e-7)
   # The draws really vary: some cells masked, some gammas 0 and some 1.
   assert all(0 < m.mean() < 1 for m in prm)
   assert 0 < np.mean(ard) < 1
@@ -270,16 +303,20 @@ def test_one_step_matches_the_reference(name, method, init):
   loss_rel = abs(float(metrics["loss"]) - ref_loss) / abs(ref_loss)
   ours = checkpoints.timm_state_dict(new_state.params, model)
   before = checkpoints.timm_state_dict(params, model)
-  num = sum(np.sum((ours[k] - ref_state[k]) ** 2) for k in ours)
-  param_rel = np.sqrt(num / sum(np.sum(ref_state[k] ** 2) for k in ours))
-  update_rel = np.sqrt(num / sum(np.sum((ref_state[k] - before[k]) ** 2)
-                                 for k in ours))
-  print(f"{name} {method}: loss rel {loss_rel:.2e}, params rel {param_rel:.2e}, "
-        f"update rel {update_rel:.2e}")
+  num = sum(np.sum((ours[k] - ref_state[k])**2) for k in ours)
+  param_rel = np.sqrt(num / sum(np.sum(ref_state[k]**2) for k in ours))
+  update_rel = np.sqrt(num /
+                       sum(np.sum((ref_state[k] - before[k])**2) for k in ours))
+  print(
+      f"{name} {method}: loss rel {loss_rel:.2e}, params rel {param_rel:.2e}, "
+      f"update rel {update_rel:.2e}")
   assert loss_rel <= 1e-5
   assert param_rel <= 1e-4
   # The update itself (new - old), not only the parameters, agrees.
   assert update_rel <= 1e-3
   for k in ours:
-    np.testing.assert_allclose(ours[k], ref_state[k], rtol=1e-4, atol=1e-5,
+    np.testing.assert_allclose(ours[k],
+                               ref_state[k],
+                               rtol=1e-4,
+                               atol=1e-5,
                                err_msg=k)

@@ -14,13 +14,26 @@ from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
 
 AUTOATTACK_LOG = {
-    "robust_accuracy": {"clean": 0.75, "apgd-ce": 0.43, "apgd-t": 0.412,
-                        "fab-t": 0.411, "square": 0.41},
-    "seconds": {"apgd-ce": 30.2, "apgd-t": 120.0, "fab-t": 80.1,
-                "square": 200.0},
-    "checks": {"looks_like_probabilities": False, "randomized": False,
-               "zero_gradient_points": 0, "square_beats_white_box": False,
-               "too_few_classes": False},
+    "robust_accuracy": {
+        "clean": 0.75,
+        "apgd-ce": 0.43,
+        "apgd-t": 0.412,
+        "fab-t": 0.411,
+        "square": 0.41
+    },
+    "seconds": {
+        "apgd-ce": 30.2,
+        "apgd-t": 120.0,
+        "fab-t": 80.1,
+        "square": 200.0
+    },
+    "checks": {
+        "looks_like_probabilities": False,
+        "randomized": False,
+        "zero_gradient_points": 0,
+        "square_beats_white_box": False,
+        "too_few_classes": False
+    },
     "warnings": [],
 }
 
@@ -29,17 +42,27 @@ AUTOATTACK_LOG = {
 def runs(tmp_path_factory):
   """Three finished runs (one with robustness.json) and one in progress."""
   root = tmp_path_factory.mktemp("runs")
-  dirs = {name: str(root / name) for name in
-          ("at_ard_prm", "at_lr005", "natural", "running")}
+  dirs = {
+      name: str(root / name)
+      for name in ("at_ard_prm", "at_lr005", "natural", "running")
+  }
   result = _fake_runs.make_run(dirs["at_ard_prm"],
                                attacks=("clean", "pgd20", "cw20", "aa"))
   report.write_robustness_report(
       dirs["at_ard_prm"], dict(result, sanity_checks={"randomized": False}),
       AUTOATTACK_LOG)
-  _fake_runs.make_run(dirs["at_lr005"], lr=0.05, ard=False, prm=False, seed=1,
+  _fake_runs.make_run(dirs["at_lr005"],
+                      lr=0.05,
+                      ard=False,
+                      prm=False,
+                      seed=1,
                       attacks=("clean", "pgd20", "cw20", "pgd100"))
-  _fake_runs.make_run(dirs["natural"], method="natural", ard=False, prm=False,
-                      seed=2, epoch_eval=False)
+  _fake_runs.make_run(dirs["natural"],
+                      method="natural",
+                      ard=False,
+                      prm=False,
+                      seed=2,
+                      epoch_eval=False)
   _fake_runs.make_run(dirs["running"], epochs=4, final=False)
   return dirs
 
@@ -79,21 +102,44 @@ def test_robustness_report_has_counts_times_and_checks(runs):
 
 
 def test_counts_given_by_the_evaluation_win(tmp_path):
-  result = {"num_eval_images": 3, "clean_acc": 2 / 3, "clean_correct": 2,
-            "pgd20_acc": 1 / 3, "eps": 8 / 255, "train_time_s": 5.0}
+  result = {
+      "num_eval_images": 3,
+      "clean_acc": 2 / 3,
+      "clean_correct": 2,
+      "pgd20_acc": 1 / 3,
+      "eps": 8 / 255,
+      "train_time_s": 5.0
+  }
   report.write_robustness_report(str(tmp_path), result)
   with open(tmp_path / "robustness.json") as f:
     results = json.load(f)["results"]
   assert results == {
-      "clean": {"accuracy": 2 / 3, "correct": 2, "total": 3, "time_s": None},
-      "pgd20": {"accuracy": 1 / 3, "correct": 1, "total": 3, "time_s": None}}
+      "clean": {
+          "accuracy": 2 / 3,
+          "correct": 2,
+          "total": 3,
+          "time_s": None
+      },
+      "pgd20": {
+          "accuracy": 1 / 3,
+          "correct": 1,
+          "total": 3,
+          "time_s": None
+      }
+  }
 
 
 def test_autoattack_log_is_taken_from_the_result(tmp_path):
-  result = {"num_eval_images": 1000, "clean_acc": 0.75, "aa_acc": 0.41,
-            "aa_time_s": 430.3, "eps": 8 / 255, "model": "deit_tiny",
-            "checkpoint": "runs/x/checkpoints step 800",
-            "autoattack": dict(AUTOATTACK_LOG, version="standard")}
+  result = {
+      "num_eval_images": 1000,
+      "clean_acc": 0.75,
+      "aa_acc": 0.41,
+      "aa_time_s": 430.3,
+      "eps": 8 / 255,
+      "model": "deit_tiny",
+      "checkpoint": "runs/x/checkpoints step 800",
+      "autoattack": dict(AUTOATTACK_LOG, version="standard")
+  }
   report.write_robustness_report(str(tmp_path), result)
   with open(tmp_path / "robustness.json") as f:
     saved = json.load(f)
@@ -109,17 +155,27 @@ def test_autoattack_log_is_taken_from_the_result(tmp_path):
 def test_a_flat_robustness_json_still_reads(tmp_path):
   """As `--mode=eval` wrote it before write_robustness_report existed."""
   with open(tmp_path / "robustness.json", "w") as f:
-    json.dump({"num_eval_images": 10, "clean_acc": 0.9, "pgd20_acc": 0.5,
-               "eps": 8 / 255, "model": "m"}, f)
+    json.dump(
+        {
+            "num_eval_images": 10,
+            "clean_acc": 0.9,
+            "pgd20_acc": 0.5,
+            "eps": 8 / 255,
+            "model": "m"
+        }, f)
   run = runs_lib.load_run(str(tmp_path))
-  assert run.accuracies()["pgd20"] == {"accuracy": 0.5, "correct": 5,
-                                       "total": 10, "time_s": None}
+  assert run.accuracies()["pgd20"] == {
+      "accuracy": 0.5,
+      "correct": 5,
+      "total": 10,
+      "time_s": None
+  }
 
 
 def test_plot_run_writes_readable_pngs(runs):
   paths = plots.plot_run(runs["at_ard_prm"])
-  assert [os.path.basename(p) for p in paths] == [
-      "learning_curves.png", "schedules.png", "robustness.png"]
+  assert [os.path.basename(p) for p in paths
+         ] == ["learning_curves.png", "schedules.png", "robustness.png"]
   for path in paths:
     assert os.path.dirname(path) == runs["at_ard_prm"]
     _assert_readable_png(path)
@@ -127,8 +183,8 @@ def test_plot_run_writes_readable_pngs(runs):
 
 def test_plot_run_of_a_run_still_training(runs):
   paths = plots.plot_run(runs["running"])
-  assert [os.path.basename(p) for p in paths] == ["learning_curves.png",
-                                                  "schedules.png"]
+  assert [os.path.basename(p) for p in paths
+         ] == ["learning_curves.png", "schedules.png"]
   for path in paths:
     _assert_readable_png(path)
 
@@ -154,8 +210,13 @@ def test_compare_runs_table_matches_each_run(runs, tmp_path):
   with open(md_path) as f:
     table = _table(f.read())
   assert list(table) == names
-  columns = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20",
-             "pgd100": "PGD-100", "aa": "AutoAttack"}
+  columns = {
+      "clean": "clean",
+      "pgd20": "PGD-20",
+      "cw20": "CW-20",
+      "pgd100": "PGD-100",
+      "aa": "AutoAttack"
+  }
   for name in names:
     source = os.path.join(runs[name], "robustness.json")
     if os.path.exists(source):
@@ -165,8 +226,9 @@ def test_compare_runs_table_matches_each_run(runs, tmp_path):
     else:
       with open(os.path.join(runs[name], "metrics.json")) as f:
         metrics = json.load(f)
-      expected = {k: metrics[f"{k}_acc"] for k in columns
-                  if f"{k}_acc" in metrics}
+      expected = {
+          k: metrics[f"{k}_acc"] for k in columns if f"{k}_acc" in metrics
+      }
     for attack, column in columns.items():
       cell = table[name][column]
       if attack in expected:
@@ -183,22 +245,31 @@ def test_compare_runs_table_matches_each_run(runs, tmp_path):
 def test_config_differences_flatten_nested_keys(runs):
   loaded = [runs_lib.load_run(runs[n]) for n in ("at_ard_prm", "natural")]
   assert report.config_differences(loaded) == {
-      "method": ["at", "natural"], "tricks.ard": [True, False],
-      "tricks.prm": [True, False]}
-  assert workdir_lib.flatten({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {
-      "a.b.c": 1, "d": [1, 2]}
+      "method": ["at", "natural"],
+      "tricks.ard": [True, False],
+      "tricks.prm": [True, False]
+  }
+  assert workdir_lib.flatten({
+      "a": {
+          "b": {
+              "c": 1
+          }
+      },
+      "d": [1, 2]
+  }) == {
+      "a.b.c": 1,
+      "d": [1, 2]
+  }
 
 
-def test_make_report_refuses_a_missing_directory_before_drawing(runs,
-                                                               tmp_path):
+def test_make_report_refuses_a_missing_directory_before_drawing(runs, tmp_path):
   with pytest.raises(UserError, match="'.*nope' does not exist"):
-    report.make_report([runs["running"], str(tmp_path / "nope")],
-                       str(tmp_path))
+    report.make_report([runs["running"], str(tmp_path / "nope")], str(tmp_path))
   assert not os.listdir(tmp_path)
   with pytest.raises(UserError, match="no run directories"):
     report.make_report([])
 
 
 def test_default_report_dir_is_beside_the_runs():
-  assert report.default_report_dir(["runs/a", "runs/b"]) == os.path.abspath(
-      "runs/comparison")
+  assert report.default_report_dir(["runs/a", "runs/b"
+                                   ]) == os.path.abspath("runs/comparison")

@@ -21,13 +21,15 @@ from vitat_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 10 steps per epoch, 3 epochs; a checkpoint every 4 steps, a log line each.
-FLAGS = ["--config.data.image_size=8", "--config.data.train_examples=320",
-         "--config.model.embed_dim=16", "--config.model.depth=1",
-         "--config.model.num_heads=2", "--config.epochs=3",
-         "--config.tricks.warmup_epochs=1", "--config.attack.steps=2",
-         "--config.eval.num_examples=64", "--config.eval.batch_size=32",
-         "--config.eval.epoch_num_examples=32", "--config.batch_size=32",
-         "--config.checkpoint_every_steps=4", "--config.log_every_steps=1"]
+FLAGS = [
+    "--config.data.image_size=8", "--config.data.train_examples=320",
+    "--config.model.embed_dim=16", "--config.model.depth=1",
+    "--config.model.num_heads=2", "--config.epochs=3",
+    "--config.tricks.warmup_epochs=1", "--config.attack.steps=2",
+    "--config.eval.num_examples=64", "--config.eval.batch_size=32",
+    "--config.eval.epoch_num_examples=32", "--config.batch_size=32",
+    "--config.checkpoint_every_steps=4", "--config.log_every_steps=1"
+]
 TOTAL_STEPS = 30
 
 
@@ -36,8 +38,11 @@ def _command(workdir):
 
 
 def _run_to_completion(workdir):
-  proc = subprocess.run(_command(workdir), cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(_command(workdir),
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -51,8 +56,11 @@ def _logged_steps(workdir):
 
 
 def _start_and_wait_for_step(workdir, step):
-  proc = subprocess.Popen(_command(workdir), cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(_command(workdir),
+                          cwd=REPO,
+                          text=True,
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
   deadline = time.time() + 240
   while _logged_steps(workdir) < step:
     assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -64,14 +72,15 @@ def _start_and_wait_for_step(workdir, step):
 def _final_state(workdir):
   mngr = state_lib.checkpoint_manager(workdir)
   step = mngr.latest_step()
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
+  restored = mngr.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return step, restored.state
 
 
 def _without_timings(records):
-  return [{k: v for k, v in r.items() if not k.endswith("_time_s")}
-          for r in records]
+  return [{
+      k: v for k, v in r.items() if not k.endswith("_time_s")
+  } for r in records]
 
 
 def _outputs(workdir):
@@ -79,9 +88,8 @@ def _outputs(workdir):
     metrics = json.load(f)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(l) for l in f]
-  for key in ("train_time_s", "eval_time_s", "wall_time_s",
-              "resumed_from_step", "clean_time_s", "pgd20_time_s",
-              "cw20_time_s"):
+  for key in ("train_time_s", "eval_time_s", "wall_time_s", "resumed_from_step",
+              "clean_time_s", "pgd20_time_s", "cw20_time_s"):
     metrics.pop(key, None)
   return metrics, _without_timings(records)
 
@@ -128,8 +136,11 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
   # A second run in the same workdir is refused in one line while the first
   # (paused, so that it is surely still running) holds the lock.
   proc.send_signal(signal.SIGSTOP)
-  second = subprocess.run(_command(workdir), cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+  second = subprocess.run(_command(workdir),
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
   assert second.returncode == 2, second.stderr[-3000:]
   errors = [l for l in second.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "in use by a running training" in errors[0]
@@ -148,18 +159,23 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
   # Without the session's compilation cache (tests/conftest.py) or any
   # other, so that the final evaluation compiles, as in a first run, and the
   # signal lands in it.
-  env = {k: v for k, v in os.environ.items()
-         if k != "JAX_COMPILATION_CACHE_DIR"}
-  proc = subprocess.Popen(_command(workdir) + [
-      "--config.compilation_cache_dir="], cwd=REPO, text=True, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  env = {
+      k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"
+  }
+  proc = subprocess.Popen(_command(workdir) +
+                          ["--config.compilation_cache_dir="],
+                          cwd=REPO,
+                          text=True,
+                          env=env,
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
   final = os.path.join(workdir_lib.checkpoints_dir(workdir), str(TOTAL_STEPS))
   deadline = time.time() + 240
   while not (_logged_steps(workdir) == TOTAL_STEPS and os.path.isdir(final)):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() < deadline
     time.sleep(0.02)
-  time.sleep(0.5)   # into the final evaluation's compilation
+  time.sleep(0.5)  # into the final evaluation's compilation
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0, stderr[-3000:]
@@ -189,7 +205,7 @@ def _corrupt(workdir, step):
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   workdir = str(tmp_path)
   config = tiny_config(checkpoint_every_steps=5)
-  train.train_and_evaluate(config, workdir)   # checkpoints 10, 15, 20 kept
+  train.train_and_evaluate(config, workdir)  # checkpoints 10, 15, 20 kept
   _corrupt(workdir, 20)
   # What a SIGKILL or a full disk leaves in the other files of a workdir: a
   # half-written last line of metrics.jsonl, a truncated config.json and
@@ -231,7 +247,7 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(
   def poisoned(mesh, batch):
     calls["n"] += 1
     images, labels = batch
-    if calls["n"] == 6:   # step 6 gets a NaN pixel
+    if calls["n"] == 6:  # step 6 gets a NaN pixel
       images = images.astype(np.float32)
       images[0, 0, 0, 0] = np.nan
     return real_shard(mesh, (images, labels))
@@ -243,28 +259,35 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(
     train.train_and_evaluate(config, workdir)
   assert "at step 6" in str(info.value) and "\n" not in str(info.value)
   mngr = state_lib.checkpoint_manager(workdir)
-  assert mngr.latest_step() == 5     # the last good step, nothing after it
-  restored = mngr.restore(5, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
+  assert mngr.latest_step() == 5  # the last good step, nothing after it
+  restored = mngr.restore(
+      5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   for leaf in jax.tree.leaves(restored.state["params"]):
     assert np.all(np.isfinite(leaf))
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
   workdir = str(tmp_path)
-  config = tiny_config(**{"optim.grad_clip": 0.0, "optim.lr": 1e12,
-                          "checkpoint_every_steps": 1, "log_every_steps": 1})
+  config = tiny_config(
+      **{
+          "optim.grad_clip": 0.0,
+          "optim.lr": 1e12,
+          "checkpoint_every_steps": 1,
+          "log_every_steps": 1
+      })
   with pytest.raises(FloatingPointError, match="gradient clipping is off") as e:
     train.train_and_evaluate(config, workdir)
   assert "\n" not in str(e.value)
   # The save in flight when the NaN was seen was finished, not abandoned.
-  leftovers = [n for n in os.listdir(workdir_lib.checkpoints_dir(workdir))
-               if not n.isdigit()]
+  leftovers = [
+      n for n in os.listdir(workdir_lib.checkpoints_dir(workdir))
+      if not n.isdigit()
+  ]
   assert not leftovers, leftovers
   mngr = state_lib.checkpoint_manager(workdir)
   assert mngr.all_steps()
   for step in mngr.all_steps():
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     for leaf in jax.tree.leaves(restored.state["params"]):
       assert np.all(np.isfinite(leaf)), step

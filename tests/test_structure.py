@@ -19,13 +19,13 @@ PACKAGE = os.path.join(REPO, "vitat_jax")
 # The functional core: pure models, attacks and masks know nothing of the
 # training, evaluation, data or reporting around them.
 CORE = ("vitat_jax.models", "vitat_jax.attacks", "vitat_jax.masks")
-OUTSIDE_THE_CORE = (
-    "vitat_jax.train", "vitat_jax.train_step", "vitat_jax.state",
-    "vitat_jax.evaluation", "vitat_jax.eval_only", "vitat_jax.data",
-    "vitat_jax.report", "vitat_jax.runs", "vitat_jax.plots",
-    "vitat_jax.workdir", "vitat_jax.validate",
-    "vitat_jax.objectives", "vitat_jax.metric_writers",
-    "vitat_jax.preemption", "vitat_jax.progress")
+OUTSIDE_THE_CORE = ("vitat_jax.train", "vitat_jax.train_step",
+                    "vitat_jax.state", "vitat_jax.evaluation",
+                    "vitat_jax.eval_only", "vitat_jax.data", "vitat_jax.report",
+                    "vitat_jax.runs", "vitat_jax.plots", "vitat_jax.workdir",
+                    "vitat_jax.validate", "vitat_jax.objectives",
+                    "vitat_jax.metric_writers", "vitat_jax.preemption",
+                    "vitat_jax.progress")
 # Modules that read runs and names: never JAX (directly or through others).
 JAX_FREE = ("vitat_jax.attack_names", "vitat_jax.runs", "vitat_jax.report",
             "vitat_jax.plots", "vitat_jax.workdir", "vitat_jax.errors",
@@ -90,7 +90,9 @@ def test_models_attacks_and_masks_import_nothing_from_the_training_side():
 def test_configs_import_nothing_from_the_package():
   graph = _graph(os.path.join(REPO, "configs"))
   assert graph  # the configs were read
-  wrong = {(m, i) for m, imports in graph.items() for i in imports
+  wrong = {(m, i)
+           for m, imports in graph.items()
+           for i in imports
            if _within(i, ("vitat_jax",))}
   assert not wrong
 
@@ -100,8 +102,10 @@ def test_the_package_init_files_import_nothing_eagerly():
 
 
 def test_no_import_cycle_in_the_package():
-  internal = {m: {i for i in imports if i in GRAPH and i != m}
-              for m, imports in GRAPH.items()}
+  internal = {
+      m: {i for i in imports if i in GRAPH and i != m}
+      for m, imports in GRAPH.items()
+  }
   # A package's __init__ re-exporting its own modules is not a cycle.
   for m in internal:
     internal[m] = {i for i in internal[m] if not m.startswith(i + ".")}
@@ -131,8 +135,9 @@ def test_modules_that_read_runs_never_reach_jax():
         continue
       seen.add(module)
       for imported in GRAPH.get(module, ()):
-        assert not _within(imported, ("jax", "flax", "optax", "orbax")), (
-            start, module, imported)
+        assert not _within(imported,
+                           ("jax", "flax", "optax", "orbax")), (start, module,
+                                                                imported)
         if imported in GRAPH:
           todo.append(imported)
 
@@ -153,10 +158,15 @@ print(json.dumps({"code": code, "jax": "jax" in sys.modules}))
 def test_help_and_report_do_not_import_jax(argv, tmp_path):
   if argv == ["--mode=report"]:
     _fake_runs.make_run(str(tmp_path / "run"))
-    argv = argv + [f"--workdirs={tmp_path / 'run'}",
-                   f"--report_dir={tmp_path / 'report'}"]
-  proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    argv = argv + [
+        f"--workdirs={tmp_path / 'run'}", f"--report_dir={tmp_path / 'report'}"
+    ]
+  proc = subprocess.run([sys.executable, "-c", _PROBE,
+                         json.dumps(argv)],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   outcome = json.loads(proc.stdout.strip().splitlines()[-1])
   assert outcome == {"code": 0, "jax": False}, proc.stderr[-2000:]
@@ -171,9 +181,14 @@ FORMATTED = ("main.py", "vitat_jax", "configs", "tests", "scripts",
 def test_the_code_is_formatted_with_yapf():
   """One formatter (pyproject.toml's settings): `python -m yapf -i -r -p .`
   fixes what this finds."""
-  proc = subprocess.run(
-      [sys.executable, "-m", "yapf", "--diff", "--recursive", "--parallel",
-       *FORMATTED], cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([
+      sys.executable, "-m", "yapf", "--diff", "--recursive", "--parallel",
+      *FORMATTED
+  ],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=300)
   assert proc.returncode == 0 and not proc.stdout, (
       "not formatted; run `python -m yapf -i -r -p .`:\n" +
       (proc.stdout + proc.stderr)[-3000:])

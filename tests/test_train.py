@@ -42,8 +42,9 @@ def tiny_config(**overrides):
 
 def _final_params(workdir):
   mngr = state_lib.checkpoint_manager(workdir)
-  restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
+  restored = mngr.restore(
+      mngr.latest_step(),
+      args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return restored.state["params"], mngr.latest_step()
 
 
@@ -53,8 +54,9 @@ def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   original = train_step_lib.make_train_step
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train_step_lib, "make_train_step",
-                  lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
+    patch.setattr(
+        train_step_lib, "make_train_step",
+        lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
     result = train.train_and_evaluate(tiny_config(), workdir)
   return workdir, result
 
@@ -76,7 +78,8 @@ def test_metrics_json_and_logs(finished_run):
   assert [r["step"] for r in train_records] == [5, 10, 15, 20]
   assert all(np.isfinite(r["train_loss"]) for r in train_records)
   # r(t) warms up over the first epoch (10 steps), then stays at 1.
-  assert train_records[0]["train_r"] < 1.0 and train_records[-1]["train_r"] == 1.0
+  assert train_records[0]["train_r"] < 1.0 and train_records[-1][
+      "train_r"] == 1.0
   epoch_records = [r for r in records if "test_clean_acc" in r]
   assert [r["epoch"] for r in epoch_records] == [1, 2]
   with open(os.path.join(workdir, "config.json")) as f:
@@ -84,8 +87,8 @@ def test_metrics_json_and_logs(finished_run):
   assert "pgd20" in result["table"] and "64 test images" in result["table"]
 
 
-def test_resume_after_interruption_is_bitwise_identical(finished_run,
-                                                        tmp_path, monkeypatch):
+def test_resume_after_interruption_is_bitwise_identical(finished_run, tmp_path,
+                                                        monkeypatch):
   reference_params, _ = _final_params(finished_run[0])
   workdir = str(tmp_path)
   real_save = state_lib.save_checkpoint
@@ -119,29 +122,53 @@ def test_a_different_config_in_the_same_workdir_is_refused(finished_run):
 
 def test_natural_training_is_one_switch(tmp_path):
   result = train.train_and_evaluate(
-      tiny_config(method="natural", epochs=1.0,
+      tiny_config(method="natural",
+                  epochs=1.0,
                   **{"eval.attacks": ("clean", "pgd20")}), str(tmp_path))
   assert result["method"] == "natural"
   assert 0.0 <= result["pgd20_acc"] <= result["clean_acc"]
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"model.name": "vit_tiny_patch16_22"}, "unknown model"),
-    ({"model.patch_size": 3}, "does not divide"),
-    ({"attack.eps": 0.0}, "eps=0.0 must be in"),
-    ({"attack.alpha": 16 / 255}, "cannot exceed the radius"),
-    ({"attack.steps": 0}, "steps=0"),
-    ({"method": "fgsm"}, "unknown method"),
-    ({"data.name": "image_folder", "data.root": "/nonexistent/cifar"},
-     "does not exist"),
-    ({"data.name": "imagenet21k"}, "unknown dataset"),
-    ({"eval.attacks": ("clean", "pgd")}, "unknown evaluation attack"),
-    ({"tricks.warmup_epochs": 5.0, "tricks.ard": True}, "warmup_epochs=5.0"),
+    ({
+        "model.name": "vit_tiny_patch16_22"
+    }, "unknown model"),
+    ({
+        "model.patch_size": 3
+    }, "does not divide"),
+    ({
+        "attack.eps": 0.0
+    }, "eps=0.0 must be in"),
+    ({
+        "attack.alpha": 16 / 255
+    }, "cannot exceed the radius"),
+    ({
+        "attack.steps": 0
+    }, "steps=0"),
+    ({
+        "method": "fgsm"
+    }, "unknown method"),
+    ({
+        "data.name": "image_folder",
+        "data.root": "/nonexistent/cifar"
+    }, "does not exist"),
+    ({
+        "data.name": "imagenet21k"
+    }, "unknown dataset"),
+    ({
+        "eval.attacks": ("clean", "pgd")
+    }, "unknown evaluation attack"),
+    ({
+        "tricks.warmup_epochs": 5.0,
+        "tricks.ard": True
+    }, "warmup_epochs=5.0"),
 ])
-def test_bad_config_fails_in_one_line_before_compiling(
-    overrides, fragment, tmp_path, monkeypatch):
+def test_bad_config_fails_in_one_line_before_compiling(overrides, fragment,
+                                                       tmp_path, monkeypatch):
+
   def no_compile(*args, **kwargs):
     raise AssertionError("reached compilation despite a bad config")
+
   monkeypatch.setattr(train_step_lib, "make_train_step", no_compile)
   monkeypatch.setattr(jax, "jit", no_compile)
   with pytest.raises(UserError, match=fragment) as info:
@@ -155,19 +182,25 @@ def test_empty_image_folder_fails_before_compiling(tmp_path, monkeypatch):
   monkeypatch.setattr(train_step_lib, "make_train_step", lambda *a, **k: 1 / 0)
   with pytest.raises(UserError, match="images under") as info:
     train.train_and_evaluate(
-        tiny_config(**{"data.name": "image_folder",
-                       "data.root": str(tmp_path / "data")}),
-        str(tmp_path / "w"))
+        tiny_config(**{
+            "data.name": "image_folder",
+            "data.root": str(tmp_path / "data")
+        }), str(tmp_path / "w"))
   assert "\n" not in str(info.value)
 
 
-def test_training_starts_from_a_resampled_pretrained_checkpoint(tmp_path,
-                                                                monkeypatch):
+def test_training_starts_from_a_resampled_pretrained_checkpoint(
+    tmp_path, monkeypatch):
   from vitat_jax import checkpoints
   from vitat_jax import models
   # A "pre-trained" model at 16 px with 7 classes; the run uses 8 px, 10.
-  source = models.create("deit_tiny_patch16_224", num_classes=7, img_size=16,
-                         patch_size=4, embed_dim=16, depth=1, num_heads=2)
+  source = models.create("deit_tiny_patch16_224",
+                         num_classes=7,
+                         img_size=16,
+                         patch_size=4,
+                         embed_dim=16,
+                         depth=1,
+                         num_heads=2)
   source_params = source.init(jax.random.key(3),
                               np.zeros((1, 16, 16, 3), np.float32))["params"]
   path = str(tmp_path / "pretrained.safetensors")
@@ -181,14 +214,14 @@ def test_training_starts_from_a_resampled_pretrained_checkpoint(tmp_path,
 
   monkeypatch.setattr(checkpoints, "load", spy)
   result = train.train_and_evaluate(
-      tiny_config(epochs=1.0, **{"init.checkpoint": path}),
-      str(tmp_path / "w"))
+      tiny_config(epochs=1.0, **{"init.checkpoint": path}), str(tmp_path / "w"))
   assert 0.0 <= result["clean_acc"] <= 1.0
   params = loaded["params"]
-  np.testing.assert_array_equal(params["blocks_0"]["attn"]["qkv"]["kernel"],
-                                source_params["blocks_0"]["attn"]["qkv"]["kernel"])
-  assert params["pos_embed"].shape == (1, 2 * 2 + 1, 16)   # 4x4 grid -> 2x2
-  assert params["head"]["kernel"].shape == (16, 10)        # new head
+  np.testing.assert_array_equal(
+      params["blocks_0"]["attn"]["qkv"]["kernel"],
+      source_params["blocks_0"]["attn"]["qkv"]["kernel"])
+  assert params["pos_embed"].shape == (1, 2 * 2 + 1, 16)  # 4x4 grid -> 2x2
+  assert params["head"]["kernel"].shape == (16, 10)  # new head
 
 
 def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
@@ -199,12 +232,17 @@ def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
   assert "\n" not in str(info.value)
   from vitat_jax import checkpoints
   from vitat_jax import models
-  wider = models.create("deit_tiny_patch16_224", num_classes=10, img_size=8,
-                        patch_size=4, embed_dim=32, depth=1, num_heads=2)
+  wider = models.create("deit_tiny_patch16_224",
+                        num_classes=10,
+                        img_size=8,
+                        patch_size=4,
+                        embed_dim=32,
+                        depth=1,
+                        num_heads=2)
   path = str(tmp_path / "wider.safetensors")
   checkpoints.export_timm(
-      wider.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))["params"],
-      wider, path)
+      wider.init(jax.random.key(0), np.zeros(
+          (1, 8, 8, 3), np.float32))["params"], wider, path)
   with pytest.raises(UserError) as info:
     train.train_and_evaluate(tiny_config(**{"init.checkpoint": path}),
                              str(tmp_path / "w2"))
@@ -225,7 +263,7 @@ def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
   scalars = metric_writers.read_tensorboard_scalars(workdir)
   # Tags are grouped as train/..., test/..., final/...
   assert [step for step, _ in scalars["train/loss"]] == [5, 10, 15, 20]
-  assert len(scalars["test/pgd20_acc"]) == 2   # one per epoch
+  assert len(scalars["test/pgd20_acc"]) == 2  # one per epoch
   assert "final/pgd20_acc" in scalars
   for name in ("learning_curves.png", "schedules.png", "robustness.png"):
     path = os.path.join(workdir, name)
@@ -241,7 +279,8 @@ def _as_written_before_the_tricks_section(config_dict):
   `model.weight_init` existed."""
   old = json.loads(json.dumps(config_dict))
   tricks = old.pop("tricks")
-  old.update(ard=tricks["ard"], prm=tricks["prm"],
+  old.update(ard=tricks["ard"],
+             prm=tricks["prm"],
              warmup_epochs=tricks["warmup_epochs"],
              drop_rate=tricks["final_keep_rate"])
   for field in ("nesterov", "b1", "b2"):
@@ -283,10 +322,15 @@ def test_wall_clock_checkpoints_land_on_log_steps(tmp_path):
   from vitat_jax import workdir as workdir_lib
   workdir = str(tmp_path)
   # Minutes so short that every log step is due; steps so many that none is.
-  train.train_and_evaluate(tiny_config(**{
-      "checkpoint_every_minutes": 1e-9, "checkpoint_every_steps": 1000,
-      "keep_checkpoints": 10, "eval.epoch_num_examples": 0,
-      "eval.attacks": ("clean",)}), workdir)
+  train.train_and_evaluate(
+      tiny_config(
+          **{
+              "checkpoint_every_minutes": 1e-9,
+              "checkpoint_every_steps": 1000,
+              "keep_checkpoints": 10,
+              "eval.epoch_num_examples": 0,
+              "eval.attacks": ("clean",)
+          }), workdir)
   assert workdir_lib.saved_steps(workdir) == [20, 15, 10, 5]
 
 
@@ -303,5 +347,5 @@ def test_the_compilation_cache_is_configured_and_reported():
   assert "kept in the compilation cache in /c" in compilation.describe(
       hits, "/c")
   compilation._count("/jax/compilation_cache/cache_hits")  # pylint: disable=protected-access
-  assert compilation.describe(hits, "/c") == (
-      "loaded from the compilation cache in /c")
+  assert compilation.describe(
+      hits, "/c") == ("loaded from the compilation cache in /c")

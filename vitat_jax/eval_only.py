@@ -40,8 +40,10 @@ def config_for_evaluation(cli_config, workdir: str):
   recorded, _ = workdir_lib.recorded_config(workdir)
   if recorded is None:
     return cli_config
-  return ml_collections.ConfigDict(workdir_lib.merge_run_config(
-      cli_config.to_dict(), recorded, keep=("eval",)))
+  return ml_collections.ConfigDict(
+      workdir_lib.merge_run_config(cli_config.to_dict(),
+                                   recorded,
+                                   keep=("eval",)))
 
 
 def _no_checkpoint(workdir: str) -> UserError:
@@ -52,9 +54,12 @@ def _no_checkpoint(workdir: str) -> UserError:
 def _restore_params(config, workdir: str, model, splits):
   """(params, where they came from) of the newest readable checkpoint."""
   tx, _, _ = state_lib.make_optimizer(config, splits)
-  ckpt = state_lib.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
+  ckpt = state_lib.checkpoint_manager(workdir,
+                                      max_to_keep=config.keep_checkpoints)
   state, step, _ = state_lib.restore_latest(
-      ckpt, state_lib.abstract_state(model, tx, config.seed), set_aside=False,
+      ckpt,
+      state_lib.abstract_state(model, tx, config.seed),
+      set_aside=False,
       advice=("evaluate them with the config they were trained with (that "
               "run's --config and --config.* flags), or pass "
               "--config.init.checkpoint=FILE"))
@@ -90,7 +95,8 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
       config, model, functools.partial(parallel.shard_batch, mesh))
   result = evaluator.final(parallel.replicate(mesh, params), splits.test,
                            eval_key, workdir)
-  result.update(eps=evaluator.eps, model=config.model.name,
+  result.update(eps=evaluator.eps,
+                model=config.model.name,
                 checkpoint=source,
                 wall_time_s=time.perf_counter() - wall_start)
   result["table"] = report.format_table(result, config.eval.attacks)

@@ -34,7 +34,11 @@ def eval_eps(config) -> float:
   return config.eval.eps or config.attack.eps
 
 
-def make_attack_fn(model, spec: AttackSpec, *, eps: float, alpha: float,
+def make_attack_fn(model,
+                   spec: AttackSpec,
+                   *,
+                   eps: float,
+                   alpha: float,
                    restarts: int = 1) -> Callable:
   """jitted `(params, key, images, labels) -> bool correct [B]` for a batch
   attack (clean, pgd<k>, cw<k>)."""
@@ -45,8 +49,14 @@ def make_attack_fn(model, spec: AttackSpec, *, eps: float, alpha: float,
   def correct(params, key, images, labels):
     logits_fn = lambda x: model.apply({"params": params}, x)
     if spec.kind != "clean":
-      images = attacks.pgd(logits_fn, key, images, labels, eps=eps,
-                           alpha=alpha, steps=spec.steps, restarts=restarts,
+      images = attacks.pgd(logits_fn,
+                           key,
+                           images,
+                           labels,
+                           eps=eps,
+                           alpha=alpha,
+                           steps=spec.steps,
+                           restarts=restarts,
                            loss="ce" if spec.kind == "pgd" else "cw")
     return jnp.argmax(logits_fn(images), axis=-1) == labels
 
@@ -67,17 +77,26 @@ class Evaluator:
       AutoAttack's settings (`autoattack_options`).
   """
 
-  def __init__(self, model, *, eps: float, alpha: float, restarts: int = 1,
+  def __init__(self,
+               model,
+               *,
+               eps: float,
+               alpha: float,
+               restarts: int = 1,
                batch_size: int = 128,
-               shard_fn: Callable = lambda batch: batch, workers=0,
-               version: str = "standard", attacks_to_run=None,
+               shard_fn: Callable = lambda batch: batch,
+               workers=0,
+               version: str = "standard",
+               attacks_to_run=None,
                norm: str = "Linf",
                autoattack_batch_size: Optional[int] = None,
                save_adversarial: bool = False):
     self.model, self.eps, self.alpha, self.restarts = model, eps, alpha, restarts
     self.batch_size, self.shard_fn, self.workers = batch_size, shard_fn, workers
-    self.autoattack = dict(version=version, attacks_to_run=attacks_to_run,
-                           norm=norm, save_adversarial=save_adversarial,
+    self.autoattack = dict(version=version,
+                           attacks_to_run=attacks_to_run,
+                           norm=norm,
+                           save_adversarial=save_adversarial,
                            batch_size=autoattack_batch_size or batch_size)
     self._batch_fns: Dict[str, Callable] = {}  # jitted once, reused
     self.epoch_attacks, self.epoch_num_examples = (), 0
@@ -90,39 +109,57 @@ class Evaluator:
     ev = config.eval
     if ev.compute_dtype:
       model = model.clone(dtype=jnp.dtype(ev.compute_dtype))
-    evaluator = cls(model, eps=eval_eps(config), alpha=ev.alpha,
-                    restarts=ev.restarts, batch_size=ev.batch_size,
-                    shard_fn=shard_fn, workers=config.data.workers,
+    evaluator = cls(model,
+                    eps=eval_eps(config),
+                    alpha=ev.alpha,
+                    restarts=ev.restarts,
+                    batch_size=ev.batch_size,
+                    shard_fn=shard_fn,
+                    workers=config.data.workers,
                     **autoattack_options(config))
     evaluator.epoch_attacks = tuple(ev.epoch_attacks)
     evaluator.epoch_num_examples = ev.epoch_num_examples
     evaluator.final_attacks = tuple(ev.attacks)
-    evaluator.final_num_examples = (
-        robustbench_num_examples(config) if ev.protocol == "robustbench"
-        else ev.num_examples or None)
+    evaluator.final_num_examples = (robustbench_num_examples(config)
+                                    if ev.protocol == "robustbench" else
+                                    ev.num_examples or None)
     return evaluator
 
   def epoch(self, params, source, key) -> Dict[str, Any]:
     """`eval.epoch_attacks` on the first `eval.epoch_num_examples` images."""
-    return self(params, source, self.epoch_attacks, key=key,
+    return self(params,
+                source,
+                self.epoch_attacks,
+                key=key,
                 num_examples=self.epoch_num_examples)
 
   def final(self, params, source, key, output_dir=None) -> Dict[str, Any]:
     """`eval.attacks` on the configured test images; AutoAttack's log.txt
     (and adversarial examples) go to `output_dir`."""
-    return self(params, source, self.final_attacks, key=key,
-                num_examples=self.final_num_examples, output_dir=output_dir)
+    return self(params,
+                source,
+                self.final_attacks,
+                key=key,
+                num_examples=self.final_num_examples,
+                output_dir=output_dir)
 
   def _batch_fn(self, spec: AttackSpec) -> Callable:
     if spec.name not in self._batch_fns:
-      self._batch_fns[spec.name] = make_attack_fn(
-          self.model, spec, eps=self.eps, alpha=self.alpha,
-          restarts=self.restarts)
+      self._batch_fns[spec.name] = make_attack_fn(self.model,
+                                                  spec,
+                                                  eps=self.eps,
+                                                  alpha=self.alpha,
+                                                  restarts=self.restarts)
     return self._batch_fns[spec.name]
 
-  def __call__(self, params, source, attack_names: Sequence[str], *, key,
-               num_examples=None, output_dir: Optional[str] = None
-               ) -> Dict[str, Any]:
+  def __call__(self,
+               params,
+               source,
+               attack_names: Sequence[str],
+               *,
+               key,
+               num_examples=None,
+               output_dir: Optional[str] = None) -> Dict[str, Any]:
     """{name + "_acc": fraction, name + "_time_s", "num_eval_images"}; with
     AutoAttack also "autoattack" (its per-attack log and sanity checks), and
     with `output_dir` its `log.txt` (fra31's format) and, when saving them,
@@ -131,30 +168,33 @@ class Evaluator:
     batch_specs = [s for s in specs if s.kind != "autoattack"]
     result: Dict[str, Any] = {}
     if batch_specs:
-      result.update(self._run_batches(params, source, batch_specs,
-                                      num_examples, key))
+      result.update(
+          self._run_batches(params, source, batch_specs, num_examples, key))
     for index, spec in enumerate(s for s in specs if s.kind == "autoattack"):
       count = min(num_examples or len(source), len(source))
-      result.update(self._run_autoattack(
-          params, source, spec, count,
-          jax.random.fold_in(key, 10_000 + index), output_dir))
+      result.update(
+          self._run_autoattack(params, source, spec, count,
+                               jax.random.fold_in(key, 10_000 + index),
+                               output_dir))
     return result
 
   def _run_batches(self, params, source, specs, num_examples, key):
     counts = {s.name: 0 for s in specs}
     seconds = {s.name: 0.0 for s in specs}
     total = 0
-    batches = pipeline.eval_batches(
-        source, self.batch_size, num_examples,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(), workers=self.workers)
+    batches = pipeline.eval_batches(source,
+                                    self.batch_size,
+                                    num_examples,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count(),
+                                    workers=self.workers)
     for batch_index, (images, labels, valid) in enumerate(batches):
       if images.dtype == np.uint8:
         images = images.astype(np.float32) / 255.0
       # Each process may hold only its rows: `valid` is gathered like
       # `correct`, so both cover the whole batch.
-      images, labels, valid = self.shard_fn((images, labels.astype(np.int32),
-                                             np.asarray(valid, bool)))
+      images, labels, valid = self.shard_fn(
+          (images, labels.astype(np.int32), np.asarray(valid, bool)))
       valid = parallel.to_host(valid)
       total += int(valid.sum())
       for spec_index, spec in enumerate(specs):
@@ -176,20 +216,34 @@ class Evaluator:
 
   def _run_autoattack(self, params, source, spec, count, key, output_dir):
     options = self.autoattack
-    run = _autoattack_set(self.model, params, source, count, key=key,
-                          eps=self.eps, output_dir=output_dir, **options)
+    run = _autoattack_set(self.model,
+                          params,
+                          source,
+                          count,
+                          key=key,
+                          eps=self.eps,
+                          output_dir=output_dir,
+                          **options)
     run["version"] = options["version"]
     if output_dir and jax.process_index() == 0:
       os.makedirs(output_dir, exist_ok=True)
       workdir_lib.write_text(
           workdir_lib.path(output_dir, workdir_lib.AUTOATTACK_LOG),
           "\n".join(fra31_log_lines(run, options["norm"])) + "\n")
-    return {"num_eval_images": count,
-            f"{spec.name}_acc": float(np.mean(run["robust"])),
-            f"{spec.name}_time_s": float(sum(run["seconds"].values())),
-            "autoattack": workdir_lib.jsonable({k: run[k] for k in (
-                "version", "robust_accuracy", "seconds", "checks",
-                "warnings", "attacked", "broken", "perturbation")})}
+    return {
+        "num_eval_images":
+            count,
+        f"{spec.name}_acc":
+            float(np.mean(run["robust"])),
+        f"{spec.name}_time_s":
+            float(sum(run["seconds"].values())),
+        "autoattack":
+            workdir_lib.jsonable({
+                k: run[k]
+                for k in ("version", "robust_accuracy", "seconds", "checks",
+                          "warnings", "attacked", "broken", "perturbation")
+            })
+    }
 
 
 # RobustBench's evaluation sets, by data set: (the config that selects it,
@@ -253,7 +307,8 @@ def autoattack_options(config) -> Dict[str, Any]:
   aa = config.eval.autoattack
   custom = tuple(aa.attacks)
   return dict(version="custom" if custom else aa.version,
-              attacks_to_run=custom or None, norm=aa.norm,
+              attacks_to_run=custom or None,
+              norm=aa.norm,
               autoattack_batch_size=aa.batch_size or None,
               save_adversarial=config.eval.save_adversarial)
 
@@ -261,8 +316,10 @@ def autoattack_options(config) -> Dict[str, Any]:
 def fra31_log_lines(run: Dict[str, Any], norm: str) -> List[str]:
   """The AutoAttack log in fra31's `log.txt` form (its `logger` lines)."""
   names = list(run["robust_accuracy"])[1:]
-  lines = [f"using {run['version']} version including {', '.join(names)}.",
-           f"initial accuracy: {run['robust_accuracy']['clean']:.2%}"]
+  lines = [
+      f"using {run['version']} version including {', '.join(names)}.",
+      f"initial accuracy: {run['robust_accuracy']['clean']:.2%}"
+  ]
   total = 0.0
   for name in names:
     total += run["seconds"][name]
@@ -281,9 +338,8 @@ def fra31_log_lines(run: Dict[str, Any], norm: str) -> List[str]:
   return lines
 
 
-def _autoattack_set(model, params, source, count, *, key, eps, norm,
-                    version, attacks_to_run, batch_size, save_adversarial,
-                    output_dir):
+def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
+                    attacks_to_run, batch_size, save_adversarial, output_dir):
   """AutoAttack over the first `count` images of `source`, a chunk at a
   time (point i keyed by i, so chunking changes nothing); keeps only the
   flags and counts, and the broken points' images when saving them."""
@@ -295,19 +351,30 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm,
     rows = np.arange(first, min(first + chunk, count))
     images, labels = source.get_batch(rows)
     x = images.astype(np.float32) / 255.0
-    run = attacks.autoattack(
-        logits_fn, x, labels, params=params, key=key, eps=eps, norm=norm,
-        version=version, attacks_to_run=attacks_to_run,
-        batch_size=batch_size, verbose=False, first_index=first,
-        gather_adversarial=save_adversarial,
-        placement=parallel.autoattack_placement())
+    run = attacks.autoattack(logits_fn,
+                             x,
+                             labels,
+                             params=params,
+                             key=key,
+                             eps=eps,
+                             norm=norm,
+                             version=version,
+                             attacks_to_run=attacks_to_run,
+                             batch_size=batch_size,
+                             verbose=False,
+                             first_index=first,
+                             gather_adversarial=save_adversarial,
+                             placement=parallel.autoattack_placement())
     pieces.append(run)
     if save_adversarial:
       robust_before = run.clean
       for name, after in run.robust_after.items():
         broken = robust_before & ~after
-        entry = saved.setdefault(name, {"indices": [], "images": [],
-                                        "labels": []})
+        entry = saved.setdefault(name, {
+            "indices": [],
+            "images": [],
+            "labels": []
+        })
         entry["indices"].append(rows[broken])
         entry["images"].append(run.adv_images[broken])
         entry["labels"].append(np.asarray(labels)[broken])
@@ -318,6 +385,9 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm,
     os.makedirs(directory, exist_ok=True)
     for name, entry in saved.items():
       np.savez(os.path.join(directory, f"{name}.npz"),
-               **{k: np.concatenate(v) for k, v in entry.items()},
-               eps=eps, norm=norm)
+               **{
+                   k: np.concatenate(v) for k, v in entry.items()
+               },
+               eps=eps,
+               norm=norm)
   return combined

@@ -43,8 +43,8 @@ def ard_keep(key, r, num_blocks: int):
 
 def prm_num_masked(r, num_patches: int):
   """floor(N * (1 - r)): how many grid cells lose their perturbation."""
-  masked = jnp.floor(num_patches * (1.0 - jnp.asarray(r, jnp.float32))
-                     + _FLOOR_SLACK)
+  masked = jnp.floor(num_patches * (1.0 - jnp.asarray(r, jnp.float32)) +
+                     _FLOOR_SLACK)
   return jnp.clip(masked, 0, num_patches).astype(jnp.int32)
 
 

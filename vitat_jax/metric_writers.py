@@ -53,8 +53,11 @@ def _wait_past_existing_event_files(logdir: str) -> None:
   """
   if not os.path.isdir(logdir):
     return
-  seconds = [int(m.group(1)) for m in map(_EVENT_FILE_SECOND.match,
-                                          os.listdir(logdir)) if m]
+  seconds = [
+      int(m.group(1))
+      for m in map(_EVENT_FILE_SECOND.match, os.listdir(logdir))
+      if m
+  ]
   if seconds:
     while time.time() < max(seconds) + 1:
       time.sleep(0.01)
@@ -74,36 +77,41 @@ class _TensorBoardWriter:
     if purge_step is not None:
       # TensorBoard drops events at steps >= purge_step from earlier files,
       # so a resumed run does not draw the lost steps twice.
-      self._writer.add_event(event_pb2.Event(
-          wall_time=time.time(), step=purge_step,
-          session_log=event_pb2.SessionLog(
-              status=event_pb2.SessionLog.START)))
+      self._writer.add_event(
+          event_pb2.Event(wall_time=time.time(),
+                          step=purge_step,
+                          session_log=event_pb2.SessionLog(
+                              status=event_pb2.SessionLog.START)))
 
   def _add(self, step: int, values):
     summary = self._summary_pb2.Summary(value=values)
-    self._writer.add_event(self._event_pb2.Event(
-        wall_time=time.time(), step=int(step), summary=summary))
+    self._writer.add_event(
+        self._event_pb2.Event(wall_time=time.time(),
+                              step=int(step),
+                              summary=summary))
 
   def scalars(self, step: int, scalars: Mapping[str, float]):
     value = self._summary_pb2.Summary.Value
-    self._add(step, [value(tag=tensorboard_tag(k), simple_value=v)
-                     for k, v in scalars.items()])
+    self._add(step, [
+        value(tag=tensorboard_tag(k), simple_value=v)
+        for k, v in scalars.items()
+    ])
 
   def text(self, step: int, texts: Mapping[str, str]):
     from tensorboard.compat.proto import tensor_pb2
     from tensorboard.compat.proto import tensor_shape_pb2
     from tensorboard.compat.proto import types_pb2
     pb = self._summary_pb2
-    metadata = pb.SummaryMetadata(
-        plugin_data=pb.SummaryMetadata.PluginData(plugin_name="text"))
+    metadata = pb.SummaryMetadata(plugin_data=pb.SummaryMetadata.PluginData(
+        plugin_name="text"))
     values = []
     for tag, text in texts.items():
       tensor = tensor_pb2.TensorProto(
-          dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
+          dtype=types_pb2.DT_STRING,
+          string_val=[text.encode("utf-8")],
           tensor_shape=tensor_shape_pb2.TensorShapeProto(
               dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]))
-      values.append(pb.Summary.Value(tag=tag, metadata=metadata,
-                                     tensor=tensor))
+      values.append(pb.Summary.Value(tag=tag, metadata=metadata, tensor=tensor))
     self._add(step, values)
 
   def flush(self):
@@ -145,8 +153,12 @@ class MetricWriter:
       lines and hidden in TensorBoard.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True,
-               tensorboard: bool = True, purge_step: Optional[int] = None):
+  def __init__(self,
+               workdir: str,
+               *,
+               enabled: bool = True,
+               tensorboard: bool = True,
+               purge_step: Optional[int] = None):
     self.enabled = enabled
     self.jsonl_path = workdir_lib.path(workdir, workdir_lib.METRICS_JSONL)
     self.tensorboard_dir = workdir_lib.path(workdir,
@@ -166,9 +178,9 @@ class MetricWriter:
       try:
         self._tb = _TensorBoardWriter(self.tensorboard_dir, purge_step)
       except ImportError:
-        logging.warning("the tensorboard package is not installed: metrics "
-                        "go to %s only (pip install tensorboard)",
-                        self.jsonl_path)
+        logging.warning(
+            "the tensorboard package is not installed: metrics "
+            "go to %s only (pip install tensorboard)", self.jsonl_path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     """Appends `{"step": step, **scalars}`; numbers also go to TensorBoard."""
@@ -179,8 +191,11 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()  # a crash loses at most the record being written
     if self._tb is not None:
-      numeric = {k: float(v) for k, v in record.items()
-                 if k != "step" and isinstance(v, numbers.Real)}
+      numeric = {
+          k: float(v)
+          for k, v in record.items()
+          if k != "step" and isinstance(v, numbers.Real)
+      }
       if numeric:
         self._tb.scalars(step, numeric)
 
@@ -221,6 +236,7 @@ def read_tensorboard_scalars(
       workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR),
       size_guidance={event_accumulator.SCALARS: 0})
   accumulator.Reload()
-  return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
-          for tag in accumulator.Tags()["scalars"]}
-
+  return {
+      tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+      for tag in accumulator.Tags()["scalars"]
+  }

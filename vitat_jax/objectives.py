@@ -35,8 +35,8 @@ def _accuracy(logits, targets):
 
 def check_prm_patch_size(prm_patch_size: int, image_size: int):
   """One line when the PRM cells do not tile the image."""
-  if (not isinstance(prm_patch_size, int) or prm_patch_size <= 0
-      or image_size % prm_patch_size):
+  if (not isinstance(prm_patch_size, int) or prm_patch_size <= 0 or
+      image_size % prm_patch_size):
     raise UserError(
         f"prm_patch_size={prm_patch_size} must be a positive integer dividing "
         f"the image size {image_size}: the reference uses 4 px cells at 32 px "
@@ -70,7 +70,15 @@ def gaussian_start_scale(model):
   return 0.001 * jnp.asarray(model.std, jnp.float32)
 
 
-def training_attack(model, params, x, key, r, *, eps, alpha, steps,
+def training_attack(model,
+                    params,
+                    x,
+                    key,
+                    r,
+                    *,
+                    eps,
+                    alpha,
+                    steps,
                     attack_loss: Callable[[jax.Array], jax.Array],
                     init: str = "uniform",
                     ard_fn: Optional[Callable] = None,
@@ -87,8 +95,14 @@ def training_attack(model, params, x, key, r, *, eps, alpha, steps,
     return attack_loss(model.apply({"params": params}, x_adv, attn_keep=keep))
 
   delta_mask_fn = None if prm_fn is None else (lambda k: prm_fn(k, r))
-  return attacks.perturb(objective, key, x, eps=eps, alpha=alpha, steps=steps,
-                         init=init, gaussian_scale=gaussian_start_scale(model),
+  return attacks.perturb(objective,
+                         key,
+                         x,
+                         eps=eps,
+                         alpha=alpha,
+                         steps=steps,
+                         init=init,
+                         gaussian_scale=gaussian_start_scale(model),
                          delta_mask_fn=delta_mask_fn)
 
 
@@ -96,14 +110,25 @@ def pgd_at_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
                 prm_patch_size):
   """Madry et al.'s adversarial training loss on the (mixed) batch."""
   attack_key, dropout_key = jax.random.split(key)
-  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm,
+  ard_fn, prm_fn = make_attack_masks(model,
+                                     ard=ard,
+                                     prm=prm,
                                      prm_patch_size=prm_patch_size)
   targets = batch["target"]
-  x_adv = training_attack(
-      model, params, batch["image"], attack_key, r, eps=eps, alpha=alpha,
-      steps=steps, attack_loss=lambda z: soft_cross_entropy(z, targets),
-      ard_fn=ard_fn, prm_fn=prm_fn)
-  logits = model.apply({"params": params}, x_adv, train=True,
+  x_adv = training_attack(model,
+                          params,
+                          batch["image"],
+                          attack_key,
+                          r,
+                          eps=eps,
+                          alpha=alpha,
+                          steps=steps,
+                          attack_loss=lambda z: soft_cross_entropy(z, targets),
+                          ard_fn=ard_fn,
+                          prm_fn=prm_fn)
+  logits = model.apply({"params": params},
+                       x_adv,
+                       train=True,
                        rngs={"dropout": dropout_key})
   loss = soft_cross_entropy(logits, targets)
   return loss, {"loss": loss, "accuracy": _accuracy(logits, targets)}
@@ -134,8 +159,9 @@ def mart_outer_loss(logits, logits_adv, labels, beta):
       margin_term
   nat_probs = jax.nn.softmax(logits.astype(jnp.float32))
   true_probs = jnp.take_along_axis(nat_probs, labels[:, None], axis=-1)[:, 0]
-  kl = jnp.sum(xlogy(nat_probs, nat_probs)
-               - nat_probs * jnp.log(adv_probs + 1e-12), axis=-1)
+  kl = jnp.sum(xlogy(nat_probs, nat_probs) -
+               nat_probs * jnp.log(adv_probs + 1e-12),
+               axis=-1)
   robust = jnp.sum(kl * (1.0000001 - true_probs)) / logits.shape[0]
   return loss_adv + beta * robust
 
@@ -143,39 +169,79 @@ def mart_outer_loss(logits, logits_adv, labels, beta):
 def _clean_and_adversarial_logits(model, params, x, x_adv, dropout_key):
   """Training-mode logits on the clean and the adversarial batch."""
   natural_key, adversarial_key = jax.random.split(dropout_key)
-  logits = model.apply({"params": params}, x, train=True,
+  logits = model.apply({"params": params},
+                       x,
+                       train=True,
                        rngs={"dropout": natural_key})
-  logits_adv = model.apply({"params": params}, x_adv, train=True,
+  logits_adv = model.apply({"params": params},
+                           x_adv,
+                           train=True,
                            rngs={"dropout": adversarial_key})
   return logits, logits_adv
 
 
-def trades_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
-                prm_patch_size, beta=6.0):
+def trades_loss(params,
+                batch,
+                key,
+                r,
+                *,
+                model,
+                eps,
+                alpha,
+                steps,
+                ard,
+                prm,
+                prm_patch_size,
+                beta=6.0):
   """TRADES (Zhang et al. 2019) as the reference implements it.
 
   Inner: maximise KL(softmax(f(x)) || softmax(f(x + delta))) from
   delta = 0.001 N(0, 1) in normalised units. Outer: CE(f(x), y) + beta * KL_sum / batch.
   """
   attack_key, dropout_key = jax.random.split(key)
-  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm,
+  ard_fn, prm_fn = make_attack_masks(model,
+                                     ard=ard,
+                                     prm=prm,
                                      prm_patch_size=prm_patch_size)
   x, targets = batch["image"], batch["target"]
   clean_probs = jax.nn.softmax(
       model.apply({"params": jax.lax.stop_gradient(params)}, x))
   x_adv = training_attack(
-      model, params, x, attack_key, r, eps=eps, alpha=alpha, steps=steps,
+      model,
+      params,
+      x,
+      attack_key,
+      r,
+      eps=eps,
+      alpha=alpha,
+      steps=steps,
       attack_loss=lambda z: _kl_sum(clean_probs, jax.nn.log_softmax(z)),
-      init="gaussian", ard_fn=ard_fn, prm_fn=prm_fn)
+      init="gaussian",
+      ard_fn=ard_fn,
+      prm_fn=prm_fn)
   logits, logits_adv = _clean_and_adversarial_logits(model, params, x, x_adv,
                                                      dropout_key)
   loss = trades_outer_loss(logits, logits_adv, targets, beta)
-  return loss, {"loss": loss, "accuracy": _accuracy(logits, targets),
-                "adversarial_accuracy": _accuracy(logits_adv, targets)}
+  return loss, {
+      "loss": loss,
+      "accuracy": _accuracy(logits, targets),
+      "adversarial_accuracy": _accuracy(logits_adv, targets)
+  }
 
 
-def mart_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
-              prm_patch_size, beta=6.0):
+def mart_loss(params,
+              batch,
+              key,
+              r,
+              *,
+              model,
+              eps,
+              alpha,
+              steps,
+              ard,
+              prm,
+              prm_patch_size,
+              beta=6.0):
   """MART (Wang et al. 2020) as the reference implements it.
 
   Inner: CE steps from delta = 0.001 N(0, 1) in normalised units. Outer: CE(f(x'), y) +
@@ -183,14 +249,25 @@ def mart_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
   KL(p || p') * (1.0000001 - p_y)).
   """
   attack_key, dropout_key = jax.random.split(key)
-  ard_fn, prm_fn = make_attack_masks(model, ard=ard, prm=prm,
+  ard_fn, prm_fn = make_attack_masks(model,
+                                     ard=ard,
+                                     prm=prm,
                                      prm_patch_size=prm_patch_size)
   x, targets = batch["image"], batch["target"]
   labels = jnp.argmax(targets, axis=-1)
   x_adv = training_attack(
-      model, params, x, attack_key, r, eps=eps, alpha=alpha, steps=steps,
+      model,
+      params,
+      x,
+      attack_key,
+      r,
+      eps=eps,
+      alpha=alpha,
+      steps=steps,
       attack_loss=lambda z: attacks.cross_entropy_per_example(z, labels).mean(),
-      init="gaussian", ard_fn=ard_fn, prm_fn=prm_fn)
+      init="gaussian",
+      ard_fn=ard_fn,
+      prm_fn=prm_fn)
   logits, logits_adv = _clean_and_adversarial_logits(model, params, x, x_adv,
                                                      dropout_key)
   loss = mart_outer_loss(logits, logits_adv, labels, beta)
@@ -200,7 +277,9 @@ def mart_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
 def natural_loss(params, batch, key, r, *, model):
   """Standard training on clean images (the baseline arm)."""
   del r
-  logits = model.apply({"params": params}, batch["image"], train=True,
+  logits = model.apply({"params": params},
+                       batch["image"],
+                       train=True,
                        rngs={"dropout": key})
   loss = soft_cross_entropy(logits, batch["target"])
   return loss, {"loss": loss, "accuracy": _accuracy(logits, batch["target"])}
@@ -223,8 +302,11 @@ def make_objective(config, model):
   check_config(config)
   if config.method == "natural":
     return functools.partial(natural_loss, model=model)
-  kwargs = dict(model=model, eps=config.attack.eps, alpha=config.attack.alpha,
-                steps=config.attack.steps, ard=config.tricks.ard,
+  kwargs = dict(model=model,
+                eps=config.attack.eps,
+                alpha=config.attack.alpha,
+                steps=config.attack.steps,
+                ard=config.tricks.ard,
                 prm=config.tricks.prm,
                 prm_patch_size=config.tricks.prm_patch_size)
   if config.tricks.prm:

@@ -27,21 +27,27 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
 
 def piecewise_lr(base_lr: float, epochs: float, steps_per_epoch: int):
   """lr for t < E - 5, lr / 10 for t < E - 2, lr / 100 after (reference)."""
+
   def schedule(count):
     t = count / steps_per_epoch
     return jnp.where(t < epochs - 5, base_lr,
                      jnp.where(t < epochs - 2, base_lr * 0.1, base_lr * 0.01))
+
   return schedule
 
 
-def cyclic_lr(base_lr: float, epochs: float, steps_per_epoch: int,
+def cyclic_lr(base_lr: float,
+              epochs: float,
+              steps_per_epoch: int,
               peak_fraction: float = 0.4):
   """Triangular one-cycle: 0 -> lr at peak_fraction * E -> 0 at E."""
+
   def schedule(count):
     t = count / steps_per_epoch
     peak = peak_fraction * epochs
     return base_lr * jnp.interp(t, jnp.array([0.0, peak, epochs]),
                                 jnp.array([0.0, 1.0, 0.0]))
+
   return schedule
 
 
@@ -54,8 +60,8 @@ def learning_rate_schedule(config, epochs: float, steps_per_epoch: int):
     return cyclic_lr(config.lr, epochs, steps_per_epoch)
   if config.schedule == "cosine":
     warmup = epochs_to_steps(config.warmup_epochs, steps_per_epoch)
-    return optax.warmup_cosine_decay_schedule(
-        0.0, config.lr, max(warmup, 1), max(total, warmup + 1))
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, max(warmup, 1),
+                                              max(total, warmup + 1))
   if config.schedule == "constant":
     return optax.constant_schedule(config.lr)
   raise UserError(f"unknown lr schedule {config.schedule!r}: use one of "
@@ -93,9 +99,14 @@ def make_optimizer(config, epochs: float, steps_per_epoch: int):
       # Coupled decay, as torch.optim.SGD(weight_decay=...): added to the
       # (clipped) gradient before momentum.
       parts.append(optax.add_decayed_weights(config.weight_decay))
-    parts.append(optax.sgd(schedule, momentum=config.momentum or None,
-                           nesterov=config.nesterov))
+    parts.append(
+        optax.sgd(schedule,
+                  momentum=config.momentum or None,
+                  nesterov=config.nesterov))
   else:
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                             weight_decay=config.weight_decay))
+    parts.append(
+        optax.adamw(schedule,
+                    b1=config.b1,
+                    b2=config.b2,
+                    weight_decay=config.weight_decay))
   return optax.chain(*parts), schedule

@@ -33,7 +33,8 @@ def _env_int(name: str) -> Optional[int]:
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None, *,
+                           process_id: Optional[int] = None,
+                           *,
                            auto: bool = False) -> bool:
   """Joins a multi-host run before anything else touches JAX; True if joined.
 
@@ -85,8 +86,10 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     raise UserError(f"num_devices={num_devices} must be a multiple of the "
                     f"{hosts} processes (each host gives the same number)")
   per_host = num_devices // hosts
-  devices = [d for p in range(hosts)
-             for d in jax.local_devices(process_index=p)[:per_host]]
+  devices = [
+      d for p in range(hosts)
+      for d in jax.local_devices(process_index=p)[:per_host]
+  ]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -98,7 +101,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size"):
+def check_batch_size(global_batch_size: int,
+                     mesh: Mesh,
+                     what: str = "batch_size"):
   """A batch the device count does not divide is an error, not a truncation."""
   devices = mesh.devices.size
   if global_batch_size % devices:
@@ -124,11 +129,15 @@ def shard_global_batch(mesh: Mesh, global_arrays):
   def put(a):
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
+
   return jax.tree.map(put, global_arrays)
 
 
-def state_shardings(mesh: Mesh, tree, *, fsdp: bool = False,
-                    fsdp_min_size: int = 2 ** 16):
+def state_shardings(mesh: Mesh,
+                    tree,
+                    *,
+                    fsdp: bool = False,
+                    fsdp_min_size: int = 2**16):
   """The sharding of every leaf of a train state (arrays or shape structs).
 
   Replicated by default. With `fsdp`, a leaf of at least `fsdp_min_size`
@@ -150,6 +159,7 @@ def state_shardings(mesh: Mesh, tree, *, fsdp: bool = False,
     spec = [None] * len(shape)
     spec[axis] = DATA_AXIS
     return NamedSharding(mesh, P(*spec))
+
   return jax.tree.map(rule, tree)
 
 
@@ -171,12 +181,14 @@ def replicate(mesh: Mesh, tree):
 
 def to_host(tree):
   """NumPy copies of global arrays, gathered over processes when needed."""
+
   def gather(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
   return jax.tree.map(gather, tree)
 
 
@@ -188,13 +200,15 @@ def single_device_copy(tree):
   attacks): a jitted call with a replicated argument would otherwise run
   the whole batch once per device.
   """
+
   def local(x):
     if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
       if not x.is_fully_replicated:  # FSDP-sharded: gather it first
-        x = jax.jit(lambda a: a, out_shardings=NamedSharding(
-            x.sharding.mesh, P()))(x)
+        x = jax.jit(lambda a: a,
+                    out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
       return x.addressable_data(0)
     return x
+
   return jax.tree.map(local, tree)
 
 
@@ -205,7 +219,6 @@ def merge_owned_rows(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
     return values
   everything = np.asarray(multihost_utils.process_allgather(values))
   return everything[owner, np.arange(len(owner))]
-
 
 
 def process_max(values: np.ndarray) -> np.ndarray:
@@ -219,10 +232,12 @@ def autoattack_placement():
   """`attacks.autoattack`'s placement in this (possibly multi-host) run:
   each process attacks its rows on its local devices, with a local copy of
   the (replicated or FSDP-sharded) params; robust flags merge over hosts."""
-  return Placement(
-      devices=jax.local_devices(), process_index=jax.process_index(),
-      process_count=jax.process_count(), local_params=single_device_copy,
-      merge_rows=merge_owned_rows, max_over_processes=process_max)
+  return Placement(devices=jax.local_devices(),
+                   process_index=jax.process_index(),
+                   process_count=jax.process_count(),
+                   local_params=single_device_copy,
+                   merge_rows=merge_owned_rows,
+                   max_over_processes=process_max)
 
 
 def agree(flag: bool) -> bool:

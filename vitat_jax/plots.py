@@ -16,11 +16,19 @@ from vitat_jax import workdir as workdir_lib
 from vitat_jax.attack_names import attack_label
 
 DPI = 110
-_ATTACK_COLORS = {"clean": "tab:blue", "pgd20": "tab:red",
-                  "cw20": "tab:orange", "pgd100": "tab:purple",
-                  "aa": "tab:brown", "autoattack": "tab:brown"}
+_ATTACK_COLORS = {
+    "clean": "tab:blue",
+    "pgd20": "tab:red",
+    "cw20": "tab:orange",
+    "pgd100": "tab:purple",
+    "aa": "tab:brown",
+    "autoattack": "tab:brown"
+}
 _EXTRA_COLORS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray")
-_NOTE = dict(ha="center", va="center", fontsize=9, color="0.3",
+_NOTE = dict(ha="center",
+             va="center",
+             fontsize=9,
+             color="0.3",
              bbox=dict(facecolor="white", edgecolor="0.7", alpha=0.9))
 
 
@@ -44,9 +52,8 @@ def _save(fig, path: str) -> str:
 
 def _series(records, key: str):
   """(epochs, values) of the records holding a finite `key`."""
-  points = [(r["epoch"], r[key]) for r in records
-            if "epoch" in r and isinstance(r.get(key), (int, float))
-            and math.isfinite(r[key])]
+  points = [(r["epoch"], r[key]) for r in records if "epoch" in r and
+            isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
   return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -102,30 +109,40 @@ def learning_curves(run, path: str) -> str:
   train = [r for r in run.records if "train_loss" in r]
   for i, name in enumerate(_test_attacks(test)):
     epochs, values = _series(test, f"test_{name}_acc")
-    ax_acc.plot(epochs, [100 * v for v in values], marker="o", markersize=3,
+    ax_acc.plot(epochs, [100 * v for v in values],
+                marker="o",
+                markersize=3,
                 color=_color(name, i),
                 label=f"test, {attack_label(name)}")
   for (key, label), style in zip(_train_accuracy_keys(run), ("--", ":")):
     epochs, values = _series(train, key)
     if epochs:
-      ax_acc.plot(epochs, [100 * v for v in values], linestyle=style,
-                  color="tab:green", label=label)
+      ax_acc.plot(epochs, [100 * v for v in values],
+                  linestyle=style,
+                  color="tab:green",
+                  label=label)
   final_epoch = _last_epoch(run)
   for i, (name, entry) in enumerate(run.accuracies().items()):
     if final_epoch is not None:
-      ax_acc.plot([final_epoch], [100 * entry["accuracy"]], marker="*",
-                  markersize=13, linestyle="none", color=_color(name, i),
-                  markeredgecolor="black", markeredgewidth=0.6, clip_on=False,
+      ax_acc.plot([final_epoch], [100 * entry["accuracy"]],
+                  marker="*",
+                  markersize=13,
+                  linestyle="none",
+                  color=_color(name, i),
+                  markeredgecolor="black",
+                  markeredgewidth=0.6,
+                  clip_on=False,
                   label=f"final {attack_label(name)}: "
-                        f"{100 * entry['accuracy']:.1f}% "
-                        f"({entry['total']} images)")
+                  f"{100 * entry['accuracy']:.1f}% "
+                  f"({entry['total']} images)")
   subset = [r.get("test_num_eval_images") for r in test]
   subset_text = f" (test subset: {subset[-1]} images)" if subset[-1:] and \
       subset[-1] else ""
   _accuracy_axes(ax_acc, "accuracy" + subset_text, final_epoch)
   if not test:
     _note(ax_acc, "no per-epoch test evaluation\n"
-                  "(eval.epoch_num_examples = 0)", y=0.06)
+          "(eval.epoch_num_examples = 0)",
+          y=0.06)
   if ax_acc.get_legend_handles_labels()[0]:
     ax_acc.legend(fontsize=8, loc="best")
   else:
@@ -154,32 +171,43 @@ def schedules(run, path: str) -> str:
     if len(levels) <= 6:  # a piecewise schedule: label its levels
       ax_lr.set_yticks(levels, [f"{v:g}" for v in levels])
       ax_lr.set_yticks([], minor=True)
-  ax_lr.set_title("learning rate" + (" (log scale)" if
-                                     ax_lr.get_yscale() == "log" else ""))
+  ax_lr.set_title("learning rate" +
+                  (" (log scale)" if ax_lr.get_yscale() == "log" else ""))
   ax_lr.set_ylabel("learning rate (mean over logging window)")
 
   epochs, r = _series(train, "train_r")
-  used = (run.setting("ard") or run.setting("prm")) and (
-      run.setting("method") != "natural")
-  ax_r.plot(epochs, r, color="tab:purple", marker=".", label="r(t)",
+  used = (run.setting("ard") or run.setting("prm")) and (run.setting("method")
+                                                         != "natural")
+  ax_r.plot(epochs,
+            r,
+            color="tab:purple",
+            marker=".",
+            label="r(t)",
             alpha=1.0 if used else 0.35)
   ax_r.set_ylim(-0.05, 1.05)
   ax_r.set_title("ARD / PRM warm-up r(t)")
   ax_r.set_ylabel("r(t): ARD keep prob., PRM unmasked fraction")
   warmup = workdir_lib.flatten(run.config).get("tricks.warmup_epochs")
   if warmup:
-    ax_r.axvline(warmup, color="0.4", linestyle=":",
+    ax_r.axvline(warmup,
+                 color="0.4",
+                 linestyle=":",
                  label=f"end of warm-up (n_w = {warmup:g} epochs)")
     ax_r.legend(fontsize=8, loc="lower right")
   if not used:
     _note(ax_r, "ARD and PRM are off in this run:\nr(t) is not used", y=0.3)
 
   epochs, grad = _series(train, "train_grad_norm")
-  ax_grad.plot(epochs, grad, color="tab:red", marker=".",
+  ax_grad.plot(epochs,
+               grad,
+               color="tab:red",
+               marker=".",
                label="mean over logging window")
   clip = workdir_lib.flatten(run.config).get("optim.grad_clip")
   if clip:
-    ax_grad.axhline(clip, color="0.4", linestyle="--",
+    ax_grad.axhline(clip,
+                    color="0.4",
+                    linestyle="--",
                     label=f"clipping threshold ({clip:g})")
   ax_grad.set_ylim(bottom=0)
   ax_grad.set_title("gradient norm")
@@ -199,14 +227,19 @@ def robustness(run, path: str) -> str:
   names = list(accuracies)
   labels = [attack_label(n) for n in names]
   heights = [100 * accuracies[n]["accuracy"] for n in names]
-  texts = [f"{h:.2f}%\n{accuracies[n]['correct']}/{accuracies[n]['total']}"
-           for h, n in zip(heights, names)]
+  texts = [
+      f"{h:.2f}%\n{accuracies[n]['correct']}/{accuracies[n]['total']}"
+      for h, n in zip(heights, names)
+  ]
   colors = [_color(n, i) for i, n in enumerate(names)]
   log = (run.robustness or {}).get("autoattack") or {}
-  steps = [(k, v) for k, v in log.get("robust_accuracy", {}).items()
-           if k != "clean"]
-  fig, (ax,) = _figure(1, run.title, width=max(7.0, 1.15 * (
-      len(names) + len(steps)) + 2), height=5.0)
+  steps = [
+      (k, v) for k, v in log.get("robust_accuracy", {}).items() if k != "clean"
+  ]
+  fig, (ax,) = _figure(1,
+                       run.title,
+                       width=max(7.0, 1.15 * (len(names) + len(steps)) + 2),
+                       height=5.0)
   xs = list(range(len(names)))
   if steps:
     start = len(names) + 0.5
@@ -218,9 +251,12 @@ def robustness(run, path: str) -> str:
   bars = ax.bar(xs, heights, color=colors, width=0.7)
   if steps:
     ax.axvline(len(names) - 0.25, color="0.6", linestyle=":")
-    ax.text((len(names) + xs[-1] + 0.5) / 2, 108, "AutoAttack, attack by "
-            "attack (each on the points still robust)", ha="center",
-            fontsize=9, color="0.3")
+    ax.text((len(names) + xs[-1] + 0.5) / 2,
+            108, "AutoAttack, attack by "
+            "attack (each on the points still robust)",
+            ha="center",
+            fontsize=9,
+            color="0.3")
   for i, bar in enumerate(bars):
     if i >= len(names):
       bar.set_alpha(0.5)
@@ -248,7 +284,9 @@ def comparison(runs: Sequence, labels: Sequence[str], path: str) -> str:
   panels = [("clean", "test accuracy, clean"),
             (robust, f"test accuracy, {attack_label(robust)}"),
             (None, "train accuracy (adversarial batches; natural: clean)")]
-  fig, axes = _figure(3, f"Comparison of {len(runs)} runs", width=5.0,
+  fig, axes = _figure(3,
+                      f"Comparison of {len(runs)} runs",
+                      width=5.0,
                       height=5.0)
   handles = []
   for i, (run, label) in enumerate(zip(runs, labels)):
@@ -256,26 +294,36 @@ def comparison(runs: Sequence, labels: Sequence[str], path: str) -> str:
     final = run.accuracies()
     final_epoch = _last_epoch(run)
     for ax, (attack, _) in zip(axes, panels):
-      key = (f"test_{attack}_acc" if attack
-             else _train_accuracy_keys(run)[-1][0])
+      key = (f"test_{attack}_acc"
+             if attack else _train_accuracy_keys(run)[-1][0])
       epochs, values = _series(run.records, key)
-      (line,) = ax.plot(epochs, [100 * v for v in values], color=color,
-                        marker="o" if attack else None, markersize=3,
+      (line,) = ax.plot(epochs, [100 * v for v in values],
+                        color=color,
+                        marker="o" if attack else None,
+                        markersize=3,
                         label=label)
       if attack in final and final_epoch is not None:
-        ax.plot([final_epoch], [100 * final[attack]["accuracy"]], marker="*",
-                markersize=13, color=color, markeredgecolor="black",
-                markeredgewidth=0.6, clip_on=False, linestyle="none")
+        ax.plot([final_epoch], [100 * final[attack]["accuracy"]],
+                marker="*",
+                markersize=13,
+                color=color,
+                markeredgecolor="black",
+                markeredgewidth=0.6,
+                clip_on=False,
+                linestyle="none")
       if ax is axes[-1]:
         handles.append(line)
   last_epochs = [e for e in map(_last_epoch, runs) if e]
   for ax, (attack, title) in zip(axes, panels):
     _accuracy_axes(ax, title, max(last_epochs, default=None))
-    if attack and not any(_series(r.records, f"test_{attack}_acc")[0]
-                          for r in runs):
+    if attack and not any(
+        _series(r.records, f"test_{attack}_acc")[0] for r in runs):
       _note(ax, "no per-epoch test records;\n★ = final evaluation", y=0.06)
-  fig.legend(handles, labels, loc="outside lower center",
-             ncol=min(len(runs), 3), fontsize=9,
+  fig.legend(handles,
+             labels,
+             loc="outside lower center",
+             ncol=min(len(runs), 3),
+             fontsize=9,
              title="run  (★ = final evaluation)")
   return _save(fig, path)
 

@@ -67,9 +67,10 @@ class PreemptionGuard:
     self.signum = signum
     if self._stop_at_once is not None:
       raise Preempted(*self._stop_at_once[:1], signum, self._stop_at_once[1])
-    logging.warning("%s received: saving a checkpoint after this step, then "
-                    "stopping (send it again to exit at once)",
-                    signal.Signals(signum).name)
+    logging.warning(
+        "%s received: saving a checkpoint after this step, then "
+        "stopping (send it again to exit at once)",
+        signal.Signals(signum).name)
 
   def __enter__(self):
     # Signal handlers can only be installed from the main thread.

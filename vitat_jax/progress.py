@@ -55,8 +55,13 @@ class Progress:
     stream: where the bar goes (default sys.stderr).
   """
 
-  def __init__(self, total_steps: int, steps_per_epoch: int, batch_size: int,
-               *, start_step: int = 0, enabled: Optional[bool] = None,
+  def __init__(self,
+               total_steps: int,
+               steps_per_epoch: int,
+               batch_size: int,
+               *,
+               start_step: int = 0,
+               enabled: Optional[bool] = None,
                stream: Optional[TextIO] = None):
     self.total_steps = int(total_steps)
     self.steps_per_epoch = int(steps_per_epoch)
@@ -69,17 +74,26 @@ class Progress:
     self._metrics = ""
     # Follow the terminal's width; a pseudo-terminal reporting 0 columns
     # (`script`, some CI runners) would otherwise get empty lines.
-    self._width = ({"dynamic_ncols": True} if _columns(self._stream) > 0
-                   else {"ncols": 120, "nrows": 20})
+    self._width = ({
+        "dynamic_ncols": True
+    } if _columns(self._stream) > 0 else {
+        "ncols": 120,
+        "nrows": 20
+    })
 
   def _open(self, epoch: int):
     first = (epoch - 1) * self.steps_per_epoch
     steps = min(self.steps_per_epoch, self.total_steps - first)
-    self._bar = tqdm.tqdm(
-        total=steps * self.batch_size, initial=(self._step - first) *
-        self.batch_size, desc=f"epoch {epoch}/{self.num_epochs}",
-        unit="img", unit_scale=True, file=self._stream, leave=True,
-        smoothing=0.0, mininterval=0.5, **self._width)
+    self._bar = tqdm.tqdm(total=steps * self.batch_size,
+                          initial=(self._step - first) * self.batch_size,
+                          desc=f"epoch {epoch}/{self.num_epochs}",
+                          unit="img",
+                          unit_scale=True,
+                          file=self._stream,
+                          leave=True,
+                          smoothing=0.0,
+                          mininterval=0.5,
+                          **self._width)
     self._bar_initial = self._bar.n
     self._bar_start = time.monotonic()
 

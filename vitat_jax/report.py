@@ -32,7 +32,6 @@ _AUTOATTACK_CHECKS = ("looks_like_probabilities", "randomized",
                       "zero_gradient_points", "square_beats_white_box",
                       "too_few_classes")
 
-
 # --------------------------------------------------------------------------
 # Robustness report of one run.
 
@@ -61,25 +60,30 @@ def write_results(workdir: str, result: Dict[str, Any], *,
   try:
     os.makedirs(workdir, exist_ok=True)
     if training:
-      workdir_lib.write_json(
-          workdir_lib.path(workdir, workdir_lib.METRICS_JSON), written,
-          indent=2)
+      workdir_lib.write_json(workdir_lib.path(workdir,
+                                              workdir_lib.METRICS_JSON),
+                             written,
+                             indent=2)
     write_robustness_report(workdir, written)
   except OSError as e:
     result["write_error"] = f"{type(e).__name__}: {e}"
-    logging.warning("results not written to %s (%s); the table printed "
-                    "below is the result", workdir, e)
+    logging.warning(
+        "results not written to %s (%s); the table printed "
+        "below is the result", workdir, e)
 
 
 def _attack_log_dict(attack_log) -> Dict[str, Any]:
   """AutoAttack's log as plain data (an `AutoAttackResult` or its dict)."""
   if dataclasses.is_dataclass(attack_log):
-    attack_log = {f: getattr(attack_log, f) for f in (
-        "robust_accuracy", "seconds", "checks", "warnings")}
+    attack_log = {
+        f: getattr(attack_log, f)
+        for f in ("robust_accuracy", "seconds", "checks", "warnings")
+    }
   keep = ("robust_accuracy", "seconds", "checks", "warnings", "version",
           "num_images", "attacked", "broken", "perturbation")
-  return workdir_lib.jsonable({k: v for k, v in attack_log.items()
-                               if k in keep})
+  return workdir_lib.jsonable({
+      k: v for k, v in attack_log.items() if k in keep
+  })
 
 
 def _verdict(name: str, value) -> str:
@@ -96,7 +100,8 @@ def _eps_text(eps: Optional[float]) -> str:
   return "?" if eps is None else f"{eps * 255:.4g}/255 ({eps:.4g})"
 
 
-def write_robustness_report(workdir: str, result: Mapping[str, Any],
+def write_robustness_report(workdir: str,
+                            result: Mapping[str, Any],
                             attack_log=None) -> Tuple[str, str]:
   """Writes `robustness.json` and `robustness.md`; returns their paths.
 
@@ -145,32 +150,42 @@ def robustness_markdown(run: Run) -> str:
   report = run.robustness or {}
   results = run.accuracies()
   total = report.get("num_eval_images", run.metrics.get("num_eval_images"))
-  lines = [f"# Robustness: {run.title}", "",
-           f"L-inf threat model, eps = {_eps_text(run.setting('eps'))}, "
-           f"{total} test images. Robust accuracy = the fraction of test "
-           "images still classified correctly under the attack.", ""]
+  lines = [
+      f"# Robustness: {run.title}", "",
+      f"L-inf threat model, eps = {_eps_text(run.setting('eps'))}, "
+      f"{total} test images. Robust accuracy = the fraction of test "
+      "images still classified correctly under the attack.", ""
+  ]
   checkpoint = report.get("checkpoint")
   if checkpoint:
     lines += [f"Parameters: {checkpoint}.", ""]
-  lines += ["| evaluation | accuracy | correct / total | time |",
-            "|---|---:|---:|---:|"]
+  lines += [
+      "| evaluation | accuracy | correct / total | time |",
+      "|---|---:|---:|---:|"
+  ]
   for name, r in results.items():
     lines.append(f"| {attack_label(name)} | {100 * r['accuracy']:.2f}% | "
                  f"{r['correct']} / {r['total']} | {_seconds(r['time_s'])} |")
   checks = report.get("sanity_checks")
   if checks:
-    lines += ["", "## Sanity checks", "", "| check | value | verdict |",
-              "|---|---|---|"]
-    lines += [f"| {k} | {json.dumps(v)} | {_verdict(k, v)} |"
-              for k, v in checks.items()]
+    lines += [
+        "", "## Sanity checks", "", "| check | value | verdict |",
+        "|---|---|---|"
+    ]
+    lines += [
+        f"| {k} | {json.dumps(v)} | {_verdict(k, v)} |"
+        for k, v in checks.items()
+    ]
   if report.get("warnings"):
     lines += ["", "Warnings:", ""] + [f"- {w}" for w in report["warnings"]]
   log = report.get("autoattack")
   if log and log.get("robust_accuracy"):
-    lines += ["", "## AutoAttack, attack by attack", "",
-              "Each attack runs only on the points every earlier one left "
-              "robust; the accuracy is after it and all earlier ones.", "",
-              "| after | robust accuracy | time |", "|---|---:|---:|"]
+    lines += [
+        "", "## AutoAttack, attack by attack", "",
+        "Each attack runs only on the points every earlier one left "
+        "robust; the accuracy is after it and all earlier ones.", "",
+        "| after | robust accuracy | time |", "|---|---:|---:|"
+    ]
     for name, accuracy in log["robust_accuracy"].items():
       lines.append(f"| {name} | {100 * accuracy:.2f}% | "
                    f"{_seconds(log.get('seconds', {}).get(name))} |")
@@ -185,8 +200,10 @@ def _labels(runs: Sequence[Run]) -> List[str]:
   """Directory names, or longer path tails where they collide."""
   labels = [r.name for r in runs]
   if len(set(labels)) < len(labels):
-    labels = [os.path.join(*os.path.normpath(r.workdir).split(os.sep)[-2:])
-              for r in runs]
+    labels = [
+        os.path.join(*os.path.normpath(r.workdir).split(os.sep)[-2:])
+        for r in runs
+    ]
   return labels
 
 
@@ -213,41 +230,49 @@ def _cell(value) -> str:
 def comparison_markdown(runs: Sequence[Run], labels=None) -> str:
   labels = labels or _labels(runs)
   accuracies = [r.accuracies() for r in runs]
-  extra = sorted({n for a in accuracies for n in a} - set(COMPARISON_ATTACKS)
-                 - {"autoattack"})
+  extra = sorted({n for a in accuracies for n in a} - set(COMPARISON_ATTACKS) -
+                 {"autoattack"})
   columns = list(COMPARISON_ATTACKS) + extra
   differences = config_differences(runs)
   header = (["run"] + [attack_label(c) for c in columns] +
             ["eps (/255)", "images", "config differences"])
-  lines = [f"# Comparison of {len(runs)} runs", "",
-           "Accuracy in % of the evaluated test images (from each run's "
-           "robustness.json, else metrics.json); blank = not measured.", "",
-           "| " + " | ".join(header) + " |",
-           "|---|" + "---:|" * (len(columns) + 2) + "---|"]
+  lines = [
+      f"# Comparison of {len(runs)} runs", "",
+      "Accuracy in % of the evaluated test images (from each run's "
+      "robustness.json, else metrics.json); blank = not measured.", "",
+      "| " + " | ".join(header) + " |",
+      "|---|" + "---:|" * (len(columns) + 2) + "---|"
+  ]
   for i, (run, label, acc) in enumerate(zip(runs, labels, accuracies)):
     cells = [label]
     for column in columns:
-      entry = acc.get(column) or (acc.get("autoattack") if column == "aa"
-                                  else None)
+      entry = acc.get(column) or (acc.get("autoattack")
+                                  if column == "aa" else None)
       cells.append("" if entry is None else f"{100 * entry['accuracy']:.2f}")
     eps = run.setting("eps")
     cells.append("" if eps is None else f"{eps * 255:.3g}")
     totals = {e["total"] for e in acc.values()}
     cells.append(", ".join(str(t) for t in sorted(totals)))
-    cells.append("; ".join(f"{k}={_cell(v[i])}"
-                           for k, v in differences.items()))
+    cells.append("; ".join(
+        f"{k}={_cell(v[i])}" for k, v in differences.items()))
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "## Config differences", ""]
   if differences:
-    lines += ["| key | " + " | ".join(labels) + " |",
-              "|---|" + "---|" * len(runs)]
-    lines += [f"| {k} | " + " | ".join(_cell(v) for v in values) + " |"
-              for k, values in differences.items()]
+    lines += [
+        "| key | " + " | ".join(labels) + " |", "|---|" + "---|" * len(runs)
+    ]
+    lines += [
+        f"| {k} | " + " | ".join(_cell(v)
+                                 for v in values) + " |"
+        for k, values in differences.items()
+    ]
   else:
     lines.append("The runs' config.json files are identical (or absent).")
   lines += ["", "## Runs", ""]
-  lines += [f"- {label}: `{run.workdir}` — {run.title}"
-            for label, run in zip(labels, runs)]
+  lines += [
+      f"- {label}: `{run.workdir}` — {run.title}"
+      for label, run in zip(labels, runs)
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -272,8 +297,8 @@ def default_report_dir(workdirs: Sequence[str]) -> str:
   return os.path.join(os.path.commonpath(parents), "comparison")
 
 
-def make_report(workdirs: Sequence[str], out_dir: Optional[str] = None
-                ) -> Tuple[str, str, List[str]]:
+def make_report(workdirs: Sequence[str],
+                out_dir: Optional[str] = None) -> Tuple[str, str, List[str]]:
   """Plots of each run, then their comparison in `out_dir` (default
   `default_report_dir`). Returns (comparison.md, comparison.png, [the
   runs' plots])."""

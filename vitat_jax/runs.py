@@ -17,8 +17,12 @@ from vitat_jax import attack_names
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
 
-METHOD_LABELS = {"at": "PGD-AT", "trades": "TRADES", "mart": "MART",
-                 "natural": "natural training"}
+METHOD_LABELS = {
+    "at": "PGD-AT",
+    "trades": "TRADES",
+    "mart": "MART",
+    "natural": "natural training"
+}
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
@@ -42,9 +46,9 @@ class Run:
   """What a workdir holds; missing files are empty."""
   workdir: str
   config: Dict[str, Any]
-  metrics: Dict[str, Any]                # metrics.json
-  robustness: Optional[Dict[str, Any]]   # robustness.json
-  records: List[Dict[str, Any]]          # metrics.jsonl
+  metrics: Dict[str, Any]  # metrics.json
+  robustness: Optional[Dict[str, Any]]  # robustness.json
+  records: List[Dict[str, Any]]  # metrics.jsonl
 
   @property
   def name(self) -> str:
@@ -68,8 +72,8 @@ class Run:
     method = self.setting("method")
     recipe = METHOD_LABELS.get(method, method or "")
     if method != "natural":
-      recipe += "".join(f" + {t.upper()}" for t in ("ard", "prm")
-                        if self.setting(t))
+      recipe += "".join(
+          f" + {t.upper()}" for t in ("ard", "prm") if self.setting(t))
     parts = [p for p in (self.setting("model"), recipe) if p]
     return f"{', '.join(parts)} ({self.name})" if parts else self.name
 
@@ -108,16 +112,22 @@ def robustness_results(result: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
   """`evaluate`'s flat result -> {attack: {accuracy, correct, total,
   time_s}}."""
   total = result["num_eval_images"]
-  names = [k[:-4] for k in result if k.endswith("_acc")
-           and attack_names.is_attack_name(k[:-4])]
+  names = [
+      k[:-4]
+      for k in result
+      if k.endswith("_acc") and attack_names.is_attack_name(k[:-4])
+  ]
   names.sort(key=lambda n: n != "clean")  # clean first, then as evaluated
   results = {}
   for name in names:
     accuracy = float(result[f"{name}_acc"])
     correct = result.get(f"{name}_correct", round(accuracy * total))
-    results[name] = {"accuracy": accuracy, "correct": int(correct),
-                     "total": int(total),
-                     "time_s": result.get(f"{name}_time_s")}
+    results[name] = {
+        "accuracy": accuracy,
+        "correct": int(correct),
+        "total": int(total),
+        "time_s": result.get(f"{name}_time_s")
+    }
   return results
 
 
@@ -142,9 +152,9 @@ def read_jsonl(workdir: str) -> List[Dict[str, Any]]:
         continue
       if not isinstance(record, dict) or "step" not in record:
         continue
-      copy = next((i for i, r in enumerate(records)
-                   if r["step"] == record["step"]
-                   and r.keys() == record.keys()), None)
+      copy = next(
+          (i for i, r in enumerate(records)
+           if r["step"] == record["step"] and r.keys() == record.keys()), None)
       if copy is not None:
         del records[copy:]  # a re-evaluation's records replace the old ones
       records.append(record)

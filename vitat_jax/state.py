@@ -61,7 +61,8 @@ def build_model(config, splits=None):
   data_kwargs = {"img_size": config.data.image_size or None}
   if splits is not None:
     data_kwargs = dict(img_size=config.data.image_size or splits.image_size,
-                       num_classes=splits.num_classes, mean=splits.mean,
+                       num_classes=splits.num_classes,
+                       mean=splits.mean,
                        std=splits.std)
   data_kwargs["dtype"] = jnp.dtype(config.compute_dtype)
   return models.create_from_config(config.model, **data_kwargs)
@@ -102,9 +103,11 @@ def initial_params(config, model, key):
   timm / npz / exported file, resampled to the model; a new head)."""
   params = jax.jit(model.init)(key, _dummy_images(model))["params"]
   if config.init.checkpoint:
-    params = checkpoints.load(
-        config.init.checkpoint, model, init_params=params,
-        format=config.init.format, allow_pickle=config.init.allow_pickle)
+    params = checkpoints.load(config.init.checkpoint,
+                              model,
+                              init_params=params,
+                              format=config.init.format,
+                              allow_pickle=config.init.allow_pickle)
     logging.info("initialised from %s", config.init.checkpoint)
   return params
 
@@ -128,29 +131,36 @@ def check_same_data(meta, steps_per_epoch: int, where: str) -> None:
         "start over")
 
 
-def checkpoint_manager(workdir: str, *,
+def checkpoint_manager(workdir: str,
+                       *,
                        max_to_keep: int = 3) -> ocp.CheckpointManager:
   """Orbax's manager of `<workdir>/checkpoints` (items `state` and `meta`)."""
   if max_to_keep < 1:  # orbax would keep none (0) or fail (< 0)
     raise UserError(f"keep_checkpoints={max_to_keep} must be >= 1")
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(workdir_lib.checkpoints_dir(workdir),
-                               options=options, item_names=("state", "meta"))
+                               options=options,
+                               item_names=("state", "meta"))
 
 
-def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state,
-         meta: Optional[Dict[str, Any]] = None) -> None:
+def save_checkpoint(mngr: ocp.CheckpointManager,
+                    step: int,
+                    state,
+                    meta: Optional[Dict[str, Any]] = None) -> None:
   """Saves asynchronously; `mngr.wait_until_finished()` before relying on it."""
   meta = dict(meta or {}, step=int(step))
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+  mngr.save(step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
             force=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract, *,
-                   advice: str = "pass --overwrite to start the run over",
-                   set_aside: bool = True
-                   ) -> Tuple[Any, Optional[int], Optional[dict]]:
+def restore_latest(
+    mngr: ocp.CheckpointManager,
+    abstract,
+    *,
+    advice: str = "pass --overwrite to start the run over",
+    set_aside: bool = True) -> Tuple[Any, Optional[int], Optional[dict]]:
   """(state, step, meta) of the newest readable checkpoint, or Nones.
 
   `advice` ends the error when none can be read; `set_aside=False` (for
@@ -166,12 +176,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract, *,
   unreadable = []
   for step in steps:
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      restored = mngr.restore(step,
+                              args=ocp.args.Composite(
+                                  state=ocp.args.StandardRestore(target),
+                                  meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("checkpoint of step %d in %s cannot be read (%s: %s); "
-                      "falling back to the previous one", step,
-                      mngr.directory, type(e).__name__, str(e)[:200])
+      logging.warning(
+          "checkpoint of step %d in %s cannot be read (%s: %s); "
+          "falling back to the previous one", step, mngr.directory,
+          type(e).__name__,
+          str(e)[:200])
       unreadable.append(step)
       continue
     if set_aside:
@@ -208,7 +222,9 @@ def restore_or_init(config, workdir: str, model, tx, mesh,
   are all unreadable is refused before anything is compiled.
   """
   abstract = abstract_state(model, tx, config.seed)
-  shardings = parallel.state_shardings(mesh, abstract, fsdp=config.fsdp,
+  shardings = parallel.state_shardings(mesh,
+                                       abstract,
+                                       fsdp=config.fsdp,
                                        fsdp_min_size=config.fsdp_min_size)
   mngr = checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
   state, start_step, meta = restore_latest(

@@ -1,22 +1,16 @@
 """The training loop: the jitted step, evaluations and checkpoints, resumable.
 
-`train_and_evaluate(config, workdir)` is what `main.py` calls. In order:
-
-  1. checks: the config, the workdir, the devices, the data (nothing is
-     compiled or written before every one passed);
-  2. state: restore the newest readable checkpoint, else initialise
-     (`state.py`);
-  3. the loop: a batch is a function of (seed, step), so a resumed run
-     continues bit for bit; metrics every `log_every_steps`, an evaluation
-     after each epoch, a checkpoint every `checkpoint_every_steps` and
-     every `checkpoint_every_minutes`;
-  4. the final evaluation (`evaluation.Evaluator`), written as metrics.json
-     and robustness.{json,md} with plots.
+`train_and_evaluate(config, workdir)`, what `main.py` calls: (1) every check
+of the config, workdir, devices and data, before anything is compiled or
+written; (2) the newest readable checkpoint, else a new state (`state.py`);
+(3) the loop, where a batch is a function of (seed, step), so a resumed run
+continues bit for bit, with metrics, epoch evaluations and checkpoints by
+steps and by minutes; (4) the final evaluation, metrics.json, the robustness
+report and the plots.
 """
 
 import contextlib
 import functools
-import math
 import time
 from typing import Any, Dict
 
@@ -42,23 +36,9 @@ from vitat_jax import workdir as workdir_lib
 from vitat_jax.data import pipeline
 
 
-def _mean_metrics(history):
-  host = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-
-
-def _check_finite(metrics, step, config):
-  for name in ("loss", "grad_norm"):
-    if not math.isfinite(metrics[name]):
-      hint = (" (gradient clipping is off: set optim.grad_clip=1.0)"
-              if config.optim.grad_clip <= 0 else
-              " (check the data for NaN/Inf, or lower optim.lr)")
-      raise FloatingPointError(
-          f"non-finite {name}={metrics[name]} at step {step}{hint}; the last "
-          "good checkpoint is kept")
-
-
-def train_and_evaluate(config, workdir: str, *,
+def train_and_evaluate(config,
+                       workdir: str,
+                       *,
                        overwrite: bool = False) -> Dict[str, Any]:
   """Trains `config` in `workdir` (resuming if possible); returns metrics.
 
@@ -101,7 +81,7 @@ def train_and_evaluate(config, workdir: str, *,
                       config.init.allow_pickle)
   if not overwrite:
     state_lib.check_same_data(workdir_lib.read_meta(workdir), steps_per_epoch,
-                     f"the run in {workdir!r}")
+                              f"the run in {workdir!r}")
   run = _Run(config, workdir, mesh, splits, model, objective, tx, schedule,
              steps_per_epoch, total_steps, cache_dir)
   # The first write: from here on this process owns the workdir.
@@ -135,8 +115,7 @@ class _Run:
     self.last_save = time.monotonic()
     self.shard = functools.partial(parallel.shard_batch, mesh)
     # Every host reads only its rows of each evaluation batch, as in training.
-    self.evaluator = evaluation.Evaluator.from_config(config, model,
-                                                      self.shard)
+    self.evaluator = evaluation.Evaluator.from_config(config, model, self.shard)
 
   # ----------------------------------------------------------------- state
   def checkpoint_due(self) -> bool:
@@ -151,12 +130,20 @@ class _Run:
     """An asynchronous checkpoint of `step`, never of non-finite metrics."""
     self.last_save = time.monotonic()
     if history:
-      _check_finite(_mean_metrics(history), step, self.config)
+      train_step_lib.check_finite(train_step_lib.mean_metrics(history), step,
+                                  self.config)
     spe = self.steps_per_epoch
-    state_lib.save_checkpoint(self.ckpt, step, state, meta={
-        "seed": self.config.seed, "steps_per_epoch": spe,
-        "epoch": step // spe, "index_in_epoch": step % spe,
-        "config": workdir_lib.config_as_dict(self.config)})
+    state_lib.save_checkpoint(
+        self.ckpt,
+        step,
+        state,
+        meta={
+            "seed": self.config.seed,
+            "steps_per_epoch": spe,
+            "epoch": step // spe,
+            "index_in_epoch": step % spe,
+            "config": workdir_lib.config_as_dict(self.config)
+        })
 
   # ------------------------------------------------------------------- run
   def train_and_evaluate(self, wall_start):
@@ -170,17 +157,19 @@ class _Run:
                  f", resuming at step {start_step}" if start_step else "")
     # Only now, with every check passed and the run restored.
     workdir_lib.write_config(config, self.workdir)
-    train_step = jax.jit(
-        train_step_lib.make_train_step(config, self.model, self.objective, self.tx,
-                        self.schedule, self.steps_per_epoch,
-                        self.splits.num_classes),
-        out_shardings=(shardings, parallel.replicated(self.mesh)),
-        donate_argnums=0)
-    self.writer = metric_writers.MetricWriter(
-        self.workdir, enabled=self.is_chief, purge_step=start_step + 1)
+    train_step = jax.jit(train_step_lib.make_train_step(
+        config, self.model, self.objective, self.tx, self.schedule,
+        self.steps_per_epoch, self.splits.num_classes),
+                         out_shardings=(shardings,
+                                        parallel.replicated(self.mesh)),
+                         donate_argnums=0)
+    self.writer = metric_writers.MetricWriter(self.workdir,
+                                              enabled=self.is_chief,
+                                              purge_step=start_step + 1)
     if start_step == 0:
-      self.writer.write_text(0, {"config": "```\n" + config.to_json_best_effort(
-          indent=2) + "\n```"})
+      self.writer.write_text(
+          0,
+          {"config": "```\n" + config.to_json_best_effort(indent=2) + "\n```"})
     with preemption.PreemptionGuard() as guard:
       try:
         state, train_seconds = self.loop(train_step, state, start_step, guard)
@@ -201,13 +190,18 @@ class _Run:
   def loop(self, train_step, state, start_step, guard):
     """Steps `start_step` to the end; (state, training seconds)."""
     config, spe, total = self.config, self.steps_per_epoch, self.total_steps
-    bar = progress_lib.Progress(total, spe, config.batch_size,
+    bar = progress_lib.Progress(total,
+                                spe,
+                                config.batch_size,
                                 start_step=start_step,
                                 enabled=None if self.is_chief else False)
-    batches = pipeline.train_batches(
-        self.splits.train, config.batch_size, seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), workers=config.data.workers)
+    batches = pipeline.train_batches(self.splits.train,
+                                     config.batch_size,
+                                     seed=config.seed,
+                                     start_step=start_step,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(),
+                                     workers=config.data.workers)
     history = []
     train_seconds, epoch_start = 0.0, time.perf_counter()
     # closing(): an exception in the loop still stops the loader's workers.
@@ -220,22 +214,23 @@ class _Run:
         state, metrics = train_step(state, images, labels, self.loop_key)
         if step == start_step:
           jax.block_until_ready(metrics)
-          logging.info("first step in %.1f s: %s", time.perf_counter() - start,
+          logging.info("first step in %.1f s: %s",
+                       time.perf_counter() - start,
                        compilation.describe(hits, self.cache_dir))
         history.append(metrics)
         done = step + 1
         bar.update(done)
         logged = done % config.log_every_steps == 0 or done == total
         if logged:
-          self.log_train(done, _mean_metrics(history), bar)
+          self.log_train(done, train_step_lib.mean_metrics(history), bar)
           history = []
         if done % spe == 0 and config.eval.epoch_num_examples:
           jax.block_until_ready(state)
           train_seconds += time.perf_counter() - epoch_start
           self.epoch_evaluation(done, state.params)
           epoch_start = time.perf_counter()
-        if (done == total or done % config.checkpoint_every_steps == 0
-            or guard.requested or (logged and self.checkpoint_due())):
+        if (done == total or done % config.checkpoint_every_steps == 0 or
+            guard.requested or (logged and self.checkpoint_due())):
           self.save(done, state, history)
         if guard.requested:
           self.writer.close()
@@ -247,46 +242,57 @@ class _Run:
     return state, train_seconds
 
   def log_train(self, done, summary, bar):
-    _check_finite(summary, done, self.config)
+    train_step_lib.check_finite(summary, done, self.config)
+    scalars = {f"train_{k}": v for k, v in summary.items()}
     self.writer.write_scalars(done, {
         "epoch": done / self.steps_per_epoch,
-        **{f"train_{k}": v for k, v in summary.items()}})
+        **scalars
+    })
     bar.set_metrics({"loss": summary["loss"], "adv-acc": summary["accuracy"]})
     with bar.hidden():
-      logging.info("step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
-                   "grad-norm %.3f  r %.3f", done, self.total_steps,
-                   summary["loss"], summary["accuracy"], summary["lr"],
-                   summary["grad_norm"], summary["r"])
+      logging.info(
+          "step %d/%d  loss %.4f  adv-acc %.3f  lr %.4g  "
+          "grad-norm %.3f  r %.3f", done, self.total_steps, summary["loss"],
+          summary["accuracy"], summary["lr"], summary["grad_norm"],
+          summary["r"])
 
   def epoch_evaluation(self, done, params):
     result = self.evaluator.epoch(params, self.splits.test,
                                   jax.random.fold_in(self.eval_key, done))
     epoch = done // self.steps_per_epoch
-    self.writer.write_scalars(done, {"epoch": epoch, **{
-        f"test_{k}": v for k, v in result.items()
-        if not isinstance(v, dict)}})
+    scalars = {
+        f"test_{k}": v for k, v in result.items() if not isinstance(v, dict)
+    }
+    self.writer.write_scalars(done, {"epoch": epoch, **scalars})
     self.writer.flush()
-    logging.info("epoch %d: %s", epoch, "  ".join(
-        f"{n} {result[n + '_acc']:.3f}" for n in self.evaluator.epoch_attacks))
+    logging.info(
+        "epoch %d: %s", epoch, "  ".join(f"{n} {result[n + '_acc']:.3f}"
+                                         for n in self.evaluator.epoch_attacks))
 
   def final_evaluation(self, state, start_step, train_seconds, wall_start):
     config, total = self.config, self.total_steps
     eval_start = time.perf_counter()
-    result = self.evaluator.final(state.params, self.splits.test,
-                                  self.eval_key, self.workdir)
-    result.update(
-        eps=self.evaluator.eps, model=config.model.name,
-        method=config.method, ard=config.tricks.ard, prm=config.tricks.prm,
-        steps=total,
-        resumed_from_step=start_step, train_time_s=train_seconds,
-        eval_time_s=time.perf_counter() - eval_start,
-        wall_time_s=time.perf_counter() - wall_start)
-    self.writer.write_scalars(total, {  # the final evaluation, in TB
-        f"final_{k}": v for k, v in result.items()
-        if k.endswith("_acc") or k == "num_eval_images"})
+    result = self.evaluator.final(state.params, self.splits.test, self.eval_key,
+                                  self.workdir)
+    result.update(eps=self.evaluator.eps,
+                  model=config.model.name,
+                  method=config.method,
+                  ard=config.tricks.ard,
+                  prm=config.tricks.prm,
+                  steps=total,
+                  resumed_from_step=start_step,
+                  train_time_s=train_seconds,
+                  eval_time_s=time.perf_counter() - eval_start,
+                  wall_time_s=time.perf_counter() - wall_start)
+    # The final evaluation, in TensorBoard too.
+    scalars = {
+        f"final_{k}": v
+        for k, v in result.items()
+        if k.endswith("_acc") or k == "num_eval_images"
+    }
+    self.writer.write_scalars(total, scalars)
     self.writer.close()
     result["table"] = report.format_table(result, config.eval.attacks)
     if self.is_chief:
       report.write_results(self.workdir, result, training=True)
     return result
-

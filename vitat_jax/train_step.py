@@ -10,8 +10,11 @@ Mixup/CutMix, the training attack and its ARD/PRM masks, whose rate r(t)
 follows the warm-up at the fractional epoch t = s / steps_per_epoch.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vitat_jax import masks
@@ -32,6 +35,7 @@ def accumulate_gradients(grad_fn, params, batch, key, r, accum_steps: int):
   `opt.zero_grad()` before every micro-batch's backward, so there only the
   last micro-batch's gradient survives; this is the documented intent.)
   """
+
   def split(a):
     a = a.reshape(a.shape[0] // accum_steps, accum_steps, *a.shape[1:])
     return jnp.swapaxes(a, 0, 1)
@@ -72,10 +76,15 @@ def make_train_step(config, model, objective, tx, schedule,
     if randaugment_spec:
       x = randaugment.randaugment(randaugment_key, x, randaugment_spec)
     if use_mixup:
-      x, targets = mixup.mixup_cutmix(
-          mixup_key, x, labels, num_classes, mixup_alpha=mix.mixup_alpha,
-          cutmix_alpha=mix.cutmix_alpha, prob=mix.prob,
-          switch_prob=mix.switch_prob, label_smoothing=mix.label_smoothing)
+      x, targets = mixup.mixup_cutmix(mixup_key,
+                                      x,
+                                      labels,
+                                      num_classes,
+                                      mixup_alpha=mix.mixup_alpha,
+                                      cutmix_alpha=mix.cutmix_alpha,
+                                      prob=mix.prob,
+                                      switch_prob=mix.switch_prob,
+                                      label_smoothing=mix.label_smoothing)
     else:
       targets = mixup.smooth_one_hot(labels, num_classes, mix.label_smoothing)
     batch = {"image": x, "target": targets}
@@ -90,8 +99,28 @@ def make_train_step(config, model, objective, tx, schedule,
                                             objective_key, r, accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   lr=schedule(state.step), r=r)
+    metrics = dict(metrics,
+                   grad_norm=optax.global_norm(grads),
+                   lr=schedule(state.step),
+                   r=r)
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step
+
+
+def mean_metrics(history):
+  """The host-side mean of each metric over a list of steps' metrics."""
+  host = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def check_finite(metrics, step, config):
+  """A one-line FloatingPointError for a non-finite loss or gradient norm."""
+  for name in ("loss", "grad_norm"):
+    if not math.isfinite(metrics[name]):
+      hint = (" (gradient clipping is off: set optim.grad_clip=1.0)"
+              if config.optim.grad_clip <= 0 else
+              " (check the data for NaN/Inf, or lower optim.lr)")
+      raise FloatingPointError(
+          f"non-finite {name}={metrics[name]} at step {step}{hint}; the last "
+          "good checkpoint is kept")

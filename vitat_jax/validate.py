@@ -44,8 +44,14 @@ def _check_model(config):
     models.model_defaults(config.model.name)
 
 
-def _finite(name, value, *, low=None, high=None, low_open=False,
-            high_open=False, hint=""):
+def _finite(name,
+            value,
+            *,
+            low=None,
+            high=None,
+            low_open=False,
+            high_open=False,
+            hint=""):
   """`value` a finite number within the given bounds, else a one-line error."""
   ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   ok = ok and math.isfinite(value)
@@ -58,8 +64,8 @@ def _finite(name, value, *, low=None, high=None, low_open=False,
     hi = "" if high is None else f"{high}" + (")" if high_open else "]")
     span = ("" if low is None and high is None else
             f"in {lo}{hi}" if low is not None and high is not None else
-            f"{'>' if low_open else '>='} {low}" if low is not None else
-            f"{'<' if high_open else '<='} {high}")
+            f"{'>' if low_open else '>='} {low}"
+            if low is not None else f"{'<' if high_open else '<='} {high}")
     raise UserError(f"{name}={value} must be a finite number {span}"
                     f"{hint}")
 
@@ -71,7 +77,7 @@ def _integer(name, value, low, hint=""):
 
 def _check_run(config):
   _integer("seed", config.seed, 0, " (the run's random seed)")
-  if config.seed >= 2 ** 32:
+  if config.seed >= 2**32:
     raise UserError(f"seed={config.seed} must be below 2**32")
   if not (math.isfinite(config.epochs) and config.epochs > 0):
     raise UserError(f"epochs={config.epochs} must be a positive finite "
@@ -81,17 +87,19 @@ def _check_run(config):
   _finite("tricks.warmup_epochs", config.tricks.warmup_epochs, low=0)
   _integer("tricks.prm_patch_size", config.tricks.prm_patch_size, 1,
            " (PRM's cell size in pixels)")
-  if (config.tricks.ard or config.tricks.prm) and not (
-      0 <= config.tricks.warmup_epochs <= config.epochs):
-    raise UserError(f"tricks.warmup_epochs={config.tricks.warmup_epochs} must be in [0, "
-                    f"epochs={config.epochs}]: ARD/PRM warm up within the run")
-  if not (isinstance(config.tricks.final_keep_rate, (int, float))
-          and 0 <= config.tricks.final_keep_rate <= 1):
-    raise UserError(f"tricks.final_keep_rate={config.tricks.final_keep_rate} must be in [0, 1] (the "
-                    "ARD keep probability reached after warm-up)")
+  if (config.tricks.ard or config.tricks.prm
+     ) and not (0 <= config.tricks.warmup_epochs <= config.epochs):
+    raise UserError(
+        f"tricks.warmup_epochs={config.tricks.warmup_epochs} must be in [0, "
+        f"epochs={config.epochs}]: ARD/PRM warm up within the run")
+  if not (isinstance(config.tricks.final_keep_rate,
+                     (int, float)) and 0 <= config.tricks.final_keep_rate <= 1):
+    raise UserError(
+        f"tricks.final_keep_rate={config.tricks.final_keep_rate} must be in [0, 1] (the "
+        "ARD keep probability reached after warm-up)")
   accum_steps = config.accum_steps
-  if (not isinstance(accum_steps, int) or accum_steps < 1
-      or config.batch_size % accum_steps):
+  if (not isinstance(accum_steps, int) or accum_steps < 1 or
+      config.batch_size % accum_steps):
     raise UserError(f"accum_steps={accum_steps} must be a positive integer "
                     f"dividing batch_size={config.batch_size}")
   if not isinstance(config.fsdp_min_size, int) or config.fsdp_min_size < 1:
@@ -101,7 +109,9 @@ def _check_run(config):
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise UserError(f"compute_dtype={config.compute_dtype!r}: use float32, "
                     "bfloat16 (GPU/TPU) or float16")
-  _finite("beta", config.beta, low=0,
+  _finite("beta",
+          config.beta,
+          low=0,
           hint=" (the TRADES / MART trade-off; the paper uses 6)")
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     raise UserError("log_every_steps and checkpoint_every_steps must be "
@@ -109,8 +119,10 @@ def _check_run(config):
   if not isinstance(config.compilation_cache_dir, str):
     raise UserError(f"compilation_cache_dir={config.compilation_cache_dir!r}"
                     " must be a directory path, or '' to turn the cache off")
-  _finite("checkpoint_every_minutes", config.checkpoint_every_minutes,
-          low=0, hint=" (0 = checkpoints by steps only)")
+  _finite("checkpoint_every_minutes",
+          config.checkpoint_every_minutes,
+          low=0,
+          hint=" (0 = checkpoints by steps only)")
   if config.keep_checkpoints < 1:
     raise UserError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1"
                     " (the checkpoints a run keeps; 0 would delete them all)")
@@ -125,17 +137,16 @@ def _check_augment(config):
   for name in ("prob", "switch_prob", "mixup_alpha", "cutmix_alpha",
                "label_smoothing"):
     _finite(f"mixup.{name}", mix[name])
-  if not (0 <= mix.prob <= 1 and 0 <= mix.switch_prob <= 1
-          and mix.mixup_alpha >= 0 and mix.cutmix_alpha >= 0
-          and 0 <= mix.label_smoothing < 1):
+  if not (0 <= mix.prob <= 1 and 0 <= mix.switch_prob <= 1 and mix.mixup_alpha
+          >= 0 and mix.cutmix_alpha >= 0 and 0 <= mix.label_smoothing < 1):
     raise UserError("mixup.prob and mixup.switch_prob must be in [0, 1], the "
                     "alphas >= 0 and label_smoothing in [0, 1)")
 
 
 def _check_optim(config):
   opt = config.optim
-  for name in ("lr", "momentum", "weight_decay", "grad_clip",
-               "warmup_epochs", "b1", "b2"):
+  for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_epochs",
+               "b1", "b2"):
     _finite(f"optim.{name}", opt[name])
   if not isinstance(opt.nesterov, bool):
     raise UserError(f"optim.nesterov={opt.nesterov!r} must be True or False")
@@ -149,15 +160,18 @@ def _check_optim(config):
 def _check_eval(config):
   ev = config.eval
   if ev.eps is not None:
-    _finite("eval.eps", ev.eps, low=0, high=1, low_open=True,
+    _finite("eval.eps",
+            ev.eps,
+            low=0,
+            high=1,
+            low_open=True,
             hint=" (pixel units); leave it unset to use attack.eps")
   if ev.compute_dtype not in ("",) + COMPUTE_DTYPES:
     raise UserError(f"eval.compute_dtype={ev.compute_dtype!r}: use '' (the "
                     "run's compute_dtype), float32, bfloat16 or float16")
   _finite("eval.alpha", ev.alpha)
   _integer("eval.restarts", ev.restarts, 1, " (random starts per attack)")
-  _integer("eval.num_examples", ev.num_examples, 0,
-           " (0 = the whole test set)")
+  _integer("eval.num_examples", ev.num_examples, 0, " (0 = the whole test set)")
   _integer("eval.epoch_num_examples", ev.epoch_num_examples, 0,
            " (0 = no evaluation after each epoch)")
   if not ev.attacks:
@@ -214,8 +228,12 @@ def _check_model_fields(config):
   if m.get("mlp_ratio") is not None:
     _finite("model.mlp_ratio", m.mlp_ratio, low=0, low_open=True)
   if m.get("drop_path_rate") is not None:
-    _finite("model.drop_path_rate", m.drop_path_rate, low=0, high=1,
-            high_open=True, hint=" (the stochastic depth of the last block)")
+    _finite("model.drop_path_rate",
+            m.drop_path_rate,
+            low=0,
+            high=1,
+            high_open=True,
+            hint=" (the stochastic depth of the last block)")
 
 
 def _check_data_fields(config):
@@ -236,8 +254,8 @@ def _check_data_fields(config):
                       "3 finite numbers, one per RGB channel")
   if any(v <= 0 for v in data.std):
     raise UserError(f"data.std={tuple(data.std)} must be positive")
-  if data.cache_dir and os.path.exists(data.cache_dir) and not os.path.isdir(
-      data.cache_dir):
+  if data.cache_dir and os.path.exists(
+      data.cache_dir) and not os.path.isdir(data.cache_dir):
     raise UserError(f"data.cache_dir {data.cache_dir!r} is a file: pass a "
                     "directory or leave it empty")
 

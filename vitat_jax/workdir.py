@@ -100,7 +100,8 @@ def write_text(path: str, text: str) -> None:
   """`text` to `path` atomically (temp file + rename)."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
-                             suffix=".tmp", dir=directory)
+                             suffix=".tmp",
+                             dir=directory)
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
@@ -180,8 +181,7 @@ def lock(workdir: str) -> Iterator[None]:
     raise
   try:
     os.ftruncate(fd, 0)
-    os.write(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n"
-             .encode())
+    os.write(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n".encode())
     yield
   finally:
     with contextlib.suppress(OSError):
@@ -211,8 +211,8 @@ def check_is_a_run(workdir: str) -> None:
   if not os.path.isdir(directory):
     raise UserError(f"{directory} is a file, not a checkpoints folder: move "
                     "it away or pass another --workdir")
-  foreign = sorted(n for n in os.listdir(directory)
-                   if not _ORBAX_ENTRY.match(n))
+  foreign = sorted(
+      n for n in os.listdir(directory) if not _ORBAX_ENTRY.match(n))
   if foreign:
     raise UserError(f"{directory} holds {foreign[0]!r}, which is not a "
                     "checkpoint of a run: --overwrite deletes this folder, "
@@ -238,8 +238,8 @@ def read_meta(workdir: str) -> Optional[dict]:
   seed, the input position (`steps_per_epoch`, `epoch`, `index_in_epoch`)
   and the run's resolved config."""
   for step in saved_steps(workdir):
-    meta = read_json(os.path.join(checkpoints_dir(workdir), str(step), "meta",
-                                  "metadata"))
+    meta = read_json(
+        os.path.join(checkpoints_dir(workdir), str(step), "meta", "metadata"))
     if isinstance(meta, dict):
       return meta
   return None
@@ -274,10 +274,10 @@ def config_as_dict(config) -> dict:
 
 
 # (field before the `tricks` section, its name there)
-_TRICKS_FIELDS = (("ard", "ard"), ("prm", "prm"),
-                  ("warmup_epochs", "warmup_epochs"),
-                  ("drop_rate", "final_keep_rate"),
-                  ("prm_patch_size", "prm_patch_size"))
+_TRICKS_FIELDS = (("ard", "ard"), ("prm", "prm"), ("warmup_epochs",
+                                                   "warmup_epochs"),
+                  ("drop_rate", "final_keep_rate"), ("prm_patch_size",
+                                                     "prm_patch_size"))
 _PATCH_IN_NAME = re.compile(r"_patch(\d+)_")
 
 
@@ -301,8 +301,8 @@ def upgrade_run_config(previous: dict) -> dict:
       tricks.setdefault(new, previous.pop(old))
   if "prm_patch_size" not in tricks:
     match = _PATCH_IN_NAME.search(model.get("name", "") + "_")
-    tricks["prm_patch_size"] = model.get("patch_size") or (
-        int(match.group(1)) if match else 16)
+    tricks["prm_patch_size"] = model.get("patch_size") or (int(match.group(1))
+                                                           if match else 16)
   model.setdefault("weight_init", "xavier_uniform")
   # Declared since; the optimiser read them with these defaults before.
   optim = previous.setdefault("optim", {})
@@ -353,8 +353,11 @@ _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
 
 
 def _run_defining(config_dict: dict) -> Dict[str, Any]:
-  return {k: v for k, v in flatten(config_dict).items()
-          if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)}
+  return {
+      k: v
+      for k, v in flatten(config_dict).items()
+      if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)
+  }
 
 
 def check_same_config(config, workdir: str) -> None:
@@ -376,5 +379,7 @@ def check_same_config(config, workdir: str) -> None:
 def write_config(config, workdir: str) -> None:
   """Writes the resolved config as workdir/config.json (atomically)."""
   os.makedirs(workdir, exist_ok=True)
-  write_json(path(workdir, CONFIG_JSON), config_as_dict(config), indent=2,
+  write_json(path(workdir, CONFIG_JSON),
+             config_as_dict(config),
+             indent=2,
              sort_keys=True)

@@ -14,21 +14,34 @@ from vitat_jax.attacks.apgd import checkpoint_schedule, single_run
 from vitat_jax.errors import UserError
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "norm", "loss",
-                                             "n_iter", "n_restarts"))
+@functools.partial(jax.jit,
+                   static_argnames=("eps", "norm", "loss", "n_iter",
+                                    "n_restarts"))
 def run_apgd(key, x, y, eps, norm="Linf", loss="ce", n_iter=10, n_restarts=1):
   if loss == "t":
-    return attacks.apgd_targeted(mlp, key, x, y, eps=eps, norm=norm,
-                                 n_iter=n_iter, n_target_classes=3)
-  return attacks.apgd(mlp, key, x, y, eps=eps, norm=norm, loss=loss,
-                      n_iter=n_iter, n_restarts=n_restarts)
+    return attacks.apgd_targeted(mlp,
+                                 key,
+                                 x,
+                                 y,
+                                 eps=eps,
+                                 norm=norm,
+                                 n_iter=n_iter,
+                                 n_target_classes=3)
+  return attacks.apgd(mlp,
+                      key,
+                      x,
+                      y,
+                      eps=eps,
+                      norm=norm,
+                      loss=loss,
+                      n_iter=n_iter,
+                      n_restarts=n_restarts)
 
 
 def test_checkpoints_follow_the_reference_schedule():
   # n_iter_2 = 22, size_decr = 3, n_iter_min = 6: windows 22, 19, 16, ...
   is_checkpoint, window = checkpoint_schedule(100)
-  assert list(np.flatnonzero(is_checkpoint)) == [21, 40, 56, 69, 79, 86, 92,
-                                                 98]
+  assert list(np.flatnonzero(is_checkpoint)) == [21, 40, 56, 69, 79, 86, 92, 98]
   assert list(window[is_checkpoint]) == [22, 19, 16, 13, 10, 7, 6, 6]
   # n = 10: k = 2, then max(k - 1, 1) = 1: every iteration after the first.
   assert list(np.flatnonzero(checkpoint_schedule(10)[0])) == list(range(1, 10))
@@ -43,9 +56,9 @@ def test_dlr_losses_match_the_reference_formulas():
                              rtol=1e-6)
   targets = jnp.array([3, 1])
   # (z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), negated.
-  np.testing.assert_allclose(
-      attacks.dlr_loss_targeted(logits, labels, targets),
-      [-(4 - 3) / (4 - 1.5), -(2 - 5) / (5 - 0.5)], rtol=1e-6)
+  np.testing.assert_allclose(attacks.dlr_loss_targeted(logits, labels, targets),
+                             [-(4 - 3) / (4 - 1.5), -(2 - 5) / (5 - 0.5)],
+                             rtol=1e-6)
 
 
 @settings(max_examples=8, deadline=None)
@@ -95,9 +108,9 @@ def test_single_run_tracks_the_best_point_and_the_adversarial_one():
   x, y = batch(5, n=16, edges=False)
   eps = 3 / 255
   loss_fn = lambda logits: attacks.cross_entropy_per_example(logits, y)
-  x_best, robust, loss_best, x_best_adv = jax.jit(
-      lambda k: single_run(lambda xi, _: mlp(xi), loss_fn, k, x, y, eps=eps,
-                           norm="Linf", n_iter=20))(jax.random.key(1))
+  x_best, robust, loss_best, x_best_adv = jax.jit(lambda k: single_run(
+      lambda xi, _: mlp(xi), loss_fn, k, x, y, eps=eps, norm="Linf", n_iter=20)
+                                                 )(jax.random.key(1))
   np.testing.assert_allclose(loss_fn(mlp(x_best)), loss_best, rtol=1e-5)
   assert float(loss_best.min()) > 0
   broken = ~np.asarray(robust)
@@ -119,8 +132,8 @@ def test_more_restarts_break_at_least_as_much():
 def test_eot_averages_a_randomised_model():
   x, y = batch(7, n=8, edges=False)
   noisy = lambda xi, key: mlp(xi) + 0.1 * jax.random.normal(key, (10,))
-  run = jax.jit(lambda k: attacks.apgd(noisy, k, x, y, eps=4 / 255, n_iter=5,
-                                       eot_iter=4, stochastic=True))
+  run = jax.jit(lambda k: attacks.apgd(
+      noisy, k, x, y, eps=4 / 255, n_iter=5, eot_iter=4, stochastic=True))
   a, b = run(jax.random.key(0)), run(jax.random.key(0))
   np.testing.assert_array_equal(a, b)
   assert_in_ball_and_box(a, x, 4 / 255)

@@ -17,17 +17,42 @@ from vitat_jax.attacks.autoattack import attack_settings
 from vitat_jax.errors import UserError
 
 # Small budgets keep the CPU tests fast; the algorithms are the same.
-FAST = {"apgd-ce": {"n_iter": 10}, "apgd-dlr": {"n_iter": 10},
-        "apgd-t": {"n_iter": 10, "n_target_classes": 3},
-        "fab-t": {"n_iter": 10, "n_target_classes": 3},
-        "fab": {"n_iter": 10}, "square": {"n_queries": 100}}
+FAST = {
+    "apgd-ce": {
+        "n_iter": 10
+    },
+    "apgd-dlr": {
+        "n_iter": 10
+    },
+    "apgd-t": {
+        "n_iter": 10,
+        "n_target_classes": 3
+    },
+    "fab-t": {
+        "n_iter": 10,
+        "n_target_classes": 3
+    },
+    "fab": {
+        "n_iter": 10
+    },
+    "square": {
+        "n_queries": 100
+    }
+}
 STANDARD = ["apgd-ce", "apgd-t", "fab-t", "square"]
 
 
 def _run(x, y, key, eps=4 / 255, names=STANDARD, logits_fn=mlp, **kwargs):
-  return attacks.autoattack(logits_fn, x, y, key=key, eps=eps,
-                            version="custom", attacks_to_run=names,
-                            overrides=FAST, batch_size=16, verbose=False,
+  return attacks.autoattack(logits_fn,
+                            x,
+                            y,
+                            key=key,
+                            eps=eps,
+                            version="custom",
+                            attacks_to_run=names,
+                            overrides=FAST,
+                            batch_size=16,
+                            verbose=False,
                             **kwargs)
 
 
@@ -38,8 +63,9 @@ def test_versions_follow_the_reference():
   assert standard[1].n_target_classes == 9 and standard[2].n_target_classes == 9
   assert standard[3].n_queries == 5000
   plus = {s.name: s for s in attack_settings("plus", 8 / 255)}
-  assert list(plus) == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t",
-                        "fab-t"]
+  assert list(plus) == [
+      "apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"
+  ]
   assert plus["apgd-ce"].n_restarts == 5 and plus["fab"].n_restarts == 5
   assert plus["apgd-t"].n_restarts == 1 and plus["fab-t"].n_restarts == 1
   rand = attack_settings("rand", 8 / 255)
@@ -79,22 +105,24 @@ def test_same_key_same_result_and_batching_is_invisible_to_the_flags():
   assert a.robust_accuracy == b.robust_accuracy
   # Point i is keyed by its index: the set in two pieces (other batches,
   # other compacted robust sets) gives the same flags and images.
-  halves = [_run(x[r], y[r], jax.random.key(0), first_index=r.start)
-            for r in (slice(0, 20), slice(20, 40))]
+  halves = [
+      _run(x[r], y[r], jax.random.key(0), first_index=r.start)
+      for r in (slice(0, 20), slice(20, 40))
+  ]
   combined = attacks.combine_results(halves)
   np.testing.assert_array_equal(combined["robust"], a.robust)
   assert combined["robust_accuracy"] == pytest.approx(a.robust_accuracy)
-  np.testing.assert_allclose(
-      np.concatenate([h.adv_images for h in halves]), a.adv_images,
-      atol=1e-6)
+  np.testing.assert_allclose(np.concatenate([h.adv_images for h in halves]),
+                             a.adv_images,
+                             atol=1e-6)
   assert sum(combined["broken"].values()) == round(
       40 * (a.robust_accuracy["clean"] - a.accuracy))
   assert a.attacked["apgd-ce"] == round(40 * a.robust_accuracy["clean"])
   assert a.perturbation["max"] <= 4 / 255 + 1e-6 and a.perturbation["nan"] == 0
   assert 0 < a.accuracy < a.robust_accuracy["clean"]
-  assert not any(a.checks[k] for k in ("looks_like_probabilities",
-                                       "randomized", "zero_gradient_points",
-                                       "square_beats_white_box"))
+  assert not any(a.checks[k]
+                 for k in ("looks_like_probabilities", "randomized",
+                           "zero_gradient_points", "square_beats_white_box"))
   assert a.warnings == []
 
 
@@ -104,8 +132,12 @@ def test_masked_gradients_are_flagged():
   quantised = lambda x: mlp(jnp.round(x * 4) / 4)
   x, y = batch(2, n=32, edges=False)
   y = jnp.argmax(quantised(x), -1)
-  result = _run(x, y, jax.random.key(0), eps=16 / 255,
-                names=["apgd-ce", "fab-t", "square"], logits_fn=quantised)
+  result = _run(x,
+                y,
+                jax.random.key(0),
+                eps=16 / 255,
+                names=["apgd-ce", "fab-t", "square"],
+                logits_fn=quantised)
   assert result.checks["zero_gradient_points"] == 32
   assert result.checks["square_beats_white_box"]
   assert len(result.warnings) == 2
@@ -115,7 +147,10 @@ def test_masked_gradients_are_flagged():
 def test_probability_outputs_and_randomness_are_flagged():
   x, y = batch(3, n=8)
   probabilities = lambda x: jax.nn.softmax(mlp(x))
-  result = _run(x, y, jax.random.key(0), names=["apgd-ce"],
+  result = _run(x,
+                y,
+                jax.random.key(0),
+                names=["apgd-ce"],
                 logits_fn=probabilities)
   assert result.checks["looks_like_probabilities"]
   rng = np.random.default_rng(0)
@@ -129,11 +164,25 @@ def test_probability_outputs_and_randomness_are_flagged():
 def test_rand_version_runs_eot_on_a_keyed_model():
   x, y = batch(4, n=8, edges=False)
   noisy = lambda x, key: mlp(x) + 0.05 * jax.random.normal(key, (10,))
-  result = attacks.autoattack(
-      noisy, x, y, key=jax.random.key(0), eps=4 / 255, version="rand",
-      stochastic=True, batch_size=8, verbose=False,
-      overrides={"apgd-ce": {"n_iter": 5, "eot_iter": 3},
-                 "apgd-dlr": {"n_iter": 5, "eot_iter": 3}})
+  result = attacks.autoattack(noisy,
+                              x,
+                              y,
+                              key=jax.random.key(0),
+                              eps=4 / 255,
+                              version="rand",
+                              stochastic=True,
+                              batch_size=8,
+                              verbose=False,
+                              overrides={
+                                  "apgd-ce": {
+                                      "n_iter": 5,
+                                      "eot_iter": 3
+                                  },
+                                  "apgd-dlr": {
+                                      "n_iter": 5,
+                                      "eot_iter": 3
+                                  }
+                              })
   assert list(result.robust_accuracy) == ["clean", "apgd-ce", "apgd-dlr"]
   assert result.checks["randomized"] is None
   assert_in_ball_and_box(jnp.asarray(result.adv_images), x, 4 / 255)
@@ -144,8 +193,12 @@ def test_rand_version_runs_eot_on_a_keyed_model():
     (dict(attacks_to_run=["apgd-ce"]), "only used with version='custom'"),
     (dict(version="custom", attacks_to_run=["pgd"]), "bad attacks_to_run"),
     (dict(version="custom"), "needs attacks_to_run"),
-    (dict(overrides={"square": {"p_init": 2}}), "cannot override"),
-    (dict(overrides={"apgd-ce": {"n_iter": 0}}), "must be a positive"),
+    (dict(overrides={"square": {
+        "p_init": 2
+    }}), "cannot override"),
+    (dict(overrides={"apgd-ce": {
+        "n_iter": 0
+    }}), "must be a positive"),
     (dict(eps=2.0), "eps=2.0"),
 ])
 def test_bad_arguments_are_one_line_errors(kwargs, fragment):
@@ -159,7 +212,8 @@ def test_a_multi_process_call_needs_a_placement(monkeypatch):
   # Each process attacks its own rows: the runner must say how to merge.
   x, y = batch(0, n=2)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(UserError, match="placement=parallel.autoattack_"
+  with pytest.raises(UserError,
+                     match="placement=parallel.autoattack_"
                      "placement") as info:
     attacks.autoattack(mlp, x, y, key=jax.random.key(0))
   assert "\n" not in str(info.value)
@@ -179,24 +233,47 @@ def _eval_config(**changes):
 
 
 @pytest.mark.parametrize("changes, fragment", [
-    ({"eval.autoattack.version": "fast"}, "unknown AutoAttack version"),
-    ({"eval.autoattack.attacks": ("apgd-ce", "pgd")}, "bad attacks_to_run"),
-    ({"eval.autoattack.attacks": ("apgd-ce",),
-      "eval.autoattack.version": "plus"}, "cannot be combined"),
-    ({"eval.eps": 1.5}, "in (0, 1]"),
-    ({"eval.autoattack.norm": "L1"}, "unknown AutoAttack norm"),
-    ({"eval.autoattack.norm": "L2"}, "implemented for L-inf only"),
-    ({"eval.protocol": "robustbench", "data.name": "digits"},
-     "protocol='robustbench' is defined here for cifar10"),
-    ({"eval.protocol": "robustbench", "data.tfds_name": "imagenet2012"},
-     "ImageNet"),
-    ({"eval.protocol": "robustbench", "data.image_size": 224}, "at 32 px"),
-    ({"eval.protocol": "leaderboard"}, "unknown eval.protocol"),
+    ({
+        "eval.autoattack.version": "fast"
+    }, "unknown AutoAttack version"),
+    ({
+        "eval.autoattack.attacks": ("apgd-ce", "pgd")
+    }, "bad attacks_to_run"),
+    ({
+        "eval.autoattack.attacks": ("apgd-ce",),
+        "eval.autoattack.version": "plus"
+    }, "cannot be combined"),
+    ({
+        "eval.eps": 1.5
+    }, "in (0, 1]"),
+    ({
+        "eval.autoattack.norm": "L1"
+    }, "unknown AutoAttack norm"),
+    ({
+        "eval.autoattack.norm": "L2"
+    }, "implemented for L-inf only"),
+    ({
+        "eval.protocol": "robustbench",
+        "data.name": "digits"
+    }, "protocol='robustbench' is defined here for cifar10"),
+    ({
+        "eval.protocol": "robustbench",
+        "data.tfds_name": "imagenet2012"
+    }, "ImageNet"),
+    ({
+        "eval.protocol": "robustbench",
+        "data.image_size": 224
+    }, "at 32 px"),
+    ({
+        "eval.protocol": "leaderboard"
+    }, "unknown eval.protocol"),
 ])
 def test_bad_autoattack_configs_fail_before_any_attack(changes, fragment):
   from vitat_jax import validate
-  with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(
-      ")", r"\)").replace("[", r"\[")) as info:
+  with pytest.raises(UserError,
+                     match=fragment.replace("(",
+                                            r"\(").replace(")", r"\)").replace(
+                                                "[", r"\[")) as info:
     validate.check_config(_eval_config(**changes))
   assert "\n" not in str(info.value)
 
@@ -206,8 +283,8 @@ def test_robustbench_protocol_is_cifar10s_first_10000_test_images():
   assert evaluation.robustbench_num_examples(config) == 10_000
   config.eval.num_examples = 500
   assert evaluation.robustbench_num_examples(config) == 500
-  options = evaluation.autoattack_options(_eval_config(
-      **{"eval.autoattack.attacks": ("apgd-ce", "square")}))
+  options = evaluation.autoattack_options(
+      _eval_config(**{"eval.autoattack.attacks": ("apgd-ce", "square")}))
   assert options["version"] == "custom"
   assert options["attacks_to_run"] == ("apgd-ce", "square")
 
@@ -228,10 +305,13 @@ def test_evaluator_runs_autoattack_by_name():
   x = jnp.asarray(images, jnp.float32) / 255
   params = model.init(jax.random.key(0), x)["params"]
   y = np.asarray(jnp.argmax(model.apply({"params": params}, x), -1), np.int32)
-  evaluate = evaluation.Evaluator(model, eps=2 / 255, alpha=0.5 / 255,
+  evaluate = evaluation.Evaluator(model,
+                                  eps=2 / 255,
+                                  alpha=0.5 / 255,
                                   batch_size=8)
-  result = evaluate(params, data.ArraySource(images, y),
-                    ["clean", "pgd5", "aa"], key=jax.random.key(0))
+  result = evaluate(params,
+                    data.ArraySource(images, y), ["clean", "pgd5", "aa"],
+                    key=jax.random.key(0))
   assert result["clean_acc"] == 1.0
   assert result["aa_acc"] <= result["pgd5_acc"] + 1e-9
   assert result["num_eval_images"] == 8

@@ -52,8 +52,8 @@ def test_projection_matches_the_reference(dim):
   offset = rng.normal(size=n) * np.abs(w).sum(1) * rng.choice(
       [0.0, 0.001, 0.05, 0.3, 2.0], n)
   b = (np.sum(w * t, 1) + offset).astype(np.float32)
-  ours = np.asarray(projection_linf(jnp.asarray(t), jnp.asarray(w),
-                                    jnp.asarray(b)))
+  ours = np.asarray(
+      projection_linf(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)))
   theirs = reference.projection_linf(torch.from_numpy(t), torch.from_numpy(w),
                                      torch.from_numpy(b)).numpy()
   np.testing.assert_allclose(ours, theirs, atol=2e-6)
@@ -62,13 +62,19 @@ def test_projection_matches_the_reference(dim):
 @functools.partial(jax.jit, static_argnames=("eps", "targeted"))
 def run_fab(key, x, y, eps, targeted=True):
   if targeted:
-    return attacks.fab_targeted(mlp, key, x, y, eps=eps, n_iter=10,
+    return attacks.fab_targeted(mlp,
+                                key,
+                                x,
+                                y,
+                                eps=eps,
+                                n_iter=10,
                                 n_target_classes=3)
   return attacks.fab(mlp, key, x, y, eps=eps, n_iter=10, n_restarts=2)
 
 
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 10_000), eps=st.sampled_from([2 / 255, 8 / 255]),
+@given(seed=st.integers(0, 10_000),
+       eps=st.sampled_from([2 / 255, 8 / 255]),
        targeted=st.booleans())
 def test_fab_stays_in_the_ball_and_the_box(seed, eps, targeted):
   x, y = batch(seed)
@@ -104,8 +110,13 @@ def test_fab_t_finds_the_minimal_perturbation_of_a_linear_model():
   gap = logits[jnp.arange(n), y] - logits[jnp.arange(n), runner_up]
   distance = np.asarray(gap / jnp.abs(w_diff).sum(-1))
   eps = float(np.median(distance))
-  x_adv = attacks.fab_targeted(linear, jax.random.key(0), x, y, eps=eps,
-                               n_iter=10, n_target_classes=1)
+  x_adv = attacks.fab_targeted(linear,
+                               jax.random.key(0),
+                               x,
+                               y,
+                               eps=eps,
+                               n_iter=10,
+                               n_target_classes=1)
   broken = np.asarray(jnp.argmax(linear(x_adv), -1) != y)
   assert np.all(broken[distance < eps / 1.05])
   assert not np.any(broken[distance > eps])

@@ -11,8 +11,13 @@ from vitat_jax import attacks
 from vitat_jax import masks
 from vitat_jax import models
 
-MODEL = models.create("deit_tiny_patch16_224", num_classes=10, img_size=8,
-                      patch_size=4, embed_dim=16, depth=1, num_heads=2)
+MODEL = models.create("deit_tiny_patch16_224",
+                      num_classes=10,
+                      img_size=8,
+                      patch_size=4,
+                      embed_dim=16,
+                      depth=1,
+                      num_heads=2)
 PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
 
 
@@ -22,25 +27,39 @@ def logits_fn(x):
 
 @functools.partial(jax.jit, static_argnames=("steps", "restarts", "loss"))
 def run_pgd(key, x, y, eps, alpha, steps=5, restarts=1, loss="ce"):
-  return attacks.pgd(logits_fn, key, x, y, eps=eps, alpha=alpha, steps=steps,
-                     restarts=restarts, loss=loss)
+  return attacks.pgd(logits_fn,
+                     key,
+                     x,
+                     y,
+                     eps=eps,
+                     alpha=alpha,
+                     steps=steps,
+                     restarts=restarts,
+                     loss=loss)
 
 
 def _batch(seed, n=8):
   kx, ky = jax.random.split(jax.random.key(seed))
-  return jax.random.uniform(kx, (n, 8, 8, 3)), jax.random.randint(ky, (n,), 0, 10)
+  return jax.random.uniform(kx,
+                            (n, 8, 8, 3)), jax.random.randint(ky, (n,), 0, 10)
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), eps_255=st.floats(0.5, 16.0),
-       alpha_fraction=st.floats(0.05, 1.0), loss=st.sampled_from(["ce", "cw"]))
+@given(seed=st.integers(0, 10_000),
+       eps_255=st.floats(0.5, 16.0),
+       alpha_fraction=st.floats(0.05, 1.0),
+       loss=st.sampled_from(["ce", "cw"]))
 def test_pgd_stays_in_the_eps_ball_and_the_box(seed, eps_255, alpha_fraction,
                                                loss):
   x, y = _batch(seed)
   # Some pixels at the box edges, where the box constraint binds.
   x = x.at[:, :2].set(0.0).at[:, -2:].set(1.0)
   eps = eps_255 / 255
-  x_adv = run_pgd(jax.random.key(seed), x, y, eps, eps * alpha_fraction,
+  x_adv = run_pgd(jax.random.key(seed),
+                  x,
+                  y,
+                  eps,
+                  eps * alpha_fraction,
                   loss=loss)
   assert float(jnp.abs(x_adv - x).max()) <= eps + 1e-6
   assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
@@ -69,8 +88,10 @@ def test_only_correctly_classified_examples_move():
   # A model that always predicts class 0: examples labelled 0 are correct and
   # keep moving; the others are wrong from the start and keep their start.
   weights = jax.random.normal(jax.random.key(9), (8 * 8 * 3, 10)) * 0.1
+
   def always_zero(x):
     return x.reshape(x.shape[0], -1) @ weights + jnp.eye(10)[0] * 5.0
+
   x, _ = _batch(3, n=6)
   y = jnp.array([0, 1, 0, 2, 3, 0])
   key = jax.random.key(7)
@@ -86,7 +107,12 @@ def test_only_correctly_classified_examples_move():
 def test_restarts_keep_the_worst_case_per_example():
   x, y = _batch(4, n=16)
   one = run_pgd(jax.random.key(1), x, y, 8 / 255, 2 / 255, steps=2)
-  three = run_pgd(jax.random.key(1), x, y, 8 / 255, 2 / 255, steps=2,
+  three = run_pgd(jax.random.key(1),
+                  x,
+                  y,
+                  8 / 255,
+                  2 / 255,
+                  steps=2,
                   restarts=3)
   loss_one = attacks.cross_entropy_per_example(logits_fn(one), y)
   loss_three = attacks.cross_entropy_per_example(logits_fn(three), y)
@@ -108,9 +134,11 @@ def test_cw_margin_matches_the_reference_formula():
 
 
 def _ce_objective(y):
+
   def objective(x_adv, key):
     del key
     return attacks.cross_entropy_per_example(logits_fn(x_adv), y).mean()
+
   return objective
 
 
@@ -121,8 +149,13 @@ def test_training_attack_with_prm_follows_the_reference_update():
   eps, alpha, r = 8 / 255, 2 / 255, 0.5
   key = jax.random.key(11)
   mask_fn = lambda k: masks.prm_mask(k, r, 2, 4)
-  x_adv = attacks.perturb(_ce_objective(y), key, x, eps=eps, alpha=alpha,
-                          steps=1, delta_mask_fn=mask_fn)
+  x_adv = attacks.perturb(_ce_objective(y),
+                          key,
+                          x,
+                          eps=eps,
+                          alpha=alpha,
+                          steps=1,
+                          delta_mask_fn=mask_fn)
   init_key, loop_key = jax.random.split(key)
   delta0 = attacks.uniform_init(init_key, x, eps)
   mask_key, _ = jax.random.split(jax.random.fold_in(loop_key, 0))
@@ -136,15 +169,21 @@ def test_training_attack_with_prm_follows_the_reference_update():
   inside = (x > 3 / 255) & (x < 1 - 3 / 255) & (grad != 0)
   sel = zero_cells & np.asarray(inside)
   assert sel.any()
-  np.testing.assert_allclose(np.abs(np.asarray(x_adv - x)[sel]), alpha,
+  np.testing.assert_allclose(np.abs(np.asarray(x_adv - x)[sel]),
+                             alpha,
                              atol=1e-6)
 
 
 def test_training_attack_stays_in_bounds_and_is_keyed():
   x, y = _batch(6)
-  run = jax.jit(lambda k: attacks.perturb(
-      _ce_objective(y), k, x, eps=8 / 255, alpha=2 / 255, steps=4,
-      delta_mask_fn=lambda mk: masks.prm_mask(mk, 0.3, 2, 4)))
+  run = jax.jit(lambda k: attacks.perturb(_ce_objective(y),
+                                          k,
+                                          x,
+                                          eps=8 / 255,
+                                          alpha=2 / 255,
+                                          steps=4,
+                                          delta_mask_fn=lambda mk: masks.
+                                          prm_mask(mk, 0.3, 2, 4)))
   a, b = run(jax.random.key(1)), run(jax.random.key(1))
   np.testing.assert_array_equal(a, b)
   assert float(jnp.abs(a - x).max()) <= 8 / 255 + 1e-6
@@ -154,8 +193,12 @@ def test_training_attack_stays_in_bounds_and_is_keyed():
 def test_gaussian_start_is_small_and_in_the_box():
   x, y = _batch(7)
   x = x.at[:, 0].set(0.0)
-  x_adv = attacks.perturb(_ce_objective(y), jax.random.key(0), x,
-                          eps=8 / 255, alpha=2 / 255, steps=1,
+  x_adv = attacks.perturb(_ce_objective(y),
+                          jax.random.key(0),
+                          x,
+                          eps=8 / 255,
+                          alpha=2 / 255,
+                          steps=1,
                           init="gaussian")
   assert float(jnp.abs(x_adv - x).max()) <= 8 / 255 + 1e-6
   assert float(x_adv.min()) >= 0.0

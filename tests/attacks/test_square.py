@@ -16,8 +16,8 @@ def _reference_p_selection(it, p_init=0.8):
   """fra31's SquareAttack.p_selection with resc_schedule=False."""
   for low, high, divisor in ((10, 50, 2), (50, 200, 4), (200, 500, 8),
                              (500, 1000, 16), (1000, 2000, 32),
-                             (2000, 4000, 64), (4000, 6000, 128),
-                             (6000, 8000, 256)):
+                             (2000, 4000, 64), (4000, 6000, 128), (6000, 8000,
+                                                                   256)):
     if low < it <= high:
       return p_init / divisor
   return p_init / 512 if it > 8000 else p_init
@@ -65,6 +65,10 @@ def test_square_needs_only_outputs():
   # A model whose gradient is zero everywhere is no obstacle to Square.
   masked = lambda x: mlp(jax.lax.stop_gradient(x))
   x, y = batch(2, n=16, edges=False)
-  x_adv = attacks.square(masked, jax.random.key(0), x, y, eps=8 / 255,
+  x_adv = attacks.square(masked,
+                         jax.random.key(0),
+                         x,
+                         y,
+                         eps=8 / 255,
                          n_queries=300)
   assert float((jnp.argmax(mlp(x_adv), -1) != y).mean()) > 0.25

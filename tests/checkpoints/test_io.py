@@ -9,10 +9,12 @@ from vitat_jax.errors import UserError
 
 
 def test_safetensors_round_trip(tmp_path):
-  tensors = {"a.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
-             "b": np.array([1, 2, 3], np.int64),
-             "c": np.ones((2, 2), ml_dtypes.bfloat16),
-             "scalar": np.array(2.5, np.float16)}
+  tensors = {
+      "a.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
+      "b": np.array([1, 2, 3], np.int64),
+      "c": np.ones((2, 2), ml_dtypes.bfloat16),
+      "scalar": np.array(2.5, np.float16)
+  }
   path = str(tmp_path / "t.safetensors")
   io.write_safetensors(tensors, path, metadata={"format": "pt"})
   back = io.read_safetensors(path)
@@ -24,9 +26,12 @@ def test_safetensors_round_trip(tmp_path):
 
 def test_safetensors_matches_the_reference_library(tmp_path):
   safetensors_numpy = pytest.importorskip("safetensors.numpy")
-  tensors = {"x": np.random.RandomState(0).randn(5, 3).astype(np.float32),
-             "y": np.arange(7, dtype=np.int32)}
-  ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "t.safetensors")
+  tensors = {
+      "x": np.random.RandomState(0).randn(5, 3).astype(np.float32),
+      "y": np.arange(7, dtype=np.int32)
+  }
+  ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path /
+                                                         "t.safetensors")
   io.write_safetensors(tensors, ours)
   safetensors_numpy.save_file(tensors, theirs)
   for name, value in safetensors_numpy.load_file(ours).items():

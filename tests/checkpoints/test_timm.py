@@ -53,9 +53,11 @@ def _random_params(model, seed):
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, model.img_size, model.img_size, 3)))
   rng = np.random.RandomState(seed)
+
   def draw(path, spec):
     base = 1.0 if path[-1].key == "scale" else 0.0
     return (base + 0.05 * rng.randn(*spec.shape)).astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(draw, shapes["params"])
 
 
@@ -79,20 +81,30 @@ PARITY_CASES = [
     ("swin_tiny_patch4_window7_224", dict(depths=(2, 1, 1, 1))),
     ("swin_base_patch4_window7_224", dict(depths=(2, 1, 1, 1))),
     # 32x32: ViT/DeiT with patch 4, Swin with patch 2 and window 4.
-    ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=4,
-                                             depth=2, num_classes=10)),
-    ("vit_small_patch16_224", dict(img_size=32, patch_size=4, depth=1,
-                                   num_classes=10)),
-    ("convit_tiny", dict(img_size=32, patch_size=4, depth=2,
-                         local_up_to_layer=1, num_classes=10)),
-    ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2,
-                                          window_size=4, depths=(2, 2, 1, 1),
-                                          num_classes=10)),
-    ("swin_small_patch4_window7_224", dict(img_size=32, patch_size=2,
-                                           window_size=4, embed_dim=48,
-                                           depths=(2, 2, 2, 2),
-                                           num_heads=(2, 4, 4, 8),
-                                           num_classes=10)),
+    ("deit_tiny_distilled_patch16_224",
+     dict(img_size=32, patch_size=4, depth=2, num_classes=10)),
+    ("vit_small_patch16_224",
+     dict(img_size=32, patch_size=4, depth=1, num_classes=10)),
+    ("convit_tiny",
+     dict(img_size=32,
+          patch_size=4,
+          depth=2,
+          local_up_to_layer=1,
+          num_classes=10)),
+    ("swin_tiny_patch4_window7_224",
+     dict(img_size=32,
+          patch_size=2,
+          window_size=4,
+          depths=(2, 2, 1, 1),
+          num_classes=10)),
+    ("swin_small_patch4_window7_224",
+     dict(img_size=32,
+          patch_size=2,
+          window_size=4,
+          embed_dim=48,
+          depths=(2, 2, 2, 2),
+          num_heads=(2, 4, 4, 8),
+          num_classes=10)),
 ]
 
 
@@ -102,13 +114,14 @@ def test_logits_match_timm(name, kw, tmp_path):
   model = models.create(name, **kw)
   params = checkpoints.load(_save(module, tmp_path / "m.safetensors"), model)
   images = _images(model)
-  diff = np.abs(_logits(model, params, images) -
-                _timm_logits(module, model, images)).max()
+  diff = np.abs(
+      _logits(model, params, images) -
+      _timm_logits(module, model, images)).max()
   assert diff <= TOL, diff
 
 
-@pytest.mark.parametrize("name", (models.list_models("swin") +
-                                  models.list_models("convit")))
+@pytest.mark.parametrize(
+    "name", (models.list_models("swin") + models.list_models("convit")))
 def test_parameter_counts_equal_timm(name):
   model = models.create(name)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
@@ -120,13 +133,20 @@ def test_parameter_counts_equal_timm(name):
 
 
 @pytest.mark.parametrize("name, kw", [
-    ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=4,
-                                             depth=2, num_classes=10)),
-    ("convit_tiny", dict(img_size=32, patch_size=4, depth=2,
-                         local_up_to_layer=1, num_classes=10)),
-    ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2,
-                                          window_size=4, depths=(2, 2, 1, 1),
-                                          num_classes=10)),
+    ("deit_tiny_distilled_patch16_224",
+     dict(img_size=32, patch_size=4, depth=2, num_classes=10)),
+    ("convit_tiny",
+     dict(img_size=32,
+          patch_size=4,
+          depth=2,
+          local_up_to_layer=1,
+          num_classes=10)),
+    ("swin_tiny_patch4_window7_224",
+     dict(img_size=32,
+          patch_size=2,
+          window_size=4,
+          depths=(2, 2, 1, 1),
+          num_classes=10)),
 ])
 def test_export_round_trip_through_timm(name, kw, tmp_path):
   model = models.create(name, **kw)
@@ -137,8 +157,9 @@ def test_export_round_trip_through_timm(name, kw, tmp_path):
   checkpoints.export_timm(params, model, path)
   module = _timm(name, **kw)
   module.load_state_dict(safetensors_torch.load_file(path), strict=True)
-  diff = np.abs(_logits(model, params, images) -
-                _timm_logits(module, model, images)).max()
+  diff = np.abs(
+      _logits(model, params, images) -
+      _timm_logits(module, model, images)).max()
   assert diff <= TOL, diff
   # ... and back: loading the export gives the same params.
   again = checkpoints.load(path, model)
@@ -146,6 +167,7 @@ def test_export_round_trip_through_timm(name, kw, tmp_path):
 
 
 # --- resampling: 224px/patch-16 checkpoint -> 32px/patch-4 model ------------
+
 
 def _reference_bilinear(grid, new):
   """torch F.interpolate(bilinear, align_corners=False), one output at a time."""
@@ -160,8 +182,8 @@ def _reference_bilinear(grid, new):
       y1, x1 = min(y0 + 1, old - 1), min(x0 + 1, old - 1)
       dy, dx = y - y0, x - x0
       out[i, j] = ((1 - dy) * (1 - dx) * grid[y0, x0] +
-                   (1 - dy) * dx * grid[y0, x1] +
-                   dy * (1 - dx) * grid[y1, x0] + dy * dx * grid[y1, x1])
+                   (1 - dy) * dx * grid[y0, x1] + dy * (1 - dx) * grid[y1, x0] +
+                   dy * dx * grid[y1, x1])
   return out
 
 
@@ -180,21 +202,27 @@ def _reference_sum_pool(kernel, patch):
 def test_cifar_adaptation_matches_the_reference_resampling(tmp_path, caplog):
   module = _timm("deit_tiny_patch16_224", depth=1)
   state = {k: v.numpy() for k, v in module.state_dict().items()}
-  model = models.create("deit_tiny_patch16_224", depth=1, img_size=32,
-                        patch_size=4, num_classes=10)
+  model = models.create("deit_tiny_patch16_224",
+                        depth=1,
+                        img_size=32,
+                        patch_size=4,
+                        num_classes=10)
   init = _random_params(model, 3)
   with caplog.at_level(logging.INFO):
     params = checkpoints.load(_save(module, tmp_path / "d.safetensors"),
-                              model, init_params=init)
+                              model,
+                              init_params=init)
   pos = state["pos_embed"]
-  expected = np.concatenate(
-      [pos[0, :1], _reference_bilinear(pos[0, 1:].reshape(14, 14, -1), 8)
-       .reshape(64, -1)])
+  expected = np.concatenate([
+      pos[0, :1],
+      _reference_bilinear(pos[0, 1:].reshape(14, 14, -1), 8).reshape(64, -1)
+  ])
   np.testing.assert_allclose(params["pos_embed"][0], expected, atol=1e-6)
   np.testing.assert_array_equal(params["pos_embed"][0, 0], pos[0, 0])
   kernel = _reference_sum_pool(state["patch_embed.proj.weight"], 4)
   np.testing.assert_allclose(params["patch_embed"]["kernel"],
-                             kernel.transpose(2, 3, 1, 0), atol=1e-5)
+                             kernel.transpose(2, 3, 1, 0),
+                             atol=1e-5)
   np.testing.assert_array_equal(params["head"]["kernel"],
                                 init["head"]["kernel"])
   np.testing.assert_array_equal(params["blocks_0"]["attn"]["qkv"]["kernel"],
@@ -209,11 +237,14 @@ def test_resampling_agrees_with_torch_interpolate():
   rng = np.random.RandomState(1)
   for old, new in ((14, 8), (14, 2), (7, 12), (24, 8)):
     grid = rng.randn(old, old, 5).astype(np.float32)
-    theirs = functional.interpolate(
-        torch.from_numpy(grid.transpose(2, 0, 1))[None], size=(new, new),
-        mode="bilinear")[0].numpy().transpose(1, 2, 0)
+    theirs = functional.interpolate(torch.from_numpy(grid.transpose(2, 0,
+                                                                    1))[None],
+                                    size=(new, new),
+                                    mode="bilinear")[0].numpy().transpose(
+                                        1, 2, 0)
     np.testing.assert_allclose(resample.bilinear_resize(grid, (new, new)),
-                               theirs, atol=1e-5)
+                               theirs,
+                               atol=1e-5)
   kernel = rng.randn(6, 3, 16, 16).astype(np.float32)
   # 16 -> 5 does not divide: the reference falls back to F.interpolate.
   theirs = functional.interpolate(torch.from_numpy(kernel), 5).numpy()
@@ -224,43 +255,59 @@ def test_resampling_agrees_with_torch_interpolate():
 def test_swin_window_and_patch_resampling(tmp_path, caplog):
   module = _timm("swin_tiny_patch4_window7_224", depths=(2, 1, 1, 1))
   state = {k: v.numpy() for k, v in module.state_dict().items()}
-  kw = dict(img_size=32, patch_size=2, window_size=4, depths=(2, 1, 1, 1),
+  kw = dict(img_size=32,
+            patch_size=2,
+            window_size=4,
+            depths=(2, 1, 1, 1),
             num_classes=10)
   model = models.create("swin_tiny_patch4_window7_224", **kw)
   with caplog.at_level(logging.INFO):
     params = checkpoints.load(_save(module, tmp_path / "s.safetensors"),
-                              model, init_params=_random_params(model, 0))
+                              model,
+                              init_params=_random_params(model, 0))
   name = "relative_position_bias_table"
   table = state[f"layers.0.blocks.1.attn.{name}"]
   expected = torch.nn.functional.interpolate(
-      torch.from_numpy(table.T.reshape(1, 3, 13, 13)), size=(7, 7),
+      torch.from_numpy(table.T.reshape(1, 3, 13, 13)),
+      size=(7, 7),
       mode="bilinear")[0].numpy().reshape(3, 49).T
   np.testing.assert_allclose(params["layers_0"]["blocks_1"]["attn"][name],
-                             expected, atol=1e-6)
+                             expected,
+                             atol=1e-6)
   # The last stage sees a 2x2 map, so its window is 2: a 3x3 table.
   assert params["layers_3"]["blocks_0"]["attn"][name].shape == (9, 24)
-  np.testing.assert_allclose(
-      params["patch_embed"]["proj"]["kernel"],
-      _reference_sum_pool(state["patch_embed.proj.weight"], 2)
-      .transpose(2, 3, 1, 0), atol=1e-5)
+  np.testing.assert_allclose(params["patch_embed"]["proj"]["kernel"],
+                             _reference_sum_pool(
+                                 state["patch_embed.proj.weight"],
+                                 2).transpose(2, 3, 1, 0),
+                             atol=1e-5)
   assert f"resized layers.0.blocks.1.attn.{name}" in caplog.text
 
 
 # --- other formats -----------------------------------------------------------
 
+
 def test_pth_loads_like_safetensors_and_pickles_need_permission(tmp_path):
-  module = _timm("deit_tiny_patch16_224", depth=1, img_size=32, patch_size=4,
+  module = _timm("deit_tiny_patch16_224",
+                 depth=1,
+                 img_size=32,
+                 patch_size=4,
                  num_classes=10)
-  model = models.create("deit_tiny_patch16_224", depth=1, img_size=32,
-                        patch_size=4, num_classes=10)
+  model = models.create("deit_tiny_patch16_224",
+                        depth=1,
+                        img_size=32,
+                        patch_size=4,
+                        num_classes=10)
   expected = checkpoints.load(_save(module, tmp_path / "m.safetensors"), model)
   plain = tmp_path / "m.pth"
   torch.save(module.state_dict(), plain)
   jax.tree.map(np.testing.assert_array_equal,
                checkpoints.load(str(plain), model), expected)
   wrapped = tmp_path / "train.pth"  # a training checkpoint with objects
-  torch.save({"model": module.state_dict(), "args": argparse.Namespace(lr=1)},
-             wrapped)
+  torch.save({
+      "model": module.state_dict(),
+      "args": argparse.Namespace(lr=1)
+  }, wrapped)
   with pytest.raises(UserError, match="allow_pickle=True") as info:
     checkpoints.load(str(wrapped), model)
   assert "\n" not in str(info.value)
@@ -272,12 +319,16 @@ def test_pth_loads_like_safetensors_and_pickles_need_permission(tmp_path):
 def _google_npz(params, heads, path):
   """Our ViT params in vision_transformer's .npz naming (written by hand)."""
   p = jax.tree.map(np.asarray, params)
-  w = {"embedding/kernel": p["patch_embed"]["kernel"],
-       "embedding/bias": p["patch_embed"]["bias"], "cls": p["cls_token"],
-       "Transformer/posembed_input/pos_embedding": p["pos_embed"],
-       "Transformer/encoder_norm/scale": p["norm"]["scale"],
-       "Transformer/encoder_norm/bias": p["norm"]["bias"],
-       "head/kernel": p["head"]["kernel"], "head/bias": p["head"]["bias"]}
+  w = {
+      "embedding/kernel": p["patch_embed"]["kernel"],
+      "embedding/bias": p["patch_embed"]["bias"],
+      "cls": p["cls_token"],
+      "Transformer/posembed_input/pos_embedding": p["pos_embed"],
+      "Transformer/encoder_norm/scale": p["norm"]["scale"],
+      "Transformer/encoder_norm/bias": p["norm"]["bias"],
+      "head/kernel": p["head"]["kernel"],
+      "head/bias": p["head"]["bias"]
+  }
   i = 0
   while f"blocks_{i}" in p:
     b, t = p[f"blocks_{i}"], f"Transformer/encoderblock_{i}/"
@@ -311,14 +362,16 @@ def test_npz_agrees_with_timms_own_npz_loader(tmp_path):
   module = _timm("vit_small_patch16_224", **kw)
   vision_transformer._load_weights(module, path)  # pylint: disable=protected-access
   loaded = checkpoints.load(path, model)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
-               loaded, params)
-  diff = np.abs(_logits(model, loaded, images) -
-                _timm_logits(module, model, images)).max()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), loaded,
+               params)
+  diff = np.abs(
+      _logits(model, loaded, images) -
+      _timm_logits(module, model, images)).max()
   assert diff <= TOL, diff
 
 
 # --- wrong checkpoints -------------------------------------------------------
+
 
 @pytest.mark.parametrize("source, target, fragment", [
     (("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1))),
@@ -330,8 +383,8 @@ def test_npz_agrees_with_timms_own_npz_loader(tmp_path):
     (("convit_tiny", dict(depth=1)),
      ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1))), "has no"),
 ])
-def test_wrong_family_or_size_is_a_one_line_user_error(source, target,
-                                                        fragment, tmp_path):
+def test_wrong_family_or_size_is_a_one_line_user_error(source, target, fragment,
+                                                       tmp_path):
   path = _save(_timm(source[0], **source[1]), tmp_path / "x.safetensors")
   with pytest.raises(UserError, match=fragment) as info:
     checkpoints.load(path, models.create(target[0], **target[1]))

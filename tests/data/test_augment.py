@@ -87,8 +87,8 @@ def test_flip_only_mirrors_some_examples():
 
 
 def test_works_on_uint8_and_rejects_negative_padding():
-  images = jnp.asarray(np.random.default_rng(8).integers(1, 256, (4, 6, 6, 3)),
-                       jnp.uint8)
+  images = jnp.asarray(
+      np.random.default_rng(8).integers(1, 256, (4, 6, 6, 3)), jnp.uint8)
   out = data.random_crop_flip(jax.random.key(8), images, padding=2)
   assert out.dtype == jnp.uint8 and out.shape == images.shape
   with pytest.raises(UserError):

@@ -11,15 +11,25 @@ from configs import imagenette
 from tests.data.test_sources import VitatTestTinyGray
 from vitat_jax import train
 
-_TINY_MODEL = {"model.embed_dim": 16, "model.depth": 1, "model.num_heads": 2,
-               "data.image_size": 32, "batch_size": 8, "accum_steps": 1,
-               "attack.steps": 1, "tricks.warmup_epochs": 0.0,
-               "eval.batch_size": 8, "eval.num_examples": 8,
-               "eval.attacks": ("clean",), "eval.epoch_num_examples": 0,
-               "log_every_steps": 1, "checkpoint_every_steps": 1000,
-               "data.train_transform": "random_resized_crop",
-               "data.eval_transform": "resize_center_crop",
-               "augment.crop_padding": 0}
+_TINY_MODEL = {
+    "model.embed_dim": 16,
+    "model.depth": 1,
+    "model.num_heads": 2,
+    "data.image_size": 32,
+    "batch_size": 8,
+    "accum_steps": 1,
+    "attack.steps": 1,
+    "tricks.warmup_epochs": 0.0,
+    "eval.batch_size": 8,
+    "eval.num_examples": 8,
+    "eval.attacks": ("clean",),
+    "eval.epoch_num_examples": 0,
+    "log_every_steps": 1,
+    "checkpoint_every_steps": 1000,
+    "data.train_transform": "random_resized_crop",
+    "data.eval_transform": "resize_center_crop",
+    "augment.crop_padding": 0
+}
 
 
 def _one_step(config, workdir, steps_per_epoch):
@@ -40,7 +50,7 @@ def test_imagenet_config_on_a_tiny_array_record_dataset(tmp_path):
   config.data.tfds_name = "vitat_test_tiny_gray"
   config.data.tfds_data_dir = str(data_dir)
   config.data.test_split = "test"
-  config.data.workers = 0   # pickling into workers: test_sources
+  config.data.workers = 0  # pickling into workers: test_sources
   _one_step(config, tmp_path / "run", steps_per_epoch=30 // 8)
 
 
@@ -56,7 +66,7 @@ def test_imagenette_config_on_a_tiny_folder_read_lazily(tmp_path):
   config = imagenette.get_config(f"root={tmp_path / 'nette'},"
                                  "pretrained=scratch")
   config.data.cache_dir = str(tmp_path / "cache")
-  config.data.decoded_cache_mb = 0   # read file by file, in the default
+  config.data.decoded_cache_mb = 0  # read file by file, in the default
   # number of workers (one per CPU beyond the first, so >= 1)
   _one_step(config, tmp_path / "run", steps_per_epoch=16 // 8)
 

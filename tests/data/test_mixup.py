@@ -14,7 +14,11 @@ LABELS = jnp.array([0, 1, 2, 3, 4, 5])
 
 @functools.partial(jax.jit, static_argnames=("prob", "switch_prob"))
 def _mix(key, prob=0.3, switch_prob=0.5):
-  return mixup.mixup_cutmix(key, IMAGES, LABELS, 10, prob=prob,
+  return mixup.mixup_cutmix(key,
+                            IMAGES,
+                            LABELS,
+                            10,
+                            prob=prob,
                             switch_prob=switch_prob)
 
 
@@ -23,7 +27,10 @@ def _run(seed, **kwargs):
 
 
 def test_prob_zero_is_the_identity_with_one_hot_targets():
-  images, targets = mixup.mixup_cutmix(jax.random.key(0), IMAGES, LABELS, 10,
+  images, targets = mixup.mixup_cutmix(jax.random.key(0),
+                                       IMAGES,
+                                       LABELS,
+                                       10,
                                        prob=0.0)
   np.testing.assert_array_equal(images, IMAGES)
   np.testing.assert_array_equal(targets, jax.nn.one_hot(LABELS, 10))
@@ -39,11 +46,12 @@ def test_label_smoothing_values():
 def test_mixup_blends_each_image_with_the_reversed_batch():
   for seed in range(5):
     images, targets = _run(seed, prob=1.0, switch_prob=0.0)
-    lam = float(targets[0, 0])             # label 0 mixed with label 5
+    lam = float(targets[0, 0])  # label 0 mixed with label 5
     assert 0.0 <= lam <= 1.0
     np.testing.assert_allclose(targets[0, 5], 1 - lam, atol=1e-6)
-    np.testing.assert_allclose(
-        images, lam * IMAGES + (1 - lam) * IMAGES[::-1], atol=1e-6)
+    np.testing.assert_allclose(images,
+                               lam * IMAGES + (1 - lam) * IMAGES[::-1],
+                               atol=1e-6)
     np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-6)
 
 
@@ -55,7 +63,7 @@ def test_cutmix_pastes_a_box_whose_area_is_one_minus_lam():
     from_reverse = np.all(np.asarray(images) == np.asarray(IMAGES[::-1]),
                           axis=-1)[0]
     from_self = np.all(np.asarray(images) == np.asarray(IMAGES), axis=-1)[0]
-    assert np.all(from_reverse | from_self)   # every pixel is copied whole
+    assert np.all(from_reverse | from_self)  # every pixel is copied whole
     np.testing.assert_allclose(from_reverse.mean(), 1 - lam, atol=1e-6)
     # The pasted region is a rectangle.
     rows, cols = np.nonzero(from_reverse & ~from_self)

@@ -46,8 +46,8 @@ def test_epoch_permutation_is_a_seeded_permutation():
   first = data.epoch_permutation(50, seed=1, epoch=2)
   np.testing.assert_array_equal(np.sort(first), np.arange(50))
   np.testing.assert_array_equal(first, data.epoch_permutation(50, 1, 2))
-  np.testing.assert_array_equal(
-      first, np.random.default_rng([1, 2]).permutation(50))
+  np.testing.assert_array_equal(first,
+                                np.random.default_rng([1, 2]).permutation(50))
   assert not np.array_equal(first, data.epoch_permutation(50, 1, 3))
   assert not np.array_equal(first, data.epoch_permutation(50, 2, 2))
 
@@ -83,15 +83,22 @@ def test_each_epoch_visits_every_example_at_most_once():
 
 
 @settings(max_examples=15, deadline=None)
-@given(start_step=st.integers(0, 30), num_examples=st.integers(6, 30),
-       batch_size=st.integers(1, 6), seed=st.integers(0, 2**31))
-def test_resume_equals_the_tail_of_an_uninterrupted_run(
-    start_step, num_examples, batch_size, seed):
+@given(start_step=st.integers(0, 30),
+       num_examples=st.integers(6, 30),
+       batch_size=st.integers(1, 6),
+       seed=st.integers(0, 2**31))
+def test_resume_equals_the_tail_of_an_uninterrupted_run(start_step,
+                                                        num_examples,
+                                                        batch_size, seed):
   source = _indexed_source(num_examples)
   full = _labels(data.train_batches(source, batch_size, seed, prefetch=0),
                  start_step + 5)
-  resumed = _labels(data.train_batches(source, batch_size, seed,
-                                       start_step=start_step, prefetch=0), 5)
+  resumed = _labels(
+      data.train_batches(source,
+                         batch_size,
+                         seed,
+                         start_step=start_step,
+                         prefetch=0), 5)
   np.testing.assert_array_equal(full[start_step:], resumed)
 
 
@@ -106,8 +113,13 @@ def test_process_slices_concatenate_to_the_global_batch():
   source = _indexed_source(50)
   global_batches = _labels(data.train_batches(source, 8, seed=2), 9)
   per_process = [
-      _labels(data.train_batches(source, 8, seed=2, process_index=p,
-                                 process_count=4), 9) for p in range(4)]
+      _labels(
+          data.train_batches(source,
+                             8,
+                             seed=2,
+                             process_index=p,
+                             process_count=4), 9) for p in range(4)
+  ]
   for step in range(9):
     assert all(len(labels[step]) == 2 for labels in per_process)
     np.testing.assert_array_equal(
@@ -115,12 +127,14 @@ def test_process_slices_concatenate_to_the_global_batch():
         global_batches[step])
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(global_batch_size=10, process_count=4),
-    dict(global_batch_size=8, process_count=4, process_index=4),
-    dict(global_batch_size=64),  # more than the 50 examples
-    dict(global_batch_size=8, seed=-1),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(global_batch_size=10, process_count=4),
+        dict(global_batch_size=8, process_count=4, process_index=4),
+        dict(global_batch_size=64),  # more than the 50 examples
+        dict(global_batch_size=8, seed=-1),
+    ])
 def test_train_batches_check_arguments_before_reading(kwargs):
   kwargs = {"seed": 0, **kwargs}
   with pytest.raises(UserError) as excinfo:
@@ -169,7 +183,7 @@ def _children():
 def test_workers_give_the_same_batches_resume_exactly_and_stop_on_close():
   # Worker processes take seconds to start (each imports grain and JAX), so
   # this test shares them between its checks.
-  source = _NoisySource(37)   # 4 steps per epoch of 8
+  source = _NoisySource(37)  # 4 steps per epoch of 8
   inline = _all_batches(data.train_batches(source, 8, seed=3, workers=0), 10)
   before = _children()
   batches = data.train_batches(source, 8, seed=3, workers=2)
@@ -181,8 +195,8 @@ def test_workers_give_the_same_batches_resume_exactly_and_stop_on_close():
     time.sleep(0.1)
   assert not _children() - before, "workers left behind after close()"
   _assert_same_batches(workers, inline)
-  resumed = _all_batches(data.train_batches(source, 8, seed=3, start_step=6,
-                                            workers=1), 4)
+  resumed = _all_batches(
+      data.train_batches(source, 8, seed=3, start_step=6, workers=1), 4)
   _assert_same_batches(resumed, inline[6:])
   other_seed = _all_batches(data.train_batches(source, 8, seed=4), 1)
   assert not np.array_equal(other_seed[0][0], inline[0][0])
@@ -191,9 +205,14 @@ def test_workers_give_the_same_batches_resume_exactly_and_stop_on_close():
 def test_processes_read_disjoint_rows_whose_union_is_the_global_batch():
   source = _NoisySource(50)
   whole = _all_batches(data.train_batches(source, 8, seed=2), 7)
-  parts = [_all_batches(data.train_batches(source, 8, seed=2,
-                                           process_index=p, process_count=2),
-                        7) for p in range(2)]
+  parts = [
+      _all_batches(
+          data.train_batches(source,
+                             8,
+                             seed=2,
+                             process_index=p,
+                             process_count=2), 7) for p in range(2)
+  ]
   for step in range(7):
     first, second = parts[0][step][1], parts[1][step][1]
     assert not set(first) & set(second)
@@ -206,9 +225,14 @@ def test_processes_read_disjoint_rows_whose_union_is_the_global_batch():
 def test_eval_rows_of_two_processes_are_disjoint_and_cover_the_batch():
   source = _indexed_source(23)
   whole = list(data.eval_batches(source, 10))
-  parts = [list(data.eval_batches(source, 10, process_index=p,
-                                  process_count=2, workers=w))
-           for p, w in ((0, 0), (1, 1))]
+  parts = [
+      list(
+          data.eval_batches(source,
+                            10,
+                            process_index=p,
+                            process_count=2,
+                            workers=w)) for p, w in ((0, 0), (1, 1))
+  ]
   assert [len(p) for p in parts] == [3, 3]
   seen = []
   for batch, (first, second) in enumerate(zip(*parts)):
@@ -223,7 +247,9 @@ def test_eval_rows_of_two_processes_are_disjoint_and_cover_the_batch():
 
 def test_worker_errors_reach_the_caller():
   with pytest.raises(Exception, match="disk on fire"):
-    batches = data.train_batches(_NoisySource(20, fail_at=0), 20, seed=0,
+    batches = data.train_batches(_NoisySource(20, fail_at=0),
+                                 20,
+                                 seed=0,
                                  workers=1)
     try:
       next(batches)
@@ -248,9 +274,11 @@ time.sleep(600)
 
 def test_workers_exit_when_the_training_process_is_killed():
   repo = str(pathlib.Path(__file__).resolve().parents[2])
-  proc = subprocess.Popen([sys.executable, "-c",
-                           _KILLED_PARENT.format(repo=repo)],
-                          stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      [sys.executable, "-c",
+       _KILLED_PARENT.format(repo=repo)],
+      stdout=subprocess.PIPE,
+      text=True)
   try:
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 1

@@ -44,12 +44,13 @@ def test_colour_ops_at_their_neutral_levels():
   x = IMAGES[2]
   # Enhancement factor 0.1 + 1.8 m / 10 is 1 (no change) at m = 5.
   for name in ("color", "contrast", "brightness", "sharpness"):
-    np.testing.assert_allclose(randaugment.OPS[name](x, 5.0, KEY), x,
-                               atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(randaugment.OPS[name](x, 5.0, KEY),
+                               x,
+                               atol=1e-6,
+                               err_msg=name)
   # Solarize at m = 0 inverts only pixels >= 1; posterize at m = 10 keeps
   # 4 bits.
-  np.testing.assert_allclose(randaugment.solarize(x * 0.99, 0.0, KEY),
-                             x * 0.99)
+  np.testing.assert_allclose(randaugment.solarize(x * 0.99, 0.0, KEY), x * 0.99)
   post = np.asarray(randaugment.posterize(x, 10.0, KEY)) * 255
   np.testing.assert_allclose(post % 16, 0, atol=1e-3)
 
@@ -68,14 +69,14 @@ def test_equalize_flattens_the_histogram():
   assert out.min() < 0.05 and out.max() > 0.9
 
 
-@pytest.mark.parametrize("spec", ["rand-m9-n2", "rand-m9-mstd0.5",
-                                  "rand-m9-n2-mstd0.5"])
+@pytest.mark.parametrize(
+    "spec", ["rand-m9-n2", "rand-m9-mstd0.5", "rand-m9-n2-mstd0.5"])
 def test_valid_specs(spec):
   randaugment.parse_spec(spec)
 
 
-@pytest.mark.parametrize("spec", ["rand-q9", "auto-m9", "rand-m11",
-                                  "rand-mx", "rand-n0"])
+@pytest.mark.parametrize(
+    "spec", ["rand-q9", "auto-m9", "rand-m11", "rand-mx", "rand-n0"])
 def test_bad_specs_are_one_line_user_errors(spec):
   with pytest.raises(UserError, match="RandAugment spec"):
     randaugment.parse_spec(spec)

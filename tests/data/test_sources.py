@@ -86,8 +86,11 @@ def test_digits_is_deterministic():
 
 def test_digits_subsets_are_class_balanced_and_seeded():
   full = data.load(_config(name="digits"))
-  subset = data.load(_config(name="digits", train_examples=100,
-                             test_examples=50, subset_seed=3))
+  subset = data.load(
+      _config(name="digits",
+              train_examples=100,
+              test_examples=50,
+              subset_seed=3))
   np.testing.assert_array_equal(np.bincount(subset.train.labels), [10] * 10)
   np.testing.assert_array_equal(np.bincount(subset.test.labels), [5] * 10)
   # Every chosen example is one of the full split's.
@@ -111,8 +114,8 @@ def test_the_fields_load_reads_are_the_config_data_section():
 
 
 def test_mean_and_std_overrides():
-  splits = data.load(_config(name="digits", mean=(0.1, 0.2, 0.3),
-                             std=[1, 2, 3]))
+  splits = data.load(_config(name="digits", mean=(0.1, 0.2, 0.3), std=[1, 2,
+                                                                       3]))
   assert splits.mean == (0.1, 0.2, 0.3) and splits.std == (1.0, 2.0, 3.0)
   assert data.load(_config(name="digits", mean=(), std=())).mean == (0.5,) * 3
 
@@ -139,7 +142,10 @@ def _random_image(rng, size=8):
   return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-def _make_folder(root: pathlib.Path, per_class: dict, split="train", size=8,
+def _make_folder(root: pathlib.Path,
+                 per_class: dict,
+                 split="train",
+                 size=8,
                  seed=0) -> dict:
   """Writes per_class[name] images per class, alternating PNG and JPEG.
 
@@ -165,12 +171,14 @@ def _make_folder(root: pathlib.Path, per_class: dict, split="train", size=8,
 def _make_dataset(root: pathlib.Path, train=None, test=None, size=8):
   train = train or {"zebra": 4, "apple": 3, "mango": 2}
   test = test or {name: 2 for name in train}
-  return (_make_folder(root, train, "train", size, seed=1),
-          _make_folder(root, test, "test", size, seed=2))
+  return (_make_folder(root, train, "train", size,
+                       seed=1), _make_folder(root, test, "test", size, seed=2))
 
 
 def _folder_config(root, cache_dir, **fields):
-  return _config(name="image_folder", root=str(root), cache_dir=str(cache_dir),
+  return _config(name="image_folder",
+                 root=str(root),
+                 cache_dir=str(cache_dir),
                  **fields)
 
 
@@ -191,8 +199,11 @@ def test_image_folder_labels_follow_sorted_class_names(tmp_path):
 
 def test_image_folder_resizes_and_subsets(tmp_path):
   _make_dataset(tmp_path / "pets", train={"a": 6, "b": 5}, size=8)
-  splits = data.load(_folder_config(tmp_path / "pets", tmp_path / "cache",
-                                    image_size=12, train_examples=4))
+  splits = data.load(
+      _folder_config(tmp_path / "pets",
+                     tmp_path / "cache",
+                     image_size=12,
+                     train_examples=4))
   assert splits.image_size == 12
   _, labels = _assert_split(splits.train, 12, 4)
   np.testing.assert_array_equal(np.bincount(labels), [2, 2])
@@ -201,8 +212,8 @@ def test_image_folder_resizes_and_subsets(tmp_path):
 
 def test_image_folder_named_like_cifar10_gets_cifar10_stats(tmp_path):
   _make_dataset(tmp_path / "my-cifar10-copy")
-  splits = data.load(_folder_config(tmp_path / "my-cifar10-copy",
-                                    tmp_path / "cache"))
+  splits = data.load(
+      _folder_config(tmp_path / "my-cifar10-copy", tmp_path / "cache"))
   assert (splits.mean, splits.std) == sources.CIFAR10_STATS
 
 
@@ -236,8 +247,8 @@ def test_unreadable_cache_is_rebuilt(tmp_path):
   first = data.load(config)
   for path in (tmp_path / "cache" / "image_folder").iterdir():
     path.write_bytes(b"garbage")
-  np.testing.assert_array_equal(data.load(config).train.images,
-                                first.train.images)
+  np.testing.assert_array_equal(
+      data.load(config).train.images, first.train.images)
 
 
 def test_few_corrupt_files_are_skipped_with_a_warning(tmp_path, caplog):
@@ -283,8 +294,15 @@ def test_empty_folder_is_a_user_error(tmp_path, layout):
 
 
 def test_different_test_classes_are_a_user_error(tmp_path):
-  _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2},
-                test={"a": 2, "c": 2})
+  _make_dataset(tmp_path / "pets",
+                train={
+                    "a": 2,
+                    "b": 2
+                },
+                test={
+                    "a": 2,
+                    "c": 2
+                })
   with pytest.raises(UserError) as excinfo:
     data.load(_folder_config(tmp_path / "pets", tmp_path / "cache"))
   _assert_one_line_error(excinfo, "b, c")
@@ -303,8 +321,8 @@ def test_mixed_native_sizes_need_image_size(tmp_path):
 
 
 def test_real_cifar10_folder(cifar10_root, tmp_path):
-  splits = data.load(_folder_config(cifar10_root, tmp_path / "cache",
-                                    train_examples=100))
+  splits = data.load(
+      _folder_config(cifar10_root, tmp_path / "cache", train_examples=100))
   assert splits.class_names == ("airplane", "automobile", "bird", "cat", "deer",
                                 "dog", "frog", "horse", "ship", "truck")
   assert splits.image_size == 32
@@ -315,8 +333,7 @@ def test_real_cifar10_folder(cifar10_root, tmp_path):
   np.testing.assert_array_equal(np.bincount(test_labels), [1000] * 10)
   # Real photographs: the channel means are CIFAR-10's published ones.
   channel_means = test_images.reshape(-1, 3).mean(0) / 255
-  np.testing.assert_allclose(channel_means, sources.CIFAR10_STATS[0],
-                             atol=0.01)
+  np.testing.assert_allclose(channel_means, sources.CIFAR10_STATS[0], atol=0.01)
 
 
 # ------------------------------------------------------------------- tfds ---
@@ -338,8 +355,7 @@ class VitatTestTinyGray(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(split)
-            for split in self.NUM_EXAMPLES}
+    return {split: self._generate_examples(split) for split in self.NUM_EXAMPLES}
 
   def _generate_examples(self, split):
     for i in range(self.NUM_EXAMPLES[split]):
@@ -358,8 +374,14 @@ def tiny_tfds_dir(tmp_path_factory):
 
 
 def _tfds_config(**fields):
-  return _config(**{"name": "tfds", "tfds_data_dir": "", "train_split": "train",
-                    "test_split": "test", **fields})
+  return _config(
+      **{
+          "name": "tfds",
+          "tfds_data_dir": "",
+          "train_split": "train",
+          "test_split": "test",
+          **fields
+      })
 
 
 def test_tfds_mock_cifar10_through_load():
@@ -380,8 +402,9 @@ def test_tfds_mock_cifar10_through_load():
 
 
 def test_tfds_real_array_record_dataset(tiny_tfds_dir):
-  splits = data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
-                                  tfds_data_dir=str(tiny_tfds_dir)))
+  splits = data.load(
+      _tfds_config(tfds_name="vitat_test_tiny_gray",
+                   tfds_data_dir=str(tiny_tfds_dir)))
   assert splits.class_names == ("low", "mid", "high")
   assert splits.image_size == 6
   assert splits.mean == sources.IMAGENET_STATS[0]
@@ -390,9 +413,11 @@ def test_tfds_real_array_record_dataset(tiny_tfds_dir):
   np.testing.assert_array_equal(images[:, 0, 0, :],
                                 np.repeat(40 + 80 * labels[:, None], 3, 1))
 
-  subset = data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
-                                  tfds_data_dir=str(tiny_tfds_dir),
-                                  image_size=12, train_examples=12))
+  subset = data.load(
+      _tfds_config(tfds_name="vitat_test_tiny_gray",
+                   tfds_data_dir=str(tiny_tfds_dir),
+                   image_size=12,
+                   train_examples=12))
   images, labels = _assert_split(subset.train, 12, 12)
   np.testing.assert_array_equal(np.bincount(labels), [4, 4, 4])
   # Flat images stay flat through the bilinear resize.
@@ -402,9 +427,10 @@ def test_tfds_real_array_record_dataset(tiny_tfds_dir):
 def test_tfds_source_survives_pickling_into_a_worker(tiny_tfds_dir):
   # grain's workers receive the source by (cloud)pickle.
   import cloudpickle
-  splits = data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
-                                  tfds_data_dir=str(tiny_tfds_dir),
-                                  image_size=8))
+  splits = data.load(
+      _tfds_config(tfds_name="vitat_test_tiny_gray",
+                   tfds_data_dir=str(tiny_tfds_dir),
+                   image_size=8))
   copy = cloudpickle.loads(cloudpickle.dumps(splits.train))
   for index in (0, 7):
     expected, label = splits.train.example(index)
@@ -415,23 +441,27 @@ def test_tfds_source_survives_pickling_into_a_worker(tiny_tfds_dir):
 
 def test_tfds_unprepared_dataset_is_a_user_error(tmp_path):
   with pytest.raises(UserError) as excinfo:
-    data.load(_tfds_config(tfds_name="cifar10",
-                           tfds_data_dir=str(tmp_path / "empty")))
+    data.load(
+        _tfds_config(tfds_name="cifar10",
+                     tfds_data_dir=str(tmp_path / "empty")))
   _assert_one_line_error(excinfo, "tfds build cifar10", "image_folder",
                          str(tmp_path / "empty"))
 
 
 def test_tfds_unknown_dataset_is_a_user_error(tmp_path):
   with pytest.raises(UserError) as excinfo:
-    data.load(_tfds_config(tfds_name="no_such_dataset_xyz",
-                           tfds_data_dir=str(tmp_path)))
+    data.load(
+        _tfds_config(tfds_name="no_such_dataset_xyz",
+                     tfds_data_dir=str(tmp_path)))
   _assert_one_line_error(excinfo, "no_such_dataset_xyz", "data.tfds_name")
 
 
 def test_tfds_unknown_split_is_a_user_error(tiny_tfds_dir):
   with pytest.raises(UserError) as excinfo:
-    data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
-                           tfds_data_dir=str(tiny_tfds_dir), test_split="val"))
+    data.load(
+        _tfds_config(tfds_name="vitat_test_tiny_gray",
+                     tfds_data_dir=str(tiny_tfds_dir),
+                     test_split="val"))
   _assert_one_line_error(excinfo, "'val'", "data.train_split/test_split")
 
 
@@ -479,8 +509,9 @@ def test_lazy_folder_converts_gray_cmyk_rgba_and_palette(tmp_path):
   Image.fromarray(rgba).save(class_dir / "rgba.png")
   Image.fromarray(rgb).convert("P").save(class_dir / "palette.png")
   splits = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache"))
-  names = [pathlib.Path(splits.train.path(i)).name
-           for i in range(len(splits.train))]
+  names = [
+      pathlib.Path(splits.train.path(i)).name for i in range(len(splits.train))
+  ]
   images = {n: splits.train.example(i)[0] for i, n in enumerate(names)}
   for name in ("gray.png", "cmyk.jpg", "rgba.png", "palette.png"):
     assert images[name].shape == (8, 8, 3) and images[name].dtype == np.uint8
@@ -491,16 +522,17 @@ def test_lazy_folder_converts_gray_cmyk_rgba_and_palette(tmp_path):
   assert np.abs(images["cmyk.jpg"].astype(int) - rgb).mean() < 12
 
 
-def test_lazy_folder_replaces_a_file_that_breaks_while_decoding(tmp_path,
-                                                              caplog):
+def test_lazy_folder_replaces_a_file_that_breaks_while_decoding(
+    tmp_path, caplog):
   _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2})
   broken = tmp_path / "pets" / "train" / "a" / "broken.jpg"
-  Image.fromarray(np.random.default_rng(0).integers(
-      0, 256, (64, 64, 3), np.uint8)).save(broken, quality=90)
+  Image.fromarray(
+      np.random.default_rng(0).integers(0, 256, (64, 64, 3),
+                                        np.uint8)).save(broken, quality=90)
   # A valid header (the index accepts it) with the image data cut off.
   broken.write_bytes(broken.read_bytes()[:2000])
-  splits = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache",
-                                  image_size=8))
+  splits = data.load(
+      _lazy_config(tmp_path / "pets", tmp_path / "cache", image_size=8))
   assert len(splits.train) == 5
   index = [splits.train.path(i) for i in range(5)].index(str(broken))
   image, label = splits.train.example(index)
@@ -513,8 +545,16 @@ def test_lazy_folder_replaces_a_file_that_breaks_while_decoding(tmp_path,
 
 def test_empty_class_folder_is_refused_in_train_and_logged_in_test(
     tmp_path, caplog):
-  _make_dataset(tmp_path / "pets", train={"a": 2, "b": 2, "c": 2},
-                test={"a": 2, "b": 2})
+  _make_dataset(tmp_path / "pets",
+                train={
+                    "a": 2,
+                    "b": 2,
+                    "c": 2
+                },
+                test={
+                    "a": 2,
+                    "b": 2
+                })
   (tmp_path / "pets" / "test" / "c").mkdir()
   splits = data.load(_lazy_config(tmp_path / "pets", tmp_path / "cache"))
   assert splits.class_names == ("a", "b", "c") and splits.num_classes == 3
@@ -527,10 +567,12 @@ def test_empty_class_folder_is_refused_in_train_and_logged_in_test(
 
 def test_transforms_give_the_configured_size_and_are_seeded(tmp_path):
   _make_dataset(tmp_path / "pets", size=20)
-  splits = data.load(_lazy_config(
-      tmp_path / "pets", tmp_path / "cache", image_size=12,
-      train_transform="random_resized_crop",
-      eval_transform="resize_center_crop"))
+  splits = data.load(
+      _lazy_config(tmp_path / "pets",
+                   tmp_path / "cache",
+                   image_size=12,
+                   train_transform="random_resized_crop",
+                   eval_transform="resize_center_crop"))
   rng = lambda: np.random.default_rng(5)
   first, _ = splits.train.example(0, rng())
   again, _ = splits.train.example(0, rng())
@@ -541,8 +583,8 @@ def test_transforms_give_the_configured_size_and_are_seeded(tmp_path):
   assert splits.train.needs_rng and not splits.test.needs_rng
   # Resize(12 / 0.875 = 14) then the central 12x12.
   image, _ = splits.test.example(0)
-  full = Image.open(splits.test.path(0)).convert("RGB").resize(
-      (14, 14), Image.BILINEAR)
+  full = Image.open(splits.test.path(0)).convert("RGB").resize((14, 14),
+                                                               Image.BILINEAR)
   np.testing.assert_array_equal(image, np.asarray(full)[1:13, 1:13])
 
 
@@ -558,16 +600,16 @@ def test_random_resized_crop_box_follows_scale_and_ratio():
     assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
 
 
-def test_jpeg_draft_decodes_big_images_at_reduced_size_exactly_enough(
-    tmp_path):
+def test_jpeg_draft_decodes_big_images_at_reduced_size_exactly_enough(tmp_path):
   from vitat_jax.data import decode
   rng = np.random.default_rng(0)
   smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)).resize(
       (800, 600), Image.BICUBIC)
   smooth.save(tmp_path / "big.jpg", quality=95)
   fast = decode.Transform("squash", 64)(str(tmp_path / "big.jpg"))
-  full = np.asarray(Image.open(tmp_path / "big.jpg").convert("RGB").resize(
-      (64, 64), Image.BILINEAR))
+  full = np.asarray(
+      Image.open(tmp_path / "big.jpg").convert("RGB").resize((64, 64),
+                                                             Image.BILINEAR))
   assert fast.shape == (64, 64, 3)
   assert np.abs(fast.astype(int) - full).mean() < 2
 
@@ -581,8 +623,10 @@ def test_robustbench_subset(tmp_path):
   # A folder with only some of them: a one-line error naming a missing file.
   _make_dataset(tmp_path / "inet", train={"n01440764": 2, "n09468604": 2})
   with pytest.raises(UserError) as excinfo:
-    data.load(_lazy_config(tmp_path / "inet", tmp_path / "cache",
-                           eval_subset="robustbench"))
+    data.load(
+        _lazy_config(tmp_path / "inet",
+                     tmp_path / "cache",
+                     eval_subset="robustbench"))
   _assert_one_line_error(excinfo, "ILSVRC2012_val_", "robustbench")
 
 
@@ -602,14 +646,14 @@ def test_bad_data_fields_are_one_line_errors(fields, fragments):
   _assert_one_line_error(excinfo, *fragments)
 
 
-def test_tfds_dir_without_array_record_files_names_the_format(
-    tmp_path_factory):
+def test_tfds_dir_without_array_record_files_names_the_format(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds_no_ar")
   VitatTestTinyGray(data_dir=str(data_dir),
                     file_format="array_record").download_and_prepare()
   for path in data_dir.rglob("*array_record*"):
     path.unlink()
   with pytest.raises(UserError) as excinfo:
-    data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
-                           tfds_data_dir=str(data_dir)))
+    data.load(
+        _tfds_config(tfds_name="vitat_test_tiny_gray",
+                     tfds_data_dir=str(data_dir)))
   _assert_one_line_error(excinfo, "--file_format=array_record")

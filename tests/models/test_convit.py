@@ -10,12 +10,14 @@ from vitat_jax.errors import UserError
 from vitat_jax.models import convit
 
 
-@pytest.mark.parametrize("name, expected", [
-    # sum(p.numel() for p in timm.create_model(name).parameters()), timm 1.0.
-    ("convit_tiny", 5_710_512),
-    ("convit_small", 27_777_322),
-    ("convit_base", 86_540_040),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # sum(p.numel() for p in timm.create_model(name).parameters()), timm 1.0.
+        ("convit_tiny", 5_710_512),
+        ("convit_small", 27_777_322),
+        ("convit_base", 86_540_040),
+    ])
 def test_sizes_match_timm(name, expected):
   model = models.create(name)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
@@ -23,8 +25,13 @@ def test_sizes_match_timm(name, expected):
   assert sum(x.size for x in jax.tree.leaves(shapes)) == expected
 
 
-MODEL = models.create("convit_tiny", num_classes=10, img_size=16,
-                      patch_size=4, embed_dim=8, depth=4, num_heads=4,
+MODEL = models.create("convit_tiny",
+                      num_classes=10,
+                      img_size=16,
+                      patch_size=4,
+                      embed_dim=8,
+                      depth=4,
+                      num_heads=4,
                       local_up_to_layer=2)
 IMAGES = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
 LABELS = jnp.array([0, 3])
@@ -37,8 +44,9 @@ def test_timm_keywords_and_layout():
   assert MODEL.num_attention_blocks == 4
   # No class-token slot in the position embedding: the token joins later.
   assert PARAMS["pos_embed"].shape == (1, 16, 32)
-  assert set(PARAMS["blocks_0"]["attn"]) == {"qk", "v", "proj", "pos_proj",
-                                             "gating_param"}
+  assert set(PARAMS["blocks_0"]["attn"]) == {
+      "qk", "v", "proj", "pos_proj", "gating_param"
+  }
   assert set(PARAMS["blocks_3"]["attn"]) == {"qkv", "proj"}
   assert "bias" not in PARAMS["blocks_0"]["attn"]["qk"]  # qkv_bias=False
 
@@ -54,8 +62,8 @@ def test_locality_initialisation():
   np.testing.assert_array_equal(kernel[1], [-1, 1, -1, 1])
   # The positional attention of head 0 then peaks at offset (-1, -1).
   scores = convit.relative_indices(4) @ kernel[:, 0]
-  assert tuple(convit.relative_indices(4)[5, np.argmax(scores[5]), :2]) == (
-      -1, -1)
+  assert tuple(convit.relative_indices(4)[5,
+                                          np.argmax(scores[5]), :2]) == (-1, -1)
 
 
 def test_relative_indices_are_row_major_offsets():
@@ -67,8 +75,8 @@ def test_relative_indices_are_row_major_offsets():
 
 def _loss(params, images, keep):
   logits = MODEL.apply({"params": params}, images, attn_keep=keep)
-  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), LABELS[:, None],
-                              axis=1).mean()
+  loss = -jnp.take_along_axis(
+      jax.nn.log_softmax(logits), LABELS[:, None], axis=1).mean()
   return loss, logits
 
 

@@ -16,25 +16,31 @@ def _num_params(model):
   return sum(x.size for x in jax.tree.leaves(shapes))
 
 
-@pytest.mark.parametrize("name, expected", [
-    # sum(p.numel() for p in timm.create_model(name).parameters()), timm 1.0.
-    ("swin_tiny_patch4_window7_224", 28_288_354),
-    ("swin_small_patch4_window7_224", 49_606_258),
-    ("swin_base_patch4_window7_224", 87_768_224),
-    ("swin_base_patch4_window12_384", 87_903_584),
-    ("swin_large_patch4_window7_224", 196_532_476),
-    ("swin_large_patch4_window12_384", 196_735_516),
-    ("swin_base_patch4_window7_224_in22k", 109_130_249),
-    ("swin_base_patch4_window12_384_in22k", 109_265_609),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # sum(p.numel() for p in timm.create_model(name).parameters()), timm 1.0.
+        ("swin_tiny_patch4_window7_224", 28_288_354),
+        ("swin_small_patch4_window7_224", 49_606_258),
+        ("swin_base_patch4_window7_224", 87_768_224),
+        ("swin_base_patch4_window12_384", 87_903_584),
+        ("swin_large_patch4_window7_224", 196_532_476),
+        ("swin_large_patch4_window12_384", 196_735_516),
+        ("swin_base_patch4_window7_224_in22k", 109_130_249),
+        ("swin_base_patch4_window12_384_in22k", 109_265_609),
+    ])
 def test_sizes_match_timm(name, expected):
   assert _num_params(models.create(name)) == expected
 
 
 def test_cifar_configuration_clips_the_last_windows():
-  model = models.create("swin_tiny_patch4_window7_224", num_classes=10,
-                        img_size=32, patch_size=2, window_size=4,
-                        embed_dim=16, depths=[1, 2, 1, 1],
+  model = models.create("swin_tiny_patch4_window7_224",
+                        num_classes=10,
+                        img_size=32,
+                        patch_size=2,
+                        window_size=4,
+                        embed_dim=16,
+                        depths=[1, 2, 1, 1],
                         num_heads=[1, 2, 2, 4])
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))["params"]
@@ -45,7 +51,8 @@ def test_cifar_configuration_clips_the_last_windows():
   table = "relative_position_bias_table"
   assert shapes["layers_0"]["blocks_0"]["attn"][table].shape == (49, 1)
   assert shapes["layers_3"]["blocks_0"]["attn"][table].shape == (9, 4)
-  assert shapes["layers_1"]["downsample"]["reduction"]["kernel"].shape == (64, 32)
+  assert shapes["layers_1"]["downsample"]["reduction"]["kernel"].shape == (64,
+                                                                           32)
   assert "downsample" not in shapes["layers_0"]
   assert shapes["head"]["kernel"].shape == (128, 10)
   assert swin.stage_windows(4, 4) == (4, 0)
@@ -64,11 +71,15 @@ def test_shifted_window_mask_separates_the_wrapped_regions():
 
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(name="swin_tiny_patch4_window7_22"), "unknown model"),
-    (dict(name="swin_tiny_patch4_window7_224", img_size=32, patch_size=2,
+    (dict(name="swin_tiny_patch4_window7_224",
+          img_size=32,
+          patch_size=2,
           window_size=3), "window_size=3 does not divide"),
-    (dict(name="swin_tiny_patch4_window7_224", img_size=30, patch_size=4),
-     "does not divide"),
-    (dict(name="swin_tiny_patch4_window7_224", img_size=40, patch_size=4,
+    (dict(name="swin_tiny_patch4_window7_224", img_size=30,
+          patch_size=4), "does not divide"),
+    (dict(name="swin_tiny_patch4_window7_224",
+          img_size=40,
+          patch_size=4,
           window_size=5), "cannot be halved"),
     (dict(name="swin_tiny_patch4_window7_224", depths=(2, 2)), "one entry"),
     (dict(name="swin_tiny_patch4_window7_224", embed_dim=50), "num_heads"),
@@ -85,9 +96,14 @@ def test_unknown_name_lists_valid_names():
   assert "\n" not in str(info.value)
 
 
-MODEL = models.create("swin_tiny_patch4_window7_224", num_classes=10,
-                      img_size=16, patch_size=2, window_size=4, embed_dim=16,
-                      depths=(2, 2), num_heads=(2, 2))
+MODEL = models.create("swin_tiny_patch4_window7_224",
+                      num_classes=10,
+                      img_size=16,
+                      patch_size=2,
+                      window_size=4,
+                      embed_dim=16,
+                      depths=(2, 2),
+                      num_heads=(2, 2))
 IMAGES = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
 LABELS = jnp.array([0, 3])
 PARAMS = jax.jit(MODEL.init)(jax.random.key(0), IMAGES)["params"]
@@ -95,8 +111,8 @@ PARAMS = jax.jit(MODEL.init)(jax.random.key(0), IMAGES)["params"]
 
 def _loss(params, images, keep):
   logits = MODEL.apply({"params": params}, images, attn_keep=keep)
-  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), LABELS[:, None],
-                              axis=1).mean()
+  loss = -jnp.take_along_axis(
+      jax.nn.log_softmax(logits), LABELS[:, None], axis=1).mean()
   return loss, logits
 
 
@@ -124,17 +140,23 @@ def test_drop_path_is_on_the_attention_branch_only():
   # Rates grow linearly from 0 to ~1, so in training the last block's
   # attention branch is dropped and its MLP branch kept: the output equals
   # the eval output with that attention branch zeroed.
-  model = models.create("swin_tiny_patch4_window7_224", num_classes=10,
-                        img_size=16, patch_size=2, window_size=4,
-                        embed_dim=16, depths=(2,), num_heads=(2,),
+  model = models.create("swin_tiny_patch4_window7_224",
+                        num_classes=10,
+                        img_size=16,
+                        patch_size=2,
+                        window_size=4,
+                        embed_dim=16,
+                        depths=(2,),
+                        num_heads=(2,),
                         drop_path_rate=1.0 - 1e-7)
   params = model.init(jax.random.key(0), IMAGES)["params"]
   apply = model.apply
-  out = apply({"params": params}, IMAGES, train=True,
+  out = apply({"params": params},
+              IMAGES,
+              train=True,
               rngs={"dropout": jax.random.key(3)})
   proj = params["layers_0"]["blocks_1"]["attn"]["proj"]
   zeroed = jax.tree.map(lambda x: x, params)
   zeroed["layers_0"]["blocks_1"]["attn"]["proj"] = jax.tree.map(
       jnp.zeros_like, proj)
-  np.testing.assert_allclose(out, apply({"params": zeroed}, IMAGES),
-                             atol=1e-5)
+  np.testing.assert_allclose(out, apply({"params": zeroed}, IMAGES), atol=1e-5)

@@ -16,23 +16,30 @@ def _num_params(model):
   return sum(x.size for x in jax.tree.leaves(shapes))
 
 
-@pytest.mark.parametrize("name, expected", [
-    # Parameter counts of timm.create_model(name) (timm's model cards).
-    ("vit_tiny_patch16_224", 5_717_416),
-    ("deit_tiny_patch16_224", 5_717_416),
-    ("vit_small_patch16_224", 22_050_664),
-    ("vit_base_patch16_224", 86_567_656),
-    ("vit_large_patch16_224", 304_326_632),
-    ("deit_base_distilled_patch16_224", 87_338_192),
-    ("vit_small_patch16_224_legacy", 48_754_408),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # Parameter counts of timm.create_model(name) (timm's model cards).
+        ("vit_tiny_patch16_224", 5_717_416),
+        ("deit_tiny_patch16_224", 5_717_416),
+        ("vit_small_patch16_224", 22_050_664),
+        ("vit_base_patch16_224", 86_567_656),
+        ("vit_large_patch16_224", 304_326_632),
+        ("deit_base_distilled_patch16_224", 87_338_192),
+        ("vit_small_patch16_224_legacy", 48_754_408),
+    ])
 def test_sizes_match_timm(name, expected):
   assert _num_params(models.create(name)) == expected
 
 
 def test_timm_keywords_override_the_variant():
-  model = models.create("deit_tiny_patch16_224", num_classes=10, img_size=32,
-                        patch_size=4, embed_dim=48, depth=2, num_heads=3,
+  model = models.create("deit_tiny_patch16_224",
+                        num_classes=10,
+                        img_size=32,
+                        patch_size=4,
+                        embed_dim=48,
+                        depth=2,
+                        num_heads=3,
                         mlp_ratio=2.0)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))["params"]
@@ -50,8 +57,10 @@ def test_in21k_has_pre_logits_and_can_drop_it():
                           jnp.zeros((1, 224, 224, 3)))["params"]
   assert shapes["pre_logits"]["kernel"].shape == (768, 768)
   assert shapes["head"]["kernel"].shape == (768, 21843)
-  plain = models.create("vit_base_patch16_224_in21k", depth=1,
-                        representation_size=None, num_classes=10)
+  plain = models.create("vit_base_patch16_224_in21k",
+                        depth=1,
+                        representation_size=None,
+                        num_classes=10)
   shapes = jax.eval_shape(plain.init, jax.random.key(0),
                           jnp.zeros((1, 224, 224, 3)))["params"]
   assert "pre_logits" not in shapes
@@ -59,8 +68,8 @@ def test_in21k_has_pre_logits_and_can_drop_it():
 
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(name="vit_tiny_patch16_22"), "unknown model"),
-    (dict(name="vit_tiny_patch16_224", patch_size=5, img_size=32),
-     "does not divide"),
+    (dict(name="vit_tiny_patch16_224", patch_size=5,
+          img_size=32), "does not divide"),
     (dict(name="vit_tiny_patch16_224", embed_dim=50), "num_heads"),
     (dict(name="vit_tiny_patch16_224", window_size=7), "unknown keyword"),
 ])
@@ -71,8 +80,13 @@ def test_bad_arguments_are_one_line_user_errors(kwargs, fragment):
 
 
 # One tiny model for the numerical tests of this module.
-MODEL = models.create("deit_tiny_patch16_224", num_classes=10, img_size=16,
-                      patch_size=4, embed_dim=32, depth=2, num_heads=2)
+MODEL = models.create("deit_tiny_patch16_224",
+                      num_classes=10,
+                      img_size=16,
+                      patch_size=4,
+                      embed_dim=32,
+                      depth=2,
+                      num_heads=2)
 IMAGES = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
 LABELS = jnp.array([0, 3, 5, 9])
 PARAMS = MODEL.init(jax.random.key(0), IMAGES)["params"]
@@ -80,26 +94,36 @@ PARAMS = MODEL.init(jax.random.key(0), IMAGES)["params"]
 
 def _loss(params, images, keep):
   logits = MODEL.apply({"params": params}, images, attn_keep=keep)
-  return -jnp.take_along_axis(jax.nn.log_softmax(logits), LABELS[:, None],
-                              axis=1).mean()
+  return -jnp.take_along_axis(
+      jax.nn.log_softmax(logits), LABELS[:, None], axis=1).mean()
 
 
 _grads = jax.jit(jax.grad(_loss, argnums=(0, 1)))
-_forward = jax.jit(lambda p, x, keep: MODEL.apply({"params": p}, x,
-                                                   attn_keep=keep))
+_forward = jax.jit(
+    lambda p, x, keep: MODEL.apply({"params": p}, x, attn_keep=keep))
 
 
 def test_input_is_normalised_inside_the_model():
-  model = models.create("deit_tiny_patch16_224", num_classes=10, img_size=16,
-                        patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                        mean=(0.2, 0.3, 0.4), std=(0.5, 0.5, 0.5))
-  shifted = models.create("deit_tiny_patch16_224", num_classes=10,
-                          img_size=16, patch_size=4, embed_dim=32, depth=2,
-                          num_heads=2, mean=(0.0, 0.0, 0.0),
+  model = models.create("deit_tiny_patch16_224",
+                        num_classes=10,
+                        img_size=16,
+                        patch_size=4,
+                        embed_dim=32,
+                        depth=2,
+                        num_heads=2,
+                        mean=(0.2, 0.3, 0.4),
+                        std=(0.5, 0.5, 0.5))
+  shifted = models.create("deit_tiny_patch16_224",
+                          num_classes=10,
+                          img_size=16,
+                          patch_size=4,
+                          embed_dim=32,
+                          depth=2,
+                          num_heads=2,
+                          mean=(0.0, 0.0, 0.0),
                           std=(0.5, 0.5, 0.5))
   a = model.apply({"params": PARAMS}, IMAGES)
-  b = shifted.apply({"params": PARAMS},
-                    IMAGES - jnp.array([0.2, 0.3, 0.4]))
+  b = shifted.apply({"params": PARAMS}, IMAGES - jnp.array([0.2, 0.3, 0.4]))
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -145,10 +169,12 @@ def test_all_dropped_equals_a_model_whose_attention_is_a_constant():
       if context.module.name == "attn":
         return jax.lax.stop_gradient(out)
       return out
+
     with nn.intercept_methods(intercept):
       logits = MODEL.apply({"params": PARAMS}, images)
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), LABELS[:, None],
-                                axis=1).mean()
+    return -jnp.take_along_axis(
+        jax.nn.log_softmax(logits), LABELS[:, None], axis=1).mean()
+
   stopped = jax.grad(stopped_loss)(IMAGES)
   np.testing.assert_allclose(gated, stopped, rtol=1e-5, atol=1e-7)
 

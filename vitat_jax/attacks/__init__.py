@@ -24,9 +24,10 @@ from vitat_jax.attacks.pgd import project
 from vitat_jax.attacks.pgd import uniform_init
 from vitat_jax.attacks.square import square
 
-__all__ = ["ATTACK_NAMES", "AutoAttackResult", "apgd", "apgd_targeted",
-           "attack_settings", "autoattack", "combine_results",
-           "check_budget", "cross_entropy_per_example", "cw",
-           "cw_margin_per_example", "dlr_loss", "dlr_loss_targeted", "fab",
-           "fab_targeted", "gaussian_init", "perturb", "pgd", "Placement", "project",
-           "square", "uniform_init", "VERSIONS"]
+__all__ = [
+    "ATTACK_NAMES", "AutoAttackResult", "apgd", "apgd_targeted",
+    "attack_settings", "autoattack", "combine_results", "check_budget",
+    "cross_entropy_per_example", "cw", "cw_margin_per_example", "dlr_loss",
+    "dlr_loss_targeted", "fab", "fab_targeted", "gaussian_init", "perturb",
+    "pgd", "Placement", "project", "square", "uniform_init", "VERSIONS"
+]

@@ -46,8 +46,8 @@ def dlr_loss_targeted(logits: jax.Array, labels: jax.Array,
   z_sorted = jnp.sort(logits, axis=-1)
   z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
   z_t = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-  return -(z_y - z_t) / (
-      z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
+  return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 *
+                         (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
 
 
 UNTARGETED_LOSSES = {"ce": cross_entropy_per_example, "dlr": dlr_loss}
@@ -129,9 +129,17 @@ def keyed(logits_fn: Callable, stochastic: bool) -> Callable:
   return lambda x, key: logits_fn(x)
 
 
-def single_run(model: Callable, loss_fn: Callable, key, x: jax.Array,
-               y: jax.Array, *, eps: float, norm: str, n_iter: int,
-               eot_iter: int = 1, rho: float = 0.75):
+def single_run(model: Callable,
+               loss_fn: Callable,
+               key,
+               x: jax.Array,
+               y: jax.Array,
+               *,
+               eps: float,
+               norm: str,
+               n_iter: int,
+               eot_iter: int = 1,
+               rho: float = 0.75):
   """One APGD run from a random start.
 
   (Long on purpose: it follows fra31's `attack_single_run` step by step,
@@ -151,6 +159,7 @@ def single_run(model: Callable, loss_fn: Callable, key, x: jax.Array,
   is_checkpoint, window = (jnp.asarray(a) for a in checkpoint_schedule(n_iter))
 
   def loss_and_grad(x_adv, grad_key):
+
     def total(x_in, draw_key):
       logits = model(x_in, draw_key)
       loss = loss_fn(logits)
@@ -168,22 +177,26 @@ def single_run(model: Callable, loss_fn: Callable, key, x: jax.Array,
     # EOT: average the gradient over draws; logits and loss of the last one.
     aux0 = jax.eval_shape(lambda: total(x_adv, grad_key)[1])
     aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-    grad, (logits, loss) = jax.lax.fori_loop(
-        0, eot_iter, draw, (jnp.zeros_like(x_adv), aux0))
+    grad, (logits, loss) = jax.lax.fori_loop(0, eot_iter, draw,
+                                             (jnp.zeros_like(x_adv), aux0))
     return grad / eot_iter, logits, loss
 
   x_adv = random_start(start_key, x, eps, norm)
-  grad, logits, loss = loss_and_grad(x_adv, jax.random.fold_in(loop_key,
-                                                                n_iter))
+  grad, logits, loss = loss_and_grad(x_adv,
+                                     jax.random.fold_in(loop_key, n_iter))
   batch = x.shape[0]
-  state = dict(
-      x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad,
-      x_best_adv=x_adv, loss_best=loss,
-      robust=jnp.argmax(logits, axis=-1) == y,
-      step=jnp.full((batch,), 2.0 * eps, x.dtype),
-      loss_steps=jnp.zeros((n_iter, batch), jnp.float32),
-      loss_best_last_check=loss,
-      reduced_last_check=jnp.ones((batch,), bool))
+  state = dict(x_adv=x_adv,
+               x_adv_old=x_adv,
+               grad=grad,
+               x_best=x_adv,
+               grad_best=grad,
+               x_best_adv=x_adv,
+               loss_best=loss,
+               robust=jnp.argmax(logits, axis=-1) == y,
+               step=jnp.full((batch,), 2.0 * eps, x.dtype),
+               loss_steps=jnp.zeros((n_iter, batch), jnp.float32),
+               loss_best_last_check=loss,
+               reduced_last_check=jnp.ones((batch,), bool))
 
   def direction(g):
     return jnp.sign(g) if norm == "Linf" else _normalize(g, norm)
@@ -194,8 +207,8 @@ def single_run(model: Callable, loss_fn: Callable, key, x: jax.Array,
     momentum = s["x_adv"] - s["x_adv_old"]
     z = _project(x, s["x_adv"] + ex(s["step"]) * direction(s["grad"]), eps,
                  norm)
-    x_new = _project(x, s["x_adv"] + (z - s["x_adv"]) * a
-                     + momentum * (1 - a), eps, norm)
+    x_new = _project(x, s["x_adv"] + (z - s["x_adv"]) * a + momentum * (1 - a),
+                     eps, norm)
     grad, logits, loss = loss_and_grad(x_new, jax.random.fold_in(loop_key, i))
 
     correct = jnp.argmax(logits, axis=-1) == y
@@ -215,21 +228,23 @@ def single_run(model: Callable, loss_fn: Callable, key, x: jax.Array,
     in_window = (rows <= i) & (rows > i - k)
     n_increased = jnp.sum(increased & in_window, axis=0)
     oscillating = n_increased <= k * rho
-    stalled = (~s["reduced_last_check"]) & (
-        s["loss_best_last_check"] >= loss_best)
+    stalled = (~s["reduced_last_check"]) & (s["loss_best_last_check"]
+                                            >= loss_best)
     halve = is_checkpoint[i] & (oscillating | stalled)
-    return dict(
-        x_adv=jnp.where(ex(halve), x_best, x_new),
-        x_adv_old=s["x_adv"],
-        grad=jnp.where(ex(halve), grad_best, grad),
-        x_best=x_best, grad_best=grad_best, x_best_adv=x_best_adv,
-        loss_best=loss_best, robust=s["robust"] & correct,
-        step=jnp.where(halve, s["step"] / 2, s["step"]),
-        loss_steps=loss_steps,
-        loss_best_last_check=jnp.where(is_checkpoint[i], loss_best,
-                                       s["loss_best_last_check"]),
-        reduced_last_check=jnp.where(is_checkpoint[i], halve,
-                                     s["reduced_last_check"]))
+    return dict(x_adv=jnp.where(ex(halve), x_best, x_new),
+                x_adv_old=s["x_adv"],
+                grad=jnp.where(ex(halve), grad_best, grad),
+                x_best=x_best,
+                grad_best=grad_best,
+                x_best_adv=x_best_adv,
+                loss_best=loss_best,
+                robust=s["robust"] & correct,
+                step=jnp.where(halve, s["step"] / 2, s["step"]),
+                loss_steps=loss_steps,
+                loss_best_last_check=jnp.where(is_checkpoint[i], loss_best,
+                                               s["loss_best_last_check"]),
+                reduced_last_check=jnp.where(is_checkpoint[i], halve,
+                                             s["reduced_last_check"]))
 
   s = jax.lax.fori_loop(0, n_iter, body, state)
   return s["x_best"], s["robust"], s["loss_best"], s["x_best_adv"]
@@ -247,10 +262,19 @@ def _keep_broken(carry, x_best_adv, still_robust):
   return adv, robust & ~broken
 
 
-def apgd(logits_fn: Callable, key, images: jax.Array, labels: jax.Array, *,
-         eps: float = 8 / 255, norm: str = "Linf", n_iter: int = 100,
-         n_restarts: int = 1, loss: str = "ce", eot_iter: int = 1,
-         rho: float = 0.75, stochastic: bool = False) -> jax.Array:
+def apgd(logits_fn: Callable,
+         key,
+         images: jax.Array,
+         labels: jax.Array,
+         *,
+         eps: float = 8 / 255,
+         norm: str = "Linf",
+         n_iter: int = 100,
+         n_restarts: int = 1,
+         loss: str = "ce",
+         eot_iter: int = 1,
+         rho: float = 0.75,
+         stochastic: bool = False) -> jax.Array:
   """APGD-CE (loss="ce") or APGD-DLR (loss="dlr"), untargeted.
 
   Args:
@@ -275,9 +299,16 @@ def apgd(logits_fn: Callable, key, images: jax.Array, labels: jax.Array, *,
   clean_key, run_key = jax.random.split(key)
 
   def restart(r, carry):
-    _, still_robust, _, x_best_adv = single_run(
-        model, loss_fn, jax.random.fold_in(run_key, r), x, y, eps=eps,
-        norm=norm, n_iter=n_iter, eot_iter=eot_iter, rho=rho)
+    _, still_robust, _, x_best_adv = single_run(model,
+                                                loss_fn,
+                                                jax.random.fold_in(run_key, r),
+                                                x,
+                                                y,
+                                                eps=eps,
+                                                norm=norm,
+                                                n_iter=n_iter,
+                                                eot_iter=eot_iter,
+                                                rho=rho)
     return _keep_broken(carry, x_best_adv, still_robust)
 
   carry = (x, _clean_correct(model, clean_key, x, y))
@@ -285,11 +316,19 @@ def apgd(logits_fn: Callable, key, images: jax.Array, labels: jax.Array, *,
   return jax.lax.stop_gradient(adv)
 
 
-def apgd_targeted(logits_fn: Callable, key, images: jax.Array,
-                  labels: jax.Array, *, eps: float = 8 / 255,
-                  norm: str = "Linf", n_iter: int = 100, n_restarts: int = 1,
-                  n_target_classes: int = 9, eot_iter: int = 1,
-                  rho: float = 0.75, stochastic: bool = False) -> jax.Array:
+def apgd_targeted(logits_fn: Callable,
+                  key,
+                  images: jax.Array,
+                  labels: jax.Array,
+                  *,
+                  eps: float = 8 / 255,
+                  norm: str = "Linf",
+                  n_iter: int = 100,
+                  n_restarts: int = 1,
+                  n_target_classes: int = 9,
+                  eot_iter: int = 1,
+                  rho: float = 0.75,
+                  stochastic: bool = False) -> jax.Array:
   """APGD-T: APGD on the targeted DLR loss, for each of the top targets.
 
   Target t (t = 0 .. n_target_classes - 1) is the class with the (t + 2)-th
@@ -315,9 +354,16 @@ def apgd_targeted(logits_fn: Callable, key, images: jax.Array,
     target_index = j // n_restarts
     targets = jnp.take(order, num_classes - 2 - target_index, axis=-1)
     loss_fn = lambda logits: dlr_loss_targeted(logits, y, targets)
-    _, still_robust, _, x_best_adv = single_run(
-        model, loss_fn, jax.random.fold_in(run_key, j), x, y, eps=eps,
-        norm=norm, n_iter=n_iter, eot_iter=eot_iter, rho=rho)
+    _, still_robust, _, x_best_adv = single_run(model,
+                                                loss_fn,
+                                                jax.random.fold_in(run_key, j),
+                                                x,
+                                                y,
+                                                eps=eps,
+                                                norm=norm,
+                                                n_iter=n_iter,
+                                                eot_iter=eot_iter,
+                                                rho=rho)
     return _keep_broken(carry, x_best_adv, still_robust)
 
   carry = (x, jnp.argmax(clean_logits, axis=-1) == y)

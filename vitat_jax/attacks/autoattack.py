@@ -82,10 +82,13 @@ class AttackSettings:
   n_queries: int = 5000
 
 
-def attack_settings(version: str, eps: float, norm: str = "Linf",
-                    attacks_to_run: Optional[Sequence[str]] = None,
-                    overrides: Optional[Dict[str, Dict[str, int]]] = None
-                    ) -> List[AttackSettings]:
+def attack_settings(
+    version: str,
+    eps: float,
+    norm: str = "Linf",
+    attacks_to_run: Optional[Sequence[str]] = None,
+    overrides: Optional[Dict[str, Dict[str,
+                                       int]]] = None) -> List[AttackSettings]:
   """The reference's `_set_version` (or constructor defaults for custom),
   then `overrides`, e.g. {"square": {"n_queries": 1000}}."""
   unknown = set(overrides or {}) - set(ATTACK_NAMES)
@@ -119,24 +122,33 @@ def attack_settings(version: str, eps: float, norm: str = "Linf",
                     f"{8 / 255:.4f})")
 
   # Reference constructor defaults; the versions then override some.
-  restarts = {"apgd-ce": 5, "apgd-dlr": 5, "fab": 5, "apgd-t": 1, "fab-t": 1,
-              "square": 1}
+  restarts = {
+      "apgd-ce": 5,
+      "apgd-dlr": 5,
+      "fab": 5,
+      "apgd-t": 1,
+      "fab-t": 1,
+      "square": 1
+  }
   eot = 1
   if version == "standard":
     restarts.update({"apgd-ce": 1, "apgd-dlr": 1, "fab": 1})
   elif version == "rand":
     restarts.update({"apgd-ce": 1, "apgd-dlr": 1})
     eot = 20
-  settings = [AttackSettings(name=n, eps=eps, norm=norm,
-                             n_restarts=restarts[n],
-                             eot_iter=eot if n.startswith("apgd") else 1)
-              for n in names]
+  settings = [
+      AttackSettings(name=n,
+                     eps=eps,
+                     norm=norm,
+                     n_restarts=restarts[n],
+                     eot_iter=eot if n.startswith("apgd") else 1) for n in names
+  ]
   return [_override(s, (overrides or {}).get(s.name, {})) for s in settings]
 
 
 def _override(settings: AttackSettings, changes: Dict[str, Any]):
-  allowed = {f.name for f in dataclasses.fields(AttackSettings)} - {
-      "name", "eps", "norm"}
+  allowed = {f.name for f in dataclasses.fields(AttackSettings)
+            } - {"name", "eps", "norm"}
   unknown = set(changes) - allowed
   if unknown:
     raise UserError(f"cannot override {sorted(unknown)} of {settings.name}: "
@@ -165,8 +177,10 @@ class _Model:
 def _per_point(point_fn: Callable) -> Callable:
   """`point_fn(key, x [1, ...], y [1]) -> tree` over a batch, one key per
   point: what a point gets depends on its key only, not on its batch."""
+
   def one(key, x, y):
     return jax.tree.map(lambda a: a[0], point_fn(key, x[None], y[None]))
+
   return jax.vmap(one)
 
 
@@ -195,8 +209,8 @@ def _attack_stage(params, key, rows, x, y, target, restart, *, model: _Model,
     attack_key, check_key = jax.random.split(key)
     draw_key = jax.random.fold_in(check_key, 1)
     fixed = lambda xi: model(params, xi, draw_key)
-    keyed = ((lambda xi, k: model(params, xi, k)) if model.stochastic
-             else (lambda xi, _: fixed(xi)))
+    keyed = ((lambda xi, k: model(params, xi, k)) if model.stochastic else
+             (lambda xi, _: fixed(xi)))
     clean_key, run_key = jax.random.split(attack_key)
     if s.name in ("apgd-t", "fab-t"):
       clean_logits = keyed(x, clean_key)
@@ -207,16 +221,30 @@ def _attack_stage(params, key, rows, x, y, target, restart, *, model: _Model,
         loss_fn = lambda logits: dlr_loss_targeted(logits, y, targets)
       else:
         loss_fn = lambda logits: UNTARGETED_LOSSES[s.name[5:]](logits, y)
-      _, still_robust, _, x_best_adv = apgd_single_run(
-          keyed, loss_fn, run_key, x, y, eps=s.eps, norm=s.norm,
-          n_iter=s.n_iter, eot_iter=s.eot_iter)
+      _, still_robust, _, x_best_adv = apgd_single_run(keyed,
+                                                       loss_fn,
+                                                       run_key,
+                                                       x,
+                                                       y,
+                                                       eps=s.eps,
+                                                       norm=s.norm,
+                                                       n_iter=s.n_iter,
+                                                       eot_iter=s.eot_iter)
       adv = jnp.where(still_robust[:, None, None, None], x, x_best_adv)
     else:
       hyperplane = (targeted_hyperplane(fixed, targets)
                     if s.name == "fab-t" else closest_hyperplane(fixed))
-      adv = fab_single_run(fixed, hyperplane, run_key, x, y, eps=s.eps,
-                               n_iter=s.n_iter, alpha_max=0.1, eta=1.05,
-                               beta=0.9, random_start=restart > 0)
+      adv = fab_single_run(fixed,
+                           hyperplane,
+                           run_key,
+                           x,
+                           y,
+                           eps=s.eps,
+                           n_iter=s.n_iter,
+                           alpha_max=0.1,
+                           eta=1.05,
+                           beta=0.9,
+                           random_start=restart > 0)
       outside = jnp.max(jnp.abs(adv - x).reshape(x.shape[0], -1),
                         axis=-1) > s.eps
       adv = jnp.where(outside[:, None, None, None], x, adv)
@@ -237,19 +265,30 @@ def _square_fns(model: _Model, settings: AttackSettings):
 
   def start(params, key, x, y, restart):
     attack_key, draw_key, check_key = keys(key, restart)
-    state = square_start(lambda xi: model(params, xi, draw_key), attack_key,
-                         x, y, eps=s.eps)
+    state = square_start(lambda xi: model(params, xi, draw_key),
+                         attack_key,
+                         x,
+                         y,
+                         eps=s.eps)
     correct = jnp.argmax(model(params, state[0], check_key), axis=-1) == y
     return state, correct
 
   def queries(params, key, x, y, state, restart, first, last):
     attack_key, draw_key, check_key = keys(key, restart)
     fixed = lambda xi: model(params, xi, draw_key)
-    x_best, margin_best, loss_best = square_queries(
-        fixed, attack_key, x, y, state, first, last, eps=s.eps,
-        n_queries=s.n_queries, p_init=0.8)
+    x_best, margin_best, loss_best = square_queries(fixed,
+                                                    attack_key,
+                                                    x,
+                                                    y,
+                                                    state,
+                                                    first,
+                                                    last,
+                                                    eps=s.eps,
+                                                    n_queries=s.n_queries,
+                                                    p_init=0.8)
     correct = jnp.argmax(model(params, x_best, check_key), axis=-1) == y
     return (x_best, margin_best, loss_best), correct
+
   return start, queries
 
 
@@ -264,11 +303,11 @@ def _square_start(params, key, rows, x, y, restart, *, model, settings):
 def _square_queries(params, key, rows, x, y, state, restart, first, last, *,
                     model, settings):
   _, queries = _square_fns(model, settings)
-  point = lambda k, xi, yi, st: queries(params, k, xi, yi, st, restart,
-                                        first, last)
+  point = lambda k, xi, yi, st: queries(params, k, xi, yi, st, restart, first,
+                                        last)
   one = lambda k, xi, yi, st: jax.tree.map(
-      lambda a: a[0], point(k, xi[None], yi[None],
-                            jax.tree.map(lambda a: a[None], st)))
+      lambda a: a[0],
+      point(k, xi[None], yi[None], jax.tree.map(lambda a: a[None], st)))
   return jax.vmap(one)(_point_keys(key, rows), x, y, state)
 
 
@@ -290,15 +329,19 @@ def _clean_batch(params, key, rows, x, y, *, model: _Model):
   is invariant to the logits' scale, so it is zero only where the model is
   flat, not where a confident softmax underflows.
   """
+
   def point(key, x, y):
+
     def loss(xi):
       logits = model(params, xi, key)
-      per_example = (dlr_loss(logits, y) if logits.shape[-1] >= 3
-                     else cross_entropy_per_example(logits, y))
+      per_example = (dlr_loss(logits, y) if logits.shape[-1] >= 3 else
+                     cross_entropy_per_example(logits, y))
       return per_example.sum(), logits
+
     grad, logits = jax.grad(loss, has_aux=True)(x)
     zero_grad = jnp.sum(jnp.abs(grad).reshape(x.shape[0], -1), axis=-1) == 0
     return jnp.argmax(logits, axis=-1) == y, zero_grad
+
   return _per_point(point)(_point_keys(key, rows), x, y)
 
 
@@ -360,8 +403,8 @@ def _chunks(indices: np.ndarray, batch_size: int, multiple: int = 1):
   floor = min(cap, round_up(MIN_PADDED_BATCH))
   for start in range(0, len(indices), batch_size):
     chunk = indices[start:start + batch_size]
-    size = min(cap, round_up(max(floor,
-                                 1 << max(len(chunk) - 1, 0).bit_length())))
+    size = min(cap,
+               round_up(max(floor, 1 << max(len(chunk) - 1, 0).bit_length())))
     yield np.pad(chunk, (0, size - len(chunk)), mode="edge"), len(chunk)
 
 
@@ -414,8 +457,7 @@ class _Runner:
         jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     self.batch_size, self.first_index = batch_size, first_index
 
-  def __call__(self, fn, key, todo, arrays, *extra_args, per_row=(),
-               **static):
+  def __call__(self, fn, key, todo, arrays, *extra_args, per_row=(), **static):
     """Yields (indices into `todo`, outputs) per batch: `fn(params, key,
     rows, *[a[todo] for a in arrays], *[a[positions] for a in per_row],
     *extra_args, **static)`, outputs cut to the valid rows."""
@@ -437,38 +479,42 @@ def _first_batch_checks(model, params, key, x, version, settings, warnings):
   """The reference's checks on the first batch (eager, un-jitted passes, so
   a logits_fn with hidden randomness shows it)."""
   checks = {}
-  outputs = [np.asarray(model(params, jnp.asarray(x),
-                              jax.random.fold_in(key, i)), np.float64)
-             for i in range(RANDOMIZED_PASSES)]
+  outputs = [
+      np.asarray(model(params, jnp.asarray(x), jax.random.fold_in(key, i)),
+                 np.float64) for i in range(RANDOMIZED_PASSES)
+  ]
   out = outputs[0]
   num_classes = out.shape[-1]
   checks["looks_like_probabilities"] = bool(
-      out.max() < 1 + PROBABILITY_TOLERANCE
-      and out.min() > -PROBABILITY_TOLERANCE
-      and np.all(np.abs(out.sum(-1) - 1) < PROBABILITY_TOLERANCE))
+      out.max() < 1 + PROBABILITY_TOLERANCE and
+      out.min() > -PROBABILITY_TOLERANCE and
+      np.all(np.abs(out.sum(-1) - 1) < PROBABILITY_TOLERANCE))
   if checks["looks_like_probabilities"]:
     warnings.append("the outputs look like probabilities (in [0, 1], rows "
                     "summing to 1): pass logits, not softmax outputs")
   if version == "rand":
     checks["randomized"] = None
   else:
-    unit = [o / (np.linalg.norm(o, axis=-1, keepdims=True) + 1e-10)
-            for o in outputs]
+    unit = [
+        o / (np.linalg.norm(o, axis=-1, keepdims=True) + 1e-10) for o in outputs
+    ]
     predictions = [o.argmax(-1) for o in outputs]
-    max_diff = max(np.linalg.norm(a - b, axis=-1).max()
-                   for i, a in enumerate(unit) for b in unit[i + 1:])
-    checks["randomized"] = bool(
-        max_diff > RANDOMIZED_TOLERANCE
-        or any((p != predictions[0]).any() for p in predictions))
+    max_diff = max(
+        np.linalg.norm(a - b, axis=-1).max()
+        for i, a in enumerate(unit)
+        for b in unit[i + 1:])
+    checks["randomized"] = bool(max_diff > RANDOMIZED_TOLERANCE or any(
+        (p != predictions[0]).any() for p in predictions))
     if checks["randomized"]:
       warnings.append(f"{RANDOMIZED_PASSES} forward passes of the same images "
                       "differ: this looks like a randomised defence; use "
                       "version='rand'")
   names = [s.name for s in settings]
-  needed = max([s.n_target_classes + 1 for s in settings
-                if s.name in ("apgd-t", "fab-t")] + [0])
-  too_few = (("apgd-dlr" in names or "apgd-t" in names) and num_classes <= 3
-             ) or needed > num_classes
+  needed = max([
+      s.n_target_classes + 1 for s in settings if s.name in ("apgd-t", "fab-t")
+  ] + [0])
+  too_few = (("apgd-dlr" in names or "apgd-t" in names) and
+             num_classes <= 3) or needed > num_classes
   checks["too_few_classes"] = bool(too_few)
   if too_few:
     raise UserError(f"the model has {num_classes} classes, too few for "
@@ -478,14 +524,23 @@ def _first_batch_checks(model, params, key, x, version, settings, warnings):
   return checks
 
 
-def autoattack(logits_fn: Callable, images, labels, *, key,
-               eps: float = 8 / 255, norm: str = "Linf",
+def autoattack(logits_fn: Callable,
+               images,
+               labels,
+               *,
+               key,
+               eps: float = 8 / 255,
+               norm: str = "Linf",
                version: str = "standard",
                attacks_to_run: Optional[Sequence[str]] = None,
-               batch_size: int = 250, params=None, stochastic: bool = False,
+               batch_size: int = 250,
+               params=None,
+               stochastic: bool = False,
                overrides: Optional[Dict[str, Dict[str, int]]] = None,
-               run_checks: bool = True, verbose: bool = True,
-               first_index: int = 0, gather_adversarial: bool = False,
+               run_checks: bool = True,
+               verbose: bool = True,
+               first_index: int = 0,
+               gather_adversarial: bool = False,
                placement: Optional[Placement] = None) -> AutoAttackResult:
   """Runs AutoAttack on `images` [N, H, W, C] in [0, 1] with integer labels.
 
@@ -515,8 +570,7 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
   Returns:
     An AutoAttackResult.
   """
-  settings = attack_settings(version, eps, norm, attacks_to_run,
-                             overrides)
+  settings = attack_settings(version, eps, norm, attacks_to_run, overrides)
   x_all = np.asarray(images, np.float32)
   y_all = np.asarray(labels).astype(np.int32)
   if x_all.ndim != 4 or y_all.shape != x_all.shape[:1] or not len(x_all):
@@ -550,8 +604,10 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
   mine = np.flatnonzero(owner == placement.process_index)
   robust = np.zeros(n, bool)
   zero_grad = np.zeros(n, bool)
-  for pos, (correct, zero) in runner(_clean_batch, clean_key, mine,
-                                     (x_all, y_all), model=model):
+  for pos, (correct, zero) in runner(_clean_batch,
+                                     clean_key,
+                                     mine, (x_all, y_all),
+                                     model=model):
     robust[mine[pos]], zero_grad[mine[pos]] = correct, zero
   robust = placement.merge_rows(robust, owner)
   zero_grad = placement.merge_rows(zero_grad, owner)
@@ -578,9 +634,13 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
     else:
       for target, restart in _stages(s):
         todo = mine[robust[mine]]
-        for pos, (adv, correct) in runner(
-            _attack_stage, attack_key, todo, (x_all, y_all), target, restart,
-            model=model, settings=s):
+        for pos, (adv, correct) in runner(_attack_stage,
+                                          attack_key,
+                                          todo, (x_all, y_all),
+                                          target,
+                                          restart,
+                                          model=model,
+                                          settings=s):
           broken = todo[pos][~correct]
           adv_all[broken] = adv[~correct]
           robust[broken] = False
@@ -594,34 +654,42 @@ def autoattack(logits_fn: Callable, images, labels, *, key,
                    attacked[s.name], seconds[s.name])
   if gather_adversarial:
     adv_all = placement.merge_rows(adv_all, owner)
-  held = (np.ones(n, bool) if gather_adversarial
-          or placement.process_count == 1
+  held = (np.ones(n, bool) if gather_adversarial or placement.process_count == 1
           else owner == placement.process_index)
 
   if run_checks:
     _square_check(checks, robust_accuracy, warnings)
   for line in warnings:
     logging.warning("autoattack: %s", line)
-  return AutoAttackResult(robust_accuracy=robust_accuracy, adv_images=adv_all,
-                          robust=robust, robust_after=robust_after,
-                          checks=checks, warnings=warnings,
-                          seconds=seconds, attacked=attacked, held=held,
+  return AutoAttackResult(robust_accuracy=robust_accuracy,
+                          adv_images=adv_all,
+                          robust=robust,
+                          robust_after=robust_after,
+                          checks=checks,
+                          warnings=warnings,
+                          seconds=seconds,
+                          attacked=attacked,
+                          held=held,
                           clean=clean,
-                          perturbation=_perturbation(adv_all, x_all, norm,
-                                                     held, placement))
+                          perturbation=_perturbation(adv_all, x_all, norm, held,
+                                                     placement))
 
 
 def _perturbation(adv, x, norm, held, placement) -> Dict[str, float]:
   delta = (adv[held] - x[held]).reshape(int(held.sum()), -1)
-  size = (np.abs(delta).max(-1) if norm == "Linf"
-          else np.sqrt((delta ** 2).sum(-1)))
-  values = np.asarray([size.max(initial=0.0), np.isnan(adv[held]).sum(),
-                       adv[held].max(initial=0.0),
-                       -adv[held].min(initial=1.0)], np.float64)
+  size = (np.abs(delta).max(-1) if norm == "Linf" else np.sqrt(
+      (delta**2).sum(-1)))
+  values = np.asarray([
+      size.max(initial=0.0),
+      np.isnan(adv[held]).sum(), adv[held].max(initial=0.0),
+      -adv[held].min(initial=1.0)
+  ], np.float64)
   if not held.all():  # four numbers per host
     values = placement.max_over_processes(values)
-  return dict(max=float(values[0]), nan=int(values[1]),
-              max_value=float(values[2]), min_value=float(-values[3]))
+  return dict(max=float(values[0]),
+              nan=int(values[1]),
+              max_value=float(values[2]),
+              min_value=float(-values[3]))
 
 
 def _square_check(checks, robust_accuracy, warnings):
@@ -646,11 +714,16 @@ def combine_results(pieces: Sequence[AutoAttackResult]) -> Dict[str, Any]:
   checks of every piece combined (adversarial images are not kept)."""
   robust = np.concatenate([p.robust for p in pieces])
   names = list(pieces[0].robust_after)
-  robust_after = {k: np.concatenate([p.robust_after[k] for p in pieces])
-                  for k in names}
+  robust_after = {
+      k: np.concatenate([p.robust_after[k] for p in pieces]) for k in names
+  }
   clean = np.concatenate([p.clean for p in pieces])
-  robust_accuracy = {"clean": float(clean.mean()),
-                     **{k: float(v.mean()) for k, v in robust_after.items()}}
+  robust_accuracy = {
+      "clean": float(clean.mean()),
+      **{
+          k: float(v.mean()) for k, v in robust_after.items()
+      }
+  }
   before, broken = clean, {}
   for k in names:
     broken[k] = int((before & ~robust_after[k]).sum())
@@ -662,9 +735,10 @@ def combine_results(pieces: Sequence[AutoAttackResult]) -> Dict[str, Any]:
         checks[k] = checks.get(k, 0) + v
       elif k != "square_beats_white_box":
         checks[k] = None if v is None else bool(checks.get(k) or v)
-    warnings += [w for w in p.warnings
-                 if w not in warnings and "Square lowered" not in w
-                 and "zero loss gradient" not in w]
+    warnings += [
+        w for w in p.warnings if w not in warnings and
+        "Square lowered" not in w and "zero loss gradient" not in w
+    ]
   if checks.get("zero_gradient_points"):
     warnings.append(f"{checks['zero_gradient_points']} correctly classified "
                     "points have a zero loss gradient: gradient-based "
@@ -675,12 +749,18 @@ def combine_results(pieces: Sequence[AutoAttackResult]) -> Dict[str, Any]:
       "max": max(p.perturbation["max"] for p in pieces),
       "nan": sum(p.perturbation["nan"] for p in pieces),
       "max_value": max(p.perturbation["max_value"] for p in pieces),
-      "min_value": min(p.perturbation["min_value"] for p in pieces)}
-  return dict(robust=robust, robust_after=robust_after, clean=clean,
-              robust_accuracy=robust_accuracy, broken=broken,
+      "min_value": min(p.perturbation["min_value"] for p in pieces)
+  }
+  return dict(robust=robust,
+              robust_after=robust_after,
+              clean=clean,
+              robust_accuracy=robust_accuracy,
+              broken=broken,
               attacked={k: sum(p.attacked[k] for p in pieces) for k in names},
               seconds={k: sum(p.seconds[k] for p in pieces) for k in names},
-              checks=checks, warnings=warnings, perturbation=perturbation)
+              checks=checks,
+              warnings=warnings,
+              perturbation=perturbation)
 
 
 def _run_square(runner, model, s, attack_key, mine, robust, x_all, y_all,
@@ -699,17 +779,27 @@ def _run_square(runner, model, s, attack_key, mine, robust, x_all, y_all,
     def store(pos, out):
       (x_best[pos], margin_best[pos], loss_best[pos]), correct[pos] = out
 
-    for pos, out in runner(_square_start, attack_key, todo, (x_all, y_all),
-                           restart, model=model, settings=s):
+    for pos, out in runner(_square_start,
+                           attack_key,
+                           todo, (x_all, y_all),
+                           restart,
+                           model=model,
+                           settings=s):
       store(pos, out)
     for first, last in _square_segments(s.n_queries):
       active = np.flatnonzero(margin_best > 0)
       if not len(active):
         break
       state = (x_best[active], margin_best[active], loss_best[active])
-      for pos, out in runner(_square_queries, attack_key, todo[active],
-                             (x_all, y_all), restart, first, last,
-                             per_row=(state,), model=model, settings=s):
+      for pos, out in runner(_square_queries,
+                             attack_key,
+                             todo[active], (x_all, y_all),
+                             restart,
+                             first,
+                             last,
+                             per_row=(state,),
+                             model=model,
+                             settings=s):
         store(active[pos], out)
     broken = ~correct
     adv_all[todo[broken]] = x_best[broken]

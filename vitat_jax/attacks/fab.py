@@ -23,7 +23,6 @@ from vitat_jax.errors import UserError
 
 _NOT_FOUND = 1e10
 
-
 # Bisection steps of the projection: the bracket shrinks to 2^-32 of the
 # largest move, below float32 resolution, before the exact last step.
 _BISECTION_STEPS = 32
@@ -87,48 +86,52 @@ def _ex(v, like):
 
 def targeted_hyperplane(logits_fn, targets):
   """f = z_t - z_y and its gradient: FAB-T's one hyperplane."""
+
   def fn(x1, y):
+
     def diff(x_in):
       logits = logits_fn(x_in).astype(jnp.float32)
       z = lambda c: jnp.take_along_axis(logits, c[:, None], axis=-1)[:, 0]
       return z(targets) - z(y)
+
     f, vjp = jax.vjp(diff, x1)
     (g,) = vjp(jnp.ones_like(f))
     return f, g
+
   return fn
 
 
 def closest_hyperplane(logits_fn):
   """Untargeted FAB: of all z_j - z_y, the one closest in L-inf (|f| / |g|_1)."""
+
   def fn(x1, y):
     logits_of = lambda x_in: logits_fn(x_in).astype(jnp.float32)
     logits, vjp = jax.vjp(logits_of, x1)
     num_classes = logits.shape[-1]
-    (jac,) = jax.vmap(vjp)(jnp.eye(num_classes, dtype=logits.dtype)[:, None]
-                           * jnp.ones_like(logits)[None])
+    (jac,) = jax.vmap(vjp)(jnp.eye(num_classes, dtype=logits.dtype)[:, None] *
+                           jnp.ones_like(logits)[None])
     jac = jnp.moveaxis(jac, 0, 1)  # [B, K, ...]
     take = lambda v, c: jnp.take_along_axis(
         v, c.reshape((-1, 1) + (1,) * (v.ndim - 2)), axis=1)
     df = logits - take(logits, y)
     dg = jac - take(jac, y)
     df = jnp.where(jax.nn.one_hot(y, num_classes, dtype=bool), _NOT_FOUND, df)
-    dist = jnp.abs(df) / (1e-12 + jnp.sum(
-        jnp.abs(dg).reshape(dg.shape[:2] + (-1,)), axis=-1))
+    dist = jnp.abs(df) / (
+        1e-12 + jnp.sum(jnp.abs(dg).reshape(dg.shape[:2] + (-1,)), axis=-1))
     closest = jnp.argmin(dist, axis=1)
     return take(df, closest)[:, 0], take(dg, closest)[:, 0]
+
   return fn
 
 
-def single_run(logits_fn: Callable, hyperplane_fn: Callable, key,
-               x: jax.Array, y: jax.Array, *, eps: float, n_iter: int,
-               alpha_max: float, eta: float, beta: float,
-               random_start) -> jax.Array:
+def single_run(logits_fn: Callable, hyperplane_fn: Callable, key, x: jax.Array,
+               y: jax.Array, *, eps: float, n_iter: int, alpha_max: float,
+               eta: float, beta: float, random_start) -> jax.Array:
   """One FAB run; returns the closest adversarial point found (or x)."""
   batch = x.shape[0]
   flat = lambda v: v.reshape(batch, -1)
   t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
-  x_rand = jnp.clip(
-      x + eps * t / _ex(_linf(t), x) * 0.5, 0.0, 1.0)
+  x_rand = jnp.clip(x + eps * t / _ex(_linf(t), x) * 0.5, 0.0, 1.0)
   x1 = jnp.where(random_start, x_rand, x)
 
   def body(_, state):
@@ -142,8 +145,8 @@ def single_run(logits_fn: Callable, hyperplane_fn: Callable, key,
     a0 = jnp.maximum(jnp.max(jnp.abs(d3), axis=1), 1e-8)
     a1, a2 = a0[:batch], a0[batch:]
     alpha = _ex(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max), x)
-    x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + d2 * eta) * alpha,
-                  0.0, 1.0)
+    x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + d2 * eta) * alpha, 0.0,
+                  1.0)
     is_adv = jnp.argmax(logits_fn(x1), axis=-1) != y
     dist = _linf(x1 - x)
     closer = is_adv & (dist < best_dist)
@@ -167,17 +170,24 @@ def _check(eps, n_iter, n_restarts):
 
 def _keep_if_within_eps(logits_fn, carry, adv_run, x, y, eps):
   adv, robust = carry
-  broken = robust & (jnp.argmax(logits_fn(adv_run), axis=-1) != y) & (
-      _linf(adv_run - x) <= eps)
+  broken = robust & (jnp.argmax(logits_fn(adv_run), axis=-1)
+                     != y) & (_linf(adv_run - x) <= eps)
   adv = jnp.where(_ex(broken, x), adv_run, adv)
   return adv, robust & ~broken
 
 
-def fab_targeted(logits_fn: Callable, key, images: jax.Array,
-                 labels: jax.Array, *, eps: float = 8 / 255,
-                 n_iter: int = 100, n_restarts: int = 1,
-                 n_target_classes: int = 9, alpha_max: float = 0.1,
-                 eta: float = 1.05, beta: float = 0.9) -> jax.Array:
+def fab_targeted(logits_fn: Callable,
+                 key,
+                 images: jax.Array,
+                 labels: jax.Array,
+                 *,
+                 eps: float = 8 / 255,
+                 n_iter: int = 100,
+                 n_restarts: int = 1,
+                 n_target_classes: int = 9,
+                 alpha_max: float = 0.1,
+                 eta: float = 1.05,
+                 beta: float = 0.9) -> jax.Array:
   """FAB-T, L-inf: for each of the top `n_target_classes` targets (the
   classes with the 2nd, 3rd, ... largest clean logit), `n_restarts` runs.
 
@@ -197,11 +207,17 @@ def fab_targeted(logits_fn: Callable, key, images: jax.Array,
 
   def run(j, carry):
     targets = jnp.take(order, num_classes - 2 - j // n_restarts, axis=-1)
-    adv_run = single_run(
-        logits_fn, targeted_hyperplane(logits_fn, targets),
-        jax.random.fold_in(key, j), x, y, eps=eps, n_iter=n_iter,
-        alpha_max=alpha_max, eta=eta, beta=beta,
-        random_start=j % n_restarts > 0)
+    adv_run = single_run(logits_fn,
+                         targeted_hyperplane(logits_fn, targets),
+                         jax.random.fold_in(key, j),
+                         x,
+                         y,
+                         eps=eps,
+                         n_iter=n_iter,
+                         alpha_max=alpha_max,
+                         eta=eta,
+                         beta=beta,
+                         random_start=j % n_restarts > 0)
     return _keep_if_within_eps(logits_fn, carry, adv_run, x, y, eps)
 
   carry = (x, jnp.argmax(clean_logits, axis=-1) == y)
@@ -209,9 +225,16 @@ def fab_targeted(logits_fn: Callable, key, images: jax.Array,
   return jax.lax.stop_gradient(adv)
 
 
-def fab(logits_fn: Callable, key, images: jax.Array, labels: jax.Array, *,
-        eps: float = 8 / 255, n_iter: int = 100, n_restarts: int = 1,
-        alpha_max: float = 0.1, eta: float = 1.05,
+def fab(logits_fn: Callable,
+        key,
+        images: jax.Array,
+        labels: jax.Array,
+        *,
+        eps: float = 8 / 255,
+        n_iter: int = 100,
+        n_restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
         beta: float = 0.9) -> jax.Array:
   """Untargeted FAB, L-inf (the `plus` version's "fab"). Needs the full
   Jacobian each iteration (one backward pass per class)."""
@@ -220,10 +243,17 @@ def fab(logits_fn: Callable, key, images: jax.Array, labels: jax.Array, *,
   hyperplane_fn = closest_hyperplane(logits_fn)
 
   def run(r, carry):
-    adv_run = single_run(
-        logits_fn, hyperplane_fn, jax.random.fold_in(key, r), x, y, eps=eps,
-        n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta,
-        random_start=r > 0)
+    adv_run = single_run(logits_fn,
+                         hyperplane_fn,
+                         jax.random.fold_in(key, r),
+                         x,
+                         y,
+                         eps=eps,
+                         n_iter=n_iter,
+                         alpha_max=alpha_max,
+                         eta=eta,
+                         beta=beta,
+                         random_start=r > 0)
     return _keep_if_within_eps(logits_fn, carry, adv_run, x, y, eps)
 
   carry = (x, jnp.argmax(logits_fn(x), axis=-1) == y)

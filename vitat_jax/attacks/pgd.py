@@ -53,7 +53,8 @@ def gaussian_init(key, x: jax.Array, scale=0.001) -> jax.Array:
   return jnp.clip(delta, -x, 1.0 - x)
 
 
-def cross_entropy_per_example(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def cross_entropy_per_example(logits: jax.Array,
+                              labels: jax.Array) -> jax.Array:
   """CE with integer labels, one value per example."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
@@ -71,11 +72,18 @@ def cw_margin_per_example(logits: jax.Array, labels: jax.Array) -> jax.Array:
 EVAL_LOSSES = {"ce": cross_entropy_per_example, "cw": cw_margin_per_example}
 
 
-def perturb(objective: Callable[[jax.Array, jax.Array], jax.Array], key,
-            x: jax.Array, *, eps: float, alpha: float, steps: int,
-            init: str = "uniform", gaussian_scale=0.001,
-            delta_mask_fn: Optional[Callable[[jax.Array], jax.Array]] = None
-            ) -> jax.Array:
+def perturb(
+    objective: Callable[[jax.Array, jax.Array], jax.Array],
+    key,
+    x: jax.Array,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    init: str = "uniform",
+    gaussian_scale=0.001,
+    delta_mask_fn: Optional[Callable[[jax.Array],
+                                     jax.Array]] = None) -> jax.Array:
   """The training attack: `steps` sign-gradient ascent steps on `objective`.
 
   Args:
@@ -102,7 +110,8 @@ def perturb(objective: Callable[[jax.Array, jax.Array], jax.Array], key,
   elif init == "gaussian":
     delta = gaussian_init(init_key, x, gaussian_scale)
   else:
-    raise UserError(f"unknown attack init {init!r}: use 'uniform' or 'gaussian'")
+    raise UserError(
+        f"unknown attack init {init!r}: use 'uniform' or 'gaussian'")
 
   def body(i, delta):
     mask_key, objective_key = jax.random.split(jax.random.fold_in(loop_key, i))
@@ -115,9 +124,16 @@ def perturb(objective: Callable[[jax.Array, jax.Array], jax.Array], key,
   return jax.lax.stop_gradient(jnp.clip(x + delta, 0.0, 1.0))
 
 
-def pgd(logits_fn: LogitsFn, key, images: jax.Array, labels: jax.Array, *,
-        eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20,
-        restarts: int = 1, loss: str = "ce") -> jax.Array:
+def pgd(logits_fn: LogitsFn,
+        key,
+        images: jax.Array,
+        labels: jax.Array,
+        *,
+        eps: float = 8 / 255,
+        alpha: float = 2 / 255,
+        steps: int = 20,
+        restarts: int = 1,
+        loss: str = "ce") -> jax.Array:
   """Evaluation PGD-k (loss="ce") or CW-k (loss="cw") with restarts.
 
   As in the reference evaluation: a uniform random start in the eps-ball;
@@ -142,11 +158,13 @@ def pgd(logits_fn: LogitsFn, key, images: jax.Array, labels: jax.Array, *,
     return per_example_loss(logits, labels).sum(), logits
 
   def one_restart(restart_key):
+
     def body(i, delta):
       grad, logits = jax.grad(total_loss, has_aux=True)(delta)
       still_correct = jnp.argmax(logits, axis=-1) == labels
       stepped = project(x, delta + alpha * jnp.sign(grad), eps)
       return jnp.where(still_correct[:, None, None, None], stepped, delta)
+
     delta = jax.lax.fori_loop(0, steps, body, uniform_init(restart_key, x, eps))
     return delta, per_example_loss(logits_fn(x + delta), labels)
 

@@ -30,15 +30,17 @@ def p_schedule(n_queries: int, p_init: float = 0.8) -> np.ndarray:
   """p at every query index, as the reference's `p_selection` (no rescale)."""
   it = np.arange(n_queries)
   halvings = sum((it > q).astype(np.int64) for q in _P_HALVING_QUERIES)
-  return p_init / 2.0 ** halvings
+  return p_init / 2.0**halvings
 
 
 def window_sizes(n_queries: int, p_init: float, height: int,
                  width: int) -> np.ndarray:
   """The square side at every query, computed on the host in float64 so
   the rounding is the reference's."""
-  sizes = [min(max(int(round(np.sqrt(p * height * width))), 1),
-               min(height, width)) for p in p_schedule(n_queries, p_init)]
+  sizes = [
+      min(max(int(round(np.sqrt(p * height * width))), 1), min(height, width))
+      for p in p_schedule(n_queries, p_init)
+  ]
   return np.asarray(sizes, np.int32)
 
 
@@ -93,8 +95,8 @@ def run_queries(logits_fn: Callable, key, x: jax.Array, y: jax.Array, state,
     left = jnp.floor(jax.random.uniform(col_key, (batch,)) * (width - s))
     top = top.astype(jnp.int32)[:, None, None, None]
     left = left.astype(jnp.int32)[:, None, None, None]
-    window = ((rows >= top) & (rows < top + s) & (cols >= left)
-              & (cols < left + s))
+    window = ((rows >= top) & (rows < top + s) & (cols >= left) &
+              (cols < left + s))
     signs = _random_sign(sign_key, (batch, 1, 1, channels))
     x_new = x_best + jnp.where(window, 2.0 * eps * signs, 0.0)
     x_new = jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0.0, 1.0)
@@ -117,14 +119,27 @@ def single_run(logits_fn: Callable, key, x: jax.Array, y: jax.Array, *,
                eps: float, n_queries: int, p_init: float):
   """One Square run; returns (x_best, margin_best)."""
   state = start_state(logits_fn, key, x, y, eps=eps)
-  x_best, margin_best, _ = run_queries(logits_fn, key, x, y, state, 0,
-                                       n_queries, eps=eps,
-                                       n_queries=n_queries, p_init=p_init)
+  x_best, margin_best, _ = run_queries(logits_fn,
+                                       key,
+                                       x,
+                                       y,
+                                       state,
+                                       0,
+                                       n_queries,
+                                       eps=eps,
+                                       n_queries=n_queries,
+                                       p_init=p_init)
   return x_best, margin_best
 
 
-def square(logits_fn: Callable, key, images: jax.Array, labels: jax.Array, *,
-           eps: float = 8 / 255, n_queries: int = 5000, p_init: float = 0.8,
+def square(logits_fn: Callable,
+           key,
+           images: jax.Array,
+           labels: jax.Array,
+           *,
+           eps: float = 8 / 255,
+           n_queries: int = 5000,
+           p_init: float = 0.8,
            n_restarts: int = 1) -> jax.Array:
   """Square attack, L-inf, untargeted margin loss.
 
@@ -150,8 +165,13 @@ def square(logits_fn: Callable, key, images: jax.Array, labels: jax.Array, *,
 
   def restart(r, carry):
     adv, robust = carry
-    x_best, _ = single_run(logits_fn, jax.random.fold_in(key, r), x, y,
-                           eps=eps, n_queries=n_queries, p_init=p_init)
+    x_best, _ = single_run(logits_fn,
+                           jax.random.fold_in(key, r),
+                           x,
+                           y,
+                           eps=eps,
+                           n_queries=n_queries,
+                           p_init=p_init)
     broken = robust & (jnp.argmax(logits_fn(x_best), axis=-1) != y)
     adv = jnp.where(broken[:, None, None, None], x_best, adv)
     return adv, robust & ~broken

@@ -7,5 +7,7 @@
 from vitat_jax.checkpoints.convert import check, export_timm, load, timm_state_dict
 from vitat_jax.checkpoints.io import read_safetensors, write_safetensors
 
-__all__ = ["check", "export_timm", "load", "timm_state_dict", "read_safetensors",
-           "write_safetensors"]
+__all__ = [
+    "check", "export_timm", "load", "timm_state_dict", "read_safetensors",
+    "write_safetensors"
+]

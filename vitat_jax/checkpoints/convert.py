@@ -22,8 +22,11 @@ from vitat_jax.checkpoints import resample
 from vitat_jax.errors import UserError
 
 # Top-level params that may be re-initialised (classifiers) per family.
-_REINIT = {"vit": ("head", "head_dist", "pre_logits"), "convit": ("head",),
-           "swin": ("head",)}
+_REINIT = {
+    "vit": ("head", "head_dist", "pre_logits"),
+    "convit": ("head",),
+    "swin": ("head",)
+}
 
 
 def _describe(model) -> str:
@@ -52,9 +55,12 @@ def _num_prefix_tokens(model, fam: str) -> int:
   return 0
 
 
-def load(path: str, model, init_params: Optional[Any] = None,
-         format: str = "auto",  # pylint: disable=redefined-builtin
-         allow_pickle: bool = False):
+def load(
+    path: str,
+    model,
+    init_params: Optional[Any] = None,
+    format: str = "auto",  # pylint: disable=redefined-builtin
+    allow_pickle: bool = False):
   """Params for `model` (a pytree like `model.init(...)["params"]`).
 
   Args:
@@ -104,8 +110,8 @@ def load(path: str, model, init_params: Optional[Any] = None,
     out[flax_path] = naming.to_flax(value, leaf).astype(spec.dtype)
 
   unused = sorted(k for k in state if k not in used)
-  ignored_roots = sorted({k.split(".")[0] for k in unused
-                          if k.split(".")[0] in reinit_roots})
+  ignored_roots = sorted(
+      {k.split(".")[0] for k in unused if k.split(".")[0] in reinit_roots})
   for root in ignored_roots:
     keys = ", ".join(k for k in unused if k.split(".")[0] == root)
     why = ("the reference drops the in21k pre-logits layer when fine-tuning "
@@ -126,26 +132,33 @@ def load(path: str, model, init_params: Optional[Any] = None,
       init_params = jax.jit(model.init)(jax.random.key(0), images)["params"]
     fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(init_params))
     for flax_path, why in reinit:
-      if flax_path not in fresh or fresh[flax_path].shape != shapes[flax_path].shape:
+      if flax_path not in fresh or fresh[flax_path].shape != shapes[
+          flax_path].shape:
         raise UserError(f"init_params lack {'/'.join(flax_path)} of shape "
                         f"{shapes[flax_path].shape}")
-      logging.warning("checkpoint: re-initialised %s (%s)",
-                      "/".join(flax_path), why)
+      logging.warning("checkpoint: re-initialised %s (%s)", "/".join(flax_path),
+                      why)
       fresh_leaf = fresh[flax_path]
-      out[flax_path] = (fresh_leaf if isinstance(fresh_leaf, jax.ShapeDtypeStruct)
-                        else np.asarray(fresh_leaf))
+      out[flax_path] = (fresh_leaf if isinstance(
+          fresh_leaf, jax.ShapeDtypeStruct) else np.asarray(fresh_leaf))
   return flax.traverse_util.unflatten_dict(out)
 
 
-def check(path: str, model, format: str = "auto",  # pylint: disable=redefined-builtin
-          allow_pickle: bool = False) -> None:
+def check(
+    path: str,
+    model,
+    format: str = "auto",  # pylint: disable=redefined-builtin
+    allow_pickle: bool = False) -> None:
   """Raises the UserError `load` would raise, without compiling anything.
 
   Runs the whole mapping and resampling in NumPy against the model's
   abstract parameter shapes (`jax.eval_shape`), so a wrong checkpoint is
   reported before any JAX work starts.
   """
-  load(path, model, init_params=_abstract_params(model), format=format,
+  load(path,
+       model,
+       init_params=_abstract_params(model),
+       format=format,
        allow_pickle=allow_pickle)
 
 
@@ -159,8 +172,9 @@ def _resample(key, value, want, model, fam, path):
     except ValueError:
       new = None
     if new is not None and new.shape == want:
-      logging.info("checkpoint: resampled %s %s -> %s (bilinear, %d prefix "
-                   "token(s) kept)", key, value.shape, want, prefix)
+      logging.info(
+          "checkpoint: resampled %s %s -> %s (bilinear, %d prefix "
+          "token(s) kept)", key, value.shape, want, prefix)
       return new
   elif key == "patch_embed.proj.weight" and value.shape[:2] == want[:2]:
     new = resample.resample_patch_kernel(value, want[-1])
@@ -173,8 +187,8 @@ def _resample(key, value, want, model, fam, path):
     window = (int(round(np.sqrt(want[0]))) + 1) // 2
     new = resample.resize_relative_position_table(value, window)
     if new.shape == want:
-      logging.info("checkpoint: resized %s %s -> %s (bilinear, window %d)",
-                   key, value.shape, want, window)
+      logging.info("checkpoint: resized %s %s -> %s (bilinear, window %d)", key,
+                   value.shape, want, window)
       return new
   raise UserError(
       f"checkpoint {path}: {key} has shape {tuple(value.shape)}, the model "
@@ -188,9 +202,11 @@ def timm_state_dict(params, model) -> dict:
     raise UserError("timm has no pre-logits layer any more: export a model "
                     "created with representation_size=None")
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  return {naming.timm_key(p, fam): np.ascontiguousarray(
-      naming.to_timm(np.asarray(v, np.float32), p[-1]))
-          for p, v in flat.items()}
+  return {
+      naming.timm_key(p, fam):
+          np.ascontiguousarray(naming.to_timm(np.asarray(v, np.float32), p[-1]))
+      for p, v in flat.items()
+  }
 
 
 def export_timm(params, model, path: str):
@@ -202,6 +218,7 @@ def export_timm(params, model, path: str):
   """
   if not path.endswith(".safetensors"):
     raise UserError(f"export_timm writes .safetensors files; got {path}")
-  io.write_safetensors(timm_state_dict(params, model), path,
+  io.write_safetensors(timm_state_dict(params, model),
+                       path,
                        metadata={"format": "pt"})
   logging.info("checkpoint: wrote %s for timm", path)

@@ -20,9 +20,16 @@ from vitat_jax.errors import UserError
 FORMATS = ("safetensors", "torch", "npz")
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
@@ -86,14 +93,15 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     try:
       array = np.frombuffer(body[start:end], dtype).reshape(shape)
     except ValueError:
-      raise UserError(f"{path} is not a valid .safetensors file (tensor "
-                      f"{name!r}: {end - start} bytes for shape {shape})"
-                      ) from None
+      raise UserError(
+          f"{path} is not a valid .safetensors file (tensor "
+          f"{name!r}: {end - start} bytes for shape {shape})") from None
     out[name] = array.copy()
   return out
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
+def write_safetensors(tensors: Mapping[str, np.ndarray],
+                      path: str,
                       metadata: Optional[Mapping[str, str]] = None):
   """Writes numpy arrays to `path` in the safetensors format."""
   header, chunks, offset = {}, [], 0
@@ -102,8 +110,11 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
     if array.dtype not in _ST_NAMES:
       raise ValueError(f"tensor {name}: dtype {array.dtype} not supported")
     raw = array.astype(array.dtype.newbyteorder("<")).tobytes(order="C")
-    header[name] = {"dtype": _ST_NAMES[array.dtype], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + len(raw)]}
+    header[name] = {
+        "dtype": _ST_NAMES[array.dtype],
+        "shape": list(array.shape),
+        "data_offsets": [offset, offset + len(raw)]
+    }
     chunks.append(raw)
     offset += len(raw)
   if metadata:
@@ -137,7 +148,8 @@ def read_torch(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
                       f"({first[:120]}): is it truncated? Copy it again, or "
                       "check that it is a torch.save file") from None
     if not allow_pickle:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(
+          e).__name__
       raise UserError(
           f"{path} is not a plain weights file ({first[:120]}); pass "
           "allow_pickle=True only if you trust its source") from None
@@ -183,8 +195,10 @@ def read_npz(path: str) -> Dict[str, np.ndarray]:
                     f"{e}): is it truncated? Copy it again") from None
 
 
-def read(path: str, format: str = "auto",  # pylint: disable=redefined-builtin
-         allow_pickle: bool = False):
+def read(
+    path: str,
+    format: str = "auto",  # pylint: disable=redefined-builtin
+    allow_pickle: bool = False):
   """(tensors, format) from `path`; format 'auto' guesses from the file."""
   if os.path.isdir(path):
     raise UserError(f"checkpoint {path} is a directory: pass the weights "
@@ -196,6 +210,9 @@ def read(path: str, format: str = "auto",  # pylint: disable=redefined-builtin
   if format not in FORMATS:
     raise UserError(f"unknown checkpoint format {format!r}: use one of "
                     f"auto, {', '.join(FORMATS)}")
-  reader = {"safetensors": read_safetensors, "npz": read_npz,
-            "torch": lambda p: read_torch(p, allow_pickle)}[format]
+  reader = {
+      "safetensors": read_safetensors,
+      "npz": read_npz,
+      "torch": lambda p: read_torch(p, allow_pickle)
+  }[format]
   return reader(path), format

@@ -20,9 +20,16 @@ from vitat_jax.models.vit import VisionTransformer
 
 # Flax top-level module -> timm module, per family.
 _RENAMES = {
-    "vit": {"patch_embed": "patch_embed.proj", "pre_logits": "pre_logits.fc"},
-    "convit": {"patch_embed": "patch_embed.proj"},
-    "swin": {"head": "head.fc"},
+    "vit": {
+        "patch_embed": "patch_embed.proj",
+        "pre_logits": "pre_logits.fc"
+    },
+    "convit": {
+        "patch_embed": "patch_embed.proj"
+    },
+    "swin": {
+        "head": "head.fc"
+    },
 }
 # timm buffers some checkpoints carry; they are recomputed, never loaded.
 BUFFER_SUFFIXES = ("relative_position_index", "attn_mask",
@@ -86,8 +93,7 @@ def normalise_state_dict(state: Dict[str, np.ndarray],
   keys = list(state)
   for wrapper in ("module.", "model.", "state_dict."):
     if keys and all(k.startswith(wrapper) for k in keys):
-      logging.info("checkpoint: stripped the %r prefix from every key",
-                   wrapper)
+      logging.info("checkpoint: stripped the %r prefix from every key", wrapper)
       state = {k[len(wrapper):]: v for k, v in state.items()}
       keys = list(state)
   out = {}
@@ -114,8 +120,8 @@ def _hwio_to_oihw(x):
   return x.transpose(3, 2, 0, 1)
 
 
-def npz_to_timm(w: Dict[str, np.ndarray], num_prefix_tokens: int = 1
-                ) -> Dict[str, np.ndarray]:
+def npz_to_timm(w: Dict[str, np.ndarray],
+                num_prefix_tokens: int = 1) -> Dict[str, np.ndarray]:
   """Google ViT (vision_transformer / big_vision) .npz -> timm ViT keys."""
   prefix = ""
   for candidate in ("opt/target/", "params/img/", "params/"):
@@ -129,8 +135,10 @@ def npz_to_timm(w: Dict[str, np.ndarray], num_prefix_tokens: int = 1
   big_vision = (prefix.startswith("params/") or has("pos_embedding") or
                 has("Transformer/encoderblock/LayerNorm_0/scale"))
   mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
-  sd = {"patch_embed.proj.weight": _hwio_to_oihw(get("embedding/kernel")),
-        "patch_embed.proj.bias": get("embedding/bias")}
+  sd = {
+      "patch_embed.proj.weight": _hwio_to_oihw(get("embedding/kernel")),
+      "patch_embed.proj.bias": get("embedding/bias")
+  }
   if has("cls"):
     sd["cls_token"] = get("cls")
   if has("Transformer/posembed_input/pos_embedding"):
@@ -160,20 +168,22 @@ def npz_to_timm(w: Dict[str, np.ndarray], num_prefix_tokens: int = 1
     t = f"blocks.{i}."
     sd[t + "norm1.weight"] = block("LayerNorm_0/scale")
     sd[t + "norm1.bias"] = block("LayerNorm_0/bias")
-    sd[t + "attn.qkv.weight"] = np.concatenate(
-        [block(f"{attn}{n}/kernel").reshape(block(f"{attn}{n}/kernel")
-                                            .shape[0], -1).T
-         for n in ("query", "key", "value")])
-    sd[t + "attn.qkv.bias"] = np.concatenate(
-        [block(f"{attn}{n}/bias").reshape(-1)
-         for n in ("query", "key", "value")])
+    sd[t + "attn.qkv.weight"] = np.concatenate([
+        block(f"{attn}{n}/kernel").reshape(
+            block(f"{attn}{n}/kernel").shape[0], -1).T
+        for n in ("query", "key", "value")
+    ])
+    sd[t + "attn.qkv.bias"] = np.concatenate([
+        block(f"{attn}{n}/bias").reshape(-1) for n in ("query", "key", "value")
+    ])
     out = block(f"{attn}out/kernel")
     sd[t + "attn.proj.weight"] = out.reshape(-1, out.shape[-1]).T
     sd[t + "attn.proj.bias"] = block(f"{attn}out/bias")
     sd[t + "norm2.weight"] = block(f"LayerNorm_{ln2}/scale")
     sd[t + "norm2.bias"] = block(f"LayerNorm_{ln2}/bias")
     for r in range(2):
-      sd[t + f"mlp.fc{r + 1}.weight"] = block(f"MlpBlock_{mlp}/Dense_{r}/kernel").T
+      sd[t +
+         f"mlp.fc{r + 1}.weight"] = block(f"MlpBlock_{mlp}/Dense_{r}/kernel").T
       sd[t + f"mlp.fc{r + 1}.bias"] = block(f"MlpBlock_{mlp}/Dense_{r}/bias")
   sd["norm.weight"] = get("Transformer/encoder_norm/scale")
   sd["norm.bias"] = get("Transformer/encoder_norm/bias")

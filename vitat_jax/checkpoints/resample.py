@@ -45,8 +45,8 @@ def resample_pos_embed(posemb: np.ndarray, num_prefix: int,
   if old * old != grid.shape[0]:
     raise ValueError(f"{grid.shape[0]} position tokens are not a square grid")
   grid = bilinear_resize(grid.reshape(old, old, -1), (new_grid, new_grid))
-  return np.concatenate([prefix, grid.reshape(1, new_grid * new_grid, -1)],
-                        axis=1)
+  return np.concatenate(
+      [prefix, grid.reshape(1, new_grid * new_grid, -1)], axis=1)
 
 
 def resample_patch_kernel(kernel: np.ndarray, new_size: int) -> np.ndarray:

@@ -24,8 +24,20 @@ from vitat_jax.data.sources import Source
 from vitat_jax.data.sources import TfdsSource
 
 __all__ = [
-    "ArraySource", "DataSplits", "FileSource", "Source", "TfdsSource",
-    "Transform", "apply_crop_flip", "crop_flip_params", "epoch_permutation",
-    "eval_batches", "load", "random_crop_flip", "robustbench_imagenet_ids",
-    "steps_per_epoch", "to_float", "train_batches",
+    "ArraySource",
+    "DataSplits",
+    "FileSource",
+    "Source",
+    "TfdsSource",
+    "Transform",
+    "apply_crop_flip",
+    "crop_flip_params",
+    "epoch_permutation",
+    "eval_batches",
+    "load",
+    "random_crop_flip",
+    "robustbench_imagenet_ids",
+    "steps_per_epoch",
+    "to_float",
+    "train_batches",
 ]

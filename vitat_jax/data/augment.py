@@ -16,7 +16,9 @@ def to_float(images_uint8) -> jax.Array:
   return jnp.asarray(images_uint8, jnp.float32) / 255.0
 
 
-def crop_flip_params(key, batch_size: int, padding: int = 4,
+def crop_flip_params(key,
+                     batch_size: int,
+                     padding: int = 4,
                      flip: bool = True) -> tuple[jax.Array, jax.Array]:
   """Per-example crop offsets [B, 2] (row, column) in [0, 2 * padding] and
   horizontal-flip decisions [B] (all False when `flip` is False)."""
@@ -44,8 +46,8 @@ def apply_crop_flip(images, offsets, flips, padding: int = 4) -> jax.Array:
     [B, H, W, C] of the input's dtype.
   """
   _, height, width, channels = images.shape
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding),
-                            (0, 0)))
+  padded = jnp.pad(images,
+                   ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
   def crop(image, offset):
     return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
@@ -55,7 +57,9 @@ def apply_crop_flip(images, offsets, flips, padding: int = 4) -> jax.Array:
   return jnp.where(flips[:, None, None, None], crops[:, :, ::-1, :], crops)
 
 
-def random_crop_flip(key, images, padding: int = 4,
+def random_crop_flip(key,
+                     images,
+                     padding: int = 4,
                      flip: bool = True) -> jax.Array:
   """RandomCrop(H, padding) then RandomHorizontalFlip(0.5), per example.
 

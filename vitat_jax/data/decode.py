@@ -42,16 +42,17 @@ class Transform:
   """A host-side image transform; a plain, picklable value."""
 
   name: str = "squash"
-  size: int = 0                     # output H == W; 0 = the image's own
-  scale: tuple[float, float] = (0.08, 1.0)     # random_resized_crop
+  size: int = 0  # output H == W; 0 = the image's own
+  scale: tuple[float, float] = (0.08, 1.0)  # random_resized_crop
   ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random_resized_crop
-  crop_pct: float = 0.875           # resize_center_crop: 224 / 256
+  crop_pct: float = 0.875  # resize_center_crop: 224 / 256
 
   @property
   def is_random(self) -> bool:
     return self.name == "random_resized_crop"
 
-  def __call__(self, encoded: Encoded,
+  def __call__(self,
+               encoded: Encoded,
                rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """uint8 [size, size, 3]; raises one of DECODE_ERRORS on a bad file."""
     image = open_image(encoded)
@@ -62,8 +63,9 @@ class Transform:
     if self.name == "resize_center_crop":
       return _resize_center_crop(image, self.size, self.crop_pct)
     size = self.size or width
-    return _resize_box(image, (0, 0, width, height), size, height=self.size
-                       or height)
+    return _resize_box(image, (0, 0, width, height),
+                       size,
+                       height=self.size or height)
 
 
 def open_image(encoded: Encoded) -> Image.Image:
@@ -82,8 +84,9 @@ def _rgb(image: Image.Image) -> Image.Image:
   if image.mode == "RGB":
     return image
   if image.mode.startswith("I"):  # 16-bit grey: convert() would clip to 255
-    image = Image.fromarray(np.clip(np.round(
-        np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
+    image = Image.fromarray(
+        np.clip(np.round(np.asarray(image, np.float64) / 257), 0,
+                255).astype(np.uint8))
   if image.mode in ("RGBA", "LA") or (image.mode == "P" and
                                       "transparency" in image.info):
     # Composite on black, as torchvision's convert("RGB") drops alpha.
@@ -108,7 +111,9 @@ def _draft(image: Image.Image, box, out_width: int, out_height: int):
                  box[3] * scale_y)
 
 
-def _resize_box(image: Image.Image, box, size: int,
+def _resize_box(image: Image.Image,
+                box,
+                size: int,
                 height: Optional[int] = None) -> np.ndarray:
   height = height or size
   image, box = _draft(image, box, size, height)

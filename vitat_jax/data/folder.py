@@ -71,15 +71,16 @@ class FileSource:
     for attempt in range(len(self)):
       candidate = (index + attempt) % len(self)
       try:
-        return self.transform(self.path(candidate), rng), int(
-            self.labels[candidate])
+        return self.transform(self.path(candidate),
+                              rng), int(self.labels[candidate])
       except decode.DECODE_ERRORS as error:
         self._failures += 1
-        logging.warning("skipping %s, which does not decode (%s); %d of %d "
-                        "reads failed in this process", self.path(candidate),
-                        error, self._failures, self._reads)
-        if (self._reads >= _MIN_READS_FOR_FRACTION and self._failures >
-            MAX_CORRUPT_FRACTION * self._reads) or attempt >= 8:
+        logging.warning(
+            "skipping %s, which does not decode (%s); %d of %d "
+            "reads failed in this process", self.path(candidate), error,
+            self._failures, self._reads)
+        if (self._reads >= _MIN_READS_FOR_FRACTION and self._failures
+            > MAX_CORRUPT_FRACTION * self._reads) or attempt >= 8:
           raise UserError(
               f"more than {MAX_CORRUPT_FRACTION:.0%} of the images read under "
               f"{self.root} do not decode (e.g. {self.path(candidate)}); fix "
@@ -119,13 +120,15 @@ def check_layout(root: str) -> tuple[pathlib.Path, tuple[str, ...]]:
 
 
 def _class_folders(split_dir: pathlib.Path) -> tuple[str, ...]:
-  return tuple(sorted(entry.name for entry in os.scandir(split_dir)
-                      if entry.is_dir() and not entry.name.startswith(".")))
+  return tuple(
+      sorted(entry.name
+             for entry in os.scandir(split_dir)
+             if entry.is_dir() and not entry.name.startswith(".")))
 
 
-def list_images(split_dir: pathlib.Path, class_names: Sequence[str],
-                allow_empty_class: bool = True
-                ) -> tuple[list[str], np.ndarray]:
+def list_images(split_dir: pathlib.Path,
+                class_names: Sequence[str],
+                allow_empty_class: bool = True) -> tuple[list[str], np.ndarray]:
   """Image paths (sorted within each class) and their class indices.
 
   An empty class folder is refused where `allow_empty_class` is False (the
@@ -149,9 +152,10 @@ def list_images(split_dir: pathlib.Path, class_names: Sequence[str],
     if len(files) == before and not allow_empty_class:
       empty.append(class_name)
     elif len(files) == before:
-      logging.warning("class folder %s holds no %s images; its class has no "
-                      "examples in this split", split_dir / class_name,
-                      "/".join(IMAGE_EXTENSIONS))
+      logging.warning(
+          "class folder %s holds no %s images; its class has no "
+          "examples in this split", split_dir / class_name,
+          "/".join(IMAGE_EXTENSIONS))
   if not files:
     raise UserError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under "
                     f"{split_dir}/<class>/; add images or fix data.root")
@@ -162,8 +166,8 @@ def list_images(split_dir: pathlib.Path, class_names: Sequence[str],
   return files, np.asarray(labels, np.int32)
 
 
-def _cache_path(root: pathlib.Path, split: str, files: Sequence[str],
-                kind: str, cache_dir: pathlib.Path) -> pathlib.Path:
+def _cache_path(root: pathlib.Path, split: str, files: Sequence[str], kind: str,
+                cache_dir: pathlib.Path) -> pathlib.Path:
   """A cache file name that changes whenever a listed file does."""
   digest = hashlib.sha256(
       f"{_CACHE_VERSION}\0{root}\0{split}\0{kind}\0{len(files)}\n".encode())
@@ -191,8 +195,8 @@ def index_split(root: pathlib.Path, split: str, files: list[str],
       size = decode.header(path)
       if size is not None:
         ok[i], sizes[i] = True, size
-    logging.info("Indexed %d %s files of %s in %.1f s", len(files), split,
-                 root, time.perf_counter() - start)
+    logging.info("Indexed %d %s files of %s in %.1f s", len(files), split, root,
+                 time.perf_counter() - start)
     _write_npz(cache_path, ok=ok, sizes=sizes)
   bad = int((~ok).sum())
   if bad > MAX_CORRUPT_FRACTION * len(files):
@@ -202,8 +206,9 @@ def index_split(root: pathlib.Path, split: str, files: list[str],
         f"under {root / split} are not images (e.g. {example}); fix or delete "
         "them")
   if bad:
-    logging.warning("Skipped %d of %d image files under %s that could not be "
-                    "decoded", bad, len(files), root / split)
+    logging.warning(
+        "Skipped %d of %d image files under %s that could not be "
+        "decoded", bad, len(files), root / split)
   keep = np.flatnonzero(ok)
   return [files[i] for i in keep], labels[keep], sizes[keep]
 
@@ -237,8 +242,7 @@ def decoded_split(root: pathlib.Path, split: str, files: list[str],
                  split, root, cache_path)
   else:
     start = time.perf_counter()
-    images = np.empty((len(files), transform.size, transform.size, 3),
-                      np.uint8)
+    images = np.empty((len(files), transform.size, transform.size, 3), np.uint8)
     kept = np.zeros(len(files), bool)
     for i, path in enumerate(files):
       try:
@@ -254,13 +258,17 @@ def decoded_split(root: pathlib.Path, split: str, files: list[str],
     if num_corrupt:
       images, labels = images[kept], labels[kept]
     logging.info("Decoded %d %s images of %s in %.1f s", len(labels), split,
-                 root, time.perf_counter() - start)
-    _write_npz(cache_path, images=images, labels=labels,
+                 root,
+                 time.perf_counter() - start)
+    _write_npz(cache_path,
+               images=images,
+               labels=labels,
                num_corrupt=np.int64(num_corrupt))
   if num_corrupt:
-    logging.warning("Skipped %d of %d image files under %s that could not be "
-                    "decoded", num_corrupt, len(labels) + num_corrupt,
-                    root / split)
+    logging.warning(
+        "Skipped %d of %d image files under %s that could not be "
+        "decoded", num_corrupt,
+        len(labels) + num_corrupt, root / split)
   return images, labels
 
 
@@ -281,8 +289,10 @@ def _write_npz(path: pathlib.Path, **arrays):
   tmp_name = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem,
-                                     suffix=".tmp", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(dir=path.parent,
+                                     prefix=path.stem,
+                                     suffix=".tmp",
+                                     delete=False) as tmp:
       tmp_name = tmp.name
       np.savez(tmp, **arrays)
     os.replace(tmp_name, path)
@@ -297,12 +307,14 @@ def robustbench_imagenet_ids() -> list[str]:
   """RobustBench's 5,000 ImageNet validation images, as `<wnid>/<file>`, in
   its order (robustbench/helper_files/imagenet_test_image_ids.txt, MIT)."""
   path = pathlib.Path(__file__).with_name("robustbench_imagenet_ids.txt")
-  return [line.strip() for line in path.read_text().splitlines()
-          if line.strip()]
+  return [
+      line.strip() for line in path.read_text().splitlines() if line.strip()
+  ]
 
 
-def robustbench_files(split_dir: pathlib.Path,
-                      class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def robustbench_files(
+    split_dir: pathlib.Path,
+    class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
   """The RobustBench subset under `split_dir` (an ImageNet val folder with
   one folder per wnid), labelled by the sorted class folders as RobustBench
   does; a missing file is a one-line error."""

@@ -29,8 +29,10 @@ def cutmix_box(key, lam, height: int, width: int):
   cut_w = (width * cut_ratio).astype(jnp.int32)
   cy = jax.random.randint(ky, (), 0, height)
   cx = jax.random.randint(kx, (), 0, width)
-  y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
-  x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+  y0, y1 = jnp.clip(cy - cut_h // 2, 0,
+                    height), jnp.clip(cy + cut_h // 2, 0, height)
+  x0, x1 = jnp.clip(cx - cut_w // 2, 0,
+                    width), jnp.clip(cx + cut_w // 2, 0, width)
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
   mask = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
@@ -38,9 +40,15 @@ def cutmix_box(key, lam, height: int, width: int):
   return mask, corrected.astype(jnp.float32)
 
 
-def mixup_cutmix(key, images, labels, num_classes: int, *,
-                 mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                 prob: float = 0.3, switch_prob: float = 0.5,
+def mixup_cutmix(key,
+                 images,
+                 labels,
+                 num_classes: int,
+                 *,
+                 mixup_alpha: float = 0.8,
+                 cutmix_alpha: float = 1.0,
+                 prob: float = 0.3,
+                 switch_prob: float = 0.5,
                  label_smoothing: float = 0.0):
   """Mixed images [B, H, W, C] and soft targets [B, num_classes]."""
   apply_key, switch_key, mix_key, cut_key, box_key = jax.random.split(key, 5)

@@ -71,7 +71,8 @@ def resolve_workers(workers: Optional[int], source) -> int:
   if workers is None:
     workers = default_workers(source)
     logging.info("data.workers unset: %d loader worker process(es) for %s",
-                 workers, type(source).__name__)
+                 workers,
+                 type(source).__name__)
   if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) \
       or workers < 0:
     raise UserError(f"data.workers={workers!r}: use 0 (decode in the training "
@@ -106,8 +107,8 @@ class _TrainExample:
     position = index_in_epoch * self.global_batch_size + self.offset + row
     global_position = (epoch * self.num_steps * self.global_batch_size +
                        position)
-    rng = (example_rng(self.seed, global_position) if self.source.needs_rng
-           else None)
+    rng = (example_rng(self.seed, global_position)
+           if self.source.needs_rng else None)
     image, label = self.source.example(int(self._permutation[position]), rng)
     return image, np.int32(label)
 
@@ -125,8 +126,8 @@ class _TrainBatch(_TrainExample):
       self._epoch = epoch
       self._permutation = epoch_permutation(len(self.source), self.seed, epoch)
     start = index_in_epoch * self.global_batch_size + self.offset
-    return self.source.get_batch(
-        self._permutation[start:start + self.per_process])
+    return self.source.get_batch(self._permutation[start:start +
+                                                   self.per_process])
 
 
 class _EvalExample:
@@ -167,8 +168,8 @@ class _ExitWithParent:
                      daemon=True).start()
 
 
-def _loader(examples: grain.MapDataset, batch_size: Optional[int],
-            workers: int, prefetch: int) -> Iterator:
+def _loader(examples: grain.MapDataset, batch_size: Optional[int], workers: int,
+            prefetch: int) -> Iterator:
   """Batches of `examples` (already batches if batch_size is None), read by
   grain with `workers` processes."""
   batches = examples
@@ -176,17 +177,16 @@ def _loader(examples: grain.MapDataset, batch_size: Optional[int],
     batches = examples.batch(batch_size, drop_remainder=True)
   # One reading thread per worker (parallelism comes from the processes) and
   # a bounded buffer, so memory does not grow with the data.
-  dataset = batches.to_iter_dataset(grain.ReadOptions(
-      num_threads=1, prefetch_buffer_size=max(prefetch, 1)))
+  dataset = batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(prefetch, 1)))
   if workers:
     if not flags.FLAGS.is_parsed():
       # grain reads its absl flags when it starts workers; outside an absl
       # app (tests, notebooks) they keep their defaults.
       flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=workers,
-                                     per_worker_buffer_size=max(prefetch, 1)),
-        worker_init_fn=_ExitWithParent())
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(prefetch, 1)),
+                                  worker_init_fn=_ExitWithParent())
   return _closing(iter(dataset))
 
 
@@ -202,9 +202,13 @@ def _closing(iterator) -> Iterator:
       close()
 
 
-def train_batches(source, global_batch_size: int, seed: int,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, workers: int = 0,
+def train_batches(source,
+                  global_batch_size: int,
+                  seed: int,
+                  start_step: int = 0,
+                  process_index: int = 0,
+                  process_count: int = 1,
+                  workers: int = 0,
                   prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """This process's share of the global batches of steps start_step, ....
 
@@ -238,17 +242,21 @@ def train_batches(source, global_batch_size: int, seed: int,
   args = (source, global_batch_size, per_process, process_index * per_process,
           num_steps, seed)
   if not _decodes(source) and not source.needs_rng:
-    steps = grain.MapDataset.range(start_step, 2 ** 62)
+    steps = grain.MapDataset.range(start_step, 2**62)
     return _loader(steps.map(_TrainBatch(*args)), None, workers, prefetch)
   read = _TrainExample(*args)
   # Endless in practice: 2**62 examples.
-  positions = grain.MapDataset.range(start_step * per_process, 2 ** 62)
+  positions = grain.MapDataset.range(start_step * per_process, 2**62)
   return _loader(positions.map(read), per_process, workers, prefetch)
 
 
 def eval_batches(
-    source, batch_size: int, num_examples: Optional[int] = None,
-    process_index: int = 0, process_count: int = 1, workers: int = 0,
+    source,
+    batch_size: int,
+    num_examples: Optional[int] = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 0,
     prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """The first `num_examples` examples in order, in batches of a fixed shape.
 
@@ -269,7 +277,7 @@ def eval_batches(
   if batch_size <= 0:
     raise UserError(f"the eval batch size must be positive, got {batch_size}")
   total = len(source) if num_examples is None else min(num_examples,
-                                                        len(source))
+                                                       len(source))
   if total < 0:
     raise UserError(f"the number of eval examples must be >= 0, got "
                     f"{num_examples}")
@@ -288,5 +296,5 @@ def eval_batches(
                       process_index * per_process, total)
   positions = grain.MapDataset.range(0, num_batches * per_process)
   # No more workers than batches: each would start only to find nothing.
-  return _loader(positions.map(read), per_process,
-                 min(workers, num_batches), prefetch)
+  return _loader(positions.map(read), per_process, min(workers, num_batches),
+                 prefetch)

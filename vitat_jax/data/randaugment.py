@@ -62,8 +62,8 @@ def parse_spec(spec: str) -> Spec:
   except ValueError:
     raise UserError(f"unknown RandAugment spec {spec!r}: {hint}") from None
   result = Spec(**values)
-  if not (0 <= result.magnitude <= 10 and result.num_layers >= 1
-          and result.magnitude_std >= 0):
+  if not (0 <= result.magnitude <= 10 and result.num_layers >= 1 and
+          result.magnitude_std >= 0):
     raise UserError(f"RandAugment spec {spec!r}: the magnitude must be in "
                     "[0, 10], n >= 1 and mstd >= 0")
   return result
@@ -150,7 +150,8 @@ def sharpness(img, level, key):
   padded = jnp.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
   h, w = img.shape[:2]
   smooth = sum(kernel[i, j] * padded[i:i + h, j:j + w]
-               for i in range(3) for j in range(3))
+               for i in range(3)
+               for j in range(3))
   interior = jnp.zeros((h, w, 1), bool).at[1:-1, 1:-1].set(True)
   return _blend(jnp.where(interior, smooth, img), img, _enhance_factor(level))
 
@@ -162,12 +163,16 @@ def _affine(img, matrix):
   """out[y, x] = img at (x', y') = matrix @ (x, y, 1), PIL's AFFINE rule."""
   h, w = img.shape[:2]
   ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
-                        jnp.arange(w, dtype=jnp.float32), indexing="ij")
+                        jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
   src_x = matrix[0] * xs + matrix[1] * ys + matrix[2]
   src_y = matrix[3] * xs + matrix[4] * ys + matrix[5]
-  channels = [jax.scipy.ndimage.map_coordinates(
-      img[..., c], [src_y, src_x], order=1, mode="constant", cval=_FILL[c])
-              for c in range(3)]
+  channels = [
+      jax.scipy.ndimage.map_coordinates(img[..., c], [src_y, src_x],
+                                        order=1,
+                                        mode="constant",
+                                        cval=_FILL[c]) for c in range(3)
+  ]
   return jnp.stack(channels, axis=-1)
 
 
@@ -180,18 +185,19 @@ def rotate(img, level, key):
   angle = jnp.deg2rad(_signed(level / 10.0 * 30.0, key))
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-  return _affine(img, (cos, sin, cx - cos * cx - sin * cy,
-                       -sin, cos, cy + sin * cx - cos * cy))
+  return _affine(
+      img,
+      (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy))
 
 
 def shear_x(img, level, key):
-  return _affine(img, (1.0, _signed(level / 10.0 * 0.3, key), 0.0,
-                       0.0, 1.0, 0.0))
+  return _affine(img,
+                 (1.0, _signed(level / 10.0 * 0.3, key), 0.0, 0.0, 1.0, 0.0))
 
 
 def shear_y(img, level, key):
-  return _affine(img, (1.0, 0.0, 0.0,
-                       _signed(level / 10.0 * 0.3, key), 1.0, 0.0))
+  return _affine(img,
+                 (1.0, 0.0, 0.0, _signed(level / 10.0 * 0.3, key), 1.0, 0.0))
 
 
 def translate_x(img, level, key):
@@ -205,11 +211,20 @@ def translate_y(img, level, key):
 
 
 OPS = {
-    "identity": identity, "autocontrast": autocontrast, "equalize": equalize,
-    "rotate": rotate, "solarize": solarize, "color": color,
-    "posterize": posterize, "contrast": contrast, "brightness": brightness,
-    "sharpness": sharpness, "shear_x": shear_x, "shear_y": shear_y,
-    "translate_x": translate_x, "translate_y": translate_y,
+    "identity": identity,
+    "autocontrast": autocontrast,
+    "equalize": equalize,
+    "rotate": rotate,
+    "solarize": solarize,
+    "color": color,
+    "posterize": posterize,
+    "contrast": contrast,
+    "brightness": brightness,
+    "sharpness": sharpness,
+    "shear_x": shear_x,
+    "shear_y": shear_y,
+    "translate_x": translate_x,
+    "translate_y": translate_y,
 }
 _BRANCHES = tuple(OPS.values())
 
@@ -221,8 +236,8 @@ def _augment_one(key, img, spec: Spec):
     index = jax.random.randint(op_key, (), 0, len(_BRANCHES))
     level = jnp.float32(spec.magnitude)
     if spec.magnitude_std > 0:
-      level = jnp.clip(level + spec.magnitude_std * jax.random.normal(
-          level_key), 0.0, 10.0)
+      level = jnp.clip(
+          level + spec.magnitude_std * jax.random.normal(level_key), 0.0, 10.0)
     out = jax.lax.switch(index, _BRANCHES, img, level, sign_key)
     img = jnp.where(jax.random.bernoulli(apply_key, spec.prob), out, img)
   return img
@@ -244,4 +259,3 @@ def check_spec(spec: str) -> None:
   """Raises UserError unless `spec` is empty or a valid RandAugment spec."""
   if spec:
     parse_spec(spec)
-

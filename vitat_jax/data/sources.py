@@ -49,13 +49,27 @@ DEFAULT_DECODED_CACHE_MB = 1024
 # `load`: one table, with the keys of configs/default.py's `data` section
 # (tests/data/test_sources.py checks). The values are the library's own
 # (the digits at their native size); the configs set the paper's recipe.
-FIELDS = dict(
-    name="digits", root="", tfds_name="", tfds_data_dir="",
-    train_split="train", test_split="test", image_size=0, train_examples=0,
-    test_examples=0, subset_seed=0, cache_dir="", mean=(), std=(),
-    train_transform="squash", eval_transform="squash",
-    rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3), crop_pct=0.875,
-    eval_subset="", workers=None, decoded_cache_mb=DEFAULT_DECODED_CACHE_MB)
+FIELDS = dict(name="digits",
+              root="",
+              tfds_name="",
+              tfds_data_dir="",
+              train_split="train",
+              test_split="test",
+              image_size=0,
+              train_examples=0,
+              test_examples=0,
+              subset_seed=0,
+              cache_dir="",
+              mean=(),
+              std=(),
+              train_transform="squash",
+              eval_transform="squash",
+              rrc_scale=(0.08, 1.0),
+              rrc_ratio=(3 / 4, 4 / 3),
+              crop_pct=0.875,
+              eval_subset="",
+              workers=None,
+              decoded_cache_mb=DEFAULT_DECODED_CACHE_MB)
 
 
 class Source(Protocol):
@@ -229,8 +243,9 @@ def load(data_config) -> DataSplits:
     raise UserError(f"unknown data.name {name!r}; use one of: "
                     f"{', '.join(VALID_NAMES)}")
   workers = _get(data_config, "workers")
-  if workers is not None and (isinstance(workers, bool) or not isinstance(
-      workers, (int, np.integer)) or workers < 0):
+  if workers is not None and (isinstance(workers, bool) or
+                              not isinstance(workers,
+                                             (int, np.integer)) or workers < 0):
     raise UserError(f"data.workers={workers!r}: use 0 (decode in the training "
                     "process), a positive number of worker processes, or "
                     "leave it unset for one per spare CPU")
@@ -255,26 +270,29 @@ def load(data_config) -> DataSplits:
   if name == "digits":
     splits = _load_digits(image_size, **subset)
   elif name == "image_folder":
-    splits = _load_image_folder(
-        root=_get(data_config, "root"),
-        transforms=(train_transform, eval_transform),
-        cache_dir=_get(data_config, "cache_dir") or _default_cache_dir(),
-        cache_mb=_get_int(data_config, "decoded_cache_mb"),
-        eval_subset=eval_subset, **subset)
+    splits = _load_image_folder(root=_get(data_config, "root"),
+                                transforms=(train_transform, eval_transform),
+                                cache_dir=_get(data_config, "cache_dir") or
+                                _default_cache_dir(),
+                                cache_mb=_get_int(data_config,
+                                                  "decoded_cache_mb"),
+                                eval_subset=eval_subset,
+                                **subset)
   else:
-    splits = _load_tfds(
-        tfds_name=_get(data_config, "tfds_name"),
-        data_dir=_get(data_config, "tfds_data_dir") or None,
-        split_names=(_get(data_config, "train_split"),
-                     _get(data_config, "test_split")),
-        transforms=(train_transform, eval_transform), **subset)
-  if train_transform.name != "squash" and isinstance(splits.train,
-                                                     ArraySource):
-    splits = dataclasses.replace(splits, train=dataclasses.replace(
-        splits.train, transform=train_transform))
+    splits = _load_tfds(tfds_name=_get(data_config, "tfds_name"),
+                        data_dir=_get(data_config, "tfds_data_dir") or None,
+                        split_names=(_get(data_config, "train_split"),
+                                     _get(data_config, "test_split")),
+                        transforms=(train_transform, eval_transform),
+                        **subset)
+  if train_transform.name != "squash" and isinstance(splits.train, ArraySource):
+    splits = dataclasses.replace(splits,
+                                 train=dataclasses.replace(
+                                     splits.train, transform=train_transform))
   if eval_transform.name != "squash" and isinstance(splits.test, ArraySource):
-    splits = dataclasses.replace(splits, test=dataclasses.replace(
-        splits.test, transform=eval_transform))
+    splits = dataclasses.replace(splits,
+                                 test=dataclasses.replace(
+                                     splits.test, transform=eval_transform))
   if mean is not None:
     splits = dataclasses.replace(splits, mean=mean)
   if std is not None:
@@ -297,8 +315,8 @@ def _get(config, field: str):
 
 def _get_int(config, field: str) -> int:
   value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < 0):
+  if isinstance(
+      value, bool) or not isinstance(value, (int, np.integer)) or (value < 0):
     raise UserError(f"data.{field} must be an integer >= 0, got {value!r}")
   return int(value)
 
@@ -347,9 +365,10 @@ def balanced_subset(labels: np.ndarray, num_examples: int, num_classes: int,
   for label in range(num_classes):
     members = np.flatnonzero(labels == label)
     if len(members) < per_class:
-      logging.warning("%s=%d asks for %d examples of class %d, which has only "
-                      "%d; taking them all", what, num_examples, per_class,
-                      label, len(members))
+      logging.warning(
+          "%s=%d asks for %d examples of class %d, which has only "
+          "%d; taking them all", what, num_examples, per_class, label,
+          len(members))
     take = min(per_class, len(members))
     chosen.append(rng.choice(members, size=take, replace=False))
   return np.sort(np.concatenate(chosen)).astype(np.int64)
@@ -402,8 +421,12 @@ def _load_digits(image_size: int, train: int, test: int,
       indices = indices[keep]
     sources[split] = ArraySource(images[indices], labels[indices])
   mean, std = DIGITS_STATS
-  return DataSplits(train=sources["train"], test=sources["test"],
-                    num_classes=10, image_size=size, mean=mean, std=std,
+  return DataSplits(train=sources["train"],
+                    test=sources["test"],
+                    num_classes=10,
+                    image_size=size,
+                    mean=mean,
+                    std=std,
                     class_names=tuple(str(d) for d in range(10)))
 
 
@@ -422,7 +445,8 @@ def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
     if split == "test" and eval_subset == "robustbench":
       files, labels = folder.robustbench_files(root_path / split, class_names)
     else:
-      files, labels = folder.list_images(root_path / split, class_names,
+      files, labels = folder.list_images(root_path / split,
+                                         class_names,
                                          allow_empty_class=split != "train")
     files, labels, sizes = folder.index_split(root_path, split, files, labels,
                                               cache_path)
@@ -434,44 +458,49 @@ def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
 
   train_transform, eval_transform = transforms
   if not train_transform.size:
-    native = {split: folder.native_size(files, sizes)
-              for split, (files, _, sizes) in listings.items()}
+    native = {
+        split: folder.native_size(files, sizes)
+        for split, (files, _, sizes) in listings.items()
+    }
     if len(set(native.values())) != 1:
       raise UserError(f"train and test images under {root_path} differ in "
                       f"size ({native['train']} vs {native['test']}); set "
                       "data.image_size to resize them")
-    train_transform = dataclasses.replace(train_transform,
-                                          size=native["train"])
+    train_transform = dataclasses.replace(train_transform, size=native["train"])
     eval_transform = dataclasses.replace(eval_transform, size=native["train"])
   sources = {}
-  for split, transform in (("train", train_transform),
-                           ("test", eval_transform)):
+  for split, transform in (("train", train_transform), ("test",
+                                                        eval_transform)):
     files, labels, _ = listings[split]
-    decoded_mb = len(files) * transform.size ** 2 * 3 / 2 ** 20
+    decoded_mb = len(files) * transform.size**2 * 3 / 2**20
     if transform.name == "squash" and decoded_mb <= cache_mb:
       images, labels = folder.decoded_split(root_path, split, files, labels,
                                             transform, cache_path)
       sources[split] = ArraySource(images, labels)
     else:
-      logging.info("%s split of %s: %d images read file by file (%s, %.0f MB "
-                   "decoded > data.decoded_cache_mb=%d or a random "
-                   "transform)", split, root_path, len(files), transform.name,
-                   decoded_mb, cache_mb)
+      logging.info(
+          "%s split of %s: %d images read file by file (%s, %.0f MB "
+          "decoded > data.decoded_cache_mb=%d or a random "
+          "transform)", split, root_path, len(files), transform.name,
+          decoded_mb, cache_mb)
       sources[split] = folder.FileSource(str(root_path / split), files, labels,
                                          transform)
   mean, std = default_stats(root_path.name)
-  return DataSplits(train=sources["train"], test=sources["test"],
+  return DataSplits(train=sources["train"],
+                    test=sources["test"],
                     num_classes=len(class_names),
-                    image_size=train_transform.size, mean=mean, std=std,
+                    image_size=train_transform.size,
+                    mean=mean,
+                    std=std,
                     class_names=class_names)
 
 
 # ------------------------------------------------------------------- tfds ---
 
 
-def _load_tfds(tfds_name: str, data_dir: Optional[str],
-               split_names: tuple[str, str], transforms, train: int,
-               test: int, seed: int) -> DataSplits:
+def _load_tfds(tfds_name: str, data_dir: Optional[str], split_names: tuple[str,
+                                                                           str],
+               transforms, train: int, test: int, seed: int) -> DataSplits:
   """Opens a prepared tfds dataset for random access."""
   if not tfds_name:
     raise UserError("data.tfds_name is empty; set it, e.g. "
@@ -479,8 +508,10 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str],
   # Imported here: tfds takes seconds to import and only this source needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  data_sources = [_open_tfds_split(tfds, tfds_name, split, data_dir)
-                  for split in split_names]
+  data_sources = [
+      _open_tfds_split(tfds, tfds_name, split, data_dir)
+      for split in split_names
+  ]
   features = data_sources[0].dataset_info.features
   label_feature = features["label"] if "label" in features else None
   if "image" not in features or not hasattr(label_feature, "names"):
@@ -488,8 +519,10 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str],
                     "'label' feature; use an image classification dataset")
   class_names = tuple(label_feature.names)
   if isinstance(features["image"], tfds.features.Image):
-    data_sources = [_encoded_images(tfds, tfds_name, split, data_dir, plain)
-                    for split, plain in zip(split_names, data_sources)]
+    data_sources = [
+        _encoded_images(tfds, tfds_name, split, data_dir, plain)
+        for split, plain in zip(split_names, data_sources)
+    ]
 
   train_transform, eval_transform = transforms
   image_size = train_transform.size
@@ -514,16 +547,23 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str],
                                        f"data.{split}_examples")
     sources.append(TfdsSource(data_source, transform, record_indices))
   mean, std = default_stats(tfds_name.split(":")[0].split("/")[0])
-  return DataSplits(train=sources[0], test=sources[1],
-                    num_classes=len(class_names), image_size=image_size,
-                    mean=mean, std=std, class_names=class_names)
+  return DataSplits(train=sources[0],
+                    test=sources[1],
+                    num_classes=len(class_names),
+                    image_size=image_size,
+                    mean=mean,
+                    std=std,
+                    class_names=class_names)
 
 
 def _open_tfds_split(tfds, tfds_name: str, split: str, data_dir: Optional[str],
                      **kwargs):
   try:
-    data_source = tfds.data_source(tfds_name, split=split, data_dir=data_dir,
-                                   download=False, **kwargs)
+    data_source = tfds.data_source(tfds_name,
+                                   split=split,
+                                   data_dir=data_dir,
+                                   download=False,
+                                   **kwargs)
     if len(data_source):
       # Files open lazily: a dataset prepared as tfrecord, or one whose
       # array_record files are gone, fails here rather than in a worker.
@@ -538,8 +578,8 @@ def _open_tfds_split(tfds, tfds_name: str, split: str, data_dir: Optional[str],
                                      error)) from None
 
 
-def _tfds_open_error(tfds, tfds_name: str, split: str,
-                     data_dir: Optional[str], error: Exception) -> str:
+def _tfds_open_error(tfds, tfds_name: str, split: str, data_dir: Optional[str],
+                     error: Exception) -> str:
   """A one-line message for a dataset that `tfds.data_source` cannot open."""
   where = data_dir or "the default tfds data_dir"
   build = (f"`tfds build {tfds_name} --file_format=array_record"
@@ -559,12 +599,15 @@ def _tfds_open_error(tfds, tfds_name: str, split: str,
           "access needs the array_record format)")
 
 
-def _encoded_images(tfds, tfds_name: str, split: str,
-                    data_dir: Optional[str], plain):
+def _encoded_images(tfds, tfds_name: str, split: str, data_dir: Optional[str],
+                    plain):
   """The split with its images left encoded (decoded later in the workers,
   at reduced size for JPEGs), where tfds can do that; else `plain`."""
   try:
-    encoded = _open_tfds_split(tfds, tfds_name, split, data_dir,
+    encoded = _open_tfds_split(tfds,
+                               tfds_name,
+                               split,
+                               data_dir,
                                decoders={"image": tfds.decode.SkipDecoding()})
     if len(encoded) and isinstance(encoded[0]["image"], bytes):
       return encoded
@@ -577,11 +620,14 @@ def _read_tfds_labels(tfds, tfds_name: str, split: str,
                       data_dir: Optional[str]) -> np.ndarray:
   """All labels of a split, without decoding its images."""
   start = time.perf_counter()
-  labels_only = _open_tfds_split(
-      tfds, tfds_name, split, data_dir,
-      decoders={"image": tfds.decode.SkipDecoding()})
-  labels = np.asarray([int(labels_only[i]["label"])
-                       for i in range(len(labels_only))], np.int32)
+  labels_only = _open_tfds_split(tfds,
+                                 tfds_name,
+                                 split,
+                                 data_dir,
+                                 decoders={"image": tfds.decode.SkipDecoding()})
+  labels = np.asarray(
+      [int(labels_only[i]["label"]) for i in range(len(labels_only))], np.int32)
   logging.info("Read %d labels of %s[%s] in %.1f s", len(labels), tfds_name,
-               split, time.perf_counter() - start)
+               split,
+               time.perf_counter() - start)
   return labels

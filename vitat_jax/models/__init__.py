@@ -8,5 +8,7 @@ from vitat_jax.models.registry import create, create_from_config, list_models, m
 from vitat_jax.models.swin import SwinTransformer
 from vitat_jax.models.vit import VisionTransformer
 
-__all__ = ["create", "create_from_config", "list_models", "model_defaults",
-           "ConViT", "SwinTransformer", "VisionTransformer"]
+__all__ = [
+    "create", "create_from_config", "list_models", "model_defaults", "ConViT",
+    "SwinTransformer", "VisionTransformer"
+]

@@ -26,7 +26,7 @@ def relative_indices(grid: int) -> np.ndarray:
   rows, cols = np.divmod(np.arange(grid * grid), grid)
   dx = (cols[None, :] - cols[:, None]).astype(np.float32)
   dy = (rows[None, :] - rows[:, None]).astype(np.float32)
-  return np.stack([dx, dy, dx ** 2 + dy ** 2], axis=-1)
+  return np.stack([dx, dy, dx**2 + dy**2], axis=-1)
 
 
 def locality_init(locality_strength: float):
@@ -35,11 +35,12 @@ def locality_init(locality_strength: float):
   The first floor(sqrt(heads))^2 heads get centres on a square lattice; the
   others keep a small random init, as in timm's `GPSA.local_init`.
   """
+
   def init(key, shape, dtype=jnp.float32):
     heads = shape[1]
     lattice = np.zeros(shape, np.float32)
     placed = np.zeros(shape, bool)
-    size = int(heads ** 0.5)
+    size = int(heads**0.5)
     center = (size - 1) / 2 if size % 2 == 0 else size // 2
     for h1 in range(size):
       for h2 in range(size):
@@ -49,6 +50,7 @@ def locality_init(locality_strength: float):
     noise = nn.initializers.truncated_normal(0.02)(key, shape, jnp.float32)
     kernel = jnp.where(placed, lattice, noise) * locality_strength
     return kernel.astype(dtype)
+
   return init
 
 
@@ -71,25 +73,31 @@ class GPSA(nn.Module):
   def __call__(self, x, *, train: bool = False):
     batch, tokens, dim = x.shape
     head_dim = dim // self.num_heads
-    grid = int(round(tokens ** 0.5))
+    grid = int(round(tokens**0.5))
     dense = lambda n, name, **kw: nn.Dense(  # pylint: disable=g-long-lambda
-        n, dtype=self.dtype, name=name, **{"kernel_init": self.kernel_init,
-                                           **kw})
+        n,
+        dtype=self.dtype,
+        name=name,
+        **{
+            "kernel_init": self.kernel_init,
+            **kw
+        })
     qk = dense(2 * dim, "qk", use_bias=self.qkv_bias)(x)
     qk = qk.reshape(batch, tokens, 2, self.num_heads, head_dim)
     q, k = qk[:, :, 0], qk[:, :, 1]
-    patch = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
+    patch = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
     patch = jax.nn.softmax(patch.astype(jnp.float32), axis=-1)
-    pos = dense(self.num_heads, "pos_proj",
-                kernel_init=locality_init(self.locality_strength))(
-                    jnp.asarray(relative_indices(grid), self.dtype))
+    pos = dense(self.num_heads,
+                "pos_proj",
+                kernel_init=locality_init(self.locality_strength))(jnp.asarray(
+                    relative_indices(grid), self.dtype))
     pos = jax.nn.softmax(pos.astype(jnp.float32).transpose(2, 0, 1), axis=-1)
     gate = self.param("gating_param", nn.initializers.ones, (self.num_heads,))
     gate = jax.nn.sigmoid(gate.astype(jnp.float32))[:, None, None]
     weights = (1.0 - gate) * patch + gate * pos[None]
     weights = weights / weights.sum(axis=-1, keepdims=True)
-    weights = nn.Dropout(self.attn_dropout, deterministic=not train)(
-        weights.astype(self.dtype))
+    weights = nn.Dropout(self.attn_dropout,
+                         deterministic=not train)(weights.astype(self.dtype))
     v = dense(dim, "v", use_bias=self.qkv_bias, kernel_init=_identity_init)(x)
     v = v.reshape(batch, tokens, self.num_heads, head_dim)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, dim)
@@ -115,20 +123,31 @@ class ConViTBlock(nn.Module):
     dim = x.shape[-1]
     branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
     if self.use_gpsa:
-      attn = GPSA(self.num_heads, self.qkv_bias, self.locality_strength,
-                  self.attn_dropout, self.dropout, dtype=self.dtype,
-                  kernel_init=self.kernel_init, name="attn")
+      attn = GPSA(self.num_heads,
+                  self.qkv_bias,
+                  self.locality_strength,
+                  self.attn_dropout,
+                  self.dropout,
+                  dtype=self.dtype,
+                  kernel_init=self.kernel_init,
+                  name="attn")
     else:
-      attn = layers.Attention(self.num_heads, self.qkv_bias, None,
-                              self.attn_dropout, self.dropout,
-                              dtype=self.dtype, kernel_init=self.kernel_init,
+      attn = layers.Attention(self.num_heads,
+                              self.qkv_bias,
+                              None,
+                              self.attn_dropout,
+                              self.dropout,
+                              dtype=self.dtype,
+                              kernel_init=self.kernel_init,
                               name="attn")
     branch = layers.gate_attention(attn(branch, train=train), keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + layers.drop_path(branch, self.drop_path_rate, rng, not train)
     branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-    return x + layers.Mlp(int(dim * self.mlp_ratio), self.dropout,
-                          dtype=self.dtype, kernel_init=self.kernel_init,
+    return x + layers.Mlp(int(dim * self.mlp_ratio),
+                          self.dropout,
+                          dtype=self.dtype,
+                          kernel_init=self.kernel_init,
                           name="mlp")(branch, train=train)
 
 
@@ -174,9 +193,8 @@ class ConViT(nn.Module):
                                  self.std)
     layers.check_weight_init(self.weight_init)
     if not 0 <= self.local_up_to_layer <= self.depth:
-      raise UserError(
-          f"local_up_to_layer={self.local_up_to_layer} must lie in "
-          f"[0, depth={self.depth}]")
+      raise UserError(f"local_up_to_layer={self.local_up_to_layer} must lie in "
+                      f"[0, depth={self.depth}]")
     if self.embed_dim <= 0 or self.num_heads <= 0:
       raise UserError("embed_dim (width per head) and num_heads must be "
                       "positive")
@@ -190,9 +208,11 @@ class ConViT(nn.Module):
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     kernel_init = layers.dense_kernel_init(self.weight_init)
     x = nn.Conv(width, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2, padding="VALID",
+                strides=(self.patch_size,) * 2,
+                padding="VALID",
                 kernel_init=layers.conv_init(self.weight_init),
-                dtype=jnp.float32, name="patch_embed")(x).astype(self.dtype)
+                dtype=jnp.float32,
+                name="patch_embed")(x).astype(self.dtype)
     batch = x.shape[0]
     x = x.reshape(batch, -1, width)
     # The "xavier_uniform" scheme keeps this family's earlier token init.
@@ -211,10 +231,16 @@ class ConViT(nn.Module):
             [jnp.broadcast_to(cls, (batch, 1, width)).astype(self.dtype), x],
             axis=1)
       keep = None if attn_keep is None else attn_keep[i]
-      x = ConViTBlock(self.num_heads, i < self.local_up_to_layer,
-                      self.mlp_ratio, self.qkv_bias, self.locality_strength,
-                      self.drop_rate, self.attn_drop_rate, float(rates[i]),
-                      dtype=self.dtype, kernel_init=kernel_init,
+      x = ConViTBlock(self.num_heads,
+                      i < self.local_up_to_layer,
+                      self.mlp_ratio,
+                      self.qkv_bias,
+                      self.locality_strength,
+                      self.drop_rate,
+                      self.attn_drop_rate,
+                      float(rates[i]),
+                      dtype=self.dtype,
+                      kernel_init=kernel_init,
                       name=f"blocks_{i}")(x, keep, train=train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     # With every block local the class token was never inserted: timm then
@@ -222,8 +248,10 @@ class ConViT(nn.Module):
     x = x[:, 0]
     if self.num_classes <= 0:
       return x.astype(jnp.float32)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=kernel_init, name="head")(x)
+    logits = nn.Dense(self.num_classes,
+                      dtype=self.dtype,
+                      kernel_init=kernel_init,
+                      name="head")(x)
     return logits.astype(jnp.float32)
 
 
@@ -233,9 +261,14 @@ _CONVIT_HEADS = {"tiny": 4, "small": 9, "base": 16}
 
 def _register_all():
   for size, heads in _CONVIT_HEADS.items():
-    registry.register(f"convit_{size}", ConViT, embed_dim=48, num_heads=heads,
-                      local_up_to_layer=10, locality_strength=1.0,
-                      patch_size=16, img_size=224)
+    registry.register(f"convit_{size}",
+                      ConViT,
+                      embed_dim=48,
+                      num_heads=heads,
+                      local_up_to_layer=10,
+                      locality_strength=1.0,
+                      patch_size=16,
+                      img_size=224)
 
 
 _register_all()

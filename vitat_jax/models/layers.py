@@ -81,7 +81,7 @@ def gelu(x: jax.Array) -> jax.Array:
   Same function as `nn.gelu(x, approximate=False)`, whose erfc form costs
   XLA CPU about twice as much (benchmarks/NOTES.md).
   """
-  return 0.5 * x * (1.0 + jax.lax.erf(x * 2 ** -0.5))
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 2**-0.5))
 
 
 def drop_path(x: jax.Array, rate: float, rng: Optional[jax.Array],
@@ -90,7 +90,8 @@ def drop_path(x: jax.Array, rate: float, rng: Optional[jax.Array],
   if deterministic or rate == 0.0:
     return x
   keep_prob = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  mask = jax.random.bernoulli(rng, keep_prob,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep_prob, jnp.zeros_like(x))
 
 
@@ -104,11 +105,15 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     out_dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype,
-                 kernel_init=self.kernel_init, name="fc1")(x)
+    x = nn.Dense(self.hidden_dim,
+                 dtype=self.dtype,
+                 kernel_init=self.kernel_init,
+                 name="fc1")(x)
     x = gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(out_dim, dtype=self.dtype, kernel_init=self.kernel_init,
+    x = nn.Dense(out_dim,
+                 dtype=self.dtype,
+                 kernel_init=self.kernel_init,
                  name="fc2")(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
@@ -127,19 +132,25 @@ class Attention(nn.Module):
   def __call__(self, x, *, train: bool = False):
     batch, tokens, dim = x.shape
     head_dim = dim // self.num_heads
-    scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
-    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype,
-                   kernel_init=self.kernel_init, name="qkv")(x)
+    scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
+    qkv = nn.Dense(3 * dim,
+                   use_bias=self.qkv_bias,
+                   dtype=self.dtype,
+                   kernel_init=self.kernel_init,
+                   name="qkv")(x)
     # Heads before tokens, once: the batched matmuls below then need no
     # operand transposes (about 5% of an attack step on CPU, NOTES.md).
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = jax.nn.softmax(logits.astype(jnp.float32),
+                             axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
     out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
-    out = nn.Dense(dim, dtype=self.dtype, kernel_init=self.kernel_init,
+    out = nn.Dense(dim,
+                   dtype=self.dtype,
+                   kernel_init=self.kernel_init,
                    name="proj")(out)
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
@@ -165,20 +176,28 @@ class Block(nn.Module):
   def __call__(self, x, keep=None, train: bool = False):
     # `train` is positional too, so that nn.remat can mark it static.
     dim = x.shape[-1]
-    branch = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+    branch = nn.LayerNorm(epsilon=self.layer_norm_eps,
+                          dtype=self.dtype,
                           name="norm1")(x)
-    branch = Attention(self.num_heads, self.qkv_bias, self.qk_scale,
-                       self.attn_dropout, self.dropout, dtype=self.dtype,
-                       kernel_init=self.kernel_init, name="attn")(
-                           branch, train=train)
+    branch = Attention(self.num_heads,
+                       self.qkv_bias,
+                       self.qk_scale,
+                       self.attn_dropout,
+                       self.dropout,
+                       dtype=self.dtype,
+                       kernel_init=self.kernel_init,
+                       name="attn")(branch, train=train)
     branch = gate_attention(branch, keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + drop_path(branch, self.drop_path_rate, rng, not train)
-    branch = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+    branch = nn.LayerNorm(epsilon=self.layer_norm_eps,
+                          dtype=self.dtype,
                           name="norm2")(x)
-    return x + Mlp(int(dim * self.mlp_ratio), self.dropout, dtype=self.dtype,
-                   kernel_init=self.kernel_init, name="mlp")(branch,
-                                                             train=train)
+    return x + Mlp(int(dim * self.mlp_ratio),
+                   self.dropout,
+                   dtype=self.dtype,
+                   kernel_init=self.kernel_init,
+                   name="mlp")(branch, train=train)
 
 
 def check_patch_and_stats(img_size: int, patch_size: int, mean, std):
@@ -203,7 +222,8 @@ def check_call(images, attn_keep, img_size: int, num_blocks: int):
                      f"{attn_keep.shape}")
 
 
-def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+def normalize(x: jax.Array, mean: Sequence[float],
+              std: Sequence[float]) -> jax.Array:
   """Maps [0, 1] pixels to the model's input statistics (NHWC)."""
   mean = jnp.asarray(mean, x.dtype)
   std = jnp.asarray(std, x.dtype)

@@ -25,8 +25,11 @@ def model_defaults(name: str) -> dict:
   """The keyword arguments `create(name)` would use, without overrides."""
   _check_name(name)
   module_cls, defaults = _REGISTRY[name]
-  fields = {f.name: f.default for f in dataclasses.fields(module_cls)
-            if f.name not in ("parent", "name")}
+  fields = {
+      f.name: f.default
+      for f in dataclasses.fields(module_cls)
+      if f.name not in ("parent", "name")
+  }
   fields.update(defaults)
   return fields
 
@@ -50,7 +53,8 @@ def create(name: str, **overrides):
   """
   _check_name(name)
   module_cls, defaults = _REGISTRY[name]
-  accepted = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name"}
+  accepted = {f.name for f in dataclasses.fields(module_cls)
+             } - {"parent", "name"}
   in_chans = overrides.pop("in_chans", 3)
   if in_chans != 3:
     raise UserError(f"in_chans={in_chans} is not supported: models take RGB "
@@ -76,8 +80,9 @@ def create_from_config(model_config, **data_kwargs):
   `data_kwargs` (img_size, num_classes, mean, std from the data set) fill in
   what the config section leaves unset; an explicit config value wins.
   """
-  overrides = {k: v for k, v in model_config.items()
-               if k != "name" and v is not None}
+  overrides = {
+      k: v for k, v in model_config.items() if k != "name" and v is not None
+  }
   for key, value in data_kwargs.items():
     if value is not None and overrides.get(key) is None:
       overrides[key] = value

@@ -26,8 +26,9 @@ _MASK_VALUE = -100.0
 
 def relative_position_index(window: int) -> np.ndarray:
   """[w*w, w*w] index into the (2w-1)^2 bias table (row-major offsets)."""
-  coords = np.stack(np.meshgrid(np.arange(window), np.arange(window),
-                                indexing="ij")).reshape(2, -1)
+  coords = np.stack(
+      np.meshgrid(np.arange(window), np.arange(window),
+                  indexing="ij")).reshape(2, -1)
   rel = coords[:, :, None] - coords[:, None, :] + (window - 1)
   return rel[0] * (2 * window - 1) + rel[1]
 
@@ -82,16 +83,19 @@ class WindowAttention(nn.Module):
     inner = head_dim * self.num_heads
     table = self.param("relative_position_bias_table",
                        nn.initializers.truncated_normal(0.02),
-                       ((2 * self.window_size - 1) ** 2, self.num_heads))
+                       ((2 * self.window_size - 1)**2, self.num_heads))
     index = relative_position_index(self.window_size).reshape(-1)
     bias = table[index].reshape(tokens, tokens, self.num_heads)
     bias = bias.transpose(2, 0, 1).astype(jnp.float32)
 
-    qkv = nn.Dense(3 * inner, use_bias=self.qkv_bias, dtype=self.dtype,
-                   kernel_init=self.kernel_init, name="qkv")(x)
+    qkv = nn.Dense(3 * inner,
+                   use_bias=self.qkv_bias,
+                   dtype=self.dtype,
+                   kernel_init=self.kernel_init,
+                   name="qkv")(x)
     qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
     logits = logits.astype(jnp.float32) + bias
     if mask is not None:
       num_windows = mask.shape[0]
@@ -100,9 +104,11 @@ class WindowAttention(nn.Module):
       logits = logits.reshape(-1, self.num_heads, tokens, tokens)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(windows, tokens,
-                                                           inner)
-    out = nn.Dense(dim, dtype=self.dtype, kernel_init=self.kernel_init,
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights,
+                     v).reshape(windows, tokens, inner)
+    out = nn.Dense(dim,
+                   dtype=self.dtype,
+                   kernel_init=self.kernel_init,
                    name="proj")(out)
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
@@ -129,11 +135,17 @@ class SwinBlock(nn.Module):
     if shift:
       branch = jnp.roll(branch, (-shift, -shift), axis=(1, 2))
     mask = shifted_window_mask(height, window, shift) if shift else None
-    branch = WindowAttention(self.num_heads, window, self.head_dim,
-                             self.qkv_bias, self.attn_dropout, self.dropout,
-                             dtype=self.dtype, kernel_init=self.kernel_init,
-                             name="attn")(
-                                 _partition(branch, window), mask, train=train)
+    branch = WindowAttention(self.num_heads,
+                             window,
+                             self.head_dim,
+                             self.qkv_bias,
+                             self.attn_dropout,
+                             self.dropout,
+                             dtype=self.dtype,
+                             kernel_init=self.kernel_init,
+                             name="attn")(_partition(branch, window),
+                                          mask,
+                                          train=train)
     branch = _reverse(branch, window, height, width)
     if shift:
       branch = jnp.roll(branch, (shift, shift), axis=(1, 2))
@@ -141,8 +153,10 @@ class SwinBlock(nn.Module):
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + layers.drop_path(branch, self.drop_path_rate, rng, not train)
     branch = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm2")(x)
-    return x + layers.Mlp(int(dim * self.mlp_ratio), self.dropout,
-                          dtype=self.dtype, kernel_init=self.kernel_init,
+    return x + layers.Mlp(int(dim * self.mlp_ratio),
+                          self.dropout,
+                          dtype=self.dtype,
+                          kernel_init=self.kernel_init,
                           name="mlp")(branch, train=train)
 
 
@@ -159,8 +173,11 @@ class PatchMerging(nn.Module):
     x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
     x = x.reshape(b, h // 2, w // 2, 4 * c)
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
-    return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
-                    kernel_init=self.kernel_init, name="reduction")(x)
+    return nn.Dense(self.out_dim,
+                    use_bias=False,
+                    dtype=self.dtype,
+                    kernel_init=self.kernel_init,
+                    name="reduction")(x)
 
 
 class PatchEmbed(nn.Module):
@@ -173,8 +190,11 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2, padding="VALID",
-                kernel_init=self.conv_init, dtype=self.dtype, name="proj")(x)
+                strides=(self.patch_size,) * 2,
+                padding="VALID",
+                kernel_init=self.conv_init,
+                dtype=self.dtype,
+                name="proj")(x)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
@@ -197,16 +217,26 @@ class SwinStage(nn.Module):
   @nn.compact
   def __call__(self, x, keep=None, *, train: bool = False):
     if self.downsample:
-      x = PatchMerging(self.dim, dtype=self.dtype,
-                       kernel_init=self.kernel_init, name="downsample")(x)
+      x = PatchMerging(self.dim,
+                       dtype=self.dtype,
+                       kernel_init=self.kernel_init,
+                       name="downsample")(x)
     window, shift = stage_windows(x.shape[1], self.window_size)
     for j in range(self.depth):
-      x = SwinBlock(self.num_heads, window, shift if j % 2 else 0,
-                    self.head_dim, self.mlp_ratio, self.qkv_bias,
-                    self.dropout, self.attn_dropout,
-                    float(self.drop_path_rates[j]), dtype=self.dtype,
-                    kernel_init=self.kernel_init, name=f"blocks_{j}")(
-                        x, None if keep is None else keep[j], train=train)
+      x = SwinBlock(self.num_heads,
+                    window,
+                    shift if j % 2 else 0,
+                    self.head_dim,
+                    self.mlp_ratio,
+                    self.qkv_bias,
+                    self.dropout,
+                    self.attn_dropout,
+                    float(self.drop_path_rates[j]),
+                    dtype=self.dtype,
+                    kernel_init=self.kernel_init,
+                    name=f"blocks_{j}")(x,
+                                        None if keep is None else keep[j],
+                                        train=train)
     return x
 
 
@@ -255,7 +285,7 @@ class SwinTransformer(nn.Module):
     return self.img_size // self.patch_size
 
   def stage_resolutions(self) -> Tuple[int, ...]:
-    return tuple(self.grid_size // 2 ** i for i in range(len(self.depths)))
+    return tuple(self.grid_size // 2**i for i in range(len(self.depths)))
 
   def check_config(self):
     """Raises a one-line UserError for sizes that cannot build a model."""
@@ -263,13 +293,12 @@ class SwinTransformer(nn.Module):
                                  self.std)
     layers.check_weight_init(self.weight_init)
     if len(self.depths) != len(self.num_heads):
-      raise UserError(
-          f"depths={tuple(self.depths)} and num_heads="
-          f"{tuple(self.num_heads)} need one entry per stage each")
+      raise UserError(f"depths={tuple(self.depths)} and num_heads="
+                      f"{tuple(self.num_heads)} need one entry per stage each")
     if not isinstance(self.window_size, int) or self.window_size <= 0:
       raise UserError(f"window_size={self.window_size!r} must be a positive "
                       "int (one square window for all stages)")
-    merges = 2 ** (len(self.depths) - 1)
+    merges = 2**(len(self.depths) - 1)
     if self.grid_size % merges:
       raise UserError(
           f"the {self.grid_size}x{self.grid_size} patch grid cannot be halved "
@@ -282,7 +311,7 @@ class SwinTransformer(nn.Module):
             f"window_size={self.window_size} does not divide stage {i}'s "
             f"{res}x{res} feature map: choose img_size, patch_size and "
             "window_size so that every stage is a whole number of windows")
-      dim = self.embed_dim * 2 ** i
+      dim = self.embed_dim * 2**i
       if self.head_dim is None and dim % self.num_heads[i]:
         raise UserError(
             f"stage {i} width {dim} is not divisible by num_heads="
@@ -295,7 +324,9 @@ class SwinTransformer(nn.Module):
     # Normalisation and patch embedding in float32 (see vit.py).
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     kernel_init = layers.dense_kernel_init(self.weight_init)
-    x = PatchEmbed(self.patch_size, self.embed_dim, dtype=jnp.float32,
+    x = PatchEmbed(self.patch_size,
+                   self.embed_dim,
+                   dtype=jnp.float32,
                    conv_init=layers.conv_init(self.weight_init),
                    name="patch_embed")(x).astype(self.dtype)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
@@ -303,13 +334,19 @@ class SwinTransformer(nn.Module):
     start = 0
     for i, depth in enumerate(self.depths):
       keep = None if attn_keep is None else attn_keep[start:start + depth]
-      x = SwinStage(self.embed_dim * 2 ** i, depth, self.num_heads[i],
-                    self.window_size, downsample=i > 0,
-                    head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
-                    qkv_bias=self.qkv_bias, dropout=self.proj_drop_rate,
+      x = SwinStage(self.embed_dim * 2**i,
+                    depth,
+                    self.num_heads[i],
+                    self.window_size,
+                    downsample=i > 0,
+                    head_dim=self.head_dim,
+                    mlp_ratio=self.mlp_ratio,
+                    qkv_bias=self.qkv_bias,
+                    dropout=self.proj_drop_rate,
                     attn_dropout=self.attn_drop_rate,
                     drop_path_rates=tuple(rates[start:start + depth]),
-                    dtype=self.dtype, kernel_init=kernel_init,
+                    dtype=self.dtype,
+                    kernel_init=kernel_init,
                     name=f"layers_{i}")(x, keep, train=train)
       start += depth
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
@@ -317,38 +354,47 @@ class SwinTransformer(nn.Module):
     if self.num_classes <= 0:
       return x.astype(jnp.float32)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=kernel_init, name="head")(x)
+    logits = nn.Dense(self.num_classes,
+                      dtype=self.dtype,
+                      kernel_init=kernel_init,
+                      name="head")(x)
     return logits.astype(jnp.float32)
 
 
 # name: (embed_dim, depths, num_heads, window, img_size, num_classes)
 _SWIN_VARIANTS = {
-    "swin_tiny_patch4_window7_224": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 224,
-                                     1000),
-    "swin_small_patch4_window7_224": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7,
-                                      224, 1000),
-    "swin_base_patch4_window7_224": (128, (2, 2, 18, 2), (4, 8, 16, 32), 7,
-                                     224, 1000),
-    "swin_base_patch4_window12_384": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12,
-                                      384, 1000),
-    "swin_large_patch4_window7_224": (192, (2, 2, 18, 2), (6, 12, 24, 48), 7,
-                                      224, 1000),
-    "swin_large_patch4_window12_384": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12,
-                                       384, 1000),
+    "swin_tiny_patch4_window7_224":
+        (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 224, 1000),
+    "swin_small_patch4_window7_224":
+        (96, (2, 2, 18, 2), (3, 6, 12, 24), 7, 224, 1000),
+    "swin_base_patch4_window7_224":
+        (128, (2, 2, 18, 2), (4, 8, 16, 32), 7, 224, 1000),
+    "swin_base_patch4_window12_384":
+        (128, (2, 2, 18, 2), (4, 8, 16, 32), 12, 384, 1000),
+    "swin_large_patch4_window7_224":
+        (192, (2, 2, 18, 2), (6, 12, 24, 48), 7, 224, 1000),
+    "swin_large_patch4_window12_384":
+        (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 384, 1000),
     # ImageNet-22k checkpoints (21841 classes), timm's deprecated names.
-    "swin_base_patch4_window7_224_in22k": (128, (2, 2, 18, 2), (4, 8, 16, 32),
-                                           7, 224, 21841),
-    "swin_base_patch4_window12_384_in22k": (128, (2, 2, 18, 2),
-                                            (4, 8, 16, 32), 12, 384, 21841),
+    "swin_base_patch4_window7_224_in22k":
+        (128, (2, 2, 18, 2), (4, 8, 16, 32), 7, 224, 21841),
+    "swin_base_patch4_window12_384_in22k":
+        (128, (2, 2, 18, 2), (4, 8, 16, 32), 12, 384, 21841),
 }
 
 
 def _register_all():
-  for name, (dim, depths, heads, window, res, classes) in _SWIN_VARIANTS.items():
-    registry.register(name, SwinTransformer, embed_dim=dim, depths=depths,
-                      num_heads=heads, window_size=window, img_size=res,
-                      num_classes=classes, patch_size=4)
+  for name, (dim, depths, heads, window, res,
+             classes) in _SWIN_VARIANTS.items():
+    registry.register(name,
+                      SwinTransformer,
+                      embed_dim=dim,
+                      depths=depths,
+                      num_heads=heads,
+                      window_size=window,
+                      img_size=res,
+                      num_classes=classes,
+                      patch_size=4)
 
 
 _register_all()

@@ -73,8 +73,8 @@ class VisionTransformer(nn.Module):
   @property
   def has_pre_logits(self) -> bool:
     """The pre-logits layer exists only at the in21k class count."""
-    return (self.representation_size is not None
-            and self.num_classes == IN21K_CLASSES)
+    return (self.representation_size is not None and
+            self.num_classes == IN21K_CLASSES)
 
   def check_config(self):
     """Raises a one-line UserError for sizes that cannot build a model."""
@@ -97,53 +97,74 @@ class VisionTransformer(nn.Module):
     # rounding would erase them), for about 1% of the FLOPs.
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2, padding="VALID",
-                kernel_init=layers.conv_init(scheme), dtype=jnp.float32,
+                strides=(self.patch_size,) * 2,
+                padding="VALID",
+                kernel_init=layers.conv_init(scheme),
+                dtype=jnp.float32,
                 name="patch_embed")(x).astype(self.dtype)
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.embed_dim)
 
-    prefix = [self.param("cls_token", layers.token_init(scheme),
-                         (1, 1, self.embed_dim))]
+    prefix = [
+        self.param("cls_token", layers.token_init(scheme),
+                   (1, 1, self.embed_dim))
+    ]
     if self.distilled:
-      prefix.append(self.param(
-          "dist_token", layers.token_init(scheme, nn.initializers.xavier_uniform()),
-          (1, 1, self.embed_dim)))
-    prefix = [jnp.broadcast_to(t, (batch, 1, self.embed_dim)).astype(self.dtype)
-              for t in prefix]
+      prefix.append(
+          self.param(
+              "dist_token",
+              layers.token_init(scheme, nn.initializers.xavier_uniform()),
+              (1, 1, self.embed_dim)))
+    prefix = [
+        jnp.broadcast_to(t, (batch, 1, self.embed_dim)).astype(self.dtype)
+        for t in prefix
+    ]
     x = jnp.concatenate(prefix + [x], axis=1)
     pos_embed = self.param(
-        "pos_embed", layers.token_init(scheme, nn.initializers.xavier_uniform()),
+        "pos_embed", layers.token_init(scheme,
+                                       nn.initializers.xavier_uniform()),
         (1, x.shape[1], self.embed_dim))
     x = x + pos_embed.astype(self.dtype)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
     path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
     # `train` (argument 3, counting the module) must stay a Python bool.
-    block = nn.remat(layers.Block, static_argnums=(3,)) if self.remat else (
-        layers.Block)
+    block = nn.remat(layers.Block,
+                     static_argnums=(3,)) if self.remat else (layers.Block)
     for i in range(self.depth):
       keep = None if attn_keep is None else attn_keep[i]
-      x = block(self.num_heads, self.mlp_ratio, self.qkv_bias,
-                       self.qk_scale, self.drop_rate, self.attn_drop_rate,
-                       float(path_rates[i]), dtype=self.dtype,
-                       kernel_init=kernel_init,
-                       layer_norm_eps=self.layer_norm_eps,
-                       name=f"blocks_{i}")(x, keep, train)
+      x = block(self.num_heads,
+                self.mlp_ratio,
+                self.qkv_bias,
+                self.qk_scale,
+                self.drop_rate,
+                self.attn_drop_rate,
+                float(path_rates[i]),
+                dtype=self.dtype,
+                kernel_init=kernel_init,
+                layer_norm_eps=self.layer_norm_eps,
+                name=f"blocks_{i}")(x, keep, train)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      name="norm")(x)
 
     cls = x[:, 0]
     if self.has_pre_logits:
-      cls = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
-                             kernel_init=kernel_init, name="pre_logits")(cls))
+      cls = nn.tanh(
+          nn.Dense(self.representation_size,
+                   dtype=self.dtype,
+                   kernel_init=kernel_init,
+                   name="pre_logits")(cls))
     if self.num_classes <= 0:
       return cls
-    logits = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=kernel_init, name="head")(cls)
+    logits = nn.Dense(self.num_classes,
+                      dtype=self.dtype,
+                      kernel_init=kernel_init,
+                      name="head")(cls)
     if self.distilled:
-      dist = nn.Dense(self.num_classes, dtype=self.dtype,
-                      kernel_init=kernel_init, name="head_dist")(x[:, 1])
+      dist = nn.Dense(self.num_classes,
+                      dtype=self.dtype,
+                      kernel_init=kernel_init,
+                      name="head_dist")(x[:, 1])
       logits = (logits + dist) / 2
     return logits.astype(jnp.float32)
 
@@ -168,37 +189,58 @@ _VIT_PATCH_RES = {
 def _register_all():
   for size, (dim, depth, heads) in _VIT_SIZES.items():
     for patch, res in _VIT_PATCH_RES[size]:
-      registry.register(
-          f"vit_{size}_patch{patch}_{res}", VisionTransformer,
-          embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch,
-          img_size=res)
+      registry.register(f"vit_{size}_patch{patch}_{res}",
+                        VisionTransformer,
+                        embed_dim=dim,
+                        depth=depth,
+                        num_heads=heads,
+                        patch_size=patch,
+                        img_size=res)
     # ImageNet-21k checkpoints (21843 classes) with the pre-logits layer,
     # which a model with any other class count does not have.
     if size in ("base", "large"):
       for patch in (16, 32):
-        registry.register(
-            f"vit_{size}_patch{patch}_224_in21k", VisionTransformer,
-            embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch,
-            img_size=224, num_classes=21843, representation_size=dim)
+        registry.register(f"vit_{size}_patch{patch}_224_in21k",
+                          VisionTransformer,
+                          embed_dim=dim,
+                          depth=depth,
+                          num_heads=heads,
+                          patch_size=patch,
+                          img_size=224,
+                          num_classes=21843,
+                          representation_size=dim)
   # DeiT: ViT architecture with ImageNet mean/std; distilled variants add a
   # second token and head.
   for size, (dim, depth, heads) in _VIT_SIZES.items():
     if size == "large":
       continue
     for res in (224, 384) if size == "base" else (224,):
-      common = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=16,
-                    img_size=res, mean=IMAGENET_DEFAULT_MEAN,
+      common = dict(embed_dim=dim,
+                    depth=depth,
+                    num_heads=heads,
+                    patch_size=16,
+                    img_size=res,
+                    mean=IMAGENET_DEFAULT_MEAN,
                     std=IMAGENET_DEFAULT_STD)
       registry.register(f"deit_{size}_patch16_{res}", VisionTransformer,
                         **common)
       registry.register(f"deit_{size}_distilled_patch16_{res}",
-                        VisionTransformer, distilled=True, **common)
+                        VisionTransformer,
+                        distilled=True,
+                        **common)
   # The reference repository's `vit_small_patch16_224` is timm's early custom
   # model, not today's ViT-S/16; it lives here under a distinct name.
-  registry.register(
-      "vit_small_patch16_224_legacy", VisionTransformer, embed_dim=768,
-      depth=8, num_heads=8, mlp_ratio=3.0, qkv_bias=False,
-      qk_scale=768 ** -0.5, patch_size=16, img_size=224, layer_norm_eps=1e-5)
+  registry.register("vit_small_patch16_224_legacy",
+                    VisionTransformer,
+                    embed_dim=768,
+                    depth=8,
+                    num_heads=8,
+                    mlp_ratio=3.0,
+                    qkv_bias=False,
+                    qk_scale=768**-0.5,
+                    patch_size=16,
+                    img_size=224,
+                    layer_norm_eps=1e-5)
 
 
 _register_all()
