@@ -25,6 +25,13 @@ os.environ.setdefault("JAX_LOG_COMPILES", "1")
 import jax  # noqa: E402,F401
 from vitat_jax import eval_only  # noqa: E402,F401
 from vitat_jax import train  # noqa: E402,F401
+# What main.py imports on the way to most errors, once here rather than in
+# every fork: scikit-learn for the digits (0.8 s), torch for .pth weights.
+from sklearn import datasets  # noqa: E402,F401
+try:
+  import torch  # noqa: E402,F401
+except ImportError:
+  pass
 
 
 def _child(case, out_path, err_path):
