@@ -27,9 +27,9 @@ OUTSIDE_THE_CORE = ("vitat_jax.train", "vitat_jax.train_step",
                     "vitat_jax.metric_writers", "vitat_jax.preemption",
                     "vitat_jax.progress")
 # Modules that read runs and names: never JAX (directly or through others).
-JAX_FREE = ("vitat_jax.attack_names", "vitat_jax.runs", "vitat_jax.report",
-            "vitat_jax.plots", "vitat_jax.workdir", "vitat_jax.errors",
-            "vitat_jax.metric_writers")
+JAX_FREE = ("vitat_jax.cli", "vitat_jax.attack_names", "vitat_jax.runs",
+            "vitat_jax.report", "vitat_jax.plots", "vitat_jax.workdir",
+            "vitat_jax.errors", "vitat_jax.metric_writers")
 
 
 def _module_name(path):

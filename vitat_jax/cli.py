@@ -1,0 +1,150 @@
+"""The command line's checks and messages, before and around absl (no JAX).
+
+`main.py` defines the flags and calls these: the config file and every
+`--config.<field>` name checked before the flags exist (ml_collections
+fails there with tracebacks), one-line `error:` exits, `--help`, and the
+log filters of a run.
+"""
+
+import difflib
+import importlib.util
+import logging as std_logging
+import os
+import re
+import sys
+
+from absl import flags
+
+HELP = """
+Config fields: every field of the config can be set on the command line with
+  --config.<section>.<field>=value     e.g. --config.optim.lr=0.05,
+  --config.epochs=10, --config.eval.attacks="('clean','pgd20')"
+The fields, their defaults and what they mean are listed in
+configs/default.py; the paper's configs (configs/cifar10.py, imagenet.py,
+imagenette.py, studies.py, quickstart.py) take `:key=value,...` arguments
+described at the top of each file, e.g.
+  --config=configs/cifar10.py:model=deit_small_patch16_224,ard=True
+Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving: rerun to
+resume), 2 a bad flag, config, input or workdir (one `error:` line).
+"""
+HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def fail(message: str) -> None:
+  """The one-line error for a user's mistake, exit code 2."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_argument(argv, default: str):
+  """The --config value on the command line (the last one), or `default`."""
+  value = default
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _field_paths(tree, prefix=""):
+  for key in tree.keys():
+    value = tree[key]
+    yield prefix + key
+    if hasattr(value, "keys") and not isinstance(value, str):
+      yield from _field_paths(value, prefix + key + ".")
+
+
+def check_command_line(argv, default_config: str):
+  """The config file, its `:arg` and every --config.<field> name, checked
+  before the flags are defined (ml_collections fails there with tracebacks).
+  """
+  spec = _config_argument(argv, default_config)
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    fail(f"config file {path!r} (--config={spec}) does not exist: pass a "
+         "get_config() module such as configs/cifar10.py")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      fail(f"config file {path!r} has no get_config(): pass a config module "
+           "such as configs/cifar10.py")
+    config = module.get_config(arg) if ":" in spec else module.get_config()
+  except SystemExit:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f"--config={spec}: {e}" if isinstance(e, (ValueError, KeyError)) else
+         f"config file {path!r} cannot be loaded ({type(e).__name__}: "
+         f"{e}): fix it or pass another --config")
+  fields = list(_field_paths(config))
+  for arg in argv[1:]:
+    match = re.match(r"--config\.([^=]+)(=|$)", arg)
+    if not match or match.group(1) in fields:
+      continue
+    name = match.group(1)
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    fail(f"--config.{name}: the config has no field {name!r}; {hint}the "
+         "fields are listed in configs/default.py")
+
+
+def default_workdir(config, config_path: str) -> str:
+  stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  parts = [stem, config.model.name, config.method]
+  if config.method != "natural":
+    parts += [trick for trick in ("ard", "prm") if config.tricks[trick]]
+  return os.path.join("runs", "_".join(parts))
+
+
+class QuietLibraries(std_logging.Filter):
+  """Keeps orbax's and JAX's INFO chatter out of the run's log."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/jax/_src/"))
+
+
+def _is_event_loop_noise(exc_type, exc, tb) -> bool:
+  """Tensorstore callbacks racing orbax's closed event loop after a failed
+  restore: harmless, but printed as hundreds of tracebacks that bury the
+  fallback warnings."""
+  del tb
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed")
+
+
+def silence_event_loop_noise():
+  previous_excepthook = sys.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_event_loop_noise(exc_type, exc, tb):
+      previous_excepthook(exc_type, exc, tb)
+
+  def unraisablehook(info):
+    if not _is_event_loop_noise(info.exc_type, info.exc_value,
+                                info.exc_traceback):
+      previous_unraisable(info)
+
+  sys.excepthook = excepthook
+  sys.unraisablehook = unraisablehook
+
+
+def parse_flags(argv, config_flag, usage: str):
+  """absl's flag parsing with --help exiting 0 and flag errors in one line."""
+  if set(argv[1:]) & set(HELP_FLAGS):
+    print(usage + HELP)
+    print("Flags:\n" + flags.FLAGS.main_module_help())
+    sys.exit(0)
+  try:
+    rest = flags.FLAGS(argv)
+    config_flag.value  # pylint: disable=pointless-statement
+  except SystemExit:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f"{e}; see --help (config fields: configs/default.py)")
+  if len(rest) > 1:
+    fail(f"unexpected arguments: {' '.join(rest[1:])}; flags take the form "
+         "--name=value (see --help)")
+  return rest
