@@ -67,8 +67,11 @@ def main():
         _child(case, out_path, err_path)
       _, status = os.waitpid(pid, 0)
       with open(out_path) as f_out, open(err_path) as f_err:
-        results.append({"rc": os.waitstatus_to_exitcode(status),
-                        "stdout": f_out.read(), "stderr": f_err.read()})
+        results.append({
+            "rc": os.waitstatus_to_exitcode(status),
+            "stdout": f_out.read(),
+            "stderr": f_err.read()
+        })
   with open(sys.argv[2], "w") as f:
     json.dump(results, f)
 

@@ -62,8 +62,8 @@ def _files(tmp):
   (no_test / "train" / "cat").mkdir(parents=True)
   Image.new("RGB", (8, 8)).save(no_test / "train" / "cat" / "a.png")
   files["no_test"] = str(no_test)
-  for name, target in (("dangling", "/no/such/image.png"),
-                       ("looping", "b.png")):
+  for name, target in (("dangling", "/no/such/image.png"), ("looping",
+                                                            "b.png")):
     folder = tmp / name
     for split in ("train", "test"):
       (folder / split / "cat").mkdir(parents=True)
@@ -71,18 +71,23 @@ def _files(tmp):
     os.symlink(target, folder / "train" / "cat" / "b.png")
     files[name] = str(folder)
 
-  wider = models.create("deit_tiny_patch16_224", num_classes=10, img_size=8,
-                        patch_size=4, embed_dim=32, depth=1, num_heads=2)
+  wider = models.create("deit_tiny_patch16_224",
+                        num_classes=10,
+                        img_size=8,
+                        patch_size=4,
+                        embed_dim=32,
+                        depth=1,
+                        num_heads=2)
   wide = str(tmp / "wider.safetensors")
   checkpoints.export_timm(
-      wider.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
-      ["params"], wider, wide)
+      wider.init(jax.random.key(0), np.zeros(
+          (1, 8, 8, 3), np.float32))["params"], wider, wide)
   files["wide_ckpt"] = wide
   data = open(wide, "rb").read()
   (tmp / "truncated.safetensors").write_bytes(data[:len(data) // 2])
   header = json.dumps([1, 2]).encode()
-  (tmp / "list_header.safetensors").write_bytes(
-      struct.pack("<Q", len(header)) + header)
+  (tmp / "list_header.safetensors"
+  ).write_bytes(struct.pack("<Q", len(header)) + header)
   (tmp / "garbage.safetensors").write_bytes(b"\x00" * 4)
   np.savez(tmp / "w.npz", a=np.zeros(1000, np.float32))
   data = (tmp / "w.npz").read_bytes()
@@ -99,8 +104,8 @@ def _files(tmp):
 
   (tmp / "syntax.py").write_text("def get_config(:\n")
   (tmp / "no_get_config.py").write_text("x = 1\n")
-  (tmp / "raises.py").write_text(
-      "def get_config():\n  raise RuntimeError('broken on purpose')\n")
+  (tmp / "raises.py"
+  ).write_text("def get_config():\n  raise RuntimeError('broken on purpose')\n")
   for name in ("truncated.safetensors", "list_header.safetensors",
                "garbage.safetensors", "truncated.npz", "truncated.pth",
                "evil.pth", "weights.txt", "a_dir", "a_file", "syntax.py",
@@ -139,22 +144,21 @@ CASES = [
     ([C + "beta=nan"], "beta=nan", "plain", None),
     ([C + "data.name=svhn"], "unknown dataset", "plain", None),
     ([C + "data.name=image_folder"], "data.root is empty", "plain", None),
-    ([C + "data.name=image_folder", C + "data.root=/no/such/dir"],
-     "/no/such/dir", "plain", None),
-    ([C + "data.name=image_folder", C + "data.root={empty}"], "images under",
-     "plain", None),
-    ([C + "data.name=image_folder", C + "data.root={one_empty}"],
-     "dog has no", "plain", None),
-    ([C + "data.name=image_folder", C + "data.root={no_test}"], "test",
-     "plain", None),
-    ([C + "data.name=image_folder", C + "data.root={dangling}"],
-     "b.png is a broken", "plain", None),
+    ([C + "data.name=image_folder",
+      C + "data.root=/no/such/dir"], "/no/such/dir", "plain", None),
+    ([C + "data.name=image_folder",
+      C + "data.root={empty}"], "images under", "plain", None),
+    ([C + "data.name=image_folder",
+      C + "data.root={one_empty}"], "dog has no", "plain", None),
+    ([C + "data.name=image_folder",
+      C + "data.root={no_test}"], "test", "plain", None),
+    ([C + "data.name=image_folder",
+      C + "data.root={dangling}"], "b.png is a broken", "plain", None),
     ([C + "data.name=image_folder", C + "data.root={looping}"],
      "b.png is a broken or looping", "plain", None),
-    ([C + "data.name=tfds", C + "data.tfds_data_dir={tmp}/tfds"], "tfds",
-     "plain", None),
-    ([C + "data.name=tfds", C + "data.tfds_name="], "tfds_name", "plain",
-     None),
+    ([C + "data.name=tfds",
+      C + "data.tfds_data_dir={tmp}/tfds"], "tfds", "plain", None),
+    ([C + "data.name=tfds", C + "data.tfds_name="], "tfds_name", "plain", None),
     ([C + "data.image_size=-8"], "data.image_size=-8", "plain", None),
     ([C + "data.train_examples=-1"], "train_examples=-1", "plain", None),
     ([C + "data.test_examples=-5"], "test_examples=-5", "plain", None),
@@ -175,8 +179,8 @@ CASES = [
     ([C + "epochs=0"], "epochs=0", "plain", None),
     ([C + "epochs=-1"], "epochs=-1", "plain", None),
     ([C + "epochs=nan"], "epochs=nan", "plain", None),
-    ([C + "epochs=0.01", C + "tricks.warmup_epochs=0"], "0 training steps", "plain",
-     None),
+    ([C + "epochs=0.01",
+      C + "tricks.warmup_epochs=0"], "0 training steps", "plain", None),
     ([C + "batch_size=0"], "batch_size", "plain", None),
     ([C + "batch_size=-32"], "batch_size", "plain", None),
     ([C + "eval.batch_size=0"], "batch_size", "plain", None),
@@ -194,16 +198,14 @@ CASES = [
     ([C + "mixup.label_smoothing=1.0"], "label_smoothing", "plain", None),
     ([C + "mixup.mixup_alpha=-1"], "mixup", "plain", None),
     ([C + "log_every_steps=0"], "log_every_steps", "plain", None),
-    ([C + "checkpoint_every_steps=0"], "checkpoint_every_steps", "plain",
-     None),
+    ([C + "checkpoint_every_steps=0"], "checkpoint_every_steps", "plain", None),
     ([C + "keep_checkpoints=0"], "keep_checkpoints=0", "plain", None),
     ([C + "keep_checkpoints=-1"], "keep_checkpoints=-1", "plain", None),
-    ([C + "eval.attacks=('clean','pgd')"], "unknown evaluation attack",
-     "plain", None),
+    ([C + "eval.attacks=('clean','pgd')"], "unknown evaluation attack", "plain",
+     None),
     ([C + "eval.attacks=()"], "eval.attacks is empty", "plain", None),
     ([C + "eval.epoch_attacks=()", C + "eval.epoch_num_examples=32"],
-     "eval.epoch_attacks is empty", "plain",
-     None),
+     "eval.epoch_attacks is empty", "plain", None),
     ([C + "eval.eps=1.5"], "eval.eps=1.5", "plain", None),
     ([C + "eval.eps=0"], "eval.eps=0", "plain", None),
     ([C + "eval.alpha=0.9"], "eval.alpha", "plain", None),
@@ -255,8 +257,8 @@ CASES = [
      "plain", None),
     ([C + "init.checkpoint={truncated_npz}"], "truncated", "plain", None),
     ([C + "init.checkpoint={truncated_pth}"], "truncated", "plain", None),
-    ([C + "init.checkpoint={evil_pth}"], "allow_pickle=True only if",
-     "plain", None),
+    ([C + "init.checkpoint={evil_pth}"], "allow_pickle=True only if", "plain",
+     None),
     # -- workdirs
     ([], "is a file", "file", None),
     ([], "which is a file", "under_file", None),
@@ -270,14 +272,13 @@ CASES = [
     ([], "in use by a running training", "locked", None),
     ([], "none of the checkpoints", "corrupt", None),
     (["--mode=eval"], "none of the checkpoints", "corrupt", None),
-    ([C + "init.checkpoint={truncated_safetensors}", "--mode=eval"],
-     "truncated", "plain", None),
+    ([C + "init.checkpoint={truncated_safetensors}",
+      "--mode=eval"], "truncated", "plain", None),
     # -- report mode
     (["--mode=report"], "metrics.json cannot be read", "report", None),
-    (["--mode=report", "--report_dir={a_file}"], "is a file", "trained",
-     None),
-    (["--mode=report", "--workdirs={tmp}/no_such_run"], "does not exist",
-     "none", None),
+    (["--mode=report", "--report_dir={a_file}"], "is a file", "trained", None),
+    (["--mode=report",
+      "--workdirs={tmp}/no_such_run"], "does not exist", "none", None),
 ]
 
 
@@ -302,18 +303,31 @@ def _run_main(args, workdir=None, env=None):
   workdir_flag = [f"--workdir={workdir}"] if workdir else []
   return subprocess.run(
       [sys.executable, "main.py", *workdir_flag, *TINY, *args],
-      cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env)
 
 
 def _run_many(cases, tmp):
   """[{rc, stdout, stderr}] of `main.py` on each (argv, env) case."""
   cases_path, results_path = tmp / "cases.json", tmp / "results.json"
-  cases_path.write_text(json.dumps(
-      [{"argv": argv, "env": env} for argv, env in cases]))
-  proc = subprocess.run(
-      [sys.executable, "tests/_main_runner.py", str(cases_path),
-       str(results_path)], cwd=REPO, capture_output=True, text=True,
-      timeout=900, env=dict(os.environ, JAX_LOG_COMPILES="1"))
+  cases_path.write_text(
+      json.dumps([{
+          "argv": argv,
+          "env": env
+      } for argv, env in cases]))
+  proc = subprocess.run([
+      sys.executable, "tests/_main_runner.py",
+      str(cases_path),
+      str(results_path)
+  ],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=900,
+                        env=dict(os.environ, JAX_LOG_COMPILES="1"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(results_path.read_text())
 
@@ -397,8 +411,7 @@ def test_bad_inputs_fail_in_one_line_before_any_compilation(
   assert not os.path.exists(files["marker"])
 
 
-def test_a_workdir_with_another_run_is_refused_untouched(tmp_path,
-                                                         trained_run):
+def test_a_workdir_with_another_run_is_refused_untouched(tmp_path, trained_run):
   workdir = tmp_path / "run"
   shutil.copytree(trained_run, workdir)
   before = _snapshot(workdir)
@@ -411,8 +424,11 @@ def test_a_workdir_with_another_run_is_refused_untouched(tmp_path,
 
 
 def test_help_explains_config_fields_and_exits_0():
-  proc = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run([sys.executable, "main.py", "--help"],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "--config.<section>.<field>=value" in proc.stdout
   assert "configs/default.py" in proc.stdout
@@ -449,7 +465,7 @@ def test_only_the_data_cache_may_change_between_a_run_and_its_resumption(
       json.loads((trained_run / "config.json").read_text()))
   config.data.cache_dir = str(tmp_path / "cache")
   config.eval.num_examples = 7
-  workdir_lib.check_same_config(config, str(trained_run))   # no error
+  workdir_lib.check_same_config(config, str(trained_run))  # no error
   config.data.train_split = "other"
   with pytest.raises(UserError, match=r"differs in: data\.train_split\)"):
     workdir_lib.check_same_config(config, str(trained_run))
