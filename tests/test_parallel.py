@@ -1,18 +1,24 @@
 """Data parallelism: 8 devices and 2 hosts train and evaluate like one device.
 
 XLA_FLAGS (the CPU device count) must be set before JAX starts, so every run
-is a child process (`python -m tests.test_parallel ...`) that trains a tiny
-model through `train.train_and_evaluate` and writes its final parameters and
-its final evaluation (clean accuracy; on two hosts also PGD), or runs
-AutoAttack on a fixed model (`_autoattack_child`).
+is a child process that trains a tiny model through `train.train_and_evaluate`
+and writes its final parameters and its final evaluation (clean accuracy; on
+two hosts also PGD), or runs AutoAttack on a fixed model
+(`_autoattack_child`). The children of the runs started together are forks
+of one `python -m tests.test_parallel --children` that imported JAX and the
+library once, before any backend started (`_fork_children`); each sets its
+own XLA_FLAGS, as a fresh process would.
 """
 
 import argparse
+import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -146,55 +152,109 @@ def _launch(tmp_path,
             eval_attacks="clean",
             task="train",
             fsdp="off"):
-  """Starts the child processes of one run; `_collect` waits for them."""
+  """The child processes of one run; `_run_together` starts them."""
   # Cheap LLVM passes halve the compile time, which dominates these runs.
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS=(
-          f"--xla_force_host_platform_device_count={devices_per_process} "
-          "--xla_backend_optimization_level=0 "
-          "--xla_llvm_disable_expensive_passes=true"))
-  for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                   "JAX_PROCESS_ID"):
-    env.pop(variable, None)
+  xla_flags = (f"--xla_force_host_platform_device_count={devices_per_process} "
+               "--xla_backend_optimization_level=0 "
+               "--xla_llvm_disable_expensive_passes=true")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   out = tmp_path / f"{name}.npz"
-  procs = []
+  children = []
   for process_id in range(num_processes):
-    cmd = [
-        sys.executable, "-m", "tests.test_parallel", "--devices",
+    argv = [
+        "--devices",
         str(devices_per_process * num_processes), "--num_processes",
         str(num_processes), "--process_id",
         str(process_id), "--coordinator", f"127.0.0.1:{port}", "--workdir",
         str(tmp_path / name), "--out",
         str(out), "--eval_attacks", eval_attacks, "--task", task, "--fsdp", fsdp
     ]
-    procs.append(
-        subprocess.Popen(cmd,
-                         cwd=_REPO_ROOT,
-                         env=env,
-                         stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT,
-                         text=True))
-  return procs, out
+    children.append({
+        "argv": argv,
+        "env": {
+            "XLA_FLAGS": xla_flags
+        },
+        "log": str(tmp_path / f"{name}.{process_id}.log")
+    })
+  return children, out
 
 
-def _collect(run):
-  """The final parameters of a run started by `_launch`."""
-  procs, out = run
+def _run_together(runs, tmp_path):
+  """Runs the children of all `runs` ({name: _launch(...)}) at once, as
+  forks of one parent; the final parameters of each run, by name."""
+  children = [child for run, _ in runs.values() for child in run]
+  spec = tmp_path / "children.json"
+  spec.write_text(json.dumps(children))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                   "JAX_PROCESS_ID", "XLA_FLAGS"):
+    env.pop(variable, None)
+  parent = subprocess.Popen(
+      [sys.executable, "-m", "tests.test_parallel", "--children",
+       str(spec)],
+      cwd=_REPO_ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True)
   try:
-    logs = [proc.communicate(timeout=150)[0] for proc in procs]
+    parent_log = parent.communicate(timeout=300)[0]
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, log in zip(procs, logs):
-    assert proc.returncode == 0, log[-4000:]
-  with np.load(out) as params:
-    return dict(params)
+    if parent.poll() is None:  # the parent and every fork, at once
+      os.killpg(parent.pid, signal.SIGKILL)
+      parent.wait()
+  assert parent.returncode == 0, parent_log[-4000:]
+  codes = json.loads(pathlib.Path(f"{spec}.codes").read_text())
+  for child, code in zip(children, codes):
+    log = pathlib.Path(child["log"]).read_text()
+    assert code == 0, f"exit status {code}\n{log[-4000:]}"
+  results = {}
+  for name, (_, out) in runs.items():
+    with np.load(out) as params:
+      results[name] = dict(params)
+  return results
+
+
+def _fork_children(spec_path):
+  """Forks every child of the spec at once and waits for all of them;
+  writes their exit statuses to `<spec>.codes`."""
+  # Everything a child imports, once; no JAX backend may start before the
+  # forks (each child's XLA_FLAGS is read when its backend starts).
+  import jax  # pylint: disable=g-import-not-at-top,unused-import
+  import orbax.checkpoint  # pylint: disable=g-import-not-at-top,unused-import
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top,unused-import
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  from vitat_jax import attacks  # pylint: disable=g-import-not-at-top,unused-import
+  from vitat_jax import parallel  # pylint: disable=g-import-not-at-top,unused-import
+  from vitat_jax import train  # pylint: disable=g-import-not-at-top,unused-import
+  assert not xla_bridge._backends, "a JAX backend started before the forks"  # pylint: disable=protected-access
+  children = json.loads(pathlib.Path(spec_path).read_text())
+  pids = []
+  for child in children:
+    pid = os.fork()
+    if pid == 0:
+      code = 1
+      try:
+        fd = os.open(child["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.environ.update(child["env"])
+        args = _parser().parse_args(child["argv"])
+        {"train": _child, "autoattack": _autoattack_child}[args.task](args)
+        code = 0
+      except BaseException:  # pylint: disable=broad-except
+        traceback.print_exc()
+      finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # pylint: disable=protected-access
+    pids.append(pid)
+  codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+  pathlib.Path(f"{spec_path}.codes").write_text(json.dumps(codes))
 
 
 def _assert_close(actual, expected):
@@ -212,12 +272,12 @@ def single_host_runs(tmp_path_factory):
   """1 device, 8 devices, and FSDP on 4 of 8 devices, started together
   (each is mostly single-threaded compilation)."""
   root = tmp_path_factory.mktemp("runs")
-  runs = {
-      "one": _launch(root, "one", 1),
-      "eight": _launch(root, "eight", 8),
-      "fsdp": _launch(root, "fsdp", 8, fsdp="on")
-  }
-  return {name: _collect(run) for name, run in runs.items()}
+  return _run_together(
+      {
+          "one": _launch(root, "one", 1),
+          "eight": _launch(root, "eight", 8),
+          "fsdp": _launch(root, "fsdp", 8, fsdp="on")
+      }, root)
 
 
 def test_eight_devices_match_one_device(single_host_runs):
@@ -235,13 +295,18 @@ def test_fsdp_on_four_of_eight_devices_matches_one_device(single_host_runs):
 def test_two_hosts_match_one_process_with_four_devices(tmp_path):
   # Training, then the final clean and PGD evaluation with the batches
   # sharded over all devices of both hosts.
-  single = _launch(tmp_path, "single", 4, eval_attacks="clean,pgd3")
-  multi = _launch(tmp_path,
-                  "multi",
-                  2,
-                  num_processes=2,
-                  eval_attacks="clean,pgd3")
-  multi, single = _collect(multi), _collect(single)
+  runs = _run_together(
+      {
+          "single":
+              _launch(tmp_path, "single", 4, eval_attacks="clean,pgd3"),
+          "multi":
+              _launch(tmp_path,
+                      "multi",
+                      2,
+                      num_processes=2,
+                      eval_attacks="clean,pgd3")
+      }, tmp_path)
+  multi, single = runs["multi"], runs["single"]
   assert {"final/clean_acc", "final/pgd3_acc"} <= set(single)
   _assert_close(multi, single)
 
@@ -251,17 +316,17 @@ def autoattack_runs(tmp_path_factory):
   """AutoAttack on 1, 8 and 4 devices of one process, and on 2 processes x
   2 devices, started together."""
   root = tmp_path_factory.mktemp("aa")
-  runs = {
-      "one":
-          _launch(root, "one", 1, task="autoattack"),
-      "eight":
-          _launch(root, "eight", 8, task="autoattack"),
-      "four":
-          _launch(root, "four", 4, task="autoattack"),
-      "two_hosts":
-          _launch(root, "two_hosts", 2, num_processes=2, task="autoattack")
-  }
-  return {name: _collect(run) for name, run in runs.items()}
+  return _run_together(
+      {
+          "one":
+              _launch(root, "one", 1, task="autoattack"),
+          "eight":
+              _launch(root, "eight", 8, task="autoattack"),
+          "four":
+              _launch(root, "four", 4, task="autoattack"),
+          "two_hosts":
+              _launch(root, "two_hosts", 2, num_processes=2, task="autoattack")
+      }, root)
 
 
 def test_autoattack_on_eight_devices_matches_one_device(autoattack_runs):
@@ -355,12 +420,19 @@ def test_incomplete_multihost_settings_fail_in_one_line(monkeypatch):
     parallel.initialize_distributed()
 
 
-if __name__ == "__main__":
+def _parser():
   parser = argparse.ArgumentParser()
   for flag, kind in (("devices", int), ("num_processes", int),
                      ("process_id", int), ("coordinator",
                                            str), ("workdir", str), ("out", str),
                      ("eval_attacks", str), ("task", str), ("fsdp", str)):
     parser.add_argument(f"--{flag}", type=kind, required=True)
-  parsed = parser.parse_args()
-  {"train": _child, "autoattack": _autoattack_child}[parsed.task](parsed)
+  return parser
+
+
+if __name__ == "__main__":
+  if sys.argv[1:2] == ["--children"]:
+    _fork_children(sys.argv[2])
+  else:  # one child by itself, e.g. to debug it
+    parsed = _parser().parse_args()
+    {"train": _child, "autoattack": _autoattack_child}[parsed.task](parsed)

@@ -52,7 +52,11 @@ def _one_step(config):
                                  10))
   state = state_lib.TrainState(jnp.asarray(0, jnp.int32), params,
                                tx.init(params))
-  return step(state, IMAGES, LABELS, jax.random.key(1))
+  key = jax.random.key(1)
+  # Without XLA's backend optimisations: half the compile time of one step.
+  compiled = step.lower(state, IMAGES, LABELS,
+                        key).compile({"xla_backend_optimization_level": 0})
+  return compiled(state, IMAGES, LABELS, key)
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1.0])
