@@ -69,8 +69,8 @@ def _report():
     md_path, png_path, plots = report.make_report(workdirs, _REPORT_DIR.value)
   except UserError as e:
     cli.fail(e)
-  with open(md_path) as f:
-    print(f.read())
+  from etils import epath
+  print(epath.Path(md_path).read_text())
   print("written: " + ", ".join([md_path, png_path, *plots]))
 
 

@@ -182,6 +182,8 @@ def get_config():
   # the last one (process 0's clock, for all hosts): a killed run loses at
   # most about this much work; 0 = by steps only.
   config.checkpoint_every_minutes = 5.0
+  # And one at the end of every this many epochs (0 = none).
+  config.checkpoint_every_epochs = 1
   config.keep_checkpoints = 3
   # Compiled executables are kept here, so a restart loads them ("" = off;
   # JAX_COMPILATION_CACHE_DIR, when set, wins).

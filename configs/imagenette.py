@@ -55,5 +55,8 @@ def get_config(arg=None):
   config.data.mean = IMAGENET_MEAN
   config.data.std = IMAGENET_STD
   config.tricks.prm_patch_size = 16  # the reference's --patch 16: 14x14 cells
+  # bfloat16 on GPU/TPU, float32 on CPU (logged); the input normalisation and
+  # the patch embedding stay float32 so small attack steps are not rounded.
+  config.compute_dtype = "auto"
   config.eval.epoch_num_examples = 200
   return config

@@ -64,7 +64,10 @@ def _child(args):
   import orbax.checkpoint as ocp
   assert jax.device_count() == args.devices, jax.devices()
   config = _config(args.eval_attacks.split(","), fsdp=args.fsdp == "on")
-  result = train.train_and_evaluate(config, args.workdir)
+  if args.sigterm_process >= 0:
+    result = _preempted_then_resumed(args, config)
+  else:
+    result = train.train_and_evaluate(config, args.workdir)
   assert result["steps"] >= _STEPS, result["steps"]
   if config.fsdp:  # resumes from the sharded checkpoint, nothing left to train
     again = train.train_and_evaluate(config, args.workdir)
@@ -85,6 +88,42 @@ def _child(args):
           sum(not x.sharding.is_fully_replicated
               for x in jax.tree.leaves(params)))
     np.savez(args.out, **{jax.tree_util.keystr(k): v for k, v in flat}, **final)
+
+
+def _preempted_then_resumed(args, config):
+  """SIGTERM to process `args.sigterm_process` alone, during its second
+  step: every process must stop after the same step with its checkpoint
+  saved; then the same call again (the rerun) finishes the run."""
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from vitat_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vitat_jax import preemption  # pylint: disable=g-import-not-at-top
+  from vitat_jax import train  # pylint: disable=g-import-not-at-top
+  real_shard, calls, sent = parallel.shard_batch, [0], [0.0]
+
+  def shard_and_signal(mesh, batch):
+    calls[0] += 1
+    if calls[0] == 2 and jax.process_index() == args.sigterm_process:
+      sent[0] = time.time()
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_shard(mesh, batch)
+
+  parallel.shard_batch = shard_and_signal
+  try:
+    train.train_and_evaluate(config, args.workdir)
+    raise AssertionError("the run was not stopped")
+  except preemption.Preempted as e:
+    stopped = {"step": e.step, "exit_code": e.exit_code, "at": time.time()}
+  finally:
+    parallel.shard_batch = real_shard
+  stopped["saved"] = sorted(
+      int(n)
+      for n in os.listdir(os.path.join(args.workdir, "checkpoints"))
+      if n.isdigit())
+  stopped["signalled"] = sent[0]
+  with open(f"{args.out}.stop{jax.process_index()}.json", "w") as f:
+    json.dump(stopped, f)
+  return train.train_and_evaluate(config, args.workdir)
 
 
 def _autoattack_child(args):
@@ -151,7 +190,8 @@ def _launch(tmp_path,
             num_processes=1,
             eval_attacks="clean",
             task="train",
-            fsdp="off"):
+            fsdp="off",
+            sigterm_process=-1):
   """The child processes of one run; `_run_together` starts them."""
   # Cheap LLVM passes halve the compile time, which dominates these runs.
   xla_flags = (f"--xla_force_host_platform_device_count={devices_per_process} "
@@ -169,7 +209,9 @@ def _launch(tmp_path,
         str(num_processes), "--process_id",
         str(process_id), "--coordinator", f"127.0.0.1:{port}", "--workdir",
         str(tmp_path / name), "--out",
-        str(out), "--eval_attacks", eval_attacks, "--task", task, "--fsdp", fsdp
+        str(out), "--eval_attacks", eval_attacks, "--task", task, "--fsdp",
+        fsdp, "--sigterm_process",
+        str(sigterm_process)
     ]
     children.append({
         "argv": argv,
@@ -292,9 +334,10 @@ def test_fsdp_on_four_of_eight_devices_matches_one_device(single_host_runs):
   _assert_close(fsdp, single_host_runs["one"])
 
 
-def test_two_hosts_match_one_process_with_four_devices(tmp_path):
+def test_two_hosts_match_one_process_and_stop_together_on_one_sigterm(tmp_path):
   # Training, then the final clean and PGD evaluation with the batches
-  # sharded over all devices of both hosts.
+  # sharded over all devices of both hosts. "preempted": the same two-host
+  # run, SIGTERM to host 1 only during its second step, then resumed.
   runs = _run_together(
       {
           "single":
@@ -304,11 +347,30 @@ def test_two_hosts_match_one_process_with_four_devices(tmp_path):
                       "multi",
                       2,
                       num_processes=2,
-                      eval_attacks="clean,pgd3")
+                      eval_attacks="clean,pgd3"),
+          "preempted":
+              _launch(tmp_path,
+                      "preempted",
+                      2,
+                      num_processes=2,
+                      eval_attacks="clean,pgd3",
+                      sigterm_process=1)
       }, tmp_path)
   multi, single = runs["multi"], runs["single"]
   assert {"final/clean_acc", "final/pgd3_acc"} <= set(single)
   _assert_close(multi, single)
+  stops = [
+      json.loads((tmp_path / f"preempted.npz.stop{i}.json").read_text())
+      for i in range(2)
+  ]
+  # Both hosts stopped after the step the signal landed in, with exit
+  # status 0 and that step's checkpoint saved, within seconds.
+  assert [s["step"] for s in stops] == [2, 2], stops
+  assert [s["exit_code"] for s in stops] == [0, 0]
+  assert all(2 in s["saved"] and max(s["saved"]) == 2 for s in stops), stops
+  assert max(s["at"] for s in stops) - stops[1]["signalled"] < 60, stops
+  # Resumed, they finish with the parameters of the uninterrupted run.
+  _assert_close(runs["preempted"], multi)
 
 
 @pytest.fixture(scope="module")
@@ -427,6 +489,7 @@ def _parser():
                                            str), ("workdir", str), ("out", str),
                      ("eval_attacks", str), ("task", str), ("fsdp", str)):
     parser.add_argument(f"--{flag}", type=kind, required=True)
+  parser.add_argument("--sigterm_process", type=int, default=-1)
   return parser
 
 

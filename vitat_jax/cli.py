@@ -99,9 +99,13 @@ def default_workdir(config, config_path: str) -> str:
 
 
 class QuietLibraries(std_logging.Filter):
-  """Keeps orbax's and JAX's INFO chatter out of the run's log."""
+  """Keeps orbax's and JAX's INFO chatter, and gcsfs's fallback notes when
+  no credentials are set, out of the run's log."""
 
   def filter(self, record):
+    if record.name == "gcsfs" and str(
+        record.msg).startswith("Could not determine bucket type"):
+      return False  # each GCS call without credentials: falls back, works
     return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in ("/orbax/", "/jax/_src/"))
 

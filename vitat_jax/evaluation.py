@@ -12,13 +12,13 @@ masked), compiled once per evaluator; AutoAttack ("aa") runs over the set a
 chunk at a time, with its sanity checks, wherever it is listed.
 """
 
-import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vitat_jax import attacks
 from vitat_jax import parallel
@@ -108,7 +108,8 @@ class Evaluator:
     (in `eval.compute_dtype` when it is set)."""
     ev = config.eval
     if ev.compute_dtype:
-      model = model.clone(dtype=jnp.dtype(ev.compute_dtype))
+      model = model.clone(
+          dtype=jnp.dtype(parallel.compute_dtype_for(ev.compute_dtype)))
     evaluator = cls(model,
                     eps=eval_eps(config),
                     alpha=ev.alpha,
@@ -226,7 +227,7 @@ class Evaluator:
                           **options)
     run["version"] = options["version"]
     if output_dir and jax.process_index() == 0:
-      os.makedirs(output_dir, exist_ok=True)
+      workdir_lib.makedirs(output_dir)
       workdir_lib.write_text(
           workdir_lib.path(output_dir, workdir_lib.AUTOATTACK_LOG),
           "\n".join(fra31_log_lines(run, options["norm"])) + "\n")
@@ -382,12 +383,14 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
   combined = attacks.combine_results(pieces)
   if save_adversarial and output_dir and jax.process_index() == 0:
     directory = workdir_lib.path(output_dir, workdir_lib.ADVERSARIAL_DIR)
-    os.makedirs(directory, exist_ok=True)
+    workdir_lib.makedirs(directory)
     for name, entry in saved.items():
-      np.savez(os.path.join(directory, f"{name}.npz"),
-               **{
-                   k: np.concatenate(v) for k, v in entry.items()
-               },
-               eps=eps,
-               norm=norm)
+      with epath.Path(workdir_lib.path(directory,
+                                       f"{name}.npz")).open("wb") as f:
+        np.savez(f,
+                 **{
+                     k: np.concatenate(v) for k, v in entry.items()
+                 },
+                 eps=eps,
+                 norm=norm)
   return combined

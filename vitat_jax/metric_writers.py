@@ -11,6 +11,12 @@ The event files are written with TensorBoard's own writer, which needs no
 TensorFlow; without the `tensorboard` package only the JSON lines are kept.
 `runs.read_jsonl` and `read_tensorboard_scalars` read them back.
 
+On cloud storage (`gs://...`), where an object cannot be appended to, the
+JSON lines are rewritten whole at each record and the TensorBoard events are
+written to a local file that is uploaded whole at each flush (at most every
+30 s, at epoch ends and at the end): TensorBoard's own writer would replace
+the object with its last buffer each time.
+
 A resumed run passes `purge_step` (the first step it will write again):
 records at that step and later are dropped from `metrics.jsonl` and hidden
 in TensorBoard, so both show one uninterrupted run.
@@ -21,10 +27,13 @@ import json
 import numbers
 import os
 import re
+import shutil
+import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
+from etils import epath
 
 from vitat_jax import workdir as workdir_lib
 
@@ -51,11 +60,12 @@ def _wait_past_existing_event_files(logdir: str) -> None:
   unpadded per-process counter, so two files of one process in the same
   second can sort backwards ("...10" < "...9") and the purge misfire.
   """
-  if not os.path.isdir(logdir):
+  folder = epath.Path(logdir)
+  if not folder.is_dir():
     return
   seconds = [
       int(m.group(1))
-      for m in map(_EVENT_FILE_SECOND.match, os.listdir(logdir))
+      for m in map(_EVENT_FILE_SECOND.match, (p.name for p in folder.iterdir()))
       if m
   ]
   if seconds:
@@ -73,7 +83,11 @@ class _TensorBoardWriter:
     self._event_pb2 = event_pb2
     self._summary_pb2 = summary_pb2
     _wait_past_existing_event_files(logdir)
-    self._writer = event_file_writer.EventFileWriter(logdir, flush_secs=30)
+    # A cloud logdir: events go to a local folder, uploaded whole.
+    self._upload_to = None if workdir_lib.is_local(logdir) else logdir
+    self._uploaded = time.monotonic()
+    local = tempfile.mkdtemp(prefix="tb.") if self._upload_to else logdir
+    self._writer = event_file_writer.EventFileWriter(local, flush_secs=30)
     if purge_step is not None:
       # TensorBoard drops events at steps >= purge_step from earlier files,
       # so a resumed run does not draw the lost steps twice.
@@ -89,6 +103,18 @@ class _TensorBoardWriter:
         self._event_pb2.Event(wall_time=time.time(),
                               step=int(step),
                               summary=summary))
+    if self._upload_to and time.monotonic() - self._uploaded > 30:
+      self.flush()
+
+  def _upload(self):
+    """Copies the local event file over its cloud copy (one whole object)."""
+    self._uploaded = time.monotonic()
+    local = self._writer.get_logdir()
+    target = epath.Path(self._upload_to)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(local):
+      (target / name).write_bytes(
+          epath.Path(os.path.join(local, name)).read_bytes())
 
   def scalars(self, step: int, scalars: Mapping[str, float]):
     value = self._summary_pb2.Summary.Value
@@ -116,29 +142,66 @@ class _TensorBoardWriter:
 
   def flush(self):
     self._writer.flush()
+    if self._upload_to:
+      self._upload()
 
   def close(self):
     self._writer.close()
+    if self._upload_to:
+      self._upload()
+      shutil.rmtree(self._writer.get_logdir(), ignore_errors=True)
 
 
-def _purge_jsonl(path: str, purge_step: int) -> None:
-  """Keeps the records of steps before `purge_step`, atomically.
+class _JsonLines:
+  """An appendable text file; on an object store, rewritten whole."""
+
+  def __init__(self, path: str, kept: str):
+    self._path = path
+    self._local = workdir_lib.is_local(path)
+    if self._local:
+      self._file = open(path, "a")
+    else:
+      self._text = kept
+
+  def write(self, line: str):
+    if self._local:
+      self._file.write(line)
+      self._file.flush()  # a crash loses at most the record being written
+    else:
+      self._text += line
+      epath.Path(self._path).write_text(self._text)
+
+  def flush(self):
+    if self._local:
+      self._file.flush()
+
+  def close(self):
+    if self._local:
+      self._file.close()
+
+
+def _purge_jsonl(path: str, purge_step: Optional[int]) -> str:
+  """Keeps the records of steps before `purge_step` (all if None),
+  atomically; returns the text kept.
 
   A line that does not parse (the half-written tail a SIGKILL or a full disk
   leaves) is dropped too.
   """
-  if not os.path.exists(path):
-    return
+  if not epath.Path(path).exists():
+    return ""
   kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(record, dict) and record.get("step", 0) < purge_step:
-        kept.append(line if line.endswith("\n") else line + "\n")
-  workdir_lib.write_text(path, "".join(kept))
+  for line in epath.Path(path).read_text().splitlines(keepends=True):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and (purge_step is None or
+                                     record.get("step", 0) < purge_step):
+      kept.append(line if line.endswith("\n") else line + "\n")
+  text = "".join(kept)
+  if purge_step is not None:
+    workdir_lib.write_text(path, text)
+  return text
 
 
 class MetricWriter:
@@ -167,10 +230,9 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if purge_step is not None:
-      _purge_jsonl(self.jsonl_path, purge_step)
-    self._jsonl = open(self.jsonl_path, "a")
+    workdir_lib.makedirs(workdir)
+    kept = _purge_jsonl(self.jsonl_path, purge_step)
+    self._jsonl = _JsonLines(self.jsonl_path, kept)
     # TensorBoard's writer thread is a daemon: without a close, an exception
     # leaving the training loop would drop the events still queued.
     atexit.register(self.close)
@@ -189,7 +251,6 @@ class MetricWriter:
     record = {"step": int(step)}
     record.update(workdir_lib.jsonable(dict(scalars)))
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()  # a crash loses at most the record being written
     if self._tb is not None:
       numeric = {
           k: float(v)

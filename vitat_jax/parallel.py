@@ -70,6 +70,19 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   return True
 
 
+def compute_dtype_for(name: str, platform: Optional[str] = None) -> str:
+  """`name`, or for "auto" bfloat16 on GPU/TPU and float32 on the CPU (where
+  bfloat16 matmuls are emulated and slower), with a log line saying so."""
+  if name != "auto":
+    return name
+  platform = platform or jax.default_backend()
+  chosen = "float32" if platform == "cpu" else "bfloat16"
+  logging.info(
+      "compute_dtype auto: %s on %s (normalisation and the patch "
+      "embedding stay float32)", chosen, platform)
+  return chosen
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
   """The 1-D "data" mesh: every device (num_devices=0) or the first
   num_devices / process_count devices of every host."""
@@ -246,3 +259,30 @@ def agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, bool)))
+
+
+def agree_value(value: float) -> float:
+  """Process 0's number, on every process (e.g. a time stamp in a name)."""
+  if jax.process_count() == 1:
+    return value
+  return float(
+      multihost_utils.broadcast_one_to_all(np.asarray(value, np.float64)))
+
+
+def first_signal(signum: Optional[int]) -> Optional[int]:
+  """One stop decision for all hosts: the signal any process received (the
+  largest number if several did), on every process, else None.
+
+  Called at every step boundary of a multi-host run, so that a SIGTERM to
+  any one host stops every host after the same step.
+  """
+  if jax.process_count() == 1:
+    return signum
+  got = int(process_max(np.asarray([signum or 0], np.int32))[0])
+  return got or None
+
+
+def barrier(name: str) -> None:
+  """All processes wait here for each other (nothing in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

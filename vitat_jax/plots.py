@@ -9,6 +9,7 @@ directly, so no display, backend choice or pyplot state is involved.
 import math
 from typing import List, Optional, Sequence
 
+from etils import epath
 from matplotlib.figure import Figure
 
 from vitat_jax import runs as runs_lib
@@ -46,7 +47,9 @@ def _figure(ncols: int, title: str, width: float = 5.4, height: float = 4.6):
 
 
 def _save(fig, path: str) -> str:
-  fig.savefig(path)
+  """Saves `fig` as PNG to `path` (a local path or a URI)."""
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png")
   return path
 
 

@@ -15,6 +15,7 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
+from etils import epath
 
 from vitat_jax import plots
 from vitat_jax import runs as runs_lib
@@ -58,7 +59,7 @@ def write_results(workdir: str, result: Dict[str, Any], *,
   """
   written = {k: v for k, v in result.items() if k != "table"}
   try:
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.makedirs(workdir)
     if training:
       workdir_lib.write_json(workdir_lib.path(workdir,
                                               workdir_lib.METRICS_JSON),
@@ -133,7 +134,7 @@ def write_robustness_report(workdir: str,
     report["sanity_checks"] = checks
   if warnings:
     report["warnings"] = warnings
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.makedirs(workdir)
   json_path = workdir_lib.path(workdir, workdir_lib.ROBUSTNESS_JSON)
   workdir_lib.write_json(json_path, report, indent=2)
   md_path = workdir_lib.path(workdir, workdir_lib.ROBUSTNESS_MD)
@@ -282,19 +283,20 @@ def compare_runs(workdirs: Sequence[str], out_dir: str) -> Tuple[str, str]:
   runs_lib.check_workdirs(workdirs)
   runs = [runs_lib.load_run(w) for w in workdirs]
   labels = _labels(runs)
-  os.makedirs(out_dir, exist_ok=True)
-  md_path = os.path.join(out_dir, COMPARISON_MD)
-  with open(md_path, "w") as f:
-    f.write(comparison_markdown(runs, labels))
+  workdir_lib.makedirs(out_dir)
+  md_path = workdir_lib.path(out_dir, COMPARISON_MD)
+  workdir_lib.write_text(md_path, comparison_markdown(runs, labels))
   png_path = plots.comparison(runs, labels,
-                              os.path.join(out_dir, COMPARISON_PNG))
+                              workdir_lib.path(out_dir, COMPARISON_PNG))
   return md_path, png_path
 
 
 def default_report_dir(workdirs: Sequence[str]) -> str:
   """`<the runs' common parent>/comparison`, e.g. runs/comparison."""
-  parents = [os.path.dirname(os.path.abspath(w)) for w in workdirs]
-  return os.path.join(os.path.commonpath(parents), "comparison")
+  parents = [str(epath.Path(workdir_lib.resolve(w)).parent) for w in workdirs]
+  if all(map(workdir_lib.is_local, parents)):
+    return os.path.join(os.path.commonpath(parents), "comparison")
+  return workdir_lib.path(parents[0], "comparison")  # URIs: the first's
 
 
 def make_report(workdirs: Sequence[str],
@@ -306,7 +308,7 @@ def make_report(workdirs: Sequence[str],
   for workdir in workdirs:
     runs_lib.load_run(workdir)  # every file readable, before any writes
   out_dir = out_dir or default_report_dir(workdirs)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+  if epath.Path(out_dir).exists() and not epath.Path(out_dir).is_dir():
     raise UserError(f"--report_dir {out_dir!r} is a file: pass a directory")
   plots_written = [p for w in workdirs for p in plots.plot_run(w)]
   md_path, png_path = compare_runs(workdirs, out_dir)

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from etils import epath
+
 from vitat_jax import attack_names
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
@@ -26,11 +28,10 @@ METHOD_LABELS = {
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return None
   try:
-    with open(path) as f:
-      value = json.load(f)
+    value = json.loads(epath.Path(path).read_text())
   except (OSError, ValueError) as e:
     raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}): "
                     "restore it, or rerun that run's command to write it "
@@ -92,7 +93,7 @@ def check_workdirs(workdirs: Sequence[str]):
   if not workdirs:
     raise UserError("no run directories given: pass --workdirs=DIR1,DIR2")
   for workdir in workdirs:
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():
       raise UserError(f"run directory {workdir!r} does not exist: pass "
                       "workdirs of earlier `main.py` runs")
 
@@ -141,21 +142,20 @@ def read_jsonl(workdir: str) -> List[Dict[str, Any]]:
   unreadable (half-written) line is skipped.
   """
   path = workdir_lib.path(workdir, workdir_lib.METRICS_JSONL)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return []
   records: List[Dict[str, Any]] = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if not isinstance(record, dict) or "step" not in record:
-        continue
-      copy = next(
-          (i for i, r in enumerate(records)
-           if r["step"] == record["step"] and r.keys() == record.keys()), None)
-      if copy is not None:
-        del records[copy:]  # a re-evaluation's records replace the old ones
-      records.append(record)
+  for line in epath.Path(path).read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if not isinstance(record, dict) or "step" not in record:
+      continue
+    copy = next((i for i, r in enumerate(records)
+                 if r["step"] == record["step"] and r.keys() == record.keys()),
+                None)
+    if copy is not None:
+      del records[copy:]  # a re-evaluation's records replace the old ones
+    records.append(record)
   return records

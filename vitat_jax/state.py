@@ -25,7 +25,6 @@ so a half-written step is never taken for a good one; an unreadable step
 is skipped with a warning in favour of the previous one.
 """
 
-import os
 import shutil
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from vitat_jax import checkpoints
 from vitat_jax import models
@@ -56,7 +56,8 @@ def build_model(config, splits=None):
   """The model for `config`, sized and normalised for the data.
 
   Params are created (and optimised) in float32 whatever
-  `config.compute_dtype` (checked by `validate.check_config`).
+  `config.compute_dtype` (checked by `validate.check_config`; "auto" is
+  `parallel.compute_dtype_for`'s choice).
   """
   data_kwargs = {"img_size": config.data.image_size or None}
   if splits is not None:
@@ -64,7 +65,8 @@ def build_model(config, splits=None):
                        num_classes=splits.num_classes,
                        mean=splits.mean,
                        std=splits.std)
-  data_kwargs["dtype"] = jnp.dtype(config.compute_dtype)
+  data_kwargs["dtype"] = jnp.dtype(
+      parallel.compute_dtype_for(config.compute_dtype))
   return models.create_from_config(config.model, **data_kwargs)
 
 
@@ -201,16 +203,33 @@ def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
   """Moves unreadable steps out of the way (kept for inspection, not reused)."""
   if not steps:
     return
-  root = os.path.dirname(str(mngr.directory))
-  aside = os.path.join(root, workdir_lib.UNREADABLE_CHECKPOINTS_DIR)
-  os.makedirs(aside, exist_ok=True)
-  for step in steps:
-    source = os.path.join(str(mngr.directory), str(step))
-    target = os.path.join(aside, f"{step}-{int(time.time())}")
-    shutil.move(source, target)
-    logging.warning("moved the unreadable checkpoint of step %d to %s", step,
-                    target)
+  directory = epath.Path(mngr.directory)
+  aside = directory.parent / workdir_lib.UNREADABLE_CHECKPOINTS_DIR
+  stamp = int(parallel.agree_value(time.time()))
+  if jax.process_index() == 0:  # one mover; the other hosts wait for it
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target = aside / f"{step}-{stamp}"
+      _move_folder(directory / str(step), target)
+      logging.warning("moved the unreadable checkpoint of step %d to %s", step,
+                      target)
+  parallel.barrier("unreadable checkpoints set aside")
   mngr.reload()
+
+
+def _move_folder(source: epath.Path, target: epath.Path) -> None:
+  """A rename where the file system has one; on an object store, a copy of
+  every object, then the delete of the source."""
+  if workdir_lib.is_local(str(source)):
+    shutil.move(str(source), str(target))
+    return
+  # (No recursive glob on GCS: epath refuses it.)
+  for item in source.iterdir():
+    if item.is_dir():
+      _move_folder(item, target / item.name)
+    else:
+      item.copy(target / item.name)
+  source.rmtree()
 
 
 def restore_or_init(config, workdir: str, model, tx, mesh,

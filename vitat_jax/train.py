@@ -87,7 +87,9 @@ def train_and_evaluate(config,
   # The first write: from here on this process owns the workdir.
   with (workdir_lib.lock(workdir) if is_chief else contextlib.nullcontext()):
     if overwrite:
-      workdir_lib.start_over(workdir)
+      if is_chief:  # one deleter for a shared workdir; the others wait
+        workdir_lib.start_over(workdir)
+      parallel.barrier("start over")
     else:  # a run that took the lock between the checks and here
       workdir_lib.check_same_config(config, workdir)
     result = run.train_and_evaluate(wall_start)
@@ -126,9 +128,18 @@ class _Run:
       return False
     return parallel.agree(time.monotonic() - self.last_save >= 60 * minutes)
 
+  def epoch_checkpoint_due(self, done) -> bool:
+    """Whether `done` ends an epoch that `checkpoint_every_epochs` saves."""
+    every = self.config.checkpoint_every_epochs
+    return bool(every) and done % self.steps_per_epoch == 0 and (
+        done // self.steps_per_epoch) % every == 0
+
   def save(self, step, state, history):
     """An asynchronous checkpoint of `step`, never of non-finite metrics."""
     self.last_save = time.monotonic()
+    # TensorBoard's events as far as the checkpoint (a cloud workdir's are
+    # uploaded at flushes), so a resumed run's curves have no gap.
+    self.writer.flush()
     if history:
       train_step_lib.check_finite(train_step_lib.mean_metrics(history), step,
                                   self.config)
@@ -156,7 +167,8 @@ class _Run:
                  self.total_steps,
                  f", resuming at step {start_step}" if start_step else "")
     # Only now, with every check passed and the run restored.
-    workdir_lib.write_config(config, self.workdir)
+    if self.is_chief:
+      workdir_lib.write_config(config, self.workdir)
     train_step = jax.jit(train_step_lib.make_train_step(
         config, self.model, self.objective, self.tx, self.schedule,
         self.steps_per_epoch, self.splits.num_classes),
@@ -174,11 +186,16 @@ class _Run:
       try:
         state, train_seconds = self.loop(train_step, state, start_step, guard)
         # From here a signal stops the run at once: the last checkpoint is
-        # saved, and the rerun of the same command evaluates it again.
-        guard.stop_at_once(self.total_steps, "during the final evaluation")
+        # saved, and the rerun of the same command evaluates it again. (With
+        # several hosts, a host stopping alone would leave the others in a
+        # collective: there the evaluation finishes.)
+        single = jax.process_count() == 1
+        if single:
+          guard.stop_at_once(self.total_steps, "during the final evaluation")
         result = self.final_evaluation(state, start_step, train_seconds,
                                        wall_start)
-        guard.stop_at_once(None)
+        if single:
+          guard.stop_at_once(None)
       except BaseException:
         # A NaN stop, an error or a signal: the checkpoint being written in
         # the background is finished first, never left half-done.
@@ -229,13 +246,16 @@ class _Run:
           train_seconds += time.perf_counter() - epoch_start
           self.epoch_evaluation(done, state.params)
           epoch_start = time.perf_counter()
+        # A signal to any host stops every host after this same step.
+        signum = parallel.first_signal(guard.signum)
         if (done == total or done % config.checkpoint_every_steps == 0 or
-            guard.requested or (logged and self.checkpoint_due())):
+            signum or self.epoch_checkpoint_due(done) or
+            (logged and self.checkpoint_due())):
           self.save(done, state, history)
-        if guard.requested:
+        if signum:
           self.writer.close()
           self.ckpt.wait_until_finished()
-          raise preemption.Preempted(done, guard.signum)
+          raise preemption.Preempted(done, signum)
       jax.block_until_ready(state)
     train_seconds += time.perf_counter() - epoch_start
     self.ckpt.wait_until_finished()

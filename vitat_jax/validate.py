@@ -18,7 +18,7 @@ from vitat_jax.data import randaugment
 from vitat_jax.errors import UserError
 
 DATASETS = ("digits", "image_folder", "tfds")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def _check_data(config):
@@ -108,7 +108,8 @@ def _check_run(config):
   _integer("num_devices", config.num_devices, 0, " (0 = every device)")
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise UserError(f"compute_dtype={config.compute_dtype!r}: use float32, "
-                    "bfloat16 (GPU/TPU) or float16")
+                    "bfloat16 (GPU/TPU), float16 or auto (bfloat16 on "
+                    "GPU/TPU, float32 on CPU)")
   _finite("beta",
           config.beta,
           low=0,
@@ -123,6 +124,11 @@ def _check_run(config):
           config.checkpoint_every_minutes,
           low=0,
           hint=" (0 = checkpoints by steps only)")
+  if (not isinstance(config.checkpoint_every_epochs, int) or
+      config.checkpoint_every_epochs < 0):
+    raise UserError(f"checkpoint_every_epochs="
+                    f"{config.checkpoint_every_epochs!r} must be an integer "
+                    ">= 0 (0 = no checkpoints at epoch ends)")
   if config.keep_checkpoints < 1:
     raise UserError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1"
                     " (the checkpoints a run keeps; 0 would delete them all)")

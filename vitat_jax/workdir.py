@@ -20,6 +20,13 @@ may write a workdir at a time: `lock` holds an exclusive `flock` on
 `<workdir>/run.lock` (which names the host and PID of the holder) for the
 whole run. The kernel releases it when the process dies, so a lock left by a
 killed run is stale and simply taken over.
+
+A workdir may be on cloud storage (`gs://bucket/run`, any scheme `etils.epath`
+knows): every file here goes through `epath`, and nothing is made absolute
+but a local path. An object store writes each object whole, so there a
+plain write is already atomic; it has no `flock`, so a cloud workdir is not
+locked (the log says so), and `metrics.jsonl`, which cannot be appended to,
+is rewritten whole at each record (`metric_writers.py`).
 """
 
 import contextlib
@@ -29,12 +36,24 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import socket
 import tempfile
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
+from absl import logging
+from etils import epath
+
 from vitat_jax.errors import UserError
+
+try:
+  import fsspec  # pylint: disable=g-import-not-at-top
+  # Orbax writes a checkpoint's arrays through tensorstore, beside gcsfs:
+  # a cached listing would not show them (nor a step another host wrote),
+  # so cloud folders are listed afresh each time.
+  fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache",
+                                                     False)
+except ImportError:  # no cloud file systems installed
+  pass
 
 CONFIG_JSON = "config.json"
 METRICS_JSON = "metrics.json"
@@ -53,13 +72,32 @@ RUN_FILES = (CONFIG_JSON, METRICS_JSON, METRICS_JSONL, ROBUSTNESS_JSON,
              ROBUSTNESS_MD, *PLOTS)
 
 
+def is_local(workdir: str) -> bool:
+  """False for a URI with a scheme (`gs://...`), True for a local path."""
+  return "://" not in str(workdir)
+
+
+def resolve(workdir: str) -> str:
+  """A local workdir made absolute (what orbax needs); a URI as it is."""
+  workdir = str(workdir)
+  return os.path.abspath(workdir) if is_local(workdir) else workdir
+
+
 def path(workdir: str, name: str) -> str:
-  """`<workdir>/<name>`, for the names above."""
-  return os.path.join(workdir, name)
+  """`<workdir>/<name>`, for the names above (a URI stays a URI)."""
+  return str(epath.Path(workdir) / name)
+
+
+def makedirs(directory: str) -> None:
+  """`mkdir -p` (on an object store, where folders are implicit, nothing)."""
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
 
 
 def check_writable(workdir: str) -> None:
   """One-line error if `workdir` cannot be created or written (no writes)."""
+  if not is_local(workdir):
+    _check_reachable(workdir)
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"workdir {workdir!r} is a file, not a directory: pass "
@@ -74,6 +112,23 @@ def check_writable(workdir: str) -> None:
     what = "workdir" if parent == path else "directory above the workdir"
     raise UserError(f"{what} {parent!r} is not writable: fix its permissions"
                     " or pass another --workdir")
+
+
+def _check_reachable(workdir: str) -> None:
+  """One-line error if a cloud workdir's store cannot be reached (no writes)."""
+  try:
+    target = epath.Path(workdir)
+    if target.exists() and not target.is_dir():
+      raise UserError(f"workdir {workdir!r} is an object, not a folder: pass "
+                      "another --workdir")
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # No backend for the scheme (ImportError), no credentials, no network.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f"workdir {workdir!r} cannot be reached ({first}): check "
+                    "the URI, that its file system is installed (gs://: pip "
+                    "install gcsfs) and your credentials") from None
 
 
 def jsonable(value: Any) -> Any:
@@ -97,7 +152,11 @@ def write_json(path: str, value: Any, **kwargs) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-  """`text` to `path` atomically (temp file + rename)."""
+  """`text` to `path` atomically (temp file + rename; an object store writes
+  an object whole)."""
+  if not is_local(path):
+    epath.Path(path).write_text(text)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
                              suffix=".tmp",
@@ -117,14 +176,15 @@ def write_text(path: str, text: str) -> None:
 def read_json(path: str):
   """The JSON value in `path`, or None if it is missing or unreadable."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_text())
   except (OSError, ValueError):
     return None
 
 
 def holder(workdir: str) -> str:
   """'PID p on host h' from the lock file, or '' if there is none."""
+  if not is_local(workdir):
+    return ""
   try:
     with open(os.path.join(workdir, LOCK_NAME)) as f:
       return f.read().strip()
@@ -134,6 +194,8 @@ def holder(workdir: str) -> str:
 
 def is_locked(workdir: str) -> bool:
   """Whether a live process holds the workdir's lock (no writes)."""
+  if not is_local(workdir):
+    return False
   path = os.path.join(workdir, LOCK_NAME)
   try:
     fd = os.open(path, os.O_RDONLY)
@@ -167,8 +229,15 @@ def lock(workdir: str) -> Iterator[None]:
   """Holds `<workdir>/run.lock` for the block; refuses a live holder.
 
   A lock file left by a dead process is stale (its flock died with it) and
-  is taken over. The file is removed when the block ends.
+  is taken over. The file is removed when the block ends. A workdir on an
+  object store has no `flock`: it is not locked, and the log says so.
   """
+  if not is_local(workdir):
+    logging.warning(
+        "workdir %s is on cloud storage, where it cannot be locked: do not "
+        "start a second run in it while this one runs", workdir)
+    yield
+    return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_NAME)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -194,9 +263,18 @@ def lock(workdir: str) -> Iterator[None]:
 
 
 def checkpoints_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  return path(resolve(workdir), CHECKPOINTS_DIR)
 
 
+def _names(directory: str) -> Optional[List[str]]:
+  """The entries of `directory`, or None if it is not a folder."""
+  folder = epath.Path(directory)
+  if not folder.is_dir():
+    return None
+  return [p.name for p in folder.iterdir()]
+
+
+_COMMIT_SUCCESS = "commit_success.txt"
 _ORBAX_ENTRY = re.compile(r"^\d+(\.orbax-checkpoint-tmp.*)?$")
 
 
@@ -206,13 +284,13 @@ def check_is_a_run(workdir: str) -> None:
   `--overwrite` deletes the folder: it must be this program's.
   """
   directory = checkpoints_dir(workdir)
-  if not os.path.exists(directory):
+  if not epath.Path(directory).exists():
     return
-  if not os.path.isdir(directory):
+  names = _names(directory)
+  if names is None:
     raise UserError(f"{directory} is a file, not a checkpoints folder: move "
                     "it away or pass another --workdir")
-  foreign = sorted(
-      n for n in os.listdir(directory) if not _ORBAX_ENTRY.match(n))
+  foreign = sorted(n for n in names if not _ORBAX_ENTRY.match(n))
   if foreign:
     raise UserError(f"{directory} holds {foreign[0]!r}, which is not a "
                     "checkpoint of a run: --overwrite deletes this folder, "
@@ -222,10 +300,15 @@ def check_is_a_run(workdir: str) -> None:
 def saved_steps(workdir: str) -> List[int]:
   """The finished steps in `checkpoints/`, newest first (no writes)."""
   directory = checkpoints_dir(workdir)
-  if not os.path.isdir(directory):
-    return []
-  return sorted((int(n) for n in os.listdir(directory) if n.isdigit()),
-                reverse=True)
+  steps = [int(n) for n in _names(directory) or [] if n.isdigit()]
+  if not is_local(directory):
+    # No renames on an object store: orbax marks a finished step with a
+    # file, and a step folder without it is a save cut short.
+    steps = [
+        s for s in steps
+        if (epath.Path(directory) / str(s) / _COMMIT_SUCCESS).exists()
+    ]
+  return sorted(steps, reverse=True)
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -239,19 +322,24 @@ def read_meta(workdir: str) -> Optional[dict]:
   and the run's resolved config."""
   for step in saved_steps(workdir):
     meta = read_json(
-        os.path.join(checkpoints_dir(workdir), str(step), "meta", "metadata"))
+        str(
+            epath.Path(checkpoints_dir(workdir)) / str(step) / "meta" /
+            "metadata"))
     if isinstance(meta, dict):
       return meta
   return None
 
 
 def start_over(workdir: str) -> None:
-  """Deletes a run's checkpoints, metrics, reports and plots (--overwrite)."""
-  shutil.rmtree(checkpoints_dir(workdir), ignore_errors=True)
-  shutil.rmtree(path(workdir, TENSORBOARD_DIR), ignore_errors=True)
+  """Deletes a run's checkpoints, metrics, reports and plots (--overwrite).
+
+  In a multi-host run only process 0 calls this (`train.py`), then all wait.
+  """
+  for folder in (checkpoints_dir(workdir), path(workdir, TENSORBOARD_DIR)):
+    if epath.Path(folder).exists():
+      epath.Path(folder).rmtree()
   for name in RUN_FILES:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(path(workdir, name))
+    epath.Path(path(workdir, name)).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------- the run config ---
@@ -348,8 +436,9 @@ def merge_run_config(current: dict, recorded: dict,
 # Fields that may change between a run and its resumption (prefixes).
 # (init.source only says where the weights came from.)
 _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
-                   "checkpoint_every_minutes", "compilation_cache_dir",
-                   "keep_checkpoints", "data.cache_dir", "init.source")
+                   "checkpoint_every_minutes", "checkpoint_every_epochs",
+                   "compilation_cache_dir", "keep_checkpoints",
+                   "data.cache_dir", "init.source")
 
 
 def _run_defining(config_dict: dict) -> Dict[str, Any]:
@@ -378,7 +467,7 @@ def check_same_config(config, workdir: str) -> None:
 
 def write_config(config, workdir: str) -> None:
   """Writes the resolved config as workdir/config.json (atomically)."""
-  os.makedirs(workdir, exist_ok=True)
+  makedirs(workdir)
   write_json(path(workdir, CONFIG_JSON),
              config_as_dict(config),
              indent=2,
