@@ -124,6 +124,16 @@ def main(argv):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(e.exit_code)  # pylint: disable=protected-access
+  except Exception as e:  # pylint: disable=broad-except
+    full = cli.disk_full(e)
+    if full is None:
+      raise
+    # What was written before is intact: checkpoints are atomic, the other
+    # files are rewritten or trimmed on resume.
+    cli.fail(
+        f"the disk of workdir {workdir} is full ({full}): free space there "
+        "and rerun the same command; it resumes from the last checkpoint",
+        code=1)
   print(result["table"])
   if _MODE.value == "eval":
     where = ("not written: " + result["write_error"] if "write_error" in result

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import socket
 import signal
 import subprocess
@@ -23,7 +24,9 @@ from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 10 steps per epoch, 3 epochs; a checkpoint every 4 steps, a log line each.
+# 10 steps per epoch, 3 epochs; a checkpoint every 4 steps and at each epoch
+# end, a log line every 3 steps (so most resumes start between log steps:
+# the first record after one must still average the same steps).
 FLAGS = [
     "--config.data.image_size=8", "--config.data.train_examples=320",
     "--config.model.embed_dim=16", "--config.model.depth=1",
@@ -31,7 +34,7 @@ FLAGS = [
     "--config.tricks.warmup_epochs=1", "--config.attack.steps=2",
     "--config.eval.num_examples=64", "--config.eval.batch_size=32",
     "--config.eval.epoch_num_examples=32", "--config.batch_size=32",
-    "--config.checkpoint_every_steps=4", "--config.log_every_steps=1"
+    "--config.checkpoint_every_steps=4", "--config.log_every_steps=3"
 ]
 TOTAL_STEPS = 30
 
@@ -202,6 +205,60 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
   assert records == ref_records
 
 
+def _mount_small_tmpfs(path, size):
+  """Whether a tmpfs of `size` could be mounted at `path` (root only)."""
+  try:
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+         str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30)
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return True
+
+
+def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes_bitwise(
+    reference_run, tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  # Room for the config, the metrics and about two checkpoints (~160 KB each
+  # in 4 KB pages): the disk fills during the second or third save.
+  mounted = _mount_small_tmpfs(disk, "320k")
+  workdir = str(disk / "run")
+  try:
+    command = _command(workdir)
+    if not mounted:  # a write hook raising ENOSPC in the second save
+      command = [sys.executable, "tests/_full_disk_main.py", *command[2:]]
+    proc = subprocess.run(command,
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "is full" in errors[0] and "rerun the same command" in errors[0]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    saved = workdir_lib.saved_steps(workdir)
+    assert saved and max(saved) < TOTAL_STEPS, saved
+    if mounted:  # space freed
+      subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    rerun = _run_to_completion(workdir)
+    assert f"resuming at step {max(saved)}" in rerun.stderr
+  finally:
+    if mounted:
+      shutil.copytree(workdir, tmp_path / "run")
+      subprocess.run(["umount", str(disk)], check=False)
+      workdir = str(tmp_path / "run")
+  step, state = _final_state(workdir)
+  ref_step, ref_state = _final_state(reference_run)
+  assert step == ref_step == TOTAL_STEPS
+  jax.tree.map(np.testing.assert_array_equal, state, ref_state)
+  assert _outputs(workdir) == _outputs(reference_run)
+
+
 def _corrupt(workdir, step):
   state_dir = os.path.join(workdir_lib.checkpoints_dir(workdir), str(step),
                            "state")
@@ -363,5 +420,5 @@ def test_a_gcs_workdir_is_killed_resumed_and_ends_as_a_local_run(
   } <= names, names
   scalars = metric_writers.read_tensorboard_scalars(workdir)
   assert [s for s, _ in scalars["train/loss"]
-         ] == list(range(1, TOTAL_STEPS + 1))
+         ] == list(range(3, TOTAL_STEPS + 1, 3))
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing local

@@ -329,9 +329,37 @@ def test_wall_clock_checkpoints_land_on_log_steps(tmp_path):
               "checkpoint_every_steps": 1000,
               "keep_checkpoints": 10,
               "eval.epoch_num_examples": 0,
-              "eval.attacks": ("clean",)
+              "eval.attacks": ("clean",),
+              "checkpoint_every_epochs": 0
           }), workdir)
   assert workdir_lib.saved_steps(workdir) == [20, 15, 10, 5]
+  # By epochs alone: the end of each 10-step epoch.
+  workdir = str(tmp_path / "by_epochs")
+  train.train_and_evaluate(
+      tiny_config(
+          **{
+              "checkpoint_every_minutes": 0,
+              "checkpoint_every_steps": 1000,
+              "keep_checkpoints": 10,
+              "eval.epoch_num_examples": 0,
+              "eval.attacks": ("clean",),
+              "checkpoint_every_epochs": 1
+          }), workdir)
+  assert workdir_lib.saved_steps(workdir) == [20, 10]
+
+
+def test_auto_compute_dtype_is_bfloat16_on_accelerators_and_logged(monkeypatch):
+  from vitat_jax import parallel
+  lines = []
+  monkeypatch.setattr(parallel.logging, "info",
+                      lambda fmt, *args: lines.append(fmt % args))
+  assert parallel.compute_dtype_for("auto", "gpu") == "bfloat16"
+  assert parallel.compute_dtype_for("auto", "tpu") == "bfloat16"
+  assert parallel.compute_dtype_for("auto", "cpu") == "float32"
+  assert parallel.compute_dtype_for("float16", "gpu") == "float16"
+  assert len(lines) == 3, lines
+  assert lines[0].startswith("compute_dtype auto: bfloat16 on gpu"), lines
+  assert lines[2].startswith("compute_dtype auto: float32 on cpu"), lines
 
 
 def test_the_compilation_cache_is_configured_and_reported():

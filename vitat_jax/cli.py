@@ -7,11 +7,13 @@ log filters of a run.
 """
 
 import difflib
+import errno
 import importlib.util
 import logging as std_logging
 import os
 import re
 import sys
+from typing import Optional
 
 from absl import flags
 
@@ -30,10 +32,25 @@ resume), 2 a bad flag, config, input or workdir (one `error:` line).
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
 
-def fail(message: str) -> None:
-  """The one-line error for a user's mistake, exit code 2."""
+def fail(message: str, code: int = 2) -> None:
+  """The one-line error for a user's mistake (exit code 2), or for what the
+  machine refused (`code` 1)."""
   print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
+
+
+def disk_full(error: BaseException) -> Optional[str]:
+  """The first line of the full-disk error in `error`'s chain (an OSError
+  with ENOSPC, or a tensorstore error naming it), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC or
+        "No space left on device" in str(error)):
+      lines = str(error).strip().splitlines() or ["No space left on device"]
+      return lines[0][:300]
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _config_argument(argv, default: str):
@@ -99,13 +116,17 @@ def default_workdir(config, config_path: str) -> str:
 
 
 class QuietLibraries(std_logging.Filter):
-  """Keeps orbax's and JAX's INFO chatter, and gcsfs's fallback notes when
-  no credentials are set, out of the run's log."""
+  """Keeps orbax's and JAX's INFO chatter, orbax's tracebacks of a full
+  disk, and gcsfs's fallback notes when no credentials are set, out of the
+  run's log."""
 
   def filter(self, record):
     if record.name == "gcsfs" and str(
         record.msg).startswith("Could not determine bucket type"):
       return False  # each GCS call without credentials: falls back, works
+    if "/orbax/" in record.pathname and (record.exc_info and disk_full(
+        record.exc_info[1]) or "No space left on device" in str(record.msg)):
+      return False  # a full disk: main.py says so in one line
     return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in ("/orbax/", "/jax/_src/"))
 

@@ -235,7 +235,8 @@ def _move_folder(source: epath.Path, target: epath.Path) -> None:
 def restore_or_init(config, workdir: str, model, tx, mesh,
                     steps_per_epoch: int):
   """(checkpoint manager, train state placed on `mesh`, its step, the
-  state's shardings): the newest readable checkpoint, else step 0.
+  state's shardings, the checkpoint's meta item ({} at step 0)): the newest
+  readable checkpoint, else step 0.
 
   Shapes only until the restore (the keys too): a run whose checkpoints
   are all unreadable is refused before anything is compiled.
@@ -251,6 +252,7 @@ def restore_or_init(config, workdir: str, model, tx, mesh,
   if state is None:
     init_key = run_keys(config.seed)[0]
     state, start_step = initial_state(config, model, tx, init_key), 0
+    meta = {}
   else:
     check_same_data(meta, steps_per_epoch,
                     f"the checkpoint of step {start_step}")
@@ -263,4 +265,4 @@ def restore_or_init(config, workdir: str, model, tx, mesh,
     logging.info("FSDP: %d of %d state arrays split over %d devices",
                  sum(not x.sharding.is_fully_replicated for x in leaves),
                  len(leaves), mesh.devices.size)
-  return mngr, state, start_step, shardings
+  return mngr, state, start_step, shardings, meta

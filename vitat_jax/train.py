@@ -140,9 +140,13 @@ class _Run:
     # TensorBoard's events as far as the checkpoint (a cloud workdir's are
     # uploaded at flushes), so a resumed run's curves have no gap.
     self.writer.flush()
+    pending = []
     if history:
       train_step_lib.check_finite(train_step_lib.mean_metrics(history), step,
                                   self.config)
+      pending = [{
+          k: float(v) for k, v in m.items()
+      } for m in jax.device_get(history)]
     spe = self.steps_per_epoch
     state_lib.save_checkpoint(
         self.ckpt,
@@ -153,15 +157,21 @@ class _Run:
             "steps_per_epoch": spe,
             "epoch": step // spe,
             "index_in_epoch": step % spe,
-            "config": workdir_lib.config_as_dict(self.config)
+            "config": workdir_lib.config_as_dict(self.config),
+            "pending_metrics": pending
         })
 
   # ------------------------------------------------------------------- run
   def train_and_evaluate(self, wall_start):
     config = self.config
-    self.ckpt, state, start_step, shardings = state_lib.restore_or_init(
+    self.ckpt, state, start_step, shardings, meta = state_lib.restore_or_init(
         config, self.workdir, self.model, self.tx, self.mesh,
         self.steps_per_epoch)
+    # The metrics of the steps since the last log step: the first log
+    # record after a resume then averages the same steps as without one.
+    self.pending = [{
+        k: np.float32(v) for k, v in m.items()
+    } for m in meta.get("pending_metrics", [])]
     _, self.loop_key, self.eval_key = state_lib.run_keys(config.seed)
     logging.info("%d steps/epoch, %d steps%s", self.steps_per_epoch,
                  self.total_steps,
@@ -219,7 +229,7 @@ class _Run:
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(),
                                      workers=config.data.workers)
-    history = []
+    history, self.pending = self.pending, []
     train_seconds, epoch_start = 0.0, time.perf_counter()
     # closing(): an exception in the loop still stops the loader's workers.
     with contextlib.closing(batches), contextlib.closing(bar):
