@@ -29,11 +29,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "with --config.<section>.<field>=value, listed in configs/default.py.",
     lock_config=True)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "report"],
+    "mode", "train", ["train", "eval", "report", "export"],
     "train: train (or resume) and evaluate; eval: evaluate the latest "
     "checkpoint in --workdir (or --config.init.checkpoint) with the "
     "config's `eval` section, writing robustness.json; report: plots of "
-    "each --workdirs run and a table comparing them (reads files only).")
+    "each --workdirs run and a table comparing them (reads files only); "
+    "export: the run's latest checkpoint as timm .safetensors weights and a "
+    "JSON model card in <workdir>/export.")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Delete the workdir's checkpoints and metrics and "
     "start over, instead of resuming.")
@@ -84,6 +86,7 @@ def main(argv):
   # Imported here so that --help and flag errors do not pay for JAX start-up.
   import jax
   from vitat_jax import eval_only
+  from vitat_jax import export
   from vitat_jax import parallel
   from vitat_jax import train
   from vitat_jax.errors import UserError
@@ -104,6 +107,11 @@ def main(argv):
   workdir = _WORKDIR.value or cli.default_workdir(
       config, config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
+    if _MODE.value == "export":
+      written = export.export_run(config, workdir)
+      print(f"exported {written['weights']} and {written['card']} in "
+            f"{written['wall_time_s']:.0f} s")
+      return
     if _MODE.value == "eval":
       result = eval_only.evaluate_checkpoint(
           eval_only.config_for_evaluation(config, workdir), workdir)

@@ -170,3 +170,45 @@ def test_report_mode_compares_runs_with_the_numbers_of_each(trained, tmp_path):
     assert f"{100 * metrics['clean_acc']:.2f}" in table
   assert "seed" in table  # the config difference between the runs
   assert (out / "comparison.png").stat().st_size > 10_000
+
+
+def test_export_mode_writes_weights_timm_loads_and_a_model_card(trained):
+  import numpy as np
+  import timm
+  import torch
+  from safetensors import torch as safetensors_torch
+  from vitat_jax import data
+  from vitat_jax import eval_only
+  from vitat_jax import state as state_lib
+  import ml_collections
+  workdir, _ = trained
+  proc = _run("--mode=export", f"--workdir={workdir}", *TINY)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "exported" in proc.stdout and "Compiling" not in proc.stderr
+  card = json.loads((workdir / "export" / "model_card.json").read_text())
+  assert card["timm"]["name"] == "deit_tiny_patch16_224"
+  assert card["timm"]["kwargs"]["num_classes"] == 10
+  assert card["threat_model"] == {"norm": "Linf", "eps": 8 / 255}
+  with open(workdir / "metrics.json") as f:
+    trained_metrics = json.load(f)
+  assert card["results"]["accuracy"]["pgd20"] == trained_metrics["pgd20_acc"]
+  module = timm.create_model(card["timm"]["name"],
+                             pretrained=False,
+                             **card["timm"]["kwargs"]).eval()
+  module.load_state_dict(safetensors_torch.load_file(
+      str(workdir / "export" / card["weights"])),
+                         strict=True)
+  # The same logits as the run's own model on the same pixels.
+  with open(workdir / "config.json") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  splits = data.load(config.data)
+  model = state_lib.build_model(config, splits)
+  params, _ = eval_only.restore_params(config, str(workdir), model, splits)
+  images = np.random.RandomState(0).rand(4, 8, 8, 3).astype(np.float32)
+  ours = np.asarray(model.apply({"params": params}, images))
+  inputs = (images -
+            np.asarray(card["input"]["mean"], np.float32)) / np.asarray(
+                card["input"]["std"], np.float32)
+  with torch.no_grad():
+    theirs = module(torch.from_numpy(inputs.transpose(0, 3, 1, 2))).numpy()
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)

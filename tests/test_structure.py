@@ -25,7 +25,7 @@ OUTSIDE_THE_CORE = ("vitat_jax.train", "vitat_jax.train_step",
                     "vitat_jax.runs", "vitat_jax.plots", "vitat_jax.workdir",
                     "vitat_jax.validate", "vitat_jax.objectives",
                     "vitat_jax.metric_writers", "vitat_jax.preemption",
-                    "vitat_jax.progress")
+                    "vitat_jax.progress", "vitat_jax.export")
 # Modules that read runs and names: never JAX (directly or through others).
 JAX_FREE = ("vitat_jax.cli", "vitat_jax.attack_names", "vitat_jax.runs",
             "vitat_jax.report", "vitat_jax.plots", "vitat_jax.workdir",

@@ -46,12 +46,12 @@ def config_for_evaluation(cli_config, workdir: str):
                                    keep=("eval",)))
 
 
-def _no_checkpoint(workdir: str) -> UserError:
+def no_checkpoint(workdir: str) -> UserError:
   return UserError(f"no checkpoint in {workdir_lib.checkpoints_dir(workdir)}:"
                    " train first, or pass --config.init.checkpoint=FILE")
 
 
-def _restore_params(config, workdir: str, model, splits):
+def restore_params(config, workdir: str, model, splits):
   """(params, where they came from) of the newest readable checkpoint."""
   tx, _, _ = state_lib.make_optimizer(config, splits)
   ckpt = state_lib.checkpoint_manager(workdir,
@@ -64,7 +64,7 @@ def _restore_params(config, workdir: str, model, splits):
               "run's --config and --config.* flags), or pass "
               "--config.init.checkpoint=FILE"))
   if state is None:
-    raise _no_checkpoint(workdir)
+    raise no_checkpoint(workdir)
   return state.params, f"{workdir_lib.checkpoints_dir(workdir)} step {step}"
 
 
@@ -78,7 +78,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   if not config.init.checkpoint:
     if not workdir_lib.has_checkpoints(workdir):
-      raise _no_checkpoint(workdir)
+      raise no_checkpoint(workdir)
     workdir_lib.check_same_config(config, workdir)
   splits = data_lib.load(config.data)
   model = state_lib.build_model(config, splits)
@@ -89,7 +89,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
                                       state_lib.run_keys(config.seed)[0])
     source = config.init.checkpoint
   else:  # shapes only until the restore: nothing compiled if it fails
-    params, source = _restore_params(config, workdir, model, splits)
+    params, source = restore_params(config, workdir, model, splits)
   eval_key = state_lib.run_keys(config.seed)[2]
   evaluator = evaluation.Evaluator.from_config(
       config, model, functools.partial(parallel.shard_batch, mesh))
