@@ -12,10 +12,11 @@
 #   MAIN_ARGS   extra main.py flags, e.g. --config.epochs=5 for shorter runs
 #
 # Every run gets a fresh --workdir under a temporary folder. XLA_FLAGS and the
-# other variables of the calling shell pass through, so e.g.
-# `VITAT_JAX_CPU_THREADS=0 benchmarks/cpu_devices_soak.sh -l` runs without the
-# library's thread-pool setting (vitat_jax/parallel.py). Output: one line per
-# run, then `completed: k/N`. Run it inside the project venv.
+# other variables of the calling shell pass through; main.py keeps a
+# PJRT_NPROC that is set, so `PJRT_NPROC=8 benchmarks/cpu_devices_soak.sh -l`
+# runs 8 devices on a 2-core machine with XLA's default pool of 8 threads,
+# without the library's setting (parallel.configure_cpu_threads). Output: one
+# line per run, then `completed: k/N`. Run it inside the project venv.
 cd "$(dirname "$0")/.." || exit 1
 runs=3
 devices=8
