@@ -91,6 +91,9 @@ def main(argv):
   from vitat_jax import train
   from vitat_jax.errors import UserError
 
+  # Before JAX makes its CPU client: several CPU devices on few cores need
+  # a larger XLA thread pool, or an all-reduce can deadlock.
+  parallel.configure_cpu_threads()
   try:
     # Before anything else touches JAX: the devices of all hosts form one mesh.
     parallel.initialize_distributed(_COORDINATOR.value,

@@ -482,6 +482,29 @@ def test_incomplete_multihost_settings_fail_in_one_line(monkeypatch):
     parallel.initialize_distributed()
 
 
+def test_cpu_threads_are_set_for_more_devices_than_half_the_cores():
+  # The rendezvous deadlock of 8 CPU devices on 2 cores (docs/parallel.md).
+  from vitat_jax import parallel
+  eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert parallel.cpu_thread_setting(eight, cores=2) == 16
+  assert parallel.cpu_thread_setting(eight, cores=15) == 16
+  assert parallel.cpu_thread_setting(eight, cores=16) is None
+  two = {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=2"}
+  assert parallel.cpu_thread_setting(two, cores=2) == 4
+  assert parallel.cpu_thread_setting({}, cores=1) is None  # one device
+  assert parallel.cpu_thread_setting({"JAX_NUM_CPU_DEVICES": "4"}, 2) == 8
+  assert parallel.cpu_thread_setting(dict(eight, JAX_NUM_CPU_DEVICES="1"),
+                                     2) is None
+  # The user's choice and a run without the CPU platform are left alone.
+  for extra in ({"PJRT_NPROC": "8"}, {"NPROC": "3"}, {"JAX_PLATFORMS": "cuda"}):
+    assert parallel.cpu_thread_setting(dict(eight, **extra), 2) is None
+  assert parallel.cpu_thread_setting(dict(eight, JAX_PLATFORMS="cuda,cpu"),
+                                     2) == 16
+  environ = dict(eight)
+  threads = parallel.configure_cpu_threads(environ)
+  assert environ.get("PJRT_NPROC") == (str(threads) if threads else None)
+
+
 def _parser():
   parser = argparse.ArgumentParser()
   for flag, kind in (("devices", int), ("num_processes", int),

@@ -31,6 +31,71 @@ def _env_int(name: str) -> Optional[int]:
     raise UserError(f"{name}={value!r} must be an integer") from None
 
 
+def _host_device_count(environ) -> int:
+  """The CPU devices JAX will make in this process: `JAX_NUM_CPU_DEVICES`
+  (when >= 0), else the last `--xla_force_host_platform_device_count` in
+  `XLA_FLAGS`, else 1."""
+  try:
+    count = int(environ.get("JAX_NUM_CPU_DEVICES", "-1") or -1)
+  except ValueError:
+    count = -1
+  if count >= 0:
+    return count
+  count = 1
+  for flag in environ.get("XLA_FLAGS", "").split():
+    name, _, value = flag.partition("=")
+    if name == "--xla_force_host_platform_device_count":
+      try:
+        count = int(value)
+      except ValueError:
+        pass
+  return count
+
+
+def cpu_thread_setting(environ, cores: int) -> Optional[int]:
+  """The `PJRT_NPROC` that keeps several CPU devices free of a deadlock, or
+  None when nothing needs setting.
+
+  XLA:CPU runs the executions of a multi-device program and the dispatch of
+  the next ones on one pool of max(cores, devices) threads. A dispatch that
+  finds its device's 32 in-flight computations full blocks its thread; once
+  the host is that far ahead (the train loop only waits at a log step), the
+  oldest program can be left with fewer threads than devices, its
+  all-reduce waits forever and the 40 s rendezvous termination timeout
+  aborts the process (docs/parallel.md). With 2 x devices threads every
+  blocked dispatch (at most one per device) still leaves one thread per
+  device. Nothing is set where the cores already give that, where the user
+  chose `PJRT_NPROC` or `NPROC`, or where JAX_PLATFORMS leaves out the CPU.
+  """
+  if "PJRT_NPROC" in environ or "NPROC" in environ:
+    return None
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms and "cpu" not in platforms.split(","):
+    return None
+  devices = _host_device_count(environ)
+  if devices <= 1 or cores >= 2 * devices:
+    return None
+  return 2 * devices
+
+
+def configure_cpu_threads(environ=None) -> Optional[int]:
+  """Sets `cpu_thread_setting` in the environment (call it before JAX makes
+  its CPU client: before anything asks for devices); returns what it set."""
+  environ = os.environ if environ is None else environ
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cores = os.cpu_count() or 1
+  threads = cpu_thread_setting(environ, cores)
+  if threads is not None:
+    environ["PJRT_NPROC"] = str(threads)
+    logging.info(
+        "PJRT_NPROC=%d: %d CPU devices on %d cores need 2 threads per "
+        "device in XLA's CPU client pool (docs/parallel.md)", threads,
+        threads // 2, cores)
+  return threads
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,
