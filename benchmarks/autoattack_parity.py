@@ -13,6 +13,12 @@ the wall time of each.
     python benchmarks/autoattack_parity.py --num_images=500
     python benchmarks/autoattack_parity.py --version=plus --num_images=500
     python benchmarks/autoattack_parity.py --model=vit --num_images=500
+    python benchmarks/autoattack_parity.py --version=rand --num_images=500
+
+`--version=rand` attacks a randomised copy of the MLP on both sides: Gaussian
+noise of std NOISE_STD added to the input at every call (`jax.random` keyed
+by the attack on ours, `torch.randn` on fra31's), so the two draw different
+noise and agree in distribution only.
 
 `tests/attacks/test_autoattack.py` runs the same comparison on 500 images.
 """
@@ -54,6 +60,7 @@ from vitat_jax import attacks
 from vitat_jax import models
 
 EPS = 0.1
+NOISE_STD = 0.05  # the randomised model of --version=rand
 HIDDEN = 64
 NUM_CLASSES = 10
 
@@ -170,6 +177,7 @@ def run_ours(params,
              batch_size=500,
              version="standard",
              logits_fn=mlp_logits,
+             stochastic=False,
              with_seconds=False) -> Dict[str, float]:
   result = attacks.autoattack(logits_fn,
                               images,
@@ -179,6 +187,7 @@ def run_ours(params,
                               key=jax.random.key(seed),
                               batch_size=batch_size,
                               version=version,
+                              stochastic=stochastic,
                               verbose=False)
   if with_seconds:
     return result.robust_accuracy, result.seconds
@@ -225,6 +234,27 @@ def torch_mlp(params):
       return h @ self.w2 + self.b2
 
   return Mlp().eval()
+
+
+def noisy_mlp_logits(params, x, key):
+  """The randomised MLP: fresh input noise at every call."""
+  return mlp_logits(params, x + NOISE_STD * jax.random.normal(key, x.shape))
+
+
+def torch_noisy(module):
+  """`module` with fresh Gaussian input noise at every call."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class Noisy(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.inner = module
+
+    def forward(self, x):
+      return self.inner(x + NOISE_STD * torch.randn_like(x))
+
+  return Noisy().eval()
 
 
 def torch_vit(params, directory):
@@ -328,8 +358,10 @@ def main():
                       help="time ours only (no fra31, no comparison)")
   parser.add_argument("--version",
                       default="standard",
-                      choices=["standard", "plus"])
+                      choices=["standard", "plus", "rand"])
   args = parser.parse_args()
+  if args.version == "rand" and args.model != "mlp":
+    parser.error("--version=rand attacks the randomised MLP: drop --model")
   images, labels = digits()
   start = time.perf_counter()
   train = {"mlp": train_robust_mlp, "vit": train_robust_vit}[args.model]
@@ -348,6 +380,9 @@ def main():
   with tempfile.TemporaryDirectory() as directory:
     torch_model = (torch_vit(params, directory)
                    if args.model == "vit" else torch_mlp(params))
+  stochastic = args.version == "rand"
+  if stochastic:
+    logits_fn, torch_model = noisy_mlp_logits, torch_noisy(torch_model)
   start = time.perf_counter()
   common = dict(eps=args.eps,
                 seed=args.seed,
@@ -357,6 +392,7 @@ def main():
                                 images,
                                 labels,
                                 logits_fn=logits_fn,
+                                stochastic=stochastic,
                                 with_seconds=True,
                                 **common)
   ours_s = time.perf_counter() - start
@@ -366,6 +402,7 @@ def main():
                              images,
                              labels,
                              logits_fn=logits_fn,
+                             stochastic=stochastic,
                              with_seconds=True,
                              **common)
   warm_s = time.perf_counter() - start

@@ -278,16 +278,23 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   # metrics.json, a lock file of a dead process holding garbage.
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write('{"step": 21, "train_lo')
-  for name in ("config.json", "metrics.json"):
+  for name in ("config.json", "metrics.json", "robustness.json",
+               "robustness.md", "learning_curves.png"):
     path = os.path.join(workdir, name)
-    with open(path) as f:
-      text = f.read()
-    with open(path, "w") as f:
-      f.write(text[:len(text) // 2])
+    with open(path, "rb") as f:
+      data = f.read()
+    with open(path, "wb") as f:
+      f.write(data[:len(data) // 2])
   with open(os.path.join(workdir, "run.lock"), "w") as f:
     f.write("\x00garbage")
+  events = os.path.join(workdir, "tensorboard")
+  for name in os.listdir(events):  # TensorBoard's event files, cut short
+    with open(os.path.join(events, name), "r+b") as f:
+      f.truncate(os.path.getsize(os.path.join(events, name)) // 2)
   result = train.train_and_evaluate(config, workdir)
   assert result["resumed_from_step"] == 15
+  with open(os.path.join(workdir, "robustness.json")) as f:
+    assert json.load(f)["results"]["clean"]["accuracy"] == result["clean_acc"]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(l)["step"] for l in f]
   assert steps == sorted(steps) and steps[-1] == 20

@@ -9,6 +9,7 @@ steps and by minutes; (4) the final evaluation, metrics.json, the robustness
 report and the plots.
 """
 
+import collections
 import contextlib
 import functools
 import time
@@ -34,6 +35,12 @@ from vitat_jax import train_step as train_step_lib
 from vitat_jax import validate
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.data import pipeline
+
+# Steps dispatched ahead of the last finished one. Enough to keep an
+# accelerator busy while the host prepares the next batch; far below XLA:CPU's
+# 32 in-flight computations per device, whose blocked dispatches can starve
+# a multi-device all-reduce of threads (docs/parallel.md).
+MAX_STEPS_IN_FLIGHT = 4
 
 
 def train_and_evaluate(config,
@@ -230,6 +237,7 @@ class _Run:
                                      process_count=jax.process_count(),
                                      workers=config.data.workers)
     history, self.pending = self.pending, []
+    in_flight = collections.deque()
     train_seconds, epoch_start = 0.0, time.perf_counter()
     # closing(): an exception in the loop still stops the loader's workers.
     with contextlib.closing(batches), contextlib.closing(bar):
@@ -245,6 +253,9 @@ class _Run:
                        time.perf_counter() - start,
                        compilation.describe(hits, self.cache_dir))
         history.append(metrics)
+        in_flight.append(metrics)
+        if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+          jax.block_until_ready(in_flight.popleft())
         done = step + 1
         bar.update(done)
         logged = done % config.log_every_steps == 0 or done == total
