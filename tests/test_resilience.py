@@ -259,6 +259,38 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes_bitwise(
   assert _outputs(workdir) == _outputs(reference_run)
 
 
+def test_full_disk_tracebacks_of_background_threads_are_kept_out_of_the_log():
+  """What the full-disk run above prints depends on which write fills the
+  disk first: every form seen is filtered, the one error line stays."""
+  import errno
+  import logging
+  from vitat_jax import cli
+  quiet = cli.QuietLibraries()
+  full = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": "
+                    "No space left on device [os_error_code='28']")
+  seen = [
+      ("asyncio", "/usr/lib/python3.11/asyncio/base_events.py",
+       "Task exception was never retrieved", (ValueError, full, None)),
+      ("absl", "/venv/orbax/checkpoint/_src/futures/future.py",
+       "_SignalingThread.run() raised an exception", (ValueError, full, None)),
+      ("absl", "/venv/orbax/checkpoint/x.py",
+       "write failed: [Errno 28] No space left on device", None),
+  ]
+  for name, pathname, msg, exc_info in seen:
+    record = logging.LogRecord(name, logging.ERROR, pathname, 1, msg, (),
+                               exc_info)
+    assert not quiet.filter(record), (name, msg)
+  other = logging.LogRecord("absl", logging.ERROR, "/venv/orbax/x.py", 1,
+                            "something else failed", (),
+                            (ValueError, ValueError("other"), None))
+  assert quiet.filter(other)
+  assert cli.disk_full(OSError(errno.ENOSPC, "No space left on device"))
+  chained = RuntimeError("save failed")
+  chained.__cause__ = full
+  assert "No space left" in cli.disk_full(chained)
+  assert cli.disk_full(ValueError("other")) is None
+
+
 def _corrupt(workdir, step):
   state_dir = os.path.join(workdir_lib.checkpoints_dir(workdir), str(step),
                            "state")

@@ -13,6 +13,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import threading
 from typing import Optional
 
 from absl import flags
@@ -116,16 +117,17 @@ def default_workdir(config, config_path: str) -> str:
 
 
 class QuietLibraries(std_logging.Filter):
-  """Keeps orbax's and JAX's INFO chatter, orbax's tracebacks of a full
-  disk, and gcsfs's fallback notes when no credentials are set, out of the
-  run's log."""
+  """Keeps orbax's and JAX's INFO chatter, every library's tracebacks of a
+  full disk (orbax's save threads, asyncio's "Task exception was never
+  retrieved"), and gcsfs's fallback notes when no credentials are set, out
+  of the run's log."""
 
   def filter(self, record):
     if record.name == "gcsfs" and str(
         record.msg).startswith("Could not determine bucket type"):
       return False  # each GCS call without credentials: falls back, works
-    if "/orbax/" in record.pathname and (record.exc_info and disk_full(
-        record.exc_info[1]) or "No space left on device" in str(record.msg)):
+    if (record.exc_info and disk_full(record.exc_info[1]) or
+        "No space left on device" in str(record.msg)):
       return False  # a full disk: main.py says so in one line
     return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in ("/orbax/", "/jax/_src/"))
@@ -136,12 +138,21 @@ def _is_event_loop_noise(exc_type, exc, tb) -> bool:
   restore: harmless, but printed as hundreds of tracebacks that bury the
   fallback warnings."""
   del tb
-  return (exc_type is RuntimeError and str(exc) == "Event loop is closed")
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed" or
+          exc is not None and disk_full(exc) is not None)
 
 
 def silence_event_loop_noise():
+  """Drops the harmless event-loop tracebacks above, and those of a full
+  disk from background threads (main.py reports it in one line)."""
   previous_excepthook = sys.excepthook
   previous_unraisable = sys.unraisablehook
+  previous_thread_hook = threading.excepthook
+
+  def thread_hook(args):
+    if not _is_event_loop_noise(args.exc_type, args.exc_value,
+                                args.exc_traceback):
+      previous_thread_hook(args)
 
   def excepthook(exc_type, exc, tb):
     if not _is_event_loop_noise(exc_type, exc, tb):
@@ -154,6 +165,7 @@ def silence_event_loop_noise():
 
   sys.excepthook = excepthook
   sys.unraisablehook = unraisablehook
+  threading.excepthook = thread_hook
 
 
 def parse_flags(argv, config_flag, usage: str):
