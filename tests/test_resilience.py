@@ -106,6 +106,19 @@ def _outputs(workdir):
   return metrics, _without_timings(records)
 
 
+def _assert_ends_as_the_reference(workdir, reference_run):
+  """The final state bitwise, metrics.json and metrics.jsonl (less timings)
+  equal the uninterrupted run's."""
+  step, state = _final_state(workdir)
+  ref_step, ref_state = _final_state(reference_run)
+  assert step == ref_step == TOTAL_STEPS
+  jax.tree.map(np.testing.assert_array_equal, state, ref_state)
+  metrics, records = _outputs(workdir)
+  ref_metrics, ref_records = _outputs(reference_run)
+  assert metrics == ref_metrics
+  assert records == ref_records
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
@@ -195,14 +208,7 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
   assert not os.path.exists(os.path.join(workdir, "metrics.json"))
 
   _run_to_completion(workdir)
-  step, state = _final_state(workdir)
-  ref_step, ref_state = _final_state(reference_run)
-  assert step == ref_step == TOTAL_STEPS
-  jax.tree.map(np.testing.assert_array_equal, state, ref_state)
-  metrics, records = _outputs(workdir)
-  ref_metrics, ref_records = _outputs(reference_run)
-  assert metrics == ref_metrics
-  assert records == ref_records
+  _assert_ends_as_the_reference(workdir, reference_run)
 
 
 def _mount_small_tmpfs(path, size):
@@ -252,11 +258,7 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes_bitwise(
       shutil.copytree(workdir, tmp_path / "run")
       subprocess.run(["umount", str(disk)], check=False)
       workdir = str(tmp_path / "run")
-  step, state = _final_state(workdir)
-  ref_step, ref_state = _final_state(reference_run)
-  assert step == ref_step == TOTAL_STEPS
-  jax.tree.map(np.testing.assert_array_equal, state, ref_state)
-  assert _outputs(workdir) == _outputs(reference_run)
+  _assert_ends_as_the_reference(workdir, reference_run)
 
 
 def test_full_disk_tracebacks_of_background_threads_are_kept_out_of_the_log():
@@ -444,14 +446,7 @@ def test_a_gcs_workdir_is_killed_resumed_and_ends_as_a_local_run(
   rerun = _run_to_completion(workdir)
   assert "resuming at step" in rerun.stderr
   assert "Could not determine bucket type" not in rerun.stderr
-  step, state = _final_state(workdir)
-  ref_step, ref_state = _final_state(reference_run)
-  assert step == ref_step == TOTAL_STEPS
-  jax.tree.map(np.testing.assert_array_equal, state, ref_state)
-  metrics, records = _outputs(workdir)
-  ref_metrics, ref_records = _outputs(reference_run)
-  assert metrics == ref_metrics
-  assert records == ref_records
+  _assert_ends_as_the_reference(workdir, reference_run)
   names = {p.name for p in epath.Path(workdir).iterdir()}
   assert {
       "config.json", "robustness.json", "robustness.md", "learning_curves.png",
