@@ -55,6 +55,50 @@ from vitat_jax.attacks.apgd import UNTARGETED_LOSSES
 from vitat_jax.attacks.pgd import cross_entropy_per_example
 from vitat_jax.errors import UserError
 
+# XLA:CPU compiles the attack programs with YNNPACK for single dots only,
+# not for its fusions of the elementwise and reduce ops around them: the
+# input gradients of transformers ran 1.3-1.5x faster (tiny ViT, DeiT-Ti and
+# DeiT-S; benchmarks/NOTES.md). Left out where the backend is not the CPU
+# or the installed XLA does not know the option.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
+
+
+@functools.cache
+def compiler_options() -> Optional[Dict[str, str]]:
+  """The XLA options the attack programs are compiled with (None: none)."""
+  if jax.default_backend() != "cpu":
+    return None
+  try:
+    jax.jit(lambda v: v + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+        np.float32(0)).compile()
+  except Exception:  # pylint: disable=broad-except
+    logging.info("XLA does not take %s; attacks compiled without it",
+                 CPU_COMPILER_OPTIONS)
+    return None
+  return dict(CPU_COMPILER_OPTIONS)
+
+
+def _jit(**jit_kwargs):
+  """`jax.jit` with `compiler_options()`, decided at the first call (not at
+  import, which must not start a backend)."""
+
+  def wrap(fn):
+    jitted = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      if not jitted:
+        jitted.append(
+            jax.jit(fn, compiler_options=compiler_options(), **jit_kwargs))
+      return jitted[0](*args, **kwargs)
+
+    return call
+
+  return wrap
+
+
 ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
@@ -197,7 +241,7 @@ def _stages(s: AttackSettings):
   return [(t, r) for t in range(targets) for r in range(s.n_restarts)]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "settings"))
+@_jit(static_argnames=("model", "settings"))
 def _attack_stage(params, key, rows, x, y, target, restart, *, model: _Model,
                   settings: AttackSettings):
   """One stage (a target and a restart) of a white-box attack on a batch:
@@ -292,14 +336,14 @@ def _square_fns(model: _Model, settings: AttackSettings):
   return start, queries
 
 
-@functools.partial(jax.jit, static_argnames=("model", "settings"))
+@_jit(static_argnames=("model", "settings"))
 def _square_start(params, key, rows, x, y, restart, *, model, settings):
   start, _ = _square_fns(model, settings)
   return _per_point(lambda k, xi, yi: start(params, k, xi, yi, restart))(
       _point_keys(key, rows), x, y)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "settings"))
+@_jit(static_argnames=("model", "settings"))
 def _square_queries(params, key, rows, x, y, state, restart, first, last, *,
                     model, settings):
   _, queries = _square_fns(model, settings)
@@ -321,7 +365,7 @@ def _square_segments(n_queries: int):
   return list(zip([0] + ends[:-1], ends))
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@_jit(static_argnames=("model",))
 def _clean_batch(params, key, rows, x, y, *, model: _Model):
   """Clean correctness, and which points have an all-zero loss gradient.
 
