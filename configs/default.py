@@ -170,8 +170,12 @@ def get_config():
   config.eval.autoattack.norm = "Linf"
   config.eval.autoattack.batch_size = 0
   # "" = eval.num_examples test images; "robustbench": RobustBench's set
-  # (CIFAR-10: the first 10,000 test images at 32 px).
+  # (CIFAR-10: the first 10,000 test images at 32 px; ImageNet, an image
+  # folder: its 5,000 validation files, read with
+  # eval.robustbench_preprocessing, Res256Crop224 or Res224, whatever the
+  # run trained with).
   config.eval.protocol = ""
+  config.eval.robustbench_preprocessing = "Res256Crop224"
   # AutoAttack's adversarial examples, per attack, in
   # workdir/adversarial/<attack>.npz (indices, images, labels).
   config.eval.save_adversarial = False

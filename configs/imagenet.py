@@ -17,7 +17,10 @@ default (squash to 224, pad-crop 4, flip); `--config.data.train_transform=
 random_resized_crop --config.augment.crop_padding=0` trains with
 RandomResizedCrop + flip, `--config.data.eval_transform=resize_center_crop`
 evaluates on Resize-256 / CenterCrop-224, and `--config.data.eval_subset=
-robustbench` (image folder) on RobustBench's 5,000 validation images.
+robustbench` (image folder) on RobustBench's 5,000 validation images;
+`--mode=eval --config.eval.protocol=robustbench` evaluates a trained run on
+them with RobustBench's preprocessing (Res256Crop224; `--config.eval.
+robustbench_preprocessing=Res224`, the squash, for this paper's models).
 
 The reference's run_imagenet.sh, here (8 accelerators or more):
 

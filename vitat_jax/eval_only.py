@@ -80,7 +80,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
     if not workdir_lib.has_checkpoints(workdir):
       raise no_checkpoint(workdir)
     workdir_lib.check_same_config(config, workdir)
-  splits = data_lib.load(config.data)
+  splits = data_lib.load(evaluation.protocol_data_config(config))
   model = state_lib.build_model(config, splits)
   if config.init.checkpoint:
     checkpoints.check(config.init.checkpoint, model, config.init.format,

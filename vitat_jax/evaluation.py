@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from etils import epath
 
@@ -247,10 +248,19 @@ class Evaluator:
     }
 
 
-# RobustBench's evaluation sets, by data set: (the config that selects it,
-# the number of test images). ImageNet's (5,000 listed ids, Res256Crop224)
-# is for the data pipeline to provide: add it here once data/ offers it.
-ROBUSTBENCH_SETS = {"cifar10": 10_000}
+# RobustBench's evaluation sets: (data set, number of test images).
+# CIFAR-10: the first 10,000 test images (tfds), unresized. ImageNet: the
+# 5,000 listed validation files (an image folder), at 224 px.
+ROBUSTBENCH_SETS = {"cifar10": 10_000, "imagenet": 5_000}
+# RobustBench's ImageNet preprocessings (robustbench.data.PREPROCESSINGS)
+# as this library's eval transforms: Resize(256) + CenterCrop(224), its
+# default, and Resize([224, 224]), which it uses for this paper's models.
+ROBUSTBENCH_PREPROCESSING = {
+    "Res256Crop224":
+        dict(eval_transform="resize_center_crop", crop_pct=224 / 256),
+    "Res224":
+        dict(eval_transform="squash"),
+}
 PROTOCOLS = ("", "robustbench")
 AUTOATTACK_CHUNK = 1024  # images attacked at once: host memory stays flat
 
@@ -282,25 +292,56 @@ def check_autoattack_config(config) -> None:
                     "0 (0: eval.batch_size)")
 
 
-def robustbench_num_examples(config) -> int:
-  """The RobustBench protocol's test set on this data config: CIFAR-10's
-  first 10,000 test images, unresized; else a one-line error."""
+def robustbench_set(config) -> str:
+  """The RobustBench set `eval.protocol='robustbench'` means for this data
+  config ('cifar10' or 'imagenet'); else a one-line error."""
   data = config.data
+  if data.name == "image_folder":
+    preprocessing = config.eval.robustbench_preprocessing
+    if preprocessing not in ROBUSTBENCH_PREPROCESSING:
+      raise UserError(
+          f"eval.robustbench_preprocessing={preprocessing!r}: use one of "
+          f"{', '.join(ROBUSTBENCH_PREPROCESSING)} (RobustBench's names)")
+    if data.image_size != 224:
+      raise UserError(f"eval.protocol='robustbench' on ImageNet evaluates at "
+                      f"224 px; this model takes data.image_size="
+                      f"{data.image_size}")
+    return "imagenet"
   name = data.tfds_name if data.name == "tfds" else data.name
-  if data.name != "tfds" or name not in ROBUSTBENCH_SETS:
-    raise UserError(f"eval.protocol='robustbench' is defined here for "
-                    f"{', '.join(ROBUSTBENCH_SETS)} (data.name='tfds'), not "
-                    f"for data {name!r}; ImageNet's 5,000-image subset with "
-                    "Res256Crop224 needs the data pipeline's support")
-  if data.test_split != "test" or data.test_examples or data.image_size != 32:
-    raise UserError("eval.protocol='robustbench' needs the whole CIFAR-10 "
-                    "test split at 32 px: data.test_split='test', "
-                    "data.test_examples=0, data.image_size=32")
-  count = ROBUSTBENCH_SETS[name]
+  if data.name == "tfds" and name == "cifar10":
+    if data.test_split != "test" or data.test_examples or data.image_size != 32:
+      raise UserError("eval.protocol='robustbench' needs the whole CIFAR-10 "
+                      "test split at 32 px: data.test_split='test', "
+                      "data.test_examples=0, data.image_size=32")
+    return "cifar10"
+  raise UserError(f"eval.protocol='robustbench' is defined here for cifar10 "
+                  f"(data.name='tfds') and ImageNet (data.name="
+                  f"'image_folder' with ImageNet's val/ as root/test/), not "
+                  f"for data {name!r}")
+
+
+def robustbench_num_examples(config) -> int:
+  """How many images of the RobustBench set the protocol evaluates: all of
+  them, or the first `eval.num_examples`."""
+  count = ROBUSTBENCH_SETS[robustbench_set(config)]
   if config.eval.num_examples > count:
     raise UserError(f"eval.num_examples={config.eval.num_examples}: the "
                     f"RobustBench set has {count} images")
   return config.eval.num_examples or count
+
+
+def protocol_data_config(config):
+  """`config.data` as `eval.protocol` evaluates it: on ImageNet the
+  RobustBench protocol reads its 5,000 files with its preprocessing,
+  whatever the run trained with (the test split only)."""
+  if (config.eval.protocol != "robustbench" or
+      robustbench_set(config) != "imagenet"):
+    return config.data
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.eval_subset = "robustbench"
+  data.test_examples = 0
+  data.update(ROBUSTBENCH_PREPROCESSING[config.eval.robustbench_preprocessing])
+  return data
 
 
 def autoattack_options(config) -> Dict[str, Any]:

@@ -78,7 +78,7 @@ def train_and_evaluate(config,
   is_chief = jax.process_index() == 0
   if is_chief:
     workdir_lib.check_unlocked(workdir)
-  splits = data_lib.load(config.data)
+  splits = data_lib.load(evaluation.protocol_data_config(config))
   model = state_lib.build_model(config, splits)
   tx, schedule, steps_per_epoch = state_lib.make_optimizer(config, splits)
   total_steps = validate.check_steps(config, steps_per_epoch)

@@ -267,6 +267,23 @@ def _eval_config(**changes):
     ({
         "eval.protocol": "leaderboard"
     }, "unknown eval.protocol"),
+    ({
+        "eval.protocol": "robustbench",
+        "data.name": "image_folder",
+        "data.image_size": 64
+    }, "on ImageNet evaluates at 224 px"),
+    ({
+        "eval.protocol": "robustbench",
+        "data.name": "image_folder",
+        "data.image_size": 224,
+        "eval.robustbench_preprocessing": "Res256"
+    }, "use one of Res256Crop224, Res224"),
+    ({
+        "eval.protocol": "robustbench",
+        "data.name": "image_folder",
+        "data.image_size": 224,
+        "eval.num_examples": 5001
+    }, "the RobustBench set has 5000 images"),
 ])
 def test_bad_autoattack_configs_fail_before_any_attack(changes, fragment):
   from vitat_jax import validate
@@ -287,6 +304,57 @@ def test_robustbench_protocol_is_cifar10s_first_10000_test_images():
       _eval_config(**{"eval.autoattack.attacks": ("apgd-ce", "square")}))
   assert options["version"] == "custom"
   assert options["attacks_to_run"] == ("apgd-ce", "square")
+
+
+def test_robustbench_protocol_on_imagenet_reads_its_5000_files_its_way(
+    tmp_path):
+  # An ImageNet-shaped folder: one training image per class of the list,
+  # and the 5,000 listed validation files (tiny, non-square) plus one more.
+  from PIL import Image
+  ids = data.robustbench_imagenet_ids()
+  rng = np.random.default_rng(0)
+  for wnid in sorted({i.split("/")[0] for i in ids}):
+    (tmp_path / "train" / wnid).mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), np.uint8)).save(
+        tmp_path / "train" / wnid / "a.png")
+  for image_id in ids + [ids[0].split("/")[0] + "/extra.JPEG"]:
+    path = tmp_path / "test" / image_id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (6, 9, 3), np.uint8)).save(path)
+  config = _eval_config(
+      **{
+          "eval.protocol": "robustbench",
+          "data.name": "image_folder",
+          "data.root": str(tmp_path),
+          "data.cache_dir": str(tmp_path / "cache"),
+          "data.decoded_cache_mb": 0,
+          "data.image_size": 224,
+          "data.test_examples": 997,  # one per class; the protocol reads all
+          "data.eval_transform": "squash",  # what the run trained with
+      })
+  from vitat_jax import validate
+  validate.check_config(config)
+  assert evaluation.robustbench_num_examples(config) == 5000
+  test = data.load(evaluation.protocol_data_config(config)).test
+  assert len(test) == 5000
+  assert [test.path(i) for i in (0, 4999)
+         ] == [str(tmp_path / "test" / ids[i]) for i in (0, 4999)]
+  # Res256Crop224: the shorter side to 256, then the central 224 x 224.
+  image, label = test.example(0)
+  wide = Image.open(test.path(0)).convert("RGB").resize((384, 256),
+                                                        Image.BILINEAR)
+  np.testing.assert_array_equal(image, np.asarray(wide)[16:240, 80:304])
+  assert label == sorted({i.split("/")[0] for i in ids
+                         }).index(ids[0].split("/")[0])
+  # Res224, RobustBench's preprocessing of this paper's models: squash.
+  config.eval.robustbench_preprocessing = "Res224"
+  image, _ = data.load(evaluation.protocol_data_config(config)).test.example(0)
+  squashed = Image.open(test.path(0)).convert("RGB").resize((224, 224),
+                                                            Image.BILINEAR)
+  np.testing.assert_array_equal(image, np.asarray(squashed))
+  # Without the protocol the run's own test split and transform.
+  config.eval.protocol = ""
+  assert len(data.load(evaluation.protocol_data_config(config)).test) == 997
 
 
 class _Linear(nn.Module):
