@@ -401,3 +401,20 @@ def test_parity_with_the_reference_autoattack():
   assert ours["square"] > 0.5  # an actually robust model
   for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
     assert abs(ours[name] - theirs[name]) <= 0.01, (name, ours, theirs)
+
+
+def test_dots_only_cpu_programs_are_chosen_for_models_that_reduce():
+  import importlib
+  autoattack_module = importlib.import_module("vitat_jax.attacks.autoattack")
+  x, _ = batch(0, n=4)
+  normed = lambda v: jax.nn.softmax(mlp(v) / jnp.std(mlp(v), -1, keepdims=1))
+  assert autoattack_module.reduces_over_features(normed, x[:1])
+  assert not autoattack_module.reduces_over_features(mlp, x[:1])
+  # This XLA takes the option; the program computes the same gradient.
+  options = autoattack_module.compiler_options()
+  assert options == autoattack_module.CPU_COMPILER_OPTIONS
+  grad = jax.grad(lambda v: jnp.sum(jnp.log(normed(v))[:, 0]))
+  np.testing.assert_allclose(jax.jit(grad, compiler_options=options)(x),
+                             jax.jit(grad)(x),
+                             rtol=1e-5,
+                             atol=1e-6)

@@ -55,19 +55,23 @@ from vitat_jax.attacks.apgd import UNTARGETED_LOSSES
 from vitat_jax.attacks.pgd import cross_entropy_per_example
 from vitat_jax.errors import UserError
 
-# XLA:CPU compiles the attack programs with YNNPACK for single dots only,
-# not for its fusions of the elementwise and reduce ops around them: the
-# input gradients of transformers ran 1.3-1.5x faster (tiny ViT, DeiT-Ti and
-# DeiT-S; benchmarks/NOTES.md). Left out where the backend is not the CPU
-# or the installed XLA does not know the option.
+# XLA:CPU can compile the attack programs with YNNPACK for single dots
+# only, not for its fusions of the elementwise and reduce ops around them.
+# Where the model reduces over features (layer norms, softmax: every
+# transformer here) the input gradients then ran 1.3-1.5x faster (tiny ViT,
+# DeiT-Ti, DeiT-S); on an MLP without reductions the whole AutoAttack ran
+# ~17% slower (benchmarks/NOTES.md). So it is chosen per model
+# (`xla_cpu_dots_only`), and left out where the backend is not the CPU or
+# the installed XLA does not know the option.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 }
+_FEATURE_REDUCTIONS = ("reduce_sum", "reduce_max")
 
 
 @functools.cache
 def compiler_options() -> Optional[Dict[str, str]]:
-  """The XLA options the attack programs are compiled with (None: none)."""
+  """The XLA options of dots-only attack programs (None: none apply)."""
   if jax.default_backend() != "cpu":
     return None
   try:
@@ -80,19 +84,28 @@ def compiler_options() -> Optional[Dict[str, str]]:
   return dict(CPU_COMPILER_OPTIONS)
 
 
+def reduces_over_features(model_fn: Callable, x_one) -> bool:
+  """Whether `model_fn(x)` sums or maxes over anything (its jaxpr, nested
+  ones included, has reduce_sum or reduce_max)."""
+  text = str(jax.make_jaxpr(model_fn)(x_one))
+  return any(f"{name}[" in text for name in _FEATURE_REDUCTIONS)
+
+
 def _jit(**jit_kwargs):
-  """`jax.jit` with `compiler_options()`, decided at the first call (not at
-  import, which must not start a backend)."""
+  """`jax.jit`, with `compiler_options()` where the static `model` asks for
+  dots-only programs; decided at the call (not at import, which must not
+  start a backend)."""
 
   def wrap(fn):
-    jitted = []
+    jitted = {}
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-      if not jitted:
-        jitted.append(
-            jax.jit(fn, compiler_options=compiler_options(), **jit_kwargs))
-      return jitted[0](*args, **kwargs)
+      options = compiler_options() if kwargs["model"].dots_only else None
+      variant = options is not None
+      if variant not in jitted:
+        jitted[variant] = jax.jit(fn, compiler_options=options, **jit_kwargs)
+      return jitted[variant](*args, **kwargs)
 
     return call
 
@@ -210,6 +223,7 @@ class _Model:
   fn: Callable
   takes_params: bool
   stochastic: bool
+  dots_only: bool = False  # XLA:CPU's dots-only YNNPACK (compiler_options)
 
   def __call__(self, params, x, key):
     args = (params, x) if self.takes_params else (x,)
@@ -585,7 +599,8 @@ def autoattack(logits_fn: Callable,
                verbose: bool = True,
                first_index: int = 0,
                gather_adversarial: bool = False,
-               placement: Optional[Placement] = None) -> AutoAttackResult:
+               placement: Optional[Placement] = None,
+               xla_cpu_dots_only: Optional[bool] = None) -> AutoAttackResult:
   """Runs AutoAttack on `images` [N, H, W, C] in [0, 1] with integer labels.
 
   (Long on purpose: the ensemble's sequence, checks and per-attack
@@ -610,6 +625,8 @@ def autoattack(logits_fn: Callable,
       gives the same result as attacked at once.
     gather_adversarial: over several processes, also merge the adversarial
       images (each process holds only its own rows' otherwise).
+    xla_cpu_dots_only: on the CPU, compile with `CPU_COMPILER_OPTIONS`;
+      None: where the model reduces over features (`reduces_over_features`).
 
   Returns:
     An AutoAttackResult.
@@ -632,6 +649,10 @@ def autoattack(logits_fn: Callable,
                       "process attacks its own rows)")
     placement = Placement()
   model = _Model(logits_fn, params is not None, stochastic)
+  if xla_cpu_dots_only is None:
+    xla_cpu_dots_only = reduces_over_features(
+        lambda x: model(params, x, jax.random.key(0)), x_all[:1])
+  model = dataclasses.replace(model, dots_only=bool(xla_cpu_dots_only))
   runner = _Runner(params, batch_size, first_index, placement)
   check_key, clean_key, attacks_key = jax.random.split(key, 3)
   warnings = []
