@@ -390,10 +390,14 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
   chunk = max(AUTOATTACK_CHUNK, batch_size)
   pieces = []
   saved = {}
+  dots_only = None  # the model's XLA:CPU choice, traced once per set
   for first in range(0, count, chunk):
     rows = np.arange(first, min(first + chunk, count))
     images, labels = source.get_batch(rows)
     x = images.astype(np.float32) / 255.0
+    if dots_only is None:
+      dots_only = attacks.reduces_over_features(lambda v: logits_fn(params, v),
+                                                x[:1])
     run = attacks.autoattack(logits_fn,
                              x,
                              labels,
@@ -407,7 +411,8 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
                              verbose=False,
                              first_index=first,
                              gather_adversarial=save_adversarial,
-                             placement=parallel.autoattack_placement())
+                             placement=parallel.autoattack_placement(),
+                             xla_cpu_dots_only=dots_only)
     if save_adversarial:
       robust_before = run.clean
       for name, after in run.robust_after.items():

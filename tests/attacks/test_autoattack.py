@@ -408,8 +408,8 @@ def test_dots_only_cpu_programs_are_chosen_for_models_that_reduce():
   autoattack_module = importlib.import_module("vitat_jax.attacks.autoattack")
   x, _ = batch(0, n=4)
   normed = lambda v: jax.nn.softmax(mlp(v) / jnp.std(mlp(v), -1, keepdims=1))
-  assert autoattack_module.reduces_over_features(normed, x[:1])
-  assert not autoattack_module.reduces_over_features(mlp, x[:1])
+  assert attacks.reduces_over_features(normed, x[:1])
+  assert not attacks.reduces_over_features(mlp, x[:1])
   # This XLA takes the option; the program computes the same gradient.
   options = autoattack_module.compiler_options()
   assert options == autoattack_module.CPU_COMPILER_OPTIONS

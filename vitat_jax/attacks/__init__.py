@@ -10,6 +10,7 @@ from vitat_jax.attacks.autoattack import attack_settings
 from vitat_jax.attacks.autoattack import AutoAttackResult
 from vitat_jax.attacks.autoattack import combine_results
 from vitat_jax.attacks.autoattack import Placement
+from vitat_jax.attacks.autoattack import reduces_over_features
 from vitat_jax.attacks.autoattack import VERSIONS
 from vitat_jax.attacks.fab import fab
 from vitat_jax.attacks.fab import fab_targeted
@@ -29,5 +30,6 @@ __all__ = [
     "attack_settings", "autoattack", "combine_results", "check_budget",
     "cross_entropy_per_example", "cw", "cw_margin_per_example", "dlr_loss",
     "dlr_loss_targeted", "fab", "fab_targeted", "gaussian_init", "perturb",
-    "pgd", "Placement", "project", "square", "uniform_init", "VERSIONS"
+    "pgd", "Placement", "project", "reduces_over_features", "square",
+    "uniform_init", "VERSIONS"
 ]
