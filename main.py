@@ -116,8 +116,7 @@ def main(argv):
             f"{written['wall_time_s']:.0f} s")
       return
     if _MODE.value == "eval":
-      result = eval_only.evaluate_checkpoint(
-          eval_only.config_for_evaluation(config, workdir), workdir)
+      result = eval_only.evaluate_checkpoint(config, workdir)
     else:
       result = train.train_and_evaluate(config,
                                         workdir,

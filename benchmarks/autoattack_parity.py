@@ -3,7 +3,7 @@ r"""Parity of our AutoAttack with the reference one (fra31's, `pyautoattack`).
 One small model, defined identically in JAX and PyTorch, on the
 scikit-learn digits (8x8, 3 channels): an MLP (the PyTorch copy takes the
 JAX weights as NumPy arrays) or, with --model=vit, a 2-block DeiT-style ViT
-(the PyTorch side is timm's, loaded from `checkpoints.export_timm`).
+(the PyTorch side is timm's, loaded from `pretrained.export_timm`).
 It is adversarially trained with `vitat_jax.attacks.perturb` so that it is
 actually robust; then both AutoAttacks (--version, "standard" by default)
 on the same images, the robust accuracy after each attack side by side, and
@@ -180,11 +180,11 @@ def run_ours(params,
              stochastic=False,
              with_seconds=False) -> Dict[str, float]:
   result = attacks.autoattack(logits_fn,
+                              jax.random.key(seed),
                               images,
                               labels,
                               params=params,
                               eps=eps,
-                              key=jax.random.key(seed),
                               batch_size=batch_size,
                               version=version,
                               stochastic=stochastic,
@@ -258,15 +258,15 @@ def torch_noisy(module):
 
 
 def torch_vit(params, directory):
-  """timm's DeiT with the JAX weights (through `checkpoints.export_timm`),
+  """timm's DeiT with the JAX weights (through `pretrained.export_timm`),
   normalising its [0, 1] NCHW input as the JAX model does."""
   import safetensors.torch  # pylint: disable=g-import-not-at-top
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from vitat_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from vitat_jax import pretrained  # pylint: disable=g-import-not-at-top
   model = tiny_vit()
   path = os.path.join(directory, "tiny_vit.safetensors")
-  checkpoints.export_timm(params, model, path)
+  pretrained.export_timm(params, model, path)
   vit = timm.create_model("deit_tiny_patch16_224",
                           pretrained=False,
                           **VIT_KWARGS)

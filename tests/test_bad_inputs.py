@@ -42,7 +42,7 @@ class _Payload:
 def _files(tmp):
   """Inputs the table refers to: image folders, config files, weights."""
   import torch
-  from vitat_jax import checkpoints
+  from vitat_jax import pretrained
   from vitat_jax import models
   files = {"tmp": str(tmp)}
   empty = tmp / "empty_folder"
@@ -79,7 +79,7 @@ def _files(tmp):
                         depth=1,
                         num_heads=2)
   wide = str(tmp / "wider.safetensors")
-  checkpoints.export_timm(
+  pretrained.export_timm(
       wider.init(jax.random.key(0), np.zeros(
           (1, 8, 8, 3), np.float32))["params"], wider, wide)
   files["wide_ckpt"] = wide
@@ -494,7 +494,6 @@ def test_eval_on_a_workdir_that_cannot_be_written_still_gives_the_table(
   monkeypatch.setattr(workdir_lib, "write_json", read_only)
   monkeypatch.setattr(workdir_lib, "write_text", read_only)
   cli = tiny_config(**{"eval.attacks": ("clean",), "eval.num_examples": 32})
-  result = eval_only.evaluate_checkpoint(
-      eval_only.config_for_evaluation(cli, str(workdir)), str(workdir))
+  result = eval_only.evaluate_checkpoint(cli, str(workdir))
   assert "clean" in result["table"] and "Read-only" in result["write_error"]
   assert _snapshot(workdir) == before

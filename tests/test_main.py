@@ -116,22 +116,23 @@ def test_bad_autoattack_version_fails_before_any_work(trained):
 
 def test_eval_mode_on_an_exported_checkpoint_gives_the_same_numbers(
     trained, tmp_path):
-  from vitat_jax import checkpoints
+  from vitat_jax import pretrained
   from vitat_jax import state as state_lib
   from vitat_jax.state import build_model
+  from vitat_jax import checkpointing
   import ml_collections
   import orbax.checkpoint as ocp
   workdir, _ = trained
   with open(workdir / "config.json") as f:
     config = ml_collections.ConfigDict(json.load(f))
-  mngr = state_lib.checkpoint_manager(str(workdir))
+  mngr = checkpointing.checkpoint_manager(str(workdir))
   state = mngr.restore(
       mngr.latest_step(),
       args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
   from vitat_jax import data
   model = build_model(config, data.load(config.data))
   exported = str(tmp_path / "robust.safetensors")
-  checkpoints.export_timm(state["params"], model, exported)
+  pretrained.export_timm(state["params"], model, exported)
   proc = _run("--mode=eval", f"--workdir={tmp_path}", *TINY,
               f"--config.init.checkpoint={exported}",
               "--config.eval.attacks=('clean','pgd20')")
@@ -177,9 +178,8 @@ def test_export_mode_writes_weights_timm_loads_and_a_model_card(trained):
   import timm
   import torch
   from safetensors import torch as safetensors_torch
-  from vitat_jax import data
-  from vitat_jax import eval_only
-  from vitat_jax import state as state_lib
+  from vitat_jax import checkpointing
+  from vitat_jax import setup
   import ml_collections
   workdir, _ = trained
   proc = _run("--mode=export", f"--workdir={workdir}", *TINY)
@@ -201,9 +201,9 @@ def test_export_mode_writes_weights_timm_loads_and_a_model_card(trained):
   # The same logits as the run's own model on the same pixels.
   with open(workdir / "config.json") as f:
     config = ml_collections.ConfigDict(json.load(f))
-  splits = data.load(config.data)
-  model = state_lib.build_model(config, splits)
-  params, _ = eval_only.restore_params(config, str(workdir), model, splits)
+  run = setup.prepare(config, str(workdir), "export")
+  model = run.model
+  params, _ = checkpointing.restore_params(run)
   images = np.random.RandomState(0).rand(4, 8, 8, 3).astype(np.float32)
   ours = np.asarray(model.apply({"params": params}, images))
   inputs = (images -

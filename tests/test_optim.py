@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from vitat_jax import optim
+from vitat_jax import validate
 from vitat_jax.errors import UserError
 
 
@@ -147,4 +148,4 @@ def test_clipping_off_and_adamw_arm_build():
 ])
 def test_bad_optimizer_settings(overrides, fragment):
   with pytest.raises(UserError, match=fragment):
-    optim.make_optimizer(_config(**overrides), 10, 5)
+    validate.check_optim(_config(**overrides), epochs=10)

@@ -59,7 +59,7 @@ def _child(args):
     parallel.initialize_distributed(args.coordinator, args.num_processes,
                                     args.process_id)
   import jax
-  from vitat_jax import state as state_lib
+  from vitat_jax import checkpointing
   from vitat_jax import train
   import orbax.checkpoint as ocp
   assert jax.device_count() == args.devices, jax.devices()
@@ -72,7 +72,7 @@ def _child(args):
   if config.fsdp:  # resumes from the sharded checkpoint, nothing left to train
     again = train.train_and_evaluate(config, args.workdir)
     assert again["clean_acc"] == result["clean_acc"], (again, result)
-  mngr = state_lib.checkpoint_manager(args.workdir)
+  mngr = checkpointing.checkpoint_manager(args.workdir)
   params = mngr.restore(
       mngr.latest_step(),
       args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
@@ -138,6 +138,7 @@ def _autoattack_child(args):
   from jax.experimental import multihost_utils
   from tests.attacks import _models
   from vitat_jax import attacks
+  from vitat_jax import evaluation
   assert jax.device_count() == args.devices, jax.devices()
   params = parallel.replicate(parallel.make_mesh(), {
       "w1": _models.W1,
@@ -150,14 +151,14 @@ def _autoattack_child(args):
   images, labels = _models.batch(0, n=40)
   result = attacks.autoattack(
       lambda p, x: jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"]) @ p["w2"],
+      jax.random.key(0),
       np.asarray(images),
       np.asarray(labels),
       params=params,
       eps=2 / 255,
-      key=jax.random.key(0),
       batch_size=8,
       verbose=False,
-      placement=parallel.autoattack_placement(),
+      placement=evaluation.autoattack_placement(),
       overrides={
           "apgd-ce": {
               "n_iter": 20

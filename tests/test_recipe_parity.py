@@ -27,7 +27,7 @@ F = torch.nn.functional
 
 from configs import default  # pylint: disable=g-import-not-at-top
 from vitat_jax import attacks
-from vitat_jax import checkpoints
+from vitat_jax import pretrained
 from vitat_jax import masks
 from vitat_jax import models
 from vitat_jax import objectives
@@ -133,7 +133,7 @@ class _Reference:
     self.net = timm.create_model(name, pretrained=False, **MODELS[name])
     state = {
         k: torch.from_numpy(np.array(v))
-        for k, v in checkpoints.timm_state_dict(params, model).items()
+        for k, v in pretrained.timm_state_dict(params, model).items()
     }
     self.net.load_state_dict(state, strict=True)
     self.mean = torch.tensor(model.mean).view(1, 3, 1, 1)
@@ -305,8 +305,8 @@ def test_one_step_matches_the_reference(name, method, init):
                                     prm, ard)
 
   loss_rel = abs(float(metrics["loss"]) - ref_loss) / abs(ref_loss)
-  ours = checkpoints.timm_state_dict(new_state.params, model)
-  before = checkpoints.timm_state_dict(params, model)
+  ours = pretrained.timm_state_dict(new_state.params, model)
+  before = pretrained.timm_state_dict(params, model)
   num = sum(np.sum((ours[k] - ref_state[k])**2) for k in ours)
   param_rel = np.sqrt(num / sum(np.sum(ref_state[k]**2) for k in ours))
   update_rel = np.sqrt(num /

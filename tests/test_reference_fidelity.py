@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from vitat_jax import checkpoints
+from vitat_jax import pretrained
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
@@ -62,10 +62,10 @@ def test_in21k_vit_fine_tuned_has_exactly_timm_vit_b_params():
   timm = _timm()
   ours = models.create("vit_base_patch16_224_in21k", num_classes=10)
   assert not ours.has_pre_logits
-  abstract = checkpoints.convert._param_shapes(ours)  # pylint: disable=protected-access
+  abstract = pretrained.convert._param_shapes(ours)  # pylint: disable=protected-access
   shapes = {
-      checkpoints.naming.timm_key(path, "vit"):
-          checkpoints.naming.timm_shape(spec.shape, path[-1])
+      pretrained.naming.timm_key(path, "vit"):
+          pretrained.naming.timm_shape(spec.shape, path[-1])
       for path, spec in abstract.items()
   }
   reference = timm.create_model("vit_base_patch16_224",
@@ -97,7 +97,7 @@ def test_in21k_checkpoint_with_pre_logits_loads_without_it(tmp_path, caplog):
                         **TINY_VIT)
   init = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   with caplog.at_level(logging.WARNING):
-    params = checkpoints.load(path, model, init_params=init)
+    params = pretrained.load(path, model, init_params=init)
   notes = [
       r.getMessage() for r in caplog.records if "pre_logits" in r.getMessage()
   ]
@@ -111,7 +111,7 @@ def test_in21k_checkpoint_with_pre_logits_loads_without_it(tmp_path, caplog):
   reference.load_state_dict(
       {
           k: torch.from_numpy(np.array(v))
-          for k, v in checkpoints.timm_state_dict(params, model).items()
+          for k, v in pretrained.timm_state_dict(params, model).items()
       },
       strict=True)
   for k, v in state.items():  # the body is the checkpoint's, untouched
@@ -255,9 +255,9 @@ def test_replaced_head_of_a_pretrained_model_has_the_reference_std(tmp_path):
                                      num_classes=1000)
   source_params = source.init(jax.random.key(1), jnp.zeros(
       (1, 32, 32, 3)))["params"]
-  checkpoints.export_timm(source_params, source, config.init.checkpoint)
+  pretrained.export_timm(source_params, source, config.init.checkpoint)
   init = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  params = checkpoints.load(config.init.checkpoint, model, init_params=init)
+  params = pretrained.load(config.init.checkpoint, model, init_params=init)
   head = np.asarray(params["head"]["kernel"])
   assert head.shape == (192, 10)
   assert abs(head.std() - 0.02) < 0.002  # trunc_normal(0.02)

@@ -9,6 +9,7 @@ import pytest
 from tests import _fake_runs
 from vitat_jax import plots
 from vitat_jax import report
+from vitat_jax import results as results_lib
 from vitat_jax import runs as runs_lib
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.errors import UserError
@@ -48,7 +49,7 @@ def runs(tmp_path_factory):
   }
   result = _fake_runs.make_run(dirs["at_ard_prm"],
                                attacks=("clean", "pgd20", "cw20", "aa"))
-  report.write_robustness_report(
+  results_lib.write_robustness_report(
       dirs["at_ard_prm"], dict(result, sanity_checks={"randomized": False}),
       AUTOATTACK_LOG)
   _fake_runs.make_run(dirs["at_lr005"],
@@ -110,7 +111,7 @@ def test_counts_given_by_the_evaluation_win(tmp_path):
       "eps": 8 / 255,
       "train_time_s": 5.0
   }
-  report.write_robustness_report(str(tmp_path), result)
+  results_lib.write_robustness_report(str(tmp_path), result)
   with open(tmp_path / "robustness.json") as f:
     results = json.load(f)["results"]
   assert results == {
@@ -140,7 +141,7 @@ def test_autoattack_log_is_taken_from_the_result(tmp_path):
       "checkpoint": "runs/x/checkpoints step 800",
       "autoattack": dict(AUTOATTACK_LOG, version="standard")
   }
-  report.write_robustness_report(str(tmp_path), result)
+  results_lib.write_robustness_report(str(tmp_path), result)
   with open(tmp_path / "robustness.json") as f:
     saved = json.load(f)
   assert saved["autoattack"]["robust_accuracy"] == AUTOATTACK_LOG[

@@ -17,6 +17,7 @@ import pytest
 from etils import epath
 
 from tests.test_train import tiny_config
+from vitat_jax import checkpointing
 from vitat_jax import metric_writers
 from vitat_jax import state as state_lib
 from vitat_jax import train
@@ -82,7 +83,7 @@ def _start_and_wait_for_step(workdir, step, poll=0.02):
 
 
 def _final_state(workdir):
-  mngr = state_lib.checkpoint_manager(workdir)
+  mngr = checkpointing.checkpoint_manager(workdir)
   step = mngr.latest_step()
   restored = mngr.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -177,7 +178,7 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
   message = _stop_message(stderr)
   stopped_at = int(message.split("after step ")[1].split(";")[0])
   assert 5 <= stopped_at < TOTAL_STEPS
-  assert state_lib.checkpoint_manager(workdir).latest_step() == stopped_at
+  assert checkpointing.checkpoint_manager(workdir).latest_step() == stopped_at
   assert not os.path.exists(os.path.join(workdir, "run.lock"))
 
   # Resume; SIGTERM once training is over and the final evaluation runs.
@@ -336,7 +337,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert json.load(f)["seed"] == config.seed
   with open(os.path.join(workdir, "metrics.json")) as f:
     assert json.load(f)["resumed_from_step"] == 15
-  for step in state_lib.checkpoint_manager(workdir).all_steps():
+  for step in checkpointing.checkpoint_manager(workdir).all_steps():
     _corrupt(workdir, step)
   with pytest.raises(UserError, match="--overwrite") as info:
     train.train_and_evaluate(config, workdir)
@@ -365,7 +366,7 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(
   with pytest.raises(FloatingPointError, match="non-finite loss") as info:
     train.train_and_evaluate(config, workdir)
   assert "at step 6" in str(info.value) and "\n" not in str(info.value)
-  mngr = state_lib.checkpoint_manager(workdir)
+  mngr = checkpointing.checkpoint_manager(workdir)
   assert mngr.latest_step() == 5  # the last good step, nothing after it
   restored = mngr.restore(
       5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -391,7 +392,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
       if not n.isdigit()
   ]
   assert not leftovers, leftovers
-  mngr = state_lib.checkpoint_manager(workdir)
+  mngr = checkpointing.checkpoint_manager(workdir)
   assert mngr.all_steps()
   for step in mngr.all_steps():
     restored = mngr.restore(

@@ -20,6 +20,8 @@ PACKAGE = os.path.join(REPO, "vitat_jax")
 # training, evaluation, data or reporting around them.
 CORE = ("vitat_jax.models", "vitat_jax.attacks", "vitat_jax.masks")
 OUTSIDE_THE_CORE = ("vitat_jax.train", "vitat_jax.train_step",
+                    "vitat_jax.setup", "vitat_jax.checkpointing",
+                    "vitat_jax.results", "vitat_jax.pretrained",
                     "vitat_jax.state", "vitat_jax.evaluation",
                     "vitat_jax.eval_only", "vitat_jax.data", "vitat_jax.report",
                     "vitat_jax.runs", "vitat_jax.plots", "vitat_jax.workdir",
@@ -29,7 +31,7 @@ OUTSIDE_THE_CORE = ("vitat_jax.train", "vitat_jax.train_step",
 # Modules that read runs and names: never JAX (directly or through others).
 JAX_FREE = ("vitat_jax.cli", "vitat_jax.attack_names", "vitat_jax.runs",
             "vitat_jax.report", "vitat_jax.plots", "vitat_jax.workdir",
-            "vitat_jax.errors", "vitat_jax.metric_writers")
+            "vitat_jax.errors", "vitat_jax.metric_writers", "vitat_jax.results")
 
 
 def _module_name(path):
@@ -140,6 +142,71 @@ def test_modules_that_read_runs_never_reach_jax():
                                                                 imported)
         if imported in GRAPH:
           todo.append(imported)
+
+
+def _reaches(start, targets):
+  """Whether `start` imports any of `targets`, directly or through the
+  package's other modules; the first path found, else None."""
+  seen, todo = set(), [(start, [start])]
+  while todo:
+    module, path = todo.pop()
+    if module in seen:
+      continue
+    seen.add(module)
+    for imported in GRAPH.get(module, ()):
+      if _within(imported, targets):
+        return path + [imported]
+      if imported in GRAPH:
+        todo.append((imported, path + [imported]))
+  return None
+
+
+def test_the_jitted_step_and_the_train_state_know_nothing_of_files():
+  # The step and its state are JAX, Flax and optax only: run checkpoints
+  # (orbax, etils) are checkpointing.py's.
+  for start in ("vitat_jax.train_step", "vitat_jax.state"):
+    assert _reaches(start, ("orbax", "etils", "vitat_jax.checkpointing",
+                            "vitat_jax.workdir")) is None, start
+
+
+def test_parallel_imports_no_attack():
+  assert _reaches("vitat_jax.parallel", ("vitat_jax.attacks",)) is None
+
+
+def test_train_eval_and_export_share_one_prologue():
+  for module in ("vitat_jax.train", "vitat_jax.eval_only", "vitat_jax.export"):
+    assert "vitat_jax.setup" in GRAPH[module], module
+    # The prologue's pieces are setup's: nobody else loads data or builds
+    # the optimizer for a run.
+    assert "vitat_jax.data" not in GRAPH[module], module
+    assert "vitat_jax.optim" not in GRAPH[module], module
+    assert "vitat_jax.validate" not in GRAPH[module], module
+
+
+def _source(module):
+  path = os.path.join(REPO, *module.split(".")) + ".py"
+  return open(path).read()
+
+
+@pytest.mark.parametrize("fragment", [
+    "unknown optimizer", "unknown lr schedule", "unknown method",
+    "unknown dataset", "keep_checkpoints=", "data.std", "data.root is empty",
+    "data.tfds_name is empty", "eval.eps={eval_eps} must be in (0, 1]",
+    "unknown eval.protocol"
+])
+def test_a_config_rule_is_written_in_one_place(fragment):
+  """Each config rule's message lives in one module: its one owner."""
+  owners = [
+      m for m in GRAPH
+      if os.path.isfile(os.path.join(REPO, *m.split(".")) +
+                        ".py") and fragment in _source(m)
+  ]
+  assert len(owners) == 1, (fragment, owners)
+
+
+def test_train_py_stays_short():
+  lines = _source("vitat_jax.train").count("\n")
+  assert lines < 300, lines
 
 
 _PROBE = """

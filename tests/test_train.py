@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import quickstart
+from vitat_jax import checkpointing
 from vitat_jax import state as state_lib
 from vitat_jax import runs
 from vitat_jax import train
@@ -41,7 +42,7 @@ def tiny_config(**overrides):
 
 
 def _final_params(workdir):
-  mngr = state_lib.checkpoint_manager(workdir)
+  mngr = checkpointing.checkpoint_manager(workdir)
   restored = mngr.restore(
       mngr.latest_step(),
       args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -91,17 +92,17 @@ def test_resume_after_interruption_is_bitwise_identical(finished_run, tmp_path,
                                                         monkeypatch):
   reference_params, _ = _final_params(finished_run[0])
   workdir = str(tmp_path)
-  real_save = state_lib.save_checkpoint
+  real_save = checkpointing.save_checkpoint
 
   def save_then_die(mngr, step, state, meta=None):
     real_save(mngr, step, state, meta)
     mngr.wait_until_finished()
     raise KeyboardInterrupt(f"simulated preemption after step {step}")
 
-  monkeypatch.setattr(state_lib, "save_checkpoint", save_then_die)
+  monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
   with pytest.raises(KeyboardInterrupt, match="after step 7"):
     train.train_and_evaluate(tiny_config(), workdir)
-  monkeypatch.setattr(state_lib, "save_checkpoint", real_save)
+  monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
   result = train.train_and_evaluate(tiny_config(), workdir)
   assert result["resumed_from_step"] == 7
   params, step = _final_params(workdir)
@@ -191,7 +192,7 @@ def test_empty_image_folder_fails_before_compiling(tmp_path, monkeypatch):
 
 def test_training_starts_from_a_resampled_pretrained_checkpoint(
     tmp_path, monkeypatch):
-  from vitat_jax import checkpoints
+  from vitat_jax import pretrained
   from vitat_jax import models
   # A "pre-trained" model at 16 px with 7 classes; the run uses 8 px, 10.
   source = models.create("deit_tiny_patch16_224",
@@ -204,15 +205,15 @@ def test_training_starts_from_a_resampled_pretrained_checkpoint(
   source_params = source.init(jax.random.key(3),
                               np.zeros((1, 16, 16, 3), np.float32))["params"]
   path = str(tmp_path / "pretrained.safetensors")
-  checkpoints.export_timm(source_params, source, path)
+  pretrained.export_timm(source_params, source, path)
   loaded = {}
-  real_load = checkpoints.load
+  real_load = pretrained.load
 
   def spy(*args, **kwargs):
     loaded["params"] = real_load(*args, **kwargs)
     return loaded["params"]
 
-  monkeypatch.setattr(checkpoints, "load", spy)
+  monkeypatch.setattr(pretrained, "load", spy)
   result = train.train_and_evaluate(
       tiny_config(epochs=1.0, **{"init.checkpoint": path}), str(tmp_path / "w"))
   assert 0.0 <= result["clean_acc"] <= 1.0
@@ -230,7 +231,7 @@ def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
         tiny_config(**{"init.checkpoint": str(tmp_path / "nope.safetensors")}),
         str(tmp_path / "w"))
   assert "\n" not in str(info.value)
-  from vitat_jax import checkpoints
+  from vitat_jax import pretrained
   from vitat_jax import models
   wider = models.create("deit_tiny_patch16_224",
                         num_classes=10,
@@ -240,7 +241,7 @@ def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
                         depth=1,
                         num_heads=2)
   path = str(tmp_path / "wider.safetensors")
-  checkpoints.export_timm(
+  pretrained.export_timm(
       wider.init(jax.random.key(0), np.zeros(
           (1, 8, 8, 3), np.float32))["params"], wider, path)
   with pytest.raises(UserError) as info:
@@ -313,8 +314,7 @@ def test_a_run_saved_before_the_config_changes_resumes_and_evaluates(
   assert again["resumed_from_step"] == 20
   assert again["clean_acc"] == finished_run[1]["clean_acc"]
   # ... and --mode=eval, with a command config of today, evaluates it.
-  evaluated = eval_only.evaluate_checkpoint(
-      eval_only.config_for_evaluation(tiny_config(), workdir), workdir)
+  evaluated = eval_only.evaluate_checkpoint(tiny_config(), workdir)
   assert evaluated["clean_acc"] == finished_run[1]["clean_acc"]
 
 

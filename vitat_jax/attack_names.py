@@ -3,15 +3,19 @@
 "clean", "pgd<k>" (PGD with k steps, e.g. pgd20, pgd100), "cw<k>" (PGD on
 the CW margin loss, e.g. cw20), and "aa" / "autoattack" (AutoAttack). The
 evaluation runner, the config checks, the reports and the plots all read
-names through this module.
+names through this module, and every attack's randomness is keyed by its
+name through `key_index`: an attack draws the same whatever list it is in.
 """
 
 import dataclasses
 import re
+import zlib
 
 from vitat_jax.errors import UserError
 
 _ATTACK_NAME = re.compile(r"^(clean|pgd(\d+)|cw(\d+)|aa|autoattack)$")
+# Names that mean the same attack (and so draw the same randomness).
+_ALIASES = {"aa": "autoattack"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,3 +55,15 @@ def attack_label(name: str) -> str:
   if spec.kind == "clean":
     return name
   return f"{spec.kind.upper()}-{spec.steps}"
+
+
+def key_index(name: str) -> int:
+  """The number an attack named `name` folds into its key:
+  `jax.random.fold_in(key, key_index(name))`, for evaluation attacks
+  ("pgd20", "aa") and AutoAttack's members ("apgd-ce", "square") alike.
+
+  A function of the name alone (CRC-32 of its canonical spelling, 31 bits),
+  so adding, removing or reordering other attacks changes nothing.
+  """
+  canonical = _ALIASES.get(name, name)
+  return zlib.crc32(canonical.encode("utf-8")) & 0x7FFFFFFF

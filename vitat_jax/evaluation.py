@@ -9,25 +9,28 @@ evaluations after each epoch, the final one and `--mode=eval`. Attacks are
 named as `attack_names` spells them. PGD/CW run batch by batch, each one
 jitted function over fixed-shape batches (the last batch padded and
 masked), compiled once per evaluator; AutoAttack ("aa") runs over the set a
-chunk at a time, with its sanity checks, wherever it is listed.
+chunk at a time, with its sanity checks, wherever it is listed. Each
+attack's key is `fold_in(key, attack_names.key_index(name))`: its name
+alone decides its randomness. Files go through `results.py`.
 """
 
 import dataclasses
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from etils import epath
 
 from vitat_jax import attacks
 from vitat_jax import parallel
+from vitat_jax import results
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.attack_names import AttackSpec
+from vitat_jax.attack_names import key_index
 from vitat_jax.attack_names import parse_attack
 from vitat_jax.data import pipeline
+from vitat_jax.data import protocol
 from vitat_jax.errors import UserError
 
 
@@ -123,7 +126,7 @@ class Evaluator:
     evaluator.epoch_attacks = tuple(ev.epoch_attacks)
     evaluator.epoch_num_examples = ev.epoch_num_examples
     evaluator.final_attacks = tuple(ev.attacks)
-    evaluator.final_num_examples = (robustbench_num_examples(config)
+    evaluator.final_num_examples = (protocol.robustbench_num_examples(config)
                                     if ev.protocol == "robustbench" else
                                     ev.num_examples or None)
     return evaluator
@@ -173,11 +176,11 @@ class Evaluator:
     if batch_specs:
       result.update(
           self._run_batches(params, source, batch_specs, num_examples, key))
-    for index, spec in enumerate(s for s in specs if s.kind == "autoattack"):
+    for spec in (s for s in specs if s.kind == "autoattack"):
       count = min(num_examples or len(source), len(source))
       result.update(
           self._run_autoattack(params, source, spec, count,
-                               jax.random.fold_in(key, 10_000 + index),
+                               jax.random.fold_in(key, key_index(spec.name)),
                                output_dir))
     return result
 
@@ -200,9 +203,9 @@ class Evaluator:
           (images, labels.astype(np.int32), np.asarray(valid, bool)))
       valid = parallel.to_host(valid)
       total += int(valid.sum())
-      for spec_index, spec in enumerate(specs):
-        batch_key = jax.random.fold_in(jax.random.fold_in(key, spec_index),
-                                       batch_index)
+      for spec in specs:
+        batch_key = jax.random.fold_in(
+            jax.random.fold_in(key, key_index(spec.name)), batch_index)
         start = time.perf_counter()
         correct = parallel.to_host(
             self._batch_fn(spec)(params, batch_key, images, labels))
@@ -229,10 +232,7 @@ class Evaluator:
                           **options)
     run["version"] = options["version"]
     if output_dir and jax.process_index() == 0:
-      workdir_lib.makedirs(output_dir)
-      workdir_lib.write_text(
-          workdir_lib.path(output_dir, workdir_lib.AUTOATTACK_LOG),
-          "\n".join(fra31_log_lines(run, options["norm"])) + "\n")
+      results.write_autoattack_log(output_dir, run, options["norm"])
     return {
         "num_eval_images":
             count,
@@ -249,100 +249,7 @@ class Evaluator:
     }
 
 
-# RobustBench's evaluation sets: (data set, number of test images).
-# CIFAR-10: the first 10,000 test images (tfds), unresized. ImageNet: the
-# 5,000 listed validation files (an image folder), at 224 px.
-ROBUSTBENCH_SETS = {"cifar10": 10_000, "imagenet": 5_000}
-# RobustBench's ImageNet preprocessings (robustbench.data.PREPROCESSINGS)
-# as this library's eval transforms: Resize(256) + CenterCrop(224), its
-# default, and Resize([224, 224]), which it uses for this paper's models.
-ROBUSTBENCH_PREPROCESSING = {
-    "Res256Crop224":
-        dict(eval_transform="resize_center_crop", crop_pct=224 / 256),
-    "Res224":
-        dict(eval_transform="squash"),
-}
-PROTOCOLS = ("", "robustbench")
 AUTOATTACK_CHUNK = 1024  # images attacked at once: host memory stays flat
-
-
-def check_autoattack_config(config) -> None:
-  """One-line errors for the `eval.autoattack` and `eval.protocol` fields,
-  before any data is read or attack is run."""
-  aa, ev = config.eval.autoattack, config.eval
-  if ev.protocol not in PROTOCOLS:
-    raise UserError(f"unknown eval.protocol {ev.protocol!r}: use '' (the "
-                    "configured test images) or 'robustbench'")
-  if ev.protocol == "robustbench":
-    robustbench_num_examples(config)
-  if not any(parse_attack(n).kind == "autoattack" for n in ev.attacks):
-    return
-  eps = eval_eps(config)
-  if not 0 < eps <= 1:
-    raise UserError(f"eval.eps={eps} must be in (0, 1] (pixel units: 8/255 "
-                    f"is {8 / 255:.4f})")
-  custom = tuple(aa.attacks)
-  version = "custom" if custom else aa.version
-  if custom and aa.version not in ("standard", "custom"):
-    raise UserError(f"eval.autoattack.attacks={list(custom)} is a custom "
-                    f"list; it cannot be combined with version="
-                    f"{aa.version!r} (leave the version at 'standard')")
-  attacks.attack_settings(version, eps, aa.norm, custom or None)
-  if aa.batch_size < 0:
-    raise UserError(f"eval.autoattack.batch_size={aa.batch_size} must be >= "
-                    "0 (0: eval.batch_size)")
-
-
-def robustbench_set(config) -> str:
-  """The RobustBench set `eval.protocol='robustbench'` means for this data
-  config ('cifar10' or 'imagenet'); else a one-line error."""
-  data = config.data
-  if data.name == "image_folder":
-    preprocessing = config.eval.robustbench_preprocessing
-    if preprocessing not in ROBUSTBENCH_PREPROCESSING:
-      raise UserError(
-          f"eval.robustbench_preprocessing={preprocessing!r}: use one of "
-          f"{', '.join(ROBUSTBENCH_PREPROCESSING)} (RobustBench's names)")
-    if data.image_size != 224:
-      raise UserError(f"eval.protocol='robustbench' on ImageNet evaluates at "
-                      f"224 px; this model takes data.image_size="
-                      f"{data.image_size}")
-    return "imagenet"
-  name = data.tfds_name if data.name == "tfds" else data.name
-  if data.name == "tfds" and name == "cifar10":
-    if data.test_split != "test" or data.test_examples or data.image_size != 32:
-      raise UserError("eval.protocol='robustbench' needs the whole CIFAR-10 "
-                      "test split at 32 px: data.test_split='test', "
-                      "data.test_examples=0, data.image_size=32")
-    return "cifar10"
-  raise UserError(f"eval.protocol='robustbench' is defined here for cifar10 "
-                  f"(data.name='tfds') and ImageNet (data.name="
-                  f"'image_folder' with ImageNet's val/ as root/test/), not "
-                  f"for data {name!r}")
-
-
-def robustbench_num_examples(config) -> int:
-  """How many images of the RobustBench set the protocol evaluates: all of
-  them, or the first `eval.num_examples`."""
-  count = ROBUSTBENCH_SETS[robustbench_set(config)]
-  if config.eval.num_examples > count:
-    raise UserError(f"eval.num_examples={config.eval.num_examples}: the "
-                    f"RobustBench set has {count} images")
-  return config.eval.num_examples or count
-
-
-def protocol_data_config(config):
-  """`config.data` as `eval.protocol` evaluates it: on ImageNet the
-  RobustBench protocol reads its 5,000 files with its preprocessing,
-  whatever the run trained with (the test split only)."""
-  if (config.eval.protocol != "robustbench" or
-      robustbench_set(config) != "imagenet"):
-    return config.data
-  data = ml_collections.ConfigDict(config.data.to_dict())
-  data.eval_subset = "robustbench"
-  data.test_examples = 0
-  data.update(ROBUSTBENCH_PREPROCESSING[config.eval.robustbench_preprocessing])
-  return data
 
 
 def autoattack_options(config) -> Dict[str, Any]:
@@ -356,29 +263,16 @@ def autoattack_options(config) -> Dict[str, Any]:
               save_adversarial=config.eval.save_adversarial)
 
 
-def fra31_log_lines(run: Dict[str, Any], norm: str) -> List[str]:
-  """The AutoAttack log in fra31's `log.txt` form (its `logger` lines)."""
-  names = list(run["robust_accuracy"])[1:]
-  lines = [
-      f"using {run['version']} version including {', '.join(names)}.",
-      f"initial accuracy: {run['robust_accuracy']['clean']:.2%}"
-  ]
-  total = 0.0
-  for name in names:
-    total += run["seconds"][name]
-    broken = run["broken"][name]
-    lines.append(f"{name} - 1/1 - {broken} out of {run['attacked'][name]} "
-                 "successfully perturbed")
-    lines.append(f"robust accuracy after {name.upper()}: "
-                 f"{run['robust_accuracy'][name]:.2%} (total time "
-                 f"{total:.1f} s)")
-  p = run["perturbation"]
-  lines.append(f"max {norm} perturbation: {p['max']:.5f}, nan in tensor: "
-               f"{p['nan']}, max: {p['max_value']:.5f}, min: "
-               f"{p['min_value']:.5f}")
-  last = names[-1] if names else "clean"
-  lines.append(f"robust accuracy: {run['robust_accuracy'][last]:.2%}")
-  return lines
+def autoattack_placement():
+  """`attacks.autoattack`'s placement in this (possibly multi-host) run:
+  each process attacks its rows on its local devices, with a local copy of
+  the (replicated or FSDP-sharded) params; robust flags merge over hosts."""
+  return attacks.Placement(devices=jax.local_devices(),
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count(),
+                           local_params=parallel.single_device_copy,
+                           merge_rows=parallel.merge_owned_rows,
+                           max_over_processes=parallel.process_max)
 
 
 def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
@@ -399,10 +293,10 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
       dots_only = attacks.reduces_over_features(lambda v: logits_fn(params, v),
                                                 x[:1])
     run = attacks.autoattack(logits_fn,
+                             key,
                              x,
                              labels,
                              params=params,
-                             key=key,
                              eps=eps,
                              norm=norm,
                              version=version,
@@ -411,7 +305,7 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
                              verbose=False,
                              first_index=first,
                              gather_adversarial=save_adversarial,
-                             placement=parallel.autoattack_placement(),
+                             placement=autoattack_placement(),
                              xla_cpu_dots_only=dots_only)
     if save_adversarial:
       robust_before = run.clean
@@ -431,15 +325,5 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
     pieces.append(dataclasses.replace(run, adv_images=None))
   combined = attacks.combine_results(pieces)
   if save_adversarial and output_dir and jax.process_index() == 0:
-    directory = workdir_lib.path(output_dir, workdir_lib.ADVERSARIAL_DIR)
-    workdir_lib.makedirs(directory)
-    for name, entry in saved.items():
-      with epath.Path(workdir_lib.path(directory,
-                                       f"{name}.npz")).open("wb") as f:
-        np.savez(f,
-                 **{
-                     k: np.concatenate(v) for k, v in entry.items()
-                 },
-                 eps=eps,
-                 norm=norm)
+    results.write_adversarial(output_dir, saved, eps=eps, norm=norm)
   return combined

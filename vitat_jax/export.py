@@ -16,14 +16,11 @@ from typing import Any, Dict
 
 import jax
 
-from vitat_jax import checkpoints
-from vitat_jax import data as data_lib
-from vitat_jax import eval_only
+from vitat_jax import checkpointing
 from vitat_jax import evaluation
-from vitat_jax import state as state_lib
-from vitat_jax import validate
+from vitat_jax import pretrained
+from vitat_jax import setup as setup_lib
 from vitat_jax import workdir as workdir_lib
-from vitat_jax.errors import UserError
 
 EXPORT_DIR = "export"
 WEIGHTS = "model.safetensors"
@@ -69,19 +66,9 @@ def export_run(cli_config, workdir: str) -> Dict[str, str]:
   """Writes the newest checkpoint of `workdir` as timm weights plus a card;
   returns {"weights": path, "card": path}."""
   start = time.perf_counter()
-  config = eval_only.config_for_evaluation(cli_config, workdir)
-  validate.check_config(config)
-  if config.init.checkpoint:
-    raise UserError(
-        "--mode=export exports a run's own checkpoint: drop "
-        "--config.init.checkpoint (that file is already exportable)")
-  workdir_lib.check_writable(workdir)
-  if not workdir_lib.has_checkpoints(workdir):
-    raise eval_only.no_checkpoint(workdir)
-  workdir_lib.check_same_config(config, workdir)
-  splits = data_lib.load(config.data)
-  model = state_lib.build_model(config, splits)
-  params, source = eval_only.restore_params(config, workdir, model, splits)
+  run = setup_lib.prepare(cli_config, workdir, "export")
+  config, model = run.config, run.model
+  params, source = checkpointing.restore_params(run)
   out = workdir_lib.path(workdir, EXPORT_DIR)
   weights = workdir_lib.path(out, WEIGHTS)
   card = {
@@ -116,7 +103,7 @@ def export_run(cli_config, workdir: str) -> Dict[str, str]:
   }
   if jax.process_index() == 0:
     workdir_lib.makedirs(out)
-    checkpoints.export_timm(jax.device_get(params), model, weights)
+    pretrained.export_timm(jax.device_get(params), model, weights)
     workdir_lib.write_json(workdir_lib.path(out, CARD), card, indent=2)
   return {
       "weights": weights,

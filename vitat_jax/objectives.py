@@ -285,21 +285,12 @@ def natural_loss(params, batch, key, r, *, model):
   return loss, {"loss": loss, "accuracy": _accuracy(logits, batch["target"])}
 
 
-def check_config(config):
-  if config.method not in METHODS:
-    raise UserError(f"unknown method {config.method!r}: use one of "
-                    f"{', '.join(METHODS)}")
-  if config.method != "natural":
-    attacks.check_budget(config.attack.eps, config.attack.alpha,
-                         config.attack.steps)
-
-
 _ADVERSARIAL = {"at": pgd_at_loss, "trades": trades_loss, "mart": mart_loss}
 
 
 def make_objective(config, model):
-  """The objective named by `config.method`, bound to `model` and budgets."""
-  check_config(config)
+  """The objective named by `config.method`, bound to `model` and budgets
+  (the config checked by `validate.check_config`)."""
   if config.method == "natural":
     return functools.partial(natural_loss, model=model)
   kwargs = dict(model=model,
@@ -309,8 +300,6 @@ def make_objective(config, model):
                 ard=config.tricks.ard,
                 prm=config.tricks.prm,
                 prm_patch_size=config.tricks.prm_patch_size)
-  if config.tricks.prm:
-    check_prm_patch_size(config.tricks.prm_patch_size, model.img_size)
   if config.method in ("trades", "mart"):
     kwargs["beta"] = config.beta
   return functools.partial(_ADVERSARIAL[config.method], **kwargs)

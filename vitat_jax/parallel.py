@@ -15,7 +15,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vitat_jax.attacks.autoattack import Placement
 from vitat_jax.errors import UserError
 
 DATA_AXIS = "data"
@@ -304,18 +303,6 @@ def process_max(values: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return values
   return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
-
-
-def autoattack_placement():
-  """`attacks.autoattack`'s placement in this (possibly multi-host) run:
-  each process attacks its rows on its local devices, with a local copy of
-  the (replicated or FSDP-sharded) params; robust flags merge over hosts."""
-  return Placement(devices=jax.local_devices(),
-                   process_index=jax.process_index(),
-                   process_count=jax.process_count(),
-                   local_params=single_device_copy,
-                   merge_rows=merge_owned_rows,
-                   max_over_processes=process_max)
 
 
 def agree(flag: bool) -> bool:

@@ -1,15 +1,14 @@
 """Reports: an evaluation's table and robustness report, comparisons of runs.
 
     print(report.format_table(result, attack_names))   # the printed table
-    report.write_results(workdir, result, training=True)  # metrics.json,
-                                                       # robustness.{json,md}
+    report.robustness_markdown(run)                   # robustness.md's text
     report.compare_runs([dir1, dir2], out_dir)       # comparison.{md,png}
     report.make_report([dir1, dir2])     # all of it (`main.py --mode=report`)
 
-Runs are read back with `runs.load_run` (no JAX); plots are `plots.py`'s.
+Runs are read back with `runs.load_run` (no JAX); plots are `plots.py`'s;
+what an evaluation writes is `results.py`'s.
 """
 
-import dataclasses
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -49,44 +48,6 @@ def format_table(result: Mapping[str, Any], attack_names) -> str:
   return "\n".join(lines)
 
 
-def write_results(workdir: str, result: Dict[str, Any], *,
-                  training: bool) -> None:
-  """metrics.json (`training`) and robustness.json/.md, atomically.
-
-  A workdir that cannot take them (read-only, full) costs a warning and
-  `result["write_error"]`, never the result: the caller prints the table
-  either way.
-  """
-  written = {k: v for k, v in result.items() if k != "table"}
-  try:
-    workdir_lib.makedirs(workdir)
-    if training:
-      workdir_lib.write_json(workdir_lib.path(workdir,
-                                              workdir_lib.METRICS_JSON),
-                             written,
-                             indent=2)
-    write_robustness_report(workdir, written)
-  except OSError as e:
-    result["write_error"] = f"{type(e).__name__}: {e}"
-    logging.warning(
-        "results not written to %s (%s); the table printed "
-        "below is the result", workdir, e)
-
-
-def _attack_log_dict(attack_log) -> Dict[str, Any]:
-  """AutoAttack's log as plain data (an `AutoAttackResult` or its dict)."""
-  if dataclasses.is_dataclass(attack_log):
-    attack_log = {
-        f: getattr(attack_log, f)
-        for f in ("robust_accuracy", "seconds", "checks", "warnings")
-    }
-  keep = ("robust_accuracy", "seconds", "checks", "warnings", "version",
-          "num_images", "attacked", "broken", "perturbation")
-  return workdir_lib.jsonable({
-      k: v for k, v in attack_log.items() if k in keep
-  })
-
-
 def _verdict(name: str, value) -> str:
   if value is None:
     return "not run"
@@ -99,48 +60,6 @@ def _verdict(name: str, value) -> str:
 
 def _eps_text(eps: Optional[float]) -> str:
   return "?" if eps is None else f"{eps * 255:.4g}/255 ({eps:.4g})"
-
-
-def write_robustness_report(workdir: str,
-                            result: Mapping[str, Any],
-                            attack_log=None) -> Tuple[str, str]:
-  """Writes `robustness.json` and `robustness.md`; returns their paths.
-
-  Args:
-    workdir: the run's directory.
-    result: the final evaluation as `train_and_evaluate` returns it:
-      `num_eval_images`, `<attack>_acc`, `<attack>_time_s`, `eps`, `model`,
-      `method`, `ard`, `prm`, optionally `<attack>_correct` (counts),
-      `sanity_checks` ({name: verdict}) and `warnings` (lines). It is saved
-      as it is, with `results` ({attack: accuracy, correct, total, time_s}),
-      `autoattack`, `sanity_checks` and `warnings` added.
-    attack_log: AutoAttack's per-attack log, an `AutoAttackResult` or a dict
-      with `robust_accuracy` and `seconds` per attack, `checks`, `warnings`;
-      default: `result["autoattack"]` (what `evaluation.evaluate` puts there).
-  """
-  if attack_log is None:
-    attack_log = result.get("autoattack")
-  # The result itself (what metrics.json holds), then the same numbers per
-  # attack with counts, and the checks.
-  report = {k: v for k, v in result.items() if k != "table"}
-  report["results"] = runs_lib.robustness_results(result)
-  checks = dict(result.get("sanity_checks") or {})
-  warnings = list(result.get("warnings") or [])
-  if attack_log is not None:
-    report["autoattack"] = _attack_log_dict(attack_log)
-    checks = {**report["autoattack"].get("checks", {}), **checks}
-    warnings += report["autoattack"].get("warnings", [])
-  if checks:
-    report["sanity_checks"] = checks
-  if warnings:
-    report["warnings"] = warnings
-  workdir_lib.makedirs(workdir)
-  json_path = workdir_lib.path(workdir, workdir_lib.ROBUSTNESS_JSON)
-  workdir_lib.write_json(json_path, report, indent=2)
-  md_path = workdir_lib.path(workdir, workdir_lib.ROBUSTNESS_MD)
-  workdir_lib.write_text(md_path,
-                         robustness_markdown(runs_lib.load_run(workdir)))
-  return json_path, md_path
 
 
 def _seconds(value) -> str:

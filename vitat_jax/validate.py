@@ -1,38 +1,42 @@
-"""Checks of a whole config before any data loading or compilation.
+"""Every rule of a config, checked before any data loading or compilation.
+
+One owner per rule. `check_config` runs the sections in this order, and no
+rule below is written anywhere else; the factories that build from a
+section (optim.make_optimizer, objectives.make_objective, the Evaluator,
+checkpointing) trust it:
+
+| section | checked by |
+|---|---|
+| run fields (seed, epochs, batch sizes, tricks, checkpoints, dtypes) | `_check_run` |
+| `augment`, `mixup` | `_check_augment` (RandAugment spec: `randaugment.check_spec`) |
+| `method`, `attack` | `_check_method` (budget: `attacks.check_budget`) |
+| `optim` | `check_optim` |
+| `eval` (attacks, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_config`) |
+| `init` | `_check_init` |
+| `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object) |
+| `model` | `_check_model_fields`, then building the module (`models.create_from_config`) |
 
 Each failure is a `UserError` with one line saying what is wrong and what to
-do. Checks that need the data (image sizes of a folder, class counts) run
-right after loading, still before anything is compiled.
+do. What needs the data (an image folder's size, the class count, the PRM
+cells of a size that comes from the data) is checked by the same functions
+right after loading, in `setup.prepare`, still before anything is compiled.
 """
 
 import math
 import os
 
-from vitat_jax import evaluation
+from vitat_jax import attacks
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
 from vitat_jax.attack_names import parse_attack
-from vitat_jax.checkpoints.io import FORMATS
+from vitat_jax.pretrained.io import FORMATS
+from vitat_jax import data
+from vitat_jax.data import protocol
 from vitat_jax.data import randaugment
 from vitat_jax.errors import UserError
 
-DATASETS = ("digits", "image_folder", "tfds")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")
-
-
-def _check_data(config):
-  data = config.data
-  if data.name not in DATASETS:
-    raise UserError(f"unknown dataset {data.name!r}: use one of "
-                    f"{', '.join(DATASETS)}")
-  if data.name == "image_folder":
-    if not data.root:
-      raise UserError("data.root is empty: set --config.data.root=DIR, a "
-                      "folder holding train/<class>/*.jpg and test/<class>/")
-    if not os.path.isdir(data.root):
-      raise UserError(f"data directory {data.root!r} does not exist: set "
-                      "--config.data.root to a folder with train/ and test/")
 
 
 def _check_model(config):
@@ -149,18 +153,37 @@ def _check_augment(config):
                     "alphas >= 0 and label_smoothing in [0, 1)")
 
 
-def _check_optim(config):
-  opt = config.optim
+def _check_method(config):
+  if config.method not in objectives.METHODS:
+    raise UserError(f"unknown method {config.method!r}: use one of "
+                    f"{', '.join(objectives.METHODS)}")
+  if config.method != "natural":
+    attacks.check_budget(config.attack.eps, config.attack.alpha,
+                         config.attack.steps)
+
+
+def check_optim(opt, epochs: float) -> None:
+  """The `optim` section (the factories in optim.py trust it)."""
   for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_epochs",
                "b1", "b2"):
     _finite(f"optim.{name}", opt[name])
   if not isinstance(opt.nesterov, bool):
     raise UserError(f"optim.nesterov={opt.nesterov!r} must be True or False")
-  optim.check_config(opt)
+  if opt.name not in optim.OPTIMIZERS:
+    raise UserError(f"unknown optimizer {opt.name!r}: use one of "
+                    f"{', '.join(optim.OPTIMIZERS)}")
+  if opt.schedule not in optim.SCHEDULES:
+    raise UserError(f"unknown lr schedule {opt.schedule!r}: use one of "
+                    f"{', '.join(optim.SCHEDULES)}")
+  if opt.lr <= 0:
+    raise UserError(f"optim.lr={opt.lr} must be positive")
+  if opt.grad_clip < 0 or opt.weight_decay < 0:
+    raise UserError("optim.grad_clip and optim.weight_decay must be >= 0 "
+                    "(0 turns them off)")
   _finite("optim.momentum", opt.momentum, low=0, high=1, high_open=True)
-  if not 0 <= opt.warmup_epochs <= config.epochs:
+  if not 0 <= opt.warmup_epochs <= epochs:
     raise UserError(f"optim.warmup_epochs={opt.warmup_epochs} must be in "
-                    f"[0, epochs={config.epochs}]")
+                    f"[0, epochs={epochs}]")
 
 
 def _check_eval(config):
@@ -188,14 +211,33 @@ def _check_eval(config):
                     "eval.epoch_num_examples=0 to skip the epoch evaluation")
   for name in list(ev.attacks) + list(ev.epoch_attacks):
     parse_attack(name)
-  evaluation.check_autoattack_config(config)
+  protocol.check_config(config)
   if config.method != "natural" or any(n != "clean" for n in ev.attacks):
     eval_eps = ev.eps or config.attack.eps
     if not 0 < eval_eps <= 1:
-      raise UserError(f"eval.eps={eval_eps} must be in (0, 1] (pixel units)")
+      raise UserError(f"eval.eps={eval_eps} must be in (0, 1] (pixel units: "
+                      f"8/255 is {8 / 255:.4f})")
     if not 0 < ev.alpha <= eval_eps:
       raise UserError(f"eval.alpha={ev.alpha} must be in (0, "
                       f"eps={eval_eps}]: the step cannot exceed the radius")
+  _check_autoattack(config)
+
+
+def _check_autoattack(config):
+  aa, ev = config.eval.autoattack, config.eval
+  if not any(parse_attack(n).kind == "autoattack" for n in ev.attacks):
+    return
+  custom = tuple(aa.attacks)
+  version = "custom" if custom else aa.version
+  if custom and aa.version not in ("standard", "custom"):
+    raise UserError(f"eval.autoattack.attacks={list(custom)} is a custom "
+                    f"list; it cannot be combined with version="
+                    f"{aa.version!r} (leave the version at 'standard')")
+  attacks.attack_settings(version, ev.eps or config.attack.eps, aa.norm,
+                          custom or None)
+  if aa.batch_size < 0:
+    raise UserError(f"eval.autoattack.batch_size={aa.batch_size} must be >= "
+                    "0 (0: eval.batch_size)")
 
 
 def _check_init(config):
@@ -242,30 +284,6 @@ def _check_model_fields(config):
             hint=" (the stochastic depth of the last block)")
 
 
-def _check_data_fields(config):
-  data = config.data
-  _integer("data.image_size", data.image_size, 0,
-           " (0 = the data set's own size)")
-  for name in ("train_examples", "test_examples"):
-    _integer(f"data.{name}", data[name], 0, " (0 = all)")
-  _integer("data.subset_seed", data.subset_seed, 0)
-  if data.name == "tfds" and not data.tfds_name:
-    raise UserError("data.tfds_name is empty: name a TFDS data set, e.g. "
-                    "--config.data.tfds_name=cifar10")
-  for name in ("mean", "std"):
-    values = tuple(data[name])
-    if values and (len(values) != 3 or not all(
-        isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
-      raise UserError(f"data.{name}={values} must be () (the data set's) or "
-                      "3 finite numbers, one per RGB channel")
-  if any(v <= 0 for v in data.std):
-    raise UserError(f"data.std={tuple(data.std)} must be positive")
-  if data.cache_dir and os.path.exists(
-      data.cache_dir) and not os.path.isdir(data.cache_dir):
-    raise UserError(f"data.cache_dir {data.cache_dir!r} is a file: pass a "
-                    "directory or leave it empty")
-
-
 def check_config(config):
   """Raises UserError for the first problem found in `config`.
 
@@ -274,12 +292,11 @@ def check_config(config):
   """
   _check_run(config)
   _check_augment(config)
-  objectives.check_config(config)
-  _check_optim(config)
+  _check_method(config)
+  check_optim(config.optim, config.epochs)
   _check_eval(config)
   _check_init(config)
-  _check_data(config)
-  _check_data_fields(config)
+  data.check_config(config.data)
   _check_model_fields(config)
   _check_model(config)
   if config.tricks.prm:

@@ -13,6 +13,7 @@ from vitat_jax import attack_names
 from vitat_jax import attacks
 from vitat_jax import data
 from vitat_jax import evaluation
+from vitat_jax.data import protocol
 from vitat_jax.attacks.autoattack import attack_settings
 from vitat_jax.errors import UserError
 
@@ -44,9 +45,9 @@ STANDARD = ["apgd-ce", "apgd-t", "fab-t", "square"]
 
 def _run(x, y, key, eps=4 / 255, names=STANDARD, logits_fn=mlp, **kwargs):
   return attacks.autoattack(logits_fn,
+                            key,
                             x,
                             y,
-                            key=key,
                             eps=eps,
                             version="custom",
                             attacks_to_run=names,
@@ -165,9 +166,9 @@ def test_rand_version_runs_eot_on_a_keyed_model():
   x, y = batch(4, n=8, edges=False)
   noisy = lambda x, key: mlp(x) + 0.05 * jax.random.normal(key, (10,))
   result = attacks.autoattack(noisy,
+                              jax.random.key(0),
                               x,
                               y,
-                              key=jax.random.key(0),
                               eps=4 / 255,
                               version="rand",
                               stochastic=True,
@@ -204,7 +205,7 @@ def test_rand_version_runs_eot_on_a_keyed_model():
 def test_bad_arguments_are_one_line_errors(kwargs, fragment):
   x, y = batch(0, n=2)
   with pytest.raises(UserError, match=fragment) as info:
-    attacks.autoattack(mlp, x, y, key=jax.random.key(0), **kwargs)
+    attacks.autoattack(mlp, jax.random.key(0), x, y, **kwargs)
   assert "\n" not in str(info.value)
 
 
@@ -215,7 +216,7 @@ def test_a_multi_process_call_needs_a_placement(monkeypatch):
   with pytest.raises(UserError,
                      match="placement=parallel.autoattack_"
                      "placement") as info:
-    attacks.autoattack(mlp, x, y, key=jax.random.key(0))
+    attacks.autoattack(mlp, jax.random.key(0), x, y)
   assert "\n" not in str(info.value)
 
 
@@ -297,9 +298,9 @@ def test_bad_autoattack_configs_fail_before_any_attack(changes, fragment):
 
 def test_robustbench_protocol_is_cifar10s_first_10000_test_images():
   config = _eval_config(**{"eval.protocol": "robustbench"})
-  assert evaluation.robustbench_num_examples(config) == 10_000
+  assert protocol.robustbench_num_examples(config) == 10_000
   config.eval.num_examples = 500
-  assert evaluation.robustbench_num_examples(config) == 500
+  assert protocol.robustbench_num_examples(config) == 500
   options = evaluation.autoattack_options(
       _eval_config(**{"eval.autoattack.attacks": ("apgd-ce", "square")}))
   assert options["version"] == "custom"
@@ -334,8 +335,8 @@ def test_robustbench_protocol_on_imagenet_reads_its_5000_files_its_way(
       })
   from vitat_jax import validate
   validate.check_config(config)
-  assert evaluation.robustbench_num_examples(config) == 5000
-  test = data.load(evaluation.protocol_data_config(config)).test
+  assert protocol.robustbench_num_examples(config) == 5000
+  test = data.load(protocol.data_config(config)).test
   assert len(test) == 5000
   assert [test.path(i) for i in (0, 4999)
          ] == [str(tmp_path / "test" / ids[i]) for i in (0, 4999)]
@@ -348,13 +349,13 @@ def test_robustbench_protocol_on_imagenet_reads_its_5000_files_its_way(
                          }).index(ids[0].split("/")[0])
   # Res224, RobustBench's preprocessing of this paper's models: squash.
   config.eval.robustbench_preprocessing = "Res224"
-  image, _ = data.load(evaluation.protocol_data_config(config)).test.example(0)
+  image, _ = data.load(protocol.data_config(config)).test.example(0)
   squashed = Image.open(test.path(0)).convert("RGB").resize((224, 224),
                                                             Image.BILINEAR)
   np.testing.assert_array_equal(image, np.asarray(squashed))
   # Without the protocol the run's own test split and transform.
   config.eval.protocol = ""
-  assert len(data.load(evaluation.protocol_data_config(config)).test) == 997
+  assert len(data.load(protocol.data_config(config)).test) == 997
 
 
 class _Linear(nn.Module):

@@ -20,7 +20,7 @@ point in it is broken. Each batch is sharded over this process's devices
 (mesh axis "data"), the params replicated.
 
 Every point draws its own randomness: point i of attack `name` uses
-`fold_in(fold_in(key_attacks, ATTACK_NAMES.index(name)), first_index + i)`
+`fold_in(fold_in(key_attacks, key_index(name)), first_index + i)`
 (the attack functions run on it alone, under `vmap`), so the result is the
 same whatever the batch, the compaction, the device count or the process
 that attacks it, and a set attacked in pieces (`first_index`) equals the
@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # Names, not modules: the package exports functions named apgd, fab, square.
+from vitat_jax.attack_names import key_index
 from vitat_jax.attacks.apgd import single_run as apgd_single_run
 from vitat_jax.attacks.fab import closest_hyperplane
 from vitat_jax.attacks.fab import single_run as fab_single_run
@@ -481,7 +482,7 @@ class Placement:
 
   The default is a single process on all its local devices. The runner of a
   multi-process (multi-host) evaluation hands in
-  `parallel.autoattack_placement()`, whose functions gather sharded params
+  `evaluation.autoattack_placement()`, whose functions gather sharded params
   into a local copy and merge the rows each process attacked.
 
   Attributes:
@@ -583,10 +584,10 @@ def _first_batch_checks(model, params, key, x, version, settings, warnings):
 
 
 def autoattack(logits_fn: Callable,
+               key,
                images,
                labels,
                *,
-               key,
                eps: float = 8 / 255,
                norm: str = "Linf",
                version: str = "standard",
@@ -645,7 +646,7 @@ def autoattack(logits_fn: Callable,
   if placement is None:
     if jax.process_count() > 1:
       raise UserError("autoattack in a multi-process run needs "
-                      "placement=parallel.autoattack_placement() (each "
+                      "placement=evaluation.autoattack_placement() (each "
                       "process attacks its own rows)")
     placement = Placement()
   model = _Model(logits_fn, params is not None, stochastic)
@@ -691,7 +692,7 @@ def autoattack(logits_fn: Callable,
   attacked = {}
   for s in settings:
     start = time.perf_counter()
-    attack_key = jax.random.fold_in(attacks_key, ATTACK_NAMES.index(s.name))
+    attack_key = jax.random.fold_in(attacks_key, key_index(s.name))
     attacked[s.name] = int(robust.sum())
     if s.name == "square":
       _run_square(runner, model, s, attack_key, mine, robust, x_all, y_all,

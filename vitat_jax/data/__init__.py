@@ -18,6 +18,7 @@ from vitat_jax.data.decode import Transform
 from vitat_jax.data.folder import FileSource
 from vitat_jax.data.folder import robustbench_imagenet_ids
 from vitat_jax.data.sources import ArraySource
+from vitat_jax.data.sources import check_config
 from vitat_jax.data.sources import DataSplits
 from vitat_jax.data.sources import load
 from vitat_jax.data.sources import Source
@@ -31,6 +32,7 @@ __all__ = [
     "TfdsSource",
     "Transform",
     "apply_crop_flip",
+    "check_config",
     "crop_flip_params",
     "epoch_permutation",
     "eval_batches",

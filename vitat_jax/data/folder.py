@@ -93,8 +93,8 @@ class FileSource:
             np.asarray([p[1] for p in pairs], np.int32))
 
 
-def check_layout(root: str) -> tuple[pathlib.Path, tuple[str, ...]]:
-  """The resolved root and its class names; one-line errors otherwise."""
+def check_root(root: str) -> pathlib.Path:
+  """The resolved root of an image folder: set, and a directory."""
   if not root:
     raise UserError("data.root is empty; set it to a folder holding "
                     "train/<class>/*.jpg and test/<class>/*.jpg")
@@ -102,6 +102,12 @@ def check_layout(root: str) -> tuple[pathlib.Path, tuple[str, ...]]:
   if not root_path.is_dir():
     raise UserError(f"data.root {root_path} is not a directory; point it at a "
                     "folder holding train/<class>/ and test/<class>/ images")
+  return root_path
+
+
+def check_layout(root: str) -> tuple[pathlib.Path, tuple[str, ...]]:
+  """The resolved root and its class names; one-line errors otherwise."""
+  root_path = check_root(root)
   for split in ("train", "test"):
     if not (root_path / split).is_dir():
       raise UserError(f"{root_path / split} is missing; an image folder needs "

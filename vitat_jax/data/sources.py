@@ -220,27 +220,14 @@ def transforms(data_config, image_size: int):
           decode.Transform(eval_name, image_size, scale, ratio, crop_pct))
 
 
-def load(data_config) -> DataSplits:
-  """Builds the train and test sources that `data_config` describes.
-
-  Args:
-    data_config: a ConfigDict (or any attribute object) with `name` and the
-      optional fields `root`, `tfds_name`, `tfds_data_dir`, `train_split`,
-      `test_split`, `image_size`, `train_examples`, `test_examples`,
-      `subset_seed`, `cache_dir`, `mean`, `std`, `train_transform`,
-      `eval_transform`, `rrc_scale`, `rrc_ratio`, `crop_pct`,
-      `decoded_cache_mb`, `eval_subset`, `workers`; missing or empty ones
-      take their defaults.
-
-  Returns:
-    The splits. Train and test subsets (`*_examples` > 0) are class-balanced.
-
-  Raises:
-    UserError: a bad field, missing or unusable data.
-  """
+def check_config(data_config) -> None:
+  """One-line errors for every field of a data config, before anything is
+  read (the data section's one owner: `validate.check_config` and `load`
+  call it). An image folder's layout is checked here too (a listing, no
+  decoding)."""
   name = _get(data_config, "name")
   if name not in VALID_NAMES:
-    raise UserError(f"unknown data.name {name!r}; use one of: "
+    raise UserError(f"unknown dataset {name!r}: use one of "
                     f"{', '.join(VALID_NAMES)}")
   workers = _get(data_config, "workers")
   if workers is not None and (isinstance(workers, bool) or
@@ -265,6 +252,45 @@ def load(data_config) -> DataSplits:
     raise UserError("data.eval_subset=robustbench needs data.name="
                     "image_folder with ImageNet's val/ as root/test/ (the "
                     "subset is named by file)")
+  transforms(data_config, image_size)
+  if name == "tfds" and not _get(data_config, "tfds_name"):
+    raise UserError("data.tfds_name is empty: name a TFDS data set, e.g. "
+                    "--config.data.tfds_name=cifar10")
+  if name == "image_folder":
+    folder.check_root(_get(data_config, "root"))
+  cache_dir = _get(data_config, "cache_dir")
+  if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+    raise UserError(f"data.cache_dir {cache_dir!r} is a file: pass a "
+                    "directory or leave it empty")
+
+
+def load(data_config) -> DataSplits:
+  """Builds the train and test sources that `data_config` describes.
+
+  Args:
+    data_config: a ConfigDict (or any attribute object) with `name` and the
+      optional fields `root`, `tfds_name`, `tfds_data_dir`, `train_split`,
+      `test_split`, `image_size`, `train_examples`, `test_examples`,
+      `subset_seed`, `cache_dir`, `mean`, `std`, `train_transform`,
+      `eval_transform`, `rrc_scale`, `rrc_ratio`, `crop_pct`,
+      `decoded_cache_mb`, `eval_subset`, `workers`; missing or empty ones
+      take their defaults.
+
+  Returns:
+    The splits. Train and test subsets (`*_examples` > 0) are class-balanced.
+
+  Raises:
+    UserError: a bad field, missing or unusable data.
+  """
+  check_config(data_config)
+  name = _get(data_config, "name")
+  image_size = _get_int(data_config, "image_size")
+  subset = dict(train=_get_int(data_config, "train_examples"),
+                test=_get_int(data_config, "test_examples"),
+                seed=_get_int(data_config, "subset_seed"))
+  mean = _get_stats(data_config, "mean")
+  std = _get_stats(data_config, "std")
+  eval_subset = _get(data_config, "eval_subset")
   train_transform, eval_transform = transforms(data_config, image_size)
 
   if name == "digits":
@@ -317,7 +343,8 @@ def _get_int(config, field: str) -> int:
   value = _get(config, field)
   if isinstance(
       value, bool) or not isinstance(value, (int, np.integer)) or (value < 0):
-    raise UserError(f"data.{field} must be an integer >= 0, got {value!r}")
+    raise UserError(f"data.{field}={value!r} must be an integer >= 0 (0: "
+                    "the default)")
   return int(value)
 
 
@@ -502,9 +529,6 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str], split_names: tuple[str,
                                                                            str],
                transforms, train: int, test: int, seed: int) -> DataSplits:
   """Opens a prepared tfds dataset for random access."""
-  if not tfds_name:
-    raise UserError("data.tfds_name is empty; set it, e.g. "
-                    "data.tfds_name=cifar10")
   # Imported here: tfds takes seconds to import and only this source needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

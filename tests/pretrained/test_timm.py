@@ -16,9 +16,9 @@ timm = pytest.importorskip("timm")
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from vitat_jax import checkpoints  # pylint: disable=g-import-not-at-top
+from vitat_jax import pretrained  # pylint: disable=g-import-not-at-top
 from vitat_jax import models
-from vitat_jax.checkpoints import resample
+from vitat_jax.pretrained import resample
 from vitat_jax.errors import UserError
 
 torch.set_num_threads(1)
@@ -112,7 +112,7 @@ PARITY_CASES = [
 def test_logits_match_timm(name, kw, tmp_path):
   module = _timm(name, **kw)
   model = models.create(name, **kw)
-  params = checkpoints.load(_save(module, tmp_path / "m.safetensors"), model)
+  params = pretrained.load(_save(module, tmp_path / "m.safetensors"), model)
   images = _images(model)
   diff = np.abs(
       _logits(model, params, images) -
@@ -154,7 +154,7 @@ def test_export_round_trip_through_timm(name, kw, tmp_path):
   # Random values everywhere (zero biases and unit norms would hide swaps).
   params = _random_params(model, 7)
   path = str(tmp_path / "robust.safetensors")
-  checkpoints.export_timm(params, model, path)
+  pretrained.export_timm(params, model, path)
   module = _timm(name, **kw)
   module.load_state_dict(safetensors_torch.load_file(path), strict=True)
   diff = np.abs(
@@ -162,7 +162,7 @@ def test_export_round_trip_through_timm(name, kw, tmp_path):
       _timm_logits(module, model, images)).max()
   assert diff <= TOL, diff
   # ... and back: loading the export gives the same params.
-  again = checkpoints.load(path, model)
+  again = pretrained.load(path, model)
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
@@ -209,9 +209,9 @@ def test_cifar_adaptation_matches_the_reference_resampling(tmp_path, caplog):
                         num_classes=10)
   init = _random_params(model, 3)
   with caplog.at_level(logging.INFO):
-    params = checkpoints.load(_save(module, tmp_path / "d.safetensors"),
-                              model,
-                              init_params=init)
+    params = pretrained.load(_save(module, tmp_path / "d.safetensors"),
+                             model,
+                             init_params=init)
   pos = state["pos_embed"]
   expected = np.concatenate([
       pos[0, :1],
@@ -262,9 +262,9 @@ def test_swin_window_and_patch_resampling(tmp_path, caplog):
             num_classes=10)
   model = models.create("swin_tiny_patch4_window7_224", **kw)
   with caplog.at_level(logging.INFO):
-    params = checkpoints.load(_save(module, tmp_path / "s.safetensors"),
-                              model,
-                              init_params=_random_params(model, 0))
+    params = pretrained.load(_save(module, tmp_path / "s.safetensors"),
+                             model,
+                             init_params=_random_params(model, 0))
   name = "relative_position_bias_table"
   table = state[f"layers.0.blocks.1.attn.{name}"]
   expected = torch.nn.functional.interpolate(
@@ -298,21 +298,21 @@ def test_pth_loads_like_safetensors_and_pickles_need_permission(tmp_path):
                         img_size=32,
                         patch_size=4,
                         num_classes=10)
-  expected = checkpoints.load(_save(module, tmp_path / "m.safetensors"), model)
+  expected = pretrained.load(_save(module, tmp_path / "m.safetensors"), model)
   plain = tmp_path / "m.pth"
   torch.save(module.state_dict(), plain)
   jax.tree.map(np.testing.assert_array_equal,
-               checkpoints.load(str(plain), model), expected)
+               pretrained.load(str(plain), model), expected)
   wrapped = tmp_path / "train.pth"  # a training checkpoint with objects
   torch.save({
       "model": module.state_dict(),
       "args": argparse.Namespace(lr=1)
   }, wrapped)
   with pytest.raises(UserError, match="allow_pickle=True") as info:
-    checkpoints.load(str(wrapped), model)
+    pretrained.load(str(wrapped), model)
   assert "\n" not in str(info.value)
   jax.tree.map(np.testing.assert_array_equal,
-               checkpoints.load(str(wrapped), model, allow_pickle=True),
+               pretrained.load(str(wrapped), model, allow_pickle=True),
                expected)
 
 
@@ -361,7 +361,7 @@ def test_npz_agrees_with_timms_own_npz_loader(tmp_path):
   _google_npz(params, model.num_heads, path)
   module = _timm("vit_small_patch16_224", **kw)
   vision_transformer._load_weights(module, path)  # pylint: disable=protected-access
-  loaded = checkpoints.load(path, model)
+  loaded = pretrained.load(path, model)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), loaded,
                params)
   diff = np.abs(
@@ -387,6 +387,6 @@ def test_wrong_family_or_size_is_a_one_line_user_error(source, target, fragment,
                                                        tmp_path):
   path = _save(_timm(source[0], **source[1]), tmp_path / "x.safetensors")
   with pytest.raises(UserError, match=fragment) as info:
-    checkpoints.load(path, models.create(target[0], **target[1]))
+    pretrained.load(path, models.create(target[0], **target[1]))
   assert "\n" not in str(info.value)
   assert "not a checkpoint of" in str(info.value)

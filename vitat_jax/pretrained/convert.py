@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitat_jax.checkpoints import io
-from vitat_jax.checkpoints import naming
-from vitat_jax.checkpoints import resample
+from vitat_jax.pretrained import io
+from vitat_jax.pretrained import naming
+from vitat_jax.pretrained import resample
 from vitat_jax.errors import UserError
 
 # Top-level params that may be re-initialised (classifiers) per family.

@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vitat_jax.checkpoints import io
+from vitat_jax.pretrained import io
 from vitat_jax.errors import UserError
 
 
