@@ -483,7 +483,7 @@ def test_eval_on_a_workdir_that_cannot_be_written_still_gives_the_table(
   import errno
   from vitat_jax import eval_only
   from vitat_jax import workdir as workdir_lib
-  from tests.test_train import tiny_config
+  from tests import _tiny
 
   def read_only(*args, **kwargs):
     raise OSError(errno.EROFS, "Read-only file system")
@@ -493,7 +493,7 @@ def test_eval_on_a_workdir_that_cannot_be_written_still_gives_the_table(
   before = _snapshot(workdir)
   monkeypatch.setattr(workdir_lib, "write_json", read_only)
   monkeypatch.setattr(workdir_lib, "write_text", read_only)
-  cli = tiny_config(**{"eval.attacks": ("clean",), "eval.num_examples": 32})
+  cli = _tiny.config(**{"eval.attacks": ("clean",), "eval.num_examples": 32})
   result = eval_only.evaluate_checkpoint(cli, str(workdir))
   assert "clean" in result["table"] and "Read-only" in result["write_error"]
   assert _snapshot(workdir) == before

@@ -8,16 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitat_jax import models
+from tests import _tiny
 from vitat_jax import objectives
 
-MODEL = models.create("deit_tiny_patch16_224",
-                      num_classes=10,
-                      img_size=8,
-                      patch_size=4,
-                      embed_dim=16,
-                      depth=2,
-                      num_heads=2)
+MODEL = _tiny.model(depth=2)
 X = jax.random.uniform(jax.random.key(1), (8, 8, 8, 3))
 LABELS = jnp.arange(8) % 10
 BATCH = {"image": X, "target": jax.nn.one_hot(LABELS, 10)}

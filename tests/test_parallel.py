@@ -28,10 +28,10 @@ _STEPS = 4
 
 
 def _config(eval_attacks=("clean",), fsdp=False):
-  from tests.test_train import tiny_config
+  from tests import _tiny
   # Augmentation, Mixup/CutMix, ARD, PRM and drop-path all draw random
   # numbers from the global batch, so all of them are exercised here.
-  return tiny_config(
+  return _tiny.config(
       **{
           "eval.attacks": tuple(eval_attacks),
           "eval.batch_size": 8,
@@ -430,12 +430,8 @@ def test_remat_and_bfloat16_keep_parameters_and_gradients():
   import jax
   import jax.numpy as jnp
   from vitat_jax import models
-  kwargs = dict(num_classes=10,
-                img_size=8,
-                patch_size=4,
-                embed_dim=16,
-                depth=2,
-                num_heads=2)
+  from tests import _tiny
+  kwargs = dict(_tiny.MODEL, depth=2)
   plain = models.create("deit_tiny_patch16_224", **kwargs)
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
   params = plain.init(jax.random.key(1), x)["params"]

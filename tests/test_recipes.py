@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from vitat_jax import models
+from tests import _tiny
 from vitat_jax import objectives
 from vitat_jax import optim
 from vitat_jax import state as state_lib
@@ -15,13 +15,7 @@ from vitat_jax import train_step
 from vitat_jax import validate
 from vitat_jax.errors import UserError
 
-MODEL = models.create("deit_tiny_patch16_224",
-                      num_classes=10,
-                      img_size=8,
-                      patch_size=4,
-                      embed_dim=16,
-                      depth=1,
-                      num_heads=2)
+MODEL = _tiny.model()
 IMAGES = np.random.RandomState(0).randint(0, 256, (8, 8, 8, 3)).astype(np.uint8)
 LABELS = (np.arange(8) % 10).astype(np.int32)
 
@@ -29,11 +23,7 @@ LABELS = (np.arange(8) % 10).astype(np.int32)
 def _config(**overrides):
   config = default.get_config()
   config.data.name = "digits"
-  config.data.image_size = 8
-  config.model.patch_size = 4
-  config.model.embed_dim = 16
-  config.model.depth = 1
-  config.model.num_heads = 2
+  _tiny.shrink(config)
   config.method = "natural"
   config.batch_size = 8
   config.augment.crop_padding = 0

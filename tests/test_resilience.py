@@ -8,6 +8,7 @@ import socket
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -16,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from tests.test_train import tiny_config
+from tests import _tiny
 from vitat_jax import checkpointing
 from vitat_jax import metric_writers
 from vitat_jax import state as state_lib
@@ -149,6 +150,28 @@ def test_sigkill_at_random_steps_then_rerun_is_bitwise_identical(
     assert records == ref_records, kill_step
 
 
+def _wait_for_line(proc, fragment, timeout):
+  """Reads `proc`'s stderr until a line holds `fragment`; returns a function
+  giving every line read so far (a thread keeps reading to the end)."""
+  lines, seen = [], threading.Event()
+
+  def read():
+    for line in proc.stderr:
+      lines.append(line)
+      if fragment in line:
+        seen.set()
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  assert seen.wait(timeout), "".join(lines)[-3000:]
+
+  def all_lines():
+    reader.join(timeout=60)
+    return lines
+
+  return all_lines
+
+
 def _stop_message(stderr):
   lines = [l for l in stderr.splitlines() if "stopped by SIGTERM" in l]
   assert len(lines) == 1, stderr[-3000:]
@@ -195,15 +218,11 @@ def test_sigterm_in_training_and_in_the_final_evaluation_then_resume_is_bitwise_
                           env=env,
                           stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
-  final = os.path.join(workdir_lib.checkpoints_dir(workdir), str(TOTAL_STEPS))
-  deadline = time.time() + 240
-  while not (_logged_steps(workdir) == TOTAL_STEPS and os.path.isdir(final)):
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.time() < deadline
-    time.sleep(0.02)
-  time.sleep(0.5)  # into the final evaluation's compilation
+  # Into the final evaluation: the signal follows its first log line.
+  stderr_lines = _wait_for_line(proc, "final evaluation:", timeout=240)
   proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=120)
+  proc.wait(timeout=120)
+  stderr = "".join(stderr_lines())
   assert proc.returncode == 0, stderr[-3000:]
   assert "during the final evaluation" in _stop_message(stderr)
   assert not os.path.exists(os.path.join(workdir, "metrics.json"))
@@ -305,7 +324,7 @@ def _corrupt(workdir, step):
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   workdir = str(tmp_path)
-  config = tiny_config(checkpoint_every_steps=5)
+  config = _tiny.config(checkpoint_every_steps=5)
   train.train_and_evaluate(config, workdir)  # checkpoints 10, 15, 20 kept
   _corrupt(workdir, 20)
   # What a SIGKILL or a full disk leaves in the other files of a workdir: a
@@ -362,7 +381,7 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(
 
   monkeypatch.setattr(parallel, "shard_batch", poisoned)
   workdir = str(tmp_path)
-  config = tiny_config(checkpoint_every_steps=1, log_every_steps=2)
+  config = _tiny.config(checkpoint_every_steps=1, log_every_steps=2)
   with pytest.raises(FloatingPointError, match="non-finite loss") as info:
     train.train_and_evaluate(config, workdir)
   assert "at step 6" in str(info.value) and "\n" not in str(info.value)
@@ -376,7 +395,7 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
   workdir = str(tmp_path)
-  config = tiny_config(
+  config = _tiny.config(
       **{
           "optim.grad_clip": 0.0,
           "optim.lr": 1e12,

@@ -9,36 +9,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import quickstart
+from tests import _tiny
 from vitat_jax import checkpointing
 from vitat_jax import state as state_lib
 from vitat_jax import runs
 from vitat_jax import train
 from vitat_jax import train_step as train_step_lib
 from vitat_jax.errors import UserError
-
-
-def tiny_config(**overrides):
-  """A model and budget small enough for a few seconds of CPU."""
-  config = quickstart.get_config()
-  config.data.image_size = 8
-  config.data.train_examples = 320
-  config.model.patch_size = 4
-  config.model.embed_dim = 16
-  config.model.depth = 1
-  config.model.num_heads = 2
-  config.batch_size = 32
-  config.epochs = 2.0
-  config.tricks.warmup_epochs = 1.0
-  config.attack.steps = 2
-  config.eval.num_examples = 64
-  config.eval.batch_size = 32
-  config.eval.attacks = ("clean", "pgd20", "cw20")
-  config.eval.epoch_num_examples = 32
-  config.log_every_steps = 5
-  config.checkpoint_every_steps = 7
-  config.update_from_flattened_dict(overrides)
-  return config
 
 
 def _final_params(workdir):
@@ -58,7 +35,7 @@ def finished_run(tmp_path_factory):
     patch.setattr(
         train_step_lib, "make_train_step",
         lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
-    result = train.train_and_evaluate(tiny_config(), workdir)
+    result = train.train_and_evaluate(_tiny.config(), workdir)
   return workdir, result
 
 
@@ -101,9 +78,9 @@ def test_resume_after_interruption_is_bitwise_identical(finished_run, tmp_path,
 
   monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
   with pytest.raises(KeyboardInterrupt, match="after step 7"):
-    train.train_and_evaluate(tiny_config(), workdir)
+    train.train_and_evaluate(_tiny.config(), workdir)
   monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
-  result = train.train_and_evaluate(tiny_config(), workdir)
+  result = train.train_and_evaluate(_tiny.config(), workdir)
   assert result["resumed_from_step"] == 7
   params, step = _final_params(workdir)
   assert step == 20
@@ -116,16 +93,16 @@ def test_resume_after_interruption_is_bitwise_identical(finished_run, tmp_path,
 
 def test_a_different_config_in_the_same_workdir_is_refused(finished_run):
   with pytest.raises(UserError, match="differs in: attack") as info:
-    train.train_and_evaluate(tiny_config(**{"attack.steps": 3}),
+    train.train_and_evaluate(_tiny.config(**{"attack.steps": 3}),
                              finished_run[0])
   assert "\n" not in str(info.value)
 
 
 def test_natural_training_is_one_switch(tmp_path):
   result = train.train_and_evaluate(
-      tiny_config(method="natural",
-                  epochs=1.0,
-                  **{"eval.attacks": ("clean", "pgd20")}), str(tmp_path))
+      _tiny.config(method="natural",
+                   epochs=1.0,
+                   **{"eval.attacks": ("clean", "pgd20")}), str(tmp_path))
   assert result["method"] == "natural"
   assert 0.0 <= result["pgd20_acc"] <= result["clean_acc"]
 
@@ -173,7 +150,7 @@ def test_bad_config_fails_in_one_line_before_compiling(overrides, fragment,
   monkeypatch.setattr(train_step_lib, "make_train_step", no_compile)
   monkeypatch.setattr(jax, "jit", no_compile)
   with pytest.raises(UserError, match=fragment) as info:
-    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "w"))
+    train.train_and_evaluate(_tiny.config(**overrides), str(tmp_path / "w"))
   assert "\n" not in str(info.value)
 
 
@@ -183,7 +160,7 @@ def test_empty_image_folder_fails_before_compiling(tmp_path, monkeypatch):
   monkeypatch.setattr(train_step_lib, "make_train_step", lambda *a, **k: 1 / 0)
   with pytest.raises(UserError, match="images under") as info:
     train.train_and_evaluate(
-        tiny_config(**{
+        _tiny.config(**{
             "data.name": "image_folder",
             "data.root": str(tmp_path / "data")
         }), str(tmp_path / "w"))
@@ -215,7 +192,8 @@ def test_training_starts_from_a_resampled_pretrained_checkpoint(
 
   monkeypatch.setattr(pretrained, "load", spy)
   result = train.train_and_evaluate(
-      tiny_config(epochs=1.0, **{"init.checkpoint": path}), str(tmp_path / "w"))
+      _tiny.config(epochs=1.0, **{"init.checkpoint": path}),
+      str(tmp_path / "w"))
   assert 0.0 <= result["clean_acc"] <= 1.0
   params = loaded["params"]
   np.testing.assert_array_equal(
@@ -228,7 +206,7 @@ def test_training_starts_from_a_resampled_pretrained_checkpoint(
 def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
   with pytest.raises(UserError, match="does not exist") as info:
     train.train_and_evaluate(
-        tiny_config(**{"init.checkpoint": str(tmp_path / "nope.safetensors")}),
+        _tiny.config(**{"init.checkpoint": str(tmp_path / "nope.safetensors")}),
         str(tmp_path / "w"))
   assert "\n" not in str(info.value)
   from vitat_jax import pretrained
@@ -245,7 +223,7 @@ def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
       wider.init(jax.random.key(0), np.zeros(
           (1, 8, 8, 3), np.float32))["params"], wider, path)
   with pytest.raises(UserError) as info:
-    train.train_and_evaluate(tiny_config(**{"init.checkpoint": path}),
+    train.train_and_evaluate(_tiny.config(**{"init.checkpoint": path}),
                              str(tmp_path / "w2"))
   assert "\n" not in str(info.value)
 
@@ -310,11 +288,11 @@ def test_a_run_saved_before_the_config_changes_resumes_and_evaluates(
     with open(path, "w") as f:
       json.dump(saved, f)
   # The same command resumes (here: the finished run is evaluated again)...
-  again = train.train_and_evaluate(tiny_config(), workdir)
+  again = train.train_and_evaluate(_tiny.config(), workdir)
   assert again["resumed_from_step"] == 20
   assert again["clean_acc"] == finished_run[1]["clean_acc"]
   # ... and --mode=eval, with a command config of today, evaluates it.
-  evaluated = eval_only.evaluate_checkpoint(tiny_config(), workdir)
+  evaluated = eval_only.evaluate_checkpoint(_tiny.config(), workdir)
   assert evaluated["clean_acc"] == finished_run[1]["clean_acc"]
 
 
@@ -323,7 +301,7 @@ def test_wall_clock_checkpoints_land_on_log_steps(tmp_path):
   workdir = str(tmp_path)
   # Minutes so short that every log step is due; steps so many that none is.
   train.train_and_evaluate(
-      tiny_config(
+      _tiny.config(
           **{
               "checkpoint_every_minutes": 1e-9,
               "checkpoint_every_steps": 1000,
@@ -336,7 +314,7 @@ def test_wall_clock_checkpoints_land_on_log_steps(tmp_path):
   # By epochs alone: the end of each 10-step epoch.
   workdir = str(tmp_path / "by_epochs")
   train.train_and_evaluate(
-      tiny_config(
+      _tiny.config(
           **{
               "checkpoint_every_minutes": 0,
               "checkpoint_every_steps": 1000,

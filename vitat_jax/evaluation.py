@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
@@ -188,6 +189,10 @@ class Evaluator:
     counts = {s.name: 0 for s in specs}
     seconds = {s.name: 0.0 for s in specs}
     total = 0
+    expected = min(num_examples or len(source), len(source))
+    logging.info("evaluating %s on %d test images",
+                 ", ".join(s.name for s in specs), expected)
+    started = last_line = time.perf_counter()
     batches = pipeline.eval_batches(source,
                                     self.batch_size,
                                     num_examples,
@@ -211,6 +216,14 @@ class Evaluator:
             self._batch_fn(spec)(params, batch_key, images, labels))
         seconds[spec.name] += time.perf_counter() - start
         counts[spec.name] += int((correct & valid).sum())
+      now = time.perf_counter()
+      if now - last_line >= PROGRESS_EVERY_S and total < expected:
+        last_line = now
+        logging.info(
+            "evaluated %d/%d images (%s so far), about %.0f s left", total,
+            expected,
+            ", ".join(f"{s.name} {counts[s.name] / total:.3f}" for s in specs),
+            (now - started) * (expected - total) / total)
     if total == 0:
       raise UserError("no evaluation images: check eval.num_examples and the "
                       "test split")
@@ -218,6 +231,10 @@ class Evaluator:
     for spec in specs:
       result[f"{spec.name}_acc"] = counts[spec.name] / total
       result[f"{spec.name}_time_s"] = seconds[spec.name]
+    logging.info(
+        "evaluated %d images in %.0f s: %s", total,
+        time.perf_counter() - started,
+        ", ".join(f"{s.name} {result[s.name + '_acc']:.4f}" for s in specs))
     return result
 
   def _run_autoattack(self, params, source, spec, count, key, output_dir):
@@ -249,6 +266,8 @@ class Evaluator:
     }
 
 
+# A log line at least this often during a long evaluation (files, no TTY).
+PROGRESS_EVERY_S = 30
 AUTOATTACK_CHUNK = 1024  # images attacked at once: host memory stays flat
 
 

@@ -259,6 +259,7 @@ def _final_evaluation(services: _Services, state, start_step: int,
   run = services.run
   config, total = run.config, run.total_steps
   eval_start = time.perf_counter()
+  logging.info("final evaluation: %s", ", ".join(config.eval.attacks))
   result = services.evaluator.final(state.params, run.splits.test,
                                     services.eval_key, run.workdir)
   result.update(eps=services.evaluator.eps,

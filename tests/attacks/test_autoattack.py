@@ -214,7 +214,7 @@ def test_a_multi_process_call_needs_a_placement(monkeypatch):
   x, y = batch(0, n=2)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(UserError,
-                     match="placement=parallel.autoattack_"
+                     match="placement=evaluation.autoattack_"
                      "placement") as info:
     attacks.autoattack(mlp, jax.random.key(0), x, y)
   assert "\n" not in str(info.value)
