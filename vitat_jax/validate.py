@@ -11,7 +11,7 @@ checkpointing) trust it:
 | `augment`, `mixup` | `_check_augment` (RandAugment spec: `randaugment.check_spec`) |
 | `method`, `attack` | `_check_method` (budget: `attacks.check_budget`) |
 | `optim` | `check_optim` |
-| `eval` (attacks, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_config`) |
+| `eval` (attacks, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
 | `init` | `_check_init` |
 | `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object) |
 | `model` | `_check_model_fields`, then building the module (`models.create_from_config`) |
@@ -211,7 +211,7 @@ def _check_eval(config):
                     "eval.epoch_num_examples=0 to skip the epoch evaluation")
   for name in list(ev.attacks) + list(ev.epoch_attacks):
     parse_attack(name)
-  protocol.check_config(config)
+  protocol.check_fields(config)
   if config.method != "natural" or any(n != "clean" for n in ev.attacks):
     eval_eps = ev.eps or config.attack.eps
     if not 0 < eval_eps <= 1:

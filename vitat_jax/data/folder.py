@@ -99,6 +99,9 @@ def check_root(root: str) -> pathlib.Path:
     raise UserError("data.root is empty; set it to a folder holding "
                     "train/<class>/*.jpg and test/<class>/*.jpg")
   root_path = pathlib.Path(root).expanduser().resolve()
+  if not root_path.exists():
+    raise UserError(f"data.root {root_path} does not exist; point it at a "
+                    "folder holding train/<class>/ and test/<class>/ images")
   if not root_path.is_dir():
     raise UserError(f"data.root {root_path} is not a directory; point it at a "
                     "folder holding train/<class>/ and test/<class>/ images")

@@ -81,8 +81,9 @@ def data_config(config):
   return data
 
 
-def check_config(config) -> None:
-  """One-line errors for `eval.protocol` and its fields."""
+def check_fields(config) -> None:
+  """One-line errors for `eval.protocol` and its fields (called by
+  `validate.check_config`)."""
   ev = config.eval
   if ev.protocol not in PROTOCOLS:
     raise UserError(f"unknown eval.protocol {ev.protocol!r}: use '' (the "
