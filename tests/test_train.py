@@ -48,16 +48,25 @@ def _final_params(workdir):
   return restored.state["params"], mngr.latest_step()
 
 
+# Neither the usual 022 nor mkstemp's 0600: files must come out 0640.
+RUN_UMASK = 0o027
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-  """One uninterrupted run, with the train step traced at most once."""
+  """One uninterrupted run, with the train step traced at most once, under
+  the umask `RUN_UMASK`."""
   workdir = str(tmp_path_factory.mktemp("run"))
   original = train_step_lib.make_train_step
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(
-        train_step_lib, "make_train_step",
-        lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
-    result = train.train_and_evaluate(tiny_config(), workdir)
+  previous_umask = os.umask(RUN_UMASK)
+  try:
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(
+          train_step_lib, "make_train_step",
+          lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
+      result = train.train_and_evaluate(tiny_config(), workdir)
+  finally:
+    os.umask(previous_umask)
   return workdir, result
 
 
@@ -247,6 +256,20 @@ def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
     train.train_and_evaluate(tiny_config(**{"init.checkpoint": path}),
                              str(tmp_path / "w2"))
   assert "\n" not in str(info.value)
+
+
+def test_every_file_a_run_writes_has_the_umasks_mode(finished_run):
+  workdir, _ = finished_run
+  modes = {}
+  for directory, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(directory, name)
+      modes[os.path.relpath(path, workdir)] = os.stat(path).st_mode & 0o777
+  for name in ("config.json", "metrics.json", "robustness.json",
+               "robustness.md", "metrics.jsonl", "learning_curves.png"):
+    assert name in modes
+  wanted = 0o666 & ~RUN_UMASK
+  assert {p: oct(m) for p, m in modes.items() if m != wanted} == {}
 
 
 def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
