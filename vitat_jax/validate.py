@@ -272,6 +272,9 @@ def check_config(config):
   Every field of configs/default.py is checked here, before anything is
   loaded, compiled or written.
   """
+  # The model's name first: a misspelt `:model=` would otherwise be
+  # reported as its pre-trained file missing (`_check_init`).
+  models.model_defaults(config.model.name)
   _check_run(config)
   _check_augment(config)
   objectives.check_config(config)
