@@ -127,6 +127,13 @@ def get_config():
   config.optim.weight_decay = 1e-4
   config.optim.grad_clip = 1.0  # global norm; 0 turns clipping off
   config.optim.schedule = "piecewise"  # piecewise | cyclic | cosine | constant
+  # piecewise: the lr is divided by 10 at each milestone. "end": epochs
+  # counted back from the end of the run, the reference code's (5, 2) = E-5
+  # and E-2 (35 and 38 of 40; a run of 5 epochs or less never trains at
+  # optim.lr, and the log warns); "start": absolute epochs, e.g. (36, 38),
+  # the paper's text. See docs/reference_differences.md.
+  config.optim.milestones = (5.0, 2.0)
+  config.optim.milestones_from = "end"  # end | start
   config.optim.warmup_epochs = 0.0  # cosine only
   config.optim.nesterov = False  # sgd
   config.optim.b1 = 0.9  # adamw

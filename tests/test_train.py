@@ -298,15 +298,15 @@ def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
 
 
 def _as_written_before_the_tricks_section(config_dict):
-  """A config as runs saved it before `tricks`, `optim.nesterov/b1/b2` and
-  `model.weight_init` existed."""
+  """A config as runs saved it before `tricks`, `optim.nesterov/b1/b2`,
+  `optim.milestones(_from)` and `model.weight_init` existed."""
   old = json.loads(json.dumps(config_dict))
   tricks = old.pop("tricks")
   old.update(ard=tricks["ard"],
              prm=tricks["prm"],
              warmup_epochs=tricks["warmup_epochs"],
              drop_rate=tricks["final_keep_rate"])
-  for field in ("nesterov", "b1", "b2"):
+  for field in ("nesterov", "b1", "b2", "milestones", "milestones_from"):
     del old["optim"][field]
   # Those runs' PRM grid was the model's patch grid, their init Xavier's.
   assert tricks["prm_patch_size"] == old["model"]["patch_size"]

@@ -25,6 +25,7 @@ from vitat_jax import data as data_lib
 from vitat_jax import evaluation
 from vitat_jax import metric_writers
 from vitat_jax import objectives
+from vitat_jax import optim
 from vitat_jax import parallel
 from vitat_jax import plots
 from vitat_jax import preemption
@@ -81,6 +82,7 @@ def train_and_evaluate(config,
   splits = data_lib.load(evaluation.protocol_data_config(config))
   model = state_lib.build_model(config, splits)
   tx, schedule, steps_per_epoch = state_lib.make_optimizer(config, splits)
+  optim.log_lr_warning(config.optim, config.epochs)
   total_steps = validate.check_steps(config, steps_per_epoch)
   objective = objectives.make_objective(config, model)
   if config.init.checkpoint:

@@ -387,7 +387,8 @@ def upgrade_run_config(previous: dict) -> dict:
   `prm_patch_size` masked the model's own patch grid (the model's
   `patch_size`, else the one its timm name states; ConViT's is 16), and
   before `model.weight_init` were initialised Xavier-uniform; `optim.nesterov`,
-  `b1` and `b2` were read with their defaults before they were declared.
+  `b1` and `b2` were read with their defaults before they were declared, and
+  the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
@@ -404,7 +405,8 @@ def upgrade_run_config(previous: dict) -> dict:
   model.setdefault("weight_init", "xavier_uniform")
   # Declared since; the optimiser read them with these defaults before.
   optim = previous.setdefault("optim", {})
-  for field, value in (("nesterov", False), ("b1", 0.9), ("b2", 0.999)):
+  for field, value in (("nesterov", False), ("b1", 0.9), ("b2", 0.999),
+                       ("milestones", [5.0, 2.0]), ("milestones_from", "end")):
     optim.setdefault(field, value)
   previous.setdefault("init", {}).setdefault("source", "")
   return previous
