@@ -272,6 +272,17 @@ def test_every_file_a_run_writes_has_the_umasks_mode(finished_run):
   assert {p: oct(m) for p, m in modes.items() if m != wanted} == {}
 
 
+def test_the_report_says_which_test_images_were_evaluated(finished_run):
+  workdir, result = finished_run
+  text = ("stratified subset of 64 of 360 test images, 6-7 per class, "
+          "seed 0")
+  assert result["eval_subset"] == text
+  with open(os.path.join(workdir, "robustness.json")) as f:
+    assert json.load(f)["eval_subset"] == text
+  with open(os.path.join(workdir, "robustness.md")) as f:
+    assert f"Images: {text}." in f.read()
+
+
 def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
   from PIL import Image
   from vitat_jax import metric_writers
