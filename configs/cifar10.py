@@ -4,7 +4,12 @@ train_cifar.py defaults).
 32x32 input with patch 4 (an 8x8 grid; PRM masks the same 8x8 grid of 4-px
 cells), PGD-10 training attack at eps 8/255, step 2/255; SGD lr 0.1,
 momentum 0.9, weight decay 1e-4, global-norm clipping 1.0, batch 64, 40
-epochs with the lr divided by 10 at epochs 35 and 38; Mixup/CutMix (prob
+epochs with the lr divided by 10 at epochs 35 and 38 (the reference code's
+E - 5 and E - 2: `optim.milestones=(5, 2)` counted from the end, so a
+shorter run moves them, and a run of 5 epochs or less never trains at
+optim.lr, with a warning; the paper's text says 36 and 38:
+`--config.optim.milestones_from=start --config.optim.milestones="(36, 38)"`,
+see docs/reference_differences.md); Mixup/CutMix (prob
 0.3) on AT batches; ARD/PRM warm-up over n_w = 10 epochs; initialised from
 the model's ImageNet weights (as the reference, whose default is
 pre-trained; `pretrained=scratch` turns it off); final evaluation with CW-20,

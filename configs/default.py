@@ -72,9 +72,12 @@ def get_config():
   config.data.train_split = "train"
   config.data.test_split = "test"
   config.data.image_size = 32
-  config.data.train_examples = 0  # 0 = all
+  # N > 0: a seeded, class-stratified subset of N (as many of each class
+  # as N allows, the remainder to classes drawn with subset_seed; the same
+  # on every run, host and device count). 0 = all.
+  config.data.train_examples = 0
   config.data.test_examples = 0
-  config.data.subset_seed = 0
+  config.data.subset_seed = 0  # also picks eval.*num_examples' subsets
   config.data.cache_dir = ""
   config.data.mean = ()  # () = the data set's default
   config.data.std = ()
@@ -127,6 +130,13 @@ def get_config():
   config.optim.weight_decay = 1e-4
   config.optim.grad_clip = 1.0  # global norm; 0 turns clipping off
   config.optim.schedule = "piecewise"  # piecewise | cyclic | cosine | constant
+  # piecewise: the lr is divided by 10 at each milestone. "end": epochs
+  # counted back from the end of the run, the reference code's (5, 2) = E-5
+  # and E-2 (35 and 38 of 40; a run of 5 epochs or less never trains at
+  # optim.lr, and the log warns); "start": absolute epochs, e.g. (36, 38),
+  # the paper's text. See docs/reference_differences.md.
+  config.optim.milestones = (5.0, 2.0)
+  config.optim.milestones_from = "end"  # end | start
   config.optim.warmup_epochs = 0.0  # cosine only
   config.optim.nesterov = False  # sgd
   config.optim.b1 = 0.9  # adamw
@@ -156,10 +166,14 @@ def get_config():
   config.eval.eps = config_dict.placeholder(float)  # default: attack.eps
   config.eval.alpha = 2 / 255
   config.eval.restarts = 1
-  config.eval.num_examples = 0  # final evaluation; 0 = the whole test set
+  # Final evaluation on N test images, a stratified subset like
+  # data.test_examples' (RobustBench's protocol: its first N); 0 = all.
+  # The log and robustness.json (`eval_subset`) say which.
+  config.eval.num_examples = 0
   # The reference's final evaluation: CW-20, PGD-20, PGD-100, AutoAttack.
   config.eval.attacks = ("clean", "cw20", "pgd20", "pgd100", "aa")
-  config.eval.epoch_num_examples = 500  # per-epoch subset; 0 = no epoch eval
+  # After each epoch, on a stratified subset of N; 0 = no epoch eval.
+  config.eval.epoch_num_examples = 500
   config.eval.epoch_attacks = ("clean", "pgd20")
   # AutoAttack ("aa" in eval.attacks): fra31's versions, or a custom list
   # of attacks (then the version is left at "standard"); norm Linf or L2

@@ -126,6 +126,10 @@ CASES = [
     # -- config fields, one per check of validate.check_config
     ([C + "model.name=vit_tiny_patch16_22"], "unknown model", "plain", None),
     ([C + "model.name=resnet50"], "unknown model", "plain", None),
+    # Named before its pre-trained file is looked for.
+    (["--config=configs/cifar10.py:model=deit_tiny_patch16_244"],
+     "unknown model 'deit_tiny_patch16_244': did you mean "
+     "deit_tiny_patch16_224", "plain", None),
     ([C + "model.patch_size=3"], "does not divide", "plain", None),
     ([C + "model.num_heads=3"], "num_heads", "plain", None),
     ([C + "model.drop_path_rate=2.0"], "drop_path_rate=2.0", "plain", None),

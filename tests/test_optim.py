@@ -7,6 +7,8 @@ import numpy as np
 import optax
 import pytest
 
+from configs import cifar10
+from configs import default
 from vitat_jax import optim
 from vitat_jax import validate
 from vitat_jax.errors import UserError
@@ -23,7 +25,9 @@ def _config(**overrides):
            warmup_epochs=0.0,
            nesterov=False,
            b1=0.9,
-           b2=0.999))
+           b2=0.999,
+           milestones=(5.0, 2.0),
+           milestones_from="end"))
   config.update(overrides)
   return config
 
@@ -149,3 +153,80 @@ def test_clipping_off_and_adamw_arm_build():
 def test_bad_optimizer_settings(overrides, fragment):
   with pytest.raises(UserError, match=fragment):
     validate.check_optim(_config(**overrides), epochs=10)
+
+
+def _lr_per_epoch(schedule, epochs, steps_per_epoch=4):
+  return [float(schedule(e * steps_per_epoch)) for e in range(int(epochs))]
+
+
+def test_milestones_count_from_the_end_or_from_the_start():
+  # From the end (the reference's default): drops at 40 - 5 and 40 - 2.
+  _, schedule = optim.make_optimizer(_config(), 40, 4)
+  lrs = _lr_per_epoch(schedule, 40)
+  assert lrs[:35] == [pytest.approx(0.1)] * 35
+  assert lrs[35:38] == [pytest.approx(0.01)] * 3
+  assert lrs[38:] == [pytest.approx(0.001)] * 2
+  # From the start: the paper's text, epochs 36 and 38 of 40.
+  _, schedule = optim.make_optimizer(
+      _config(milestones=(36.0, 38.0), milestones_from="start"), 40, 4)
+  lrs = _lr_per_epoch(schedule, 40)
+  assert lrs[:36] == [pytest.approx(0.1)] * 36
+  assert lrs[36:38] == [pytest.approx(0.01)] * 2
+  assert lrs[38:] == [pytest.approx(0.001)] * 2
+  # Absolute epochs do not move with the run's length.
+  _, schedule = optim.make_optimizer(
+      _config(milestones=(2.0,), milestones_from="start"), 3, 4)
+  assert _lr_per_epoch(schedule, 3) == [
+      pytest.approx(0.1),
+      pytest.approx(0.1),
+      pytest.approx(0.01)
+  ]
+  assert optim.milestone_epochs((5, 2), "end", 3) == (-2.0, 1.0)
+  assert optim.milestone_epochs((36, 38), "start", 3) == (36.0, 38.0)
+
+
+def test_the_default_milestones_are_the_references_e_minus_5_and_2():
+  config = default.get_config()
+  assert tuple(config.optim.milestones) == (5, 2)
+  assert config.optim.milestones_from == "end"
+  assert optim.lr_warning(config.optim, config.epochs) is None
+
+
+def test_a_3_epoch_paper_recipe_warns_once_that_the_lr_never_reaches_lr(
+    monkeypatch):
+  config = cifar10.get_config("pretrained=scratch")
+  config.epochs = 3.0
+  warnings = []
+  monkeypatch.setattr(optim.logging, "warning",
+                      lambda fmt, *args: warnings.append(fmt % args))
+  line = optim.log_lr_warning(config.optim, config.epochs)
+  assert warnings == [line]
+  assert "\n" not in line
+  for fragment in ("never reaches optim.lr=0.1", "optim.milestones=(5.0, 2.0)",
+                   "from the end", "epochs -2, 1", "trains at 0.01 from step 1",
+                   "optim.milestones_from=start"):
+    assert fragment in line, (fragment, line)
+  # A run longer than the first drop, or one with absolute milestones, is
+  # silent.
+  warnings.clear()
+  config.epochs = 6.0
+  assert optim.log_lr_warning(config.optim, config.epochs) is None
+  config.epochs = 3.0
+  config.optim.milestones = (2.0,)
+  config.optim.milestones_from = "start"
+  assert optim.log_lr_warning(config.optim, config.epochs) is None
+  assert not warnings
+
+
+@pytest.mark.parametrize("milestones, milestones_from, fragment", [
+    ((5.0, 2.0), "middle", "optim.milestones_from='middle'"),
+    ((2.0, 5.0), "end", "strictly decreasing"),
+    ((38.0, 36.0), "start", "strictly increasing"),
+    ((0.0,), "start", "optim.milestones=0.0"),
+])
+def test_bad_milestones(milestones, milestones_from, fragment):
+  config = default.get_config()
+  config.optim.milestones = milestones
+  config.optim.milestones_from = milestones_from
+  with pytest.raises(UserError, match=fragment.replace("(", "\\(")):
+    validate.check_config(config)

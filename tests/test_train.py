@@ -26,16 +26,25 @@ def _final_params(workdir):
   return restored.state["params"], mngr.latest_step()
 
 
+# Neither the usual 022 nor mkstemp's 0600: files must come out 0640.
+RUN_UMASK = 0o027
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-  """One uninterrupted run, with the train step traced at most once."""
+  """One uninterrupted run, with the train step traced at most once, under
+  the umask `RUN_UMASK`."""
   workdir = str(tmp_path_factory.mktemp("run"))
   original = train_step_lib.make_train_step
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(
-        train_step_lib, "make_train_step",
-        lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
-    result = train.train_and_evaluate(_tiny.config(), workdir)
+  previous_umask = os.umask(RUN_UMASK)
+  try:
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(
+          train_step_lib, "make_train_step",
+          lambda *a, **k: chex.assert_max_traces(original(*a, **k), n=1))
+      result = train.train_and_evaluate(_tiny.config(), workdir)
+  finally:
+    os.umask(previous_umask)
   return workdir, result
 
 
@@ -228,6 +237,31 @@ def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):
   assert "\n" not in str(info.value)
 
 
+def test_every_file_a_run_writes_has_the_umasks_mode(finished_run):
+  workdir, _ = finished_run
+  modes = {}
+  for directory, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(directory, name)
+      modes[os.path.relpath(path, workdir)] = os.stat(path).st_mode & 0o777
+  for name in ("config.json", "metrics.json", "robustness.json",
+               "robustness.md", "metrics.jsonl", "learning_curves.png"):
+    assert name in modes
+  wanted = 0o666 & ~RUN_UMASK
+  assert {p: oct(m) for p, m in modes.items() if m != wanted} == {}
+
+
+def test_the_report_says_which_test_images_were_evaluated(finished_run):
+  workdir, result = finished_run
+  text = ("stratified subset of 64 of 360 test images, 6-7 per class, "
+          "seed 0")
+  assert result["eval_subset"] == text
+  with open(os.path.join(workdir, "robustness.json")) as f:
+    assert json.load(f)["eval_subset"] == text
+  with open(os.path.join(workdir, "robustness.md")) as f:
+    assert f"Images: {text}." in f.read()
+
+
 def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
   from PIL import Image
   from vitat_jax import metric_writers
@@ -254,15 +288,15 @@ def test_a_real_run_leaves_metrics_tensorboard_and_plots(finished_run):
 
 
 def _as_written_before_the_tricks_section(config_dict):
-  """A config as runs saved it before `tricks`, `optim.nesterov/b1/b2` and
-  `model.weight_init` existed."""
+  """A config as runs saved it before `tricks`, `optim.nesterov/b1/b2`,
+  `optim.milestones(_from)` and `model.weight_init` existed."""
   old = json.loads(json.dumps(config_dict))
   tricks = old.pop("tricks")
   old.update(ard=tricks["ard"],
              prm=tricks["prm"],
              warmup_epochs=tricks["warmup_epochs"],
              drop_rate=tricks["final_keep_rate"])
-  for field in ("nesterov", "b1", "b2"):
+  for field in ("nesterov", "b1", "b2", "milestones", "milestones_from"):
     del old["optim"][field]
   # Those runs' PRM grid was the model's patch grid, their init Xavier's.
   assert tricks["prm_patch_size"] == old["model"]["patch_size"]

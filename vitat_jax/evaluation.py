@@ -18,6 +18,7 @@ import dataclasses
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from absl import logging
 import jax
 from absl import logging
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ from vitat_jax.attack_names import key_index
 from vitat_jax.attack_names import parse_attack
 from vitat_jax.data import pipeline
 from vitat_jax.data import protocol
+from vitat_jax.data import subsets
 from vitat_jax.errors import UserError
 
 
@@ -70,7 +72,7 @@ def make_attack_fn(model,
 
 
 class Evaluator:
-  """Clean and robust accuracy of params on the first images of a source.
+  """Clean and robust accuracy of params on (a stratified subset of) a source.
 
   Args:
     model: the Flax module.
@@ -107,6 +109,10 @@ class Evaluator:
     self._batch_fns: Dict[str, Callable] = {}  # jitted once, reused
     self.epoch_attacks, self.epoch_num_examples = (), 0
     self.final_attacks, self.final_num_examples = (), None
+    # N of a test set is a seeded, class-stratified subset (`subsets`),
+    # except under a protocol with a fixed order (RobustBench's first N).
+    self.subset_seed, self.final_stratified = 0, True
+    self._subsets = {}  # (id(source), N, stratified) -> (source, subset, text)
 
   @classmethod
   def from_config(cls, config, model, shard_fn) -> "Evaluator":
@@ -130,25 +136,40 @@ class Evaluator:
     evaluator.final_num_examples = (protocol.robustbench_num_examples(config)
                                     if ev.protocol == "robustbench" else
                                     ev.num_examples or None)
+    evaluator.subset_seed = config.data.subset_seed
+    evaluator.final_stratified = ev.protocol != "robustbench"
     return evaluator
 
+  def examples(self, source, num_examples, stratified=True):
+    """(the images an evaluation of `num_examples` reads, what they are):
+    `subsets.first_examples`, picked and logged once per source and N."""
+    key = (id(source), num_examples, stratified)
+    if key not in self._subsets:
+      subset, text = subsets.first_examples(source, num_examples,
+                                            self.subset_seed, stratified)
+      logging.info("evaluating on %s", text)
+      self._subsets[key] = (source, subset, text)
+    return self._subsets[key][1:]
+
   def epoch(self, params, source, key) -> Dict[str, Any]:
-    """`eval.epoch_attacks` on the first `eval.epoch_num_examples` images."""
-    return self(params,
-                source,
-                self.epoch_attacks,
-                key=key,
-                num_examples=self.epoch_num_examples)
+    """`eval.epoch_attacks` on `eval.epoch_num_examples` images (a
+    stratified subset)."""
+    subset, _ = self.examples(source, self.epoch_num_examples)
+    return self(params, subset, self.epoch_attacks, key=key)
 
   def final(self, params, source, key, output_dir=None) -> Dict[str, Any]:
-    """`eval.attacks` on the configured test images; AutoAttack's log.txt
-    (and adversarial examples) go to `output_dir`."""
-    return self(params,
-                source,
-                self.final_attacks,
-                key=key,
-                num_examples=self.final_num_examples,
-                output_dir=output_dir)
+    """`eval.attacks` on the configured test images (`eval_subset` says
+    which); AutoAttack's log.txt (and adversarial examples) go to
+    `output_dir`."""
+    subset, text = self.examples(source, self.final_num_examples,
+                                 self.final_stratified)
+    result = self(params,
+                  subset,
+                  self.final_attacks,
+                  key=key,
+                  output_dir=output_dir)
+    result["eval_subset"] = text
+    return result
 
   def _batch_fn(self, spec: AttackSpec) -> Callable:
     if spec.name not in self._batch_fns:
@@ -301,6 +322,8 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
   flags and counts, and the broken points' images when saving them."""
   logits_fn = lambda p, x: model.apply({"params": p}, x)
   chunk = max(AUTOATTACK_CHUNK, batch_size)
+  # Saved points are named by their index in the test split.
+  test_indices = getattr(source, "indices", np.arange(len(source)))
   pieces = []
   saved = {}
   dots_only = None  # the model's XLA:CPU choice, traced once per set
@@ -335,7 +358,7 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
             "images": [],
             "labels": []
         })
-        entry["indices"].append(rows[broken])
+        entry["indices"].append(test_indices[rows[broken]])
         entry["images"].append(run.adv_images[broken])
         entry["labels"].append(np.asarray(labels)[broken])
         robust_before = after

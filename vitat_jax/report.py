@@ -79,6 +79,8 @@ def robustness_markdown(run: Run) -> str:
   checkpoint = report.get("checkpoint")
   if checkpoint:
     lines += [f"Parameters: {checkpoint}.", ""]
+  if report.get("eval_subset"):
+    lines += [f"Images: {report['eval_subset']}.", ""]
   lines += [
       "| evaluation | accuracy | correct / total | time |",
       "|---|---:|---:|---:|"

@@ -150,6 +150,7 @@ def prepare(config,
                                       steps_per_epoch)
   if purpose == "train":  # training 0 steps is an error; evaluating is not
     total_steps = validate.check_steps(config, steps_per_epoch)
+    optim.log_lr_warning(config.optim, config.epochs)
   else:
     total_steps = optim.epochs_to_steps(config.epochs, steps_per_epoch)
   if config.init.checkpoint:

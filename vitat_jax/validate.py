@@ -180,10 +180,29 @@ def check_optim(opt, epochs: float) -> None:
   if opt.grad_clip < 0 or opt.weight_decay < 0:
     raise UserError("optim.grad_clip and optim.weight_decay must be >= 0 "
                     "(0 turns them off)")
+  _check_milestones(opt)
   _finite("optim.momentum", opt.momentum, low=0, high=1, high_open=True)
   if not 0 <= opt.warmup_epochs <= epochs:
     raise UserError(f"optim.warmup_epochs={opt.warmup_epochs} must be in "
                     f"[0, epochs={epochs}]")
+
+
+def _check_milestones(opt):
+  if opt.milestones_from not in optim.MILESTONES_FROM:
+    raise UserError(f"optim.milestones_from={opt.milestones_from!r}: use "
+                    "'end' (epochs before the end of the run) or 'start' "
+                    "(absolute epochs)")
+  milestones = tuple(opt.milestones)
+  for value in milestones:
+    _finite("optim.milestones", value, low=0, low_open=True)
+  # Drops in time order: from the end the counts shrink, from the start
+  # the epochs grow.
+  step = -1 if opt.milestones_from == "end" else 1
+  if any((b - a) * step <= 0 for a, b in zip(milestones, milestones[1:])):
+    order = "decreasing" if step < 0 else "increasing"
+    raise UserError(f"optim.milestones={milestones} counted from the "
+                    f"{opt.milestones_from} must be strictly {order}, e.g. "
+                    f"{(5, 2) if step < 0 else (36, 38)}")
 
 
 def _check_eval(config):
@@ -290,6 +309,9 @@ def check_config(config):
   Every field of configs/default.py is checked here, before anything is
   loaded, compiled or written.
   """
+  # The model's name first: a misspelt `:model=` would otherwise be
+  # reported as its pre-trained file missing (`_check_init`).
+  models.model_defaults(config.model.name)
   _check_run(config)
   _check_augment(config)
   _check_method(config)

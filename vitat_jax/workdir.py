@@ -36,8 +36,8 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import socket
-import tempfile
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from absl import logging
@@ -157,10 +157,7 @@ def write_text(path: str, text: str) -> None:
   if not is_local(path):
     epath.Path(path).write_text(text)
     return
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
-                             suffix=".tmp",
-                             dir=directory)
+  fd, tmp = _create_temp(path)
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
@@ -171,6 +168,19 @@ def write_text(path: str, text: str) -> None:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+def _create_temp(path: str) -> Tuple[int, str]:
+  """(fd, name) of a new file beside `path`, with the mode a plain `open`
+  gives (0666 less the umask), where `tempfile.mkstemp` would give 0600."""
+  directory = os.path.dirname(os.path.abspath(path))
+  prefix = os.path.basename(path) + "."
+  while True:
+    tmp = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}.tmp")
+    try:
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    except FileExistsError:
+      continue
 
 
 def read_json(path: str):
@@ -377,7 +387,8 @@ def upgrade_run_config(previous: dict) -> dict:
   `prm_patch_size` masked the model's own patch grid (the model's
   `patch_size`, else the one its timm name states; ConViT's is 16), and
   before `model.weight_init` were initialised Xavier-uniform; `optim.nesterov`,
-  `b1` and `b2` were read with their defaults before they were declared.
+  `b1` and `b2` were read with their defaults before they were declared, and
+  the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
@@ -394,7 +405,8 @@ def upgrade_run_config(previous: dict) -> dict:
   model.setdefault("weight_init", "xavier_uniform")
   # Declared since; the optimiser read them with these defaults before.
   optim = previous.setdefault("optim", {})
-  for field, value in (("nesterov", False), ("b1", 0.9), ("b2", 0.999)):
+  for field, value in (("nesterov", False), ("b1", 0.9), ("b2", 0.999),
+                       ("milestones", [5.0, 2.0]), ("milestones_from", "end")):
     optim.setdefault(field, value)
   previous.setdefault("init", {}).setdefault("source", "")
   return previous

@@ -657,3 +657,30 @@ def test_tfds_dir_without_array_record_files_names_the_format(tmp_path_factory):
         _tfds_config(tfds_name="vitat_test_tiny_gray",
                      tfds_data_dir=str(data_dir)))
   _assert_one_line_error(excinfo, "--file_format=array_record")
+
+
+def test_tfds_eval_subsets_are_stratified_from_labels_alone(tiny_tfds_dir):
+  # tfds shuffles the records: the first 6 are two of each class only by
+  # luck; the subset is by construction.
+  from vitat_jax.data import subsets
+  import cloudpickle
+  splits = data.load(
+      _tfds_config(tfds_name="vitat_test_tiny_gray",
+                   tfds_data_dir=str(tiny_tfds_dir)))
+  np.testing.assert_array_equal(splits.test.labels,
+                                splits.test.get_batch(np.arange(9))[1])
+  subset, text = subsets.first_examples(splits.test, 6, seed=0)
+  assert text == ("stratified subset of 6 of 9 test images, 2 per class, "
+                  "seed 0")
+  images, labels = subset.get_batch(np.arange(6))
+  np.testing.assert_array_equal(np.bincount(labels), [2, 2, 2])
+  np.testing.assert_array_equal(images[:, 0, 0, 0], 40 + 80 * labels)
+  copy = cloudpickle.loads(cloudpickle.dumps(subset))  # into a worker
+  np.testing.assert_array_equal(copy.get_batch(np.arange(6))[1], labels)
+  # A train subset's labels are its own records'.
+  subset_splits = data.load(
+      _tfds_config(tfds_name="vitat_test_tiny_gray",
+                   tfds_data_dir=str(tiny_tfds_dir),
+                   train_examples=12))
+  np.testing.assert_array_equal(subset_splits.train.labels,
+                                subset_splits.train.get_batch(np.arange(12))[1])

@@ -21,10 +21,11 @@ The train split uses `data.train_transform`, the test split
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from absl import logging
 import numpy as np
@@ -32,6 +33,7 @@ from PIL import Image
 
 from vitat_jax.data import decode
 from vitat_jax.data import folder
+from vitat_jax.data import subsets
 from vitat_jax.errors import UserError
 
 VALID_NAMES = ("digits", "image_folder", "tfds")
@@ -144,11 +146,24 @@ class TfdsSource:
       repeated to 3 channels).
     record_indices: the records this split exposes, in order (a subset), or
       None for all of them.
+    label_reader: returns the labels of all records of the split, without
+      decoding images (for `labels`), or None.
   """
 
   data_source: Any
   transform: decode.Transform
   record_indices: Optional[np.ndarray] = None
+  label_reader: Optional[Callable[[], np.ndarray]] = None
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """The labels of this split's examples (read once, on first use)."""
+    if self.label_reader is None:
+      raise ValueError("this TfdsSource has no label_reader")
+    labels = np.asarray(self.label_reader(), np.int32)
+    if self.record_indices is not None:
+      labels = labels[self.record_indices]
+    return labels
 
   def __len__(self) -> int:
     if self.record_indices is not None:
@@ -277,7 +292,8 @@ def load(data_config) -> DataSplits:
       take their defaults.
 
   Returns:
-    The splits. Train and test subsets (`*_examples` > 0) are class-balanced.
+    The splits. Train and test subsets (`*_examples` > 0) are seeded and
+    class-stratified (`subsets.stratified_subset`).
 
   Raises:
     UserError: a bad field, missing or unusable data.
@@ -378,27 +394,25 @@ def _default_cache_dir() -> str:
 
 def balanced_subset(labels: np.ndarray, num_examples: int, num_classes: int,
                     seed: int, what: str) -> np.ndarray:
-  """Sorted indices of num_examples // num_classes random examples per class.
+  """Sorted indices of `subsets.stratified_subset`: num_examples //
+  num_classes random examples per class, the remainder spread over classes
+  drawn with the seed.
 
-  A class with fewer examples contributes all it has (with a warning).
+  A class with fewer examples contributes all it has (with a warning), the
+  others the rest.
   """
-  per_class = num_examples // num_classes
-  if per_class == 0:
+  if num_examples < num_classes:
     raise UserError(f"{what}={num_examples} is fewer than the {num_classes} "
                     f"classes; use 0 for all examples or at least "
                     f"{num_classes}")
-  rng = np.random.default_rng(seed)
-  chosen = []
+  per_class = num_examples // num_classes
   for label in range(num_classes):
-    members = np.flatnonzero(labels == label)
-    if len(members) < per_class:
+    count = int((labels == label).sum())
+    if count < per_class:
       logging.warning(
           "%s=%d asks for %d examples of class %d, which has only "
-          "%d; taking them all", what, num_examples, per_class, label,
-          len(members))
-    take = min(per_class, len(members))
-    chosen.append(rng.choice(members, size=take, replace=False))
-  return np.sort(np.concatenate(chosen)).astype(np.int64)
+          "%d; taking them all", what, num_examples, per_class, label, count)
+  return subsets.stratified_subset(labels, num_examples, seed, num_classes)
 
 
 def _maybe_subset(labels: np.ndarray, num_examples: int, num_classes: int,
@@ -565,11 +579,15 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str], split_names: tuple[str,
       data_sources, split_names, (train, test),
       (train_transform, eval_transform)):
     record_indices = None
+    label_reader = functools.partial(_read_labels_of_split, tfds_name, split,
+                                     data_dir)
     if wanted:
-      labels = _read_tfds_labels(tfds, tfds_name, split, data_dir)
+      labels = label_reader()
+      label_reader = functools.partial(np.asarray, labels)
       record_indices = balanced_subset(labels, wanted, len(class_names), seed,
                                        f"data.{split}_examples")
-    sources.append(TfdsSource(data_source, transform, record_indices))
+    sources.append(
+        TfdsSource(data_source, transform, record_indices, label_reader))
   mean, std = default_stats(tfds_name.split(":")[0].split("/")[0])
   return DataSplits(train=sources[0],
                     test=sources[1],
@@ -638,6 +656,13 @@ def _encoded_images(tfds, tfds_name: str, split: str, data_dir: Optional[str],
   except Exception:  # pylint: disable=broad-except
     pass  # e.g. tfds.testing.mock_data, which needs TensorFlow for this
   return plain
+
+
+def _read_labels_of_split(tfds_name: str, split: str,
+                          data_dir: Optional[str]) -> np.ndarray:
+  """`_read_tfds_labels`, importing tfds (picklable, for `TfdsSource`)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return _read_tfds_labels(tfds, tfds_name, split, data_dir)
 
 
 def _read_tfds_labels(tfds, tfds_name: str, split: str,
