@@ -16,6 +16,7 @@ run no longer than the first drop from the end never trains at `optim.lr`:
 from typing import Optional, Sequence
 
 from absl import logging
+import numpy as np
 import optax
 import jax.numpy as jnp
 
@@ -50,15 +51,17 @@ def piecewise_lr(base_lr: float,
   """base_lr divided by 10 at each milestone epoch (`milestone_epochs`):
   with the defaults lr for t < E - 5, lr / 10 for t < E - 2, lr / 100 after
   (the reference's)."""
-  drops = jnp.asarray(milestone_epochs(milestones, milestones_from, epochs),
-                      jnp.float32)
+  # NumPy constants: building the schedule compiles nothing.
+  drops = np.asarray(milestone_epochs(milestones, milestones_from, epochs),
+                     np.float32)
   # lr, lr * 0.1, lr * 0.01, ... as the reference writes them (0.1**2 is
   # not 0.01 in floating point).
-  levels = jnp.asarray([base_lr * 10.0**-k for k in range(len(drops) + 1)])
+  levels = np.asarray([base_lr * 10.0**-k for k in range(len(drops) + 1)],
+                      np.float32)
 
   def schedule(count):
     t = count / steps_per_epoch
-    return levels[jnp.sum(t >= drops)]
+    return jnp.asarray(levels)[jnp.sum(t >= drops)]
 
   return schedule
 
