@@ -8,6 +8,7 @@ import pytest
 
 from vitat_jax import models
 from vitat_jax.errors import UserError
+from vitat_jax.models import layers
 
 
 def _num_params(model):
@@ -191,3 +192,21 @@ def test_registry_lists_timm_names():
   for name in ("vit_base_patch16_224", "deit_tiny_patch16_224",
                "deit_small_patch16_224", "vit_base_patch16_224_in21k"):
     assert name in names
+
+
+def test_patch_embedding_is_timms_strided_convolution():
+  # The patchify + matmul against the convolution it replaces, same kernel.
+  kernel, bias = PARAMS["patch_embed"]["kernel"], PARAMS["patch_embed"]["bias"]
+  x = IMAGES - 0.5
+  conv = jax.lax.conv_general_dilated(
+      x,
+      kernel, (4, 4),
+      "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision="highest") + bias
+  ours = layers.PatchEmbedding(32, 4).apply(
+      {"params": {
+          "kernel": kernel,
+          "bias": bias
+      }}, x)
+  np.testing.assert_allclose(ours, conv, rtol=1e-6, atol=1e-6)

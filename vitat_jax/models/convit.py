@@ -204,15 +204,13 @@ class ConViT(nn.Module):
     layers.check_call(images, attn_keep, self.img_size,
                       self.num_attention_blocks)
     width = self.width
-    # Normalisation and patch embedding in float32 (see vit.py).
+    # Normalisation and patch embedding in float32, HIGHEST (see vit.py).
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     kernel_init = layers.dense_kernel_init(self.weight_init)
-    x = nn.Conv(width, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2,
-                padding="VALID",
-                kernel_init=layers.conv_init(self.weight_init),
-                dtype=jnp.float32,
-                name="patch_embed")(x).astype(self.dtype)
+    x = layers.PatchEmbedding(width,
+                              self.patch_size,
+                              kernel_init=layers.conv_init(self.weight_init),
+                              name="patch_embed")(x).astype(self.dtype)
     batch = x.shape[0]
     x = x.reshape(batch, -1, width)
     # The "xavier_uniform" scheme keeps this family's earlier token init.

@@ -200,6 +200,40 @@ class Block(nn.Module):
                    name="mlp")(branch, train=train)
 
 
+class PatchEmbedding(nn.Module):
+  """timm's patch `Conv2d` (kernel == stride, no padding) as patchify and
+  one matmul, in float32 at HIGHEST precision whatever the model's.
+
+  An attack's 0.25/255 steps must survive it, for about 1% of the FLOPs.
+  As a convolution, its input gradient compiles on XLA:CPU to a
+  base-dilated convolution, ~50x slower than this reshape and matmul
+  (benchmarks/patch_embedding.py). `kernel` keeps the convolution's
+  [p, p, C, D] layout and initialiser, so checkpoints and seeds map onto
+  it as before. [B, H, W, C] -> [B, H / p, W / p, D].
+  """
+  features: int
+  patch_size: int
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    p = self.patch_size
+    kernel = self.param("kernel", self.kernel_init,
+                        (p, p, channels, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    x = x.astype(jnp.float32).reshape(batch, height // p, p, width // p, p,
+                                      channels)
+    # Each patch flattened in the kernel's (row, column, channel) order.
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // p, width // p,
+                                              p * p * channels)
+    x = jnp.dot(x,
+                kernel.reshape(p * p * channels, self.features),
+                precision=jax.lax.Precision.HIGHEST)
+    return x + bias
+
+
 def check_patch_and_stats(img_size: int, patch_size: int, mean, std):
   """One-line UserErrors shared by every family's `check_config`."""
   if patch_size <= 0 or img_size % patch_size:

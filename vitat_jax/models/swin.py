@@ -181,7 +181,7 @@ class PatchMerging(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """Strided convolution then LayerNorm (timm's `patch_embed.proj/norm`)."""
+  """Patch projection then LayerNorm (timm's `patch_embed.proj/norm`)."""
   patch_size: int
   embed_dim: int
   dtype: Any = jnp.float32
@@ -189,12 +189,10 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2,
-                padding="VALID",
-                kernel_init=self.conv_init,
-                dtype=self.dtype,
-                name="proj")(x)
+    x = layers.PatchEmbedding(self.embed_dim,
+                              self.patch_size,
+                              kernel_init=self.conv_init,
+                              name="proj")(x)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
@@ -321,7 +319,7 @@ class SwinTransformer(nn.Module):
   def __call__(self, images, attn_keep=None, *, train: bool = False):
     layers.check_call(images, attn_keep, self.img_size,
                       self.num_attention_blocks)
-    # Normalisation and patch embedding in float32 (see vit.py).
+    # Normalisation and patch embedding in float32, HIGHEST (see vit.py).
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     kernel_init = layers.dense_kernel_init(self.weight_init)
     x = PatchEmbed(self.patch_size,

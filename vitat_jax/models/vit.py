@@ -92,16 +92,14 @@ class VisionTransformer(nn.Module):
                       self.num_attention_blocks)
     scheme = self.weight_init
     kernel_init = layers.dense_kernel_init(scheme)
-    # Normalisation and patch embedding in float32 whatever the compute
-    # dtype: an attack's small steps (0.25/255) survive them (bf16 input
-    # rounding would erase them), for about 1% of the FLOPs.
+    # Normalisation and patch embedding in float32 at HIGHEST precision
+    # whatever the compute dtype: an attack's small steps (0.25/255) survive
+    # them (bf16 input rounding would erase them), for about 1% of the FLOPs.
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
-    x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2,
-                padding="VALID",
-                kernel_init=layers.conv_init(scheme),
-                dtype=jnp.float32,
-                name="patch_embed")(x).astype(self.dtype)
+    x = layers.PatchEmbedding(self.embed_dim,
+                              self.patch_size,
+                              kernel_init=layers.conv_init(scheme),
+                              name="patch_embed")(x).astype(self.dtype)
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.embed_dim)
 
