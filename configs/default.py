@@ -48,6 +48,10 @@ def get_config():
   # Recompute each block's activations in the backward pass instead of
   # keeping them: less memory, about a third more compute (ViT/DeiT).
   config.model.remat = config_dict.placeholder(bool)
+  # Attention through jax.nn.dot_product_attention (cuDNN's fused kernel for
+  # bfloat16 on GPU); False = the explicit einsum-softmax-einsum. None = the
+  # model's default (True); ViT/DeiT/ConViT only (Swin keeps its windows).
+  config.model.fused_attention = config_dict.placeholder(bool)
   # "trunc_normal": the reference's (timm's) initialisation, std 0.02 for
   # linear layers (a replaced head included) and the tokens; "xavier_uniform":
   # this project's choice for small models trained from scratch.

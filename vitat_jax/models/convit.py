@@ -117,6 +117,7 @@ class ConViTBlock(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   kernel_init: Any = layers.dense_init
+  fused_attention: bool = True
 
   @nn.compact
   def __call__(self, x, keep=None, *, train: bool = False):
@@ -139,6 +140,7 @@ class ConViTBlock(nn.Module):
                               self.dropout,
                               dtype=self.dtype,
                               kernel_init=self.kernel_init,
+                              fused=self.fused_attention,
                               name="attn")
     branch = layers.gate_attention(attn(branch, train=train), keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
@@ -172,6 +174,9 @@ class ConViT(nn.Module):
   # "trunc_normal" (the reference's, timm's) or "xavier_uniform".
   weight_init: str = "trunc_normal"
   dtype: Any = jnp.float32
+  # The MHSA blocks' attention through jax.nn.dot_product_attention (GPSA
+  # mixes in positional attention, so it stays explicit).
+  fused_attention: bool = True
 
   @property
   def width(self) -> int:
@@ -239,6 +244,7 @@ class ConViT(nn.Module):
                       float(rates[i]),
                       dtype=self.dtype,
                       kernel_init=kernel_init,
+                      fused_attention=self.fused_attention,
                       name=f"blocks_{i}")(x, keep, train=train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     # With every block local the class token was never inserted: timm then

@@ -59,6 +59,8 @@ class VisionTransformer(nn.Module):
   # Rematerialise each block: its activations are recomputed in the backward
   # pass instead of stored (less memory, one more forward pass of compute).
   remat: bool = False
+  # Attention through jax.nn.dot_product_attention (layers.Attention).
+  fused_attention: bool = True
 
   @property
   def num_attention_blocks(self) -> int:
@@ -141,6 +143,7 @@ class VisionTransformer(nn.Module):
                 dtype=self.dtype,
                 kernel_init=kernel_init,
                 layer_norm_eps=self.layer_norm_eps,
+                fused_attention=self.fused_attention,
                 name=f"blocks_{i}")(x, keep, train)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      name="norm")(x)
