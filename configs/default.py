@@ -35,6 +35,11 @@ def get_config():
   # Activations and matmuls in this dtype ("bfloat16" on GPU/TPU); params and
   # optimiser state stay float32. See docs/parallel.md.
   config.compute_dtype = "float32"
+  # Precision of float32 matmuls (the patch embedding's is always "highest"):
+  # "default" (the backend's: TF32 on recent GPUs, one bfloat16 pass on
+  # TPU), "high", "highest", or "auto": "default" on CPU/GPU, "high" on TPU
+  # for training, "highest" for float32 evaluation. See docs/precision.md.
+  config.matmul_precision = "auto"
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "deit_tiny_patch16_224"

@@ -4,6 +4,7 @@ Parameter names follow timm's module names (`qkv`, `proj`, `fc1`, `fc2`,
 `norm1`, ...) so that converted checkpoints map onto them one to one.
 """
 
+import contextlib
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -61,6 +62,17 @@ def check_weight_init(scheme: str):
 # Default of sub-modules built on their own (their parent passes its own).
 dense_init = dense_kernel_init("trunc_normal")
 
+# A model's `precision`: that of every dot and einsum except the patch
+# embedding's (always HIGHEST); None is the backend's default (see
+# docs/precision.md and `models.precision`).
+PRECISIONS = (None, "default", "high", "highest")
+
+
+def check_precision(precision):
+  if precision not in PRECISIONS:
+    raise UserError(f"precision={precision!r}: use None (the backend's "
+                    "default), 'default', 'high' or 'highest'")
+
 
 def gate_attention(branch: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
   """ARD gate: forward value unchanged, gradient scaled by `keep`.
@@ -101,6 +113,7 @@ class Mlp(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   kernel_init: Any = dense_init
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -108,12 +121,14 @@ class Mlp(nn.Module):
     x = nn.Dense(self.hidden_dim,
                  dtype=self.dtype,
                  kernel_init=self.kernel_init,
+                 precision=self.precision,
                  name="fc1")(x)
     x = gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(out_dim,
                  dtype=self.dtype,
                  kernel_init=self.kernel_init,
+                 precision=self.precision,
                  name="fc2")(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
@@ -129,24 +144,33 @@ def attention_implementation(dtype) -> str:
   return "xla"
 
 
-def fused_attention(q, k, v, *, dtype):
+def fused_attention(q, k, v, *, dtype, precision: Optional[str]):
   """softmax(q k^T) v over [batch, tokens, heads, head_dim] (q pre-scaled)
   through `jax.nn.dot_product_attention`.
 
-  What cuDNN refuses at trace time (head_dim above 128 or not a multiple
-  of 8, no cuDNN) falls back to XLA's.
+  XLA's implementation sets no precision of its own on float32 dots, so
+  the model's is applied as the default around the call. What cuDNN
+  refuses at trace time (head_dim above 128 or not a multiple of 8, no
+  cuDNN) falls back to XLA's.
   """
   implementation = attention_implementation(dtype)
-  if implementation == "cudnn":
-    try:
-      return jax.nn.dot_product_attention(q,
-                                          k,
-                                          v,
-                                          scale=1.0,
-                                          implementation="cudnn")
-    except (NotImplementedError, RuntimeError):
-      pass
-  return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="xla")
+  scope = (contextlib.nullcontext()
+           if precision is None else jax.default_matmul_precision(precision))
+  with scope:
+    if implementation == "cudnn":
+      try:
+        return jax.nn.dot_product_attention(q,
+                                            k,
+                                            v,
+                                            scale=1.0,
+                                            implementation="cudnn")
+      except (NotImplementedError, RuntimeError):
+        pass
+    return jax.nn.dot_product_attention(q,
+                                        k,
+                                        v,
+                                        scale=1.0,
+                                        implementation="xla")
 
 
 class Attention(nn.Module):
@@ -164,6 +188,7 @@ class Attention(nn.Module):
   proj_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   kernel_init: Any = dense_init
+  precision: Optional[str] = None
   fused: bool = True
 
   @nn.compact
@@ -175,24 +200,33 @@ class Attention(nn.Module):
                    use_bias=self.qkv_bias,
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
+                   precision=self.precision,
                    name="qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     if self.fused and not (train and self.attn_dropout > 0):
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-      out = fused_attention(q * scale, k, v, dtype=self.dtype)
+      out = fused_attention(q * scale,
+                            k,
+                            v,
+                            dtype=self.dtype,
+                            precision=self.precision)
     else:
       # Heads before tokens, once: the batched matmuls below then need no
       # operand transposes (about 5% of an attack step on CPU, NOTES.md).
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-      logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
+      logits = jnp.einsum("bhqd,bhkd->bhqk",
+                          q * scale,
+                          k,
+                          precision=self.precision)
       weights = jax.nn.softmax(logits.astype(jnp.float32),
                                axis=-1).astype(self.dtype)
       weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
-      out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+      out = jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=self.precision)
       out = out.transpose(0, 2, 1, 3)
     out = nn.Dense(dim,
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
+                   precision=self.precision,
                    name="proj")(out.reshape(batch, tokens, dim))
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
@@ -213,6 +247,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Any = dense_init
   layer_norm_eps: float = 1e-6
+  precision: Optional[str] = None
   fused_attention: bool = True
 
   @nn.compact
@@ -229,6 +264,7 @@ class Block(nn.Module):
                        self.dropout,
                        dtype=self.dtype,
                        kernel_init=self.kernel_init,
+                       precision=self.precision,
                        fused=self.fused_attention,
                        name="attn")(branch, train=train)
     branch = gate_attention(branch, keep)
@@ -241,6 +277,7 @@ class Block(nn.Module):
                    self.dropout,
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
+                   precision=self.precision,
                    name="mlp")(branch, train=train)
 
 
