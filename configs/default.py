@@ -35,6 +35,11 @@ def get_config():
   # Activations and matmuls in this dtype ("bfloat16" on GPU/TPU); params and
   # optimiser state stay float32. See docs/parallel.md.
   config.compute_dtype = "float32"
+  # Precision of float32 matmuls (the patch embedding's is always "highest"):
+  # "default" (the backend's: TF32 on recent GPUs, one bfloat16 pass on
+  # TPU), "high", "highest", or "auto": "default" on CPU/GPU, "high" on TPU
+  # for training, "highest" for float32 evaluation. See docs/precision.md.
+  config.matmul_precision = "auto"
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "deit_tiny_patch16_224"
@@ -48,6 +53,11 @@ def get_config():
   # Recompute each block's activations in the backward pass instead of
   # keeping them: less memory, about a third more compute (ViT/DeiT).
   config.model.remat = config_dict.placeholder(bool)
+  # Attention through jax.nn.dot_product_attention (cuDNN's fused kernel for
+  # bfloat16 on GPU); False = the explicit einsum-softmax-einsum. None = the
+  # model's default: fused on GPU/TPU, explicit on the CPU (4-6% faster
+  # there, docs/performance.md); ViT/DeiT/ConViT only (Swin keeps its windows).
+  config.model.fused_attention = config_dict.placeholder(bool)
   # "trunc_normal": the reference's (timm's) initialisation, std 0.02 for
   # linear layers (a replaced head included) and the tokens; "xavier_uniform":
   # this project's choice for small models trained from scratch.

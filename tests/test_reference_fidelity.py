@@ -426,11 +426,33 @@ def test_eval_compute_dtype_sets_the_evaluators_precision():
   config.eval.compute_dtype = "float32"  # ... evaluated in float32
   evaluator = evaluation.Evaluator.from_config(config, model, lambda b: b)
   assert evaluator.model.dtype == jnp.float32
+  assert evaluator.model.precision == "highest"  # matmul_precision "auto"
   config.eval.compute_dtype = ""  # by default, in the run's dtype
-  assert evaluation.Evaluator.from_config(
-      config, model, lambda b: b).model.dtype == jnp.bfloat16
+  evaluator = evaluation.Evaluator.from_config(config, model, lambda b: b)
+  assert evaluator.model.dtype == jnp.bfloat16
+  assert evaluator.model.precision is None
   config.eval.compute_dtype = "fp8"
   with pytest.raises(UserError) as error:
     validate.check_config(config)
   assert "eval.compute_dtype='fp8'" in str(error.value)
+  assert "\n" not in str(error.value)
+
+
+def test_matmul_precision_of_training_and_evaluation():
+  from configs import quickstart
+  from vitat_jax import evaluation
+  config = quickstart.get_config()
+  config.compute_dtype = "float32"
+  model = state_lib.build_model(config)
+  assert model.precision is None  # "auto" on the CPU: the backend's
+  evaluator = evaluation.Evaluator.from_config(config, model, lambda b: b)
+  assert evaluator.model.precision == "highest"
+  config.matmul_precision = "high"  # an explicit setting holds for both
+  assert state_lib.build_model(config).precision == "high"
+  assert evaluation.Evaluator.from_config(config, model,
+                                          lambda b: b).model.precision == "high"
+  config.matmul_precision = "tf32"
+  with pytest.raises(UserError) as error:
+    validate.check_config(config)
+  assert "matmul_precision='tf32'" in str(error.value)
   assert "\n" not in str(error.value)

@@ -35,6 +35,7 @@ from vitat_jax.data import pipeline
 from vitat_jax.data import protocol
 from vitat_jax.data import subsets
 from vitat_jax.errors import UserError
+from vitat_jax.models import precision
 
 
 def eval_eps(config) -> float:
@@ -117,11 +118,14 @@ class Evaluator:
   @classmethod
   def from_config(cls, config, model, shard_fn) -> "Evaluator":
     """The evaluations of `config.eval`, after each epoch and at the end
-    (in `eval.compute_dtype` when it is set)."""
+    (in `eval.compute_dtype` when it is set; float32 at HIGHEST precision
+    unless `matmul_precision` says otherwise)."""
     ev = config.eval
     if ev.compute_dtype:
       model = model.clone(
           dtype=jnp.dtype(parallel.compute_dtype_for(ev.compute_dtype)))
+    model = model.clone(precision=precision.matmul_precision_for(
+        config.matmul_precision, model.dtype, evaluation=True))
     evaluator = cls(model,
                     eps=eval_eps(config),
                     alpha=ev.alpha,

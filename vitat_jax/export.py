@@ -26,7 +26,8 @@ EXPORT_DIR = "export"
 WEIGHTS = "model.safetensors"
 CARD = "model_card.json"
 # Model config fields that are not timm constructor keywords (training only).
-_NOT_TIMM = ("name", "remat", "weight_init", "drop_path_rate")
+_NOT_TIMM = ("name", "remat", "weight_init", "drop_path_rate",
+             "fused_attention")
 
 
 def timm_spec(config, model) -> Dict[str, Any]:

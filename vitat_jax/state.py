@@ -20,6 +20,7 @@ from absl import logging
 from vitat_jax import pretrained
 from vitat_jax import models
 from vitat_jax import parallel
+from vitat_jax.models import precision
 
 
 @flax.struct.dataclass
@@ -34,7 +35,8 @@ def build_model(config, splits=None):
 
   Params are created (and optimised) in float32 whatever
   `config.compute_dtype` (checked by `validate.check_config`; "auto" is
-  `parallel.compute_dtype_for`'s choice).
+  `parallel.compute_dtype_for`'s choice); float32 dots run at
+  `config.matmul_precision` (`precision.matmul_precision_for`).
   """
   data_kwargs = {"img_size": config.data.image_size or None}
   if splits is not None:
@@ -42,8 +44,10 @@ def build_model(config, splits=None):
                        num_classes=splits.num_classes,
                        mean=splits.mean,
                        std=splits.std)
-  data_kwargs["dtype"] = jnp.dtype(
-      parallel.compute_dtype_for(config.compute_dtype))
+  dtype = parallel.compute_dtype_for(config.compute_dtype)
+  data_kwargs["dtype"] = jnp.dtype(dtype)
+  data_kwargs["precision"] = precision.matmul_precision_for(
+      config.matmul_precision, dtype)
   return models.create_from_config(config.model, **data_kwargs)
 
 

@@ -35,6 +35,7 @@ from vitat_jax import data
 from vitat_jax.data import protocol
 from vitat_jax.data import randaugment
 from vitat_jax.errors import UserError
+from vitat_jax.models import precision
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -114,6 +115,10 @@ def _check_run(config):
     raise UserError(f"compute_dtype={config.compute_dtype!r}: use float32, "
                     "bfloat16 (GPU/TPU), float16 or auto (bfloat16 on "
                     "GPU/TPU, float32 on CPU)")
+  if config.matmul_precision not in precision.MATMUL_PRECISIONS:
+    raise UserError(f"matmul_precision={config.matmul_precision!r}: use "
+                    f"{', '.join(precision.MATMUL_PRECISIONS)} "
+                    "(docs/precision.md)")
   _finite("beta",
           config.beta,
           low=0,

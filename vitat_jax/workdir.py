@@ -446,11 +446,12 @@ def merge_run_config(current: dict, recorded: dict,
 
 
 # Fields that may change between a run and its resumption (prefixes).
-# (init.source only says where the weights came from.)
+# (init.source only says where the weights came from; matmul_precision,
+# added later, is how the same computation is rounded.)
 _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
                    "checkpoint_every_minutes", "checkpoint_every_epochs",
                    "compilation_cache_dir", "keep_checkpoints",
-                   "data.cache_dir", "init.source")
+                   "data.cache_dir", "init.source", "matmul_precision")
 
 
 def _run_defining(config_dict: dict) -> Dict[str, Any]:

@@ -105,3 +105,22 @@ def test_bad_arguments_are_one_line_user_errors(kwargs, fragment):
   with pytest.raises(UserError, match=fragment) as info:
     models.create(**kwargs)
   assert "\n" not in str(info.value)
+
+
+def _output_and_input_grad(model):
+
+  def loss(images):
+    logits = model.apply({"params": PARAMS}, images)
+    return -jnp.take_along_axis(
+        jax.nn.log_softmax(logits), LABELS[:, None], axis=1).mean(), logits
+
+  (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(IMAGES)
+  return logits, grad
+
+
+def test_fused_mhsa_equals_the_explicit_path_in_float32():
+  # Blocks 2-3 are MHSA (fused by default); GPSA blocks 0-1 stay explicit.
+  fused = _output_and_input_grad(MODEL.clone(fused_attention=True))
+  explicit = _output_and_input_grad(MODEL.clone(fused_attention=False))
+  for a, b in zip(fused, explicit):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

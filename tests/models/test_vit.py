@@ -8,6 +8,7 @@ import pytest
 
 from vitat_jax import models
 from vitat_jax.errors import UserError
+from vitat_jax.models import layers
 
 
 def _num_params(model):
@@ -191,3 +192,60 @@ def test_registry_lists_timm_names():
   for name in ("vit_base_patch16_224", "deit_tiny_patch16_224",
                "deit_small_patch16_224", "vit_base_patch16_224_in21k"):
     assert name in names
+
+
+def test_patch_embedding_is_timms_strided_convolution():
+  # The patchify + matmul against the convolution it replaces, same kernel.
+  kernel, bias = PARAMS["patch_embed"]["kernel"], PARAMS["patch_embed"]["bias"]
+  x = IMAGES - 0.5
+  conv = jax.lax.conv_general_dilated(
+      x,
+      kernel, (4, 4),
+      "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision="highest") + bias
+  ours = layers.PatchEmbedding(32, 4).apply(
+      {"params": {
+          "kernel": kernel,
+          "bias": bias
+      }}, x)
+  np.testing.assert_allclose(ours, conv, rtol=1e-6, atol=1e-6)
+
+
+def _output_and_input_grad(model, params, keep=None, train=False, rng=None):
+
+  def loss(images):
+    logits = model.apply({"params": params},
+                         images,
+                         attn_keep=keep,
+                         train=train,
+                         rngs=None if rng is None else {"dropout": rng})
+    return -jnp.take_along_axis(
+        jax.nn.log_softmax(logits), LABELS[:, None], axis=1).mean(), logits
+
+  (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(IMAGES)
+  return logits, grad
+
+
+def test_fused_attention_equals_the_explicit_path_in_float32():
+  assert MODEL.fused_attention is None  # the default: fused off the CPU
+  assert layers.use_fused_attention(None) == (jax.default_backend() != "cpu")
+  assert layers.attention_implementation(jnp.float32) == "xla"
+  fused = MODEL.clone(fused_attention=True)
+  explicit = MODEL.clone(fused_attention=False)
+  keep = jnp.array([0.0, 1.0])  # the ARD gate composes with either path
+  for a, b in zip(_output_and_input_grad(fused, PARAMS, keep),
+                  _output_and_input_grad(explicit, PARAMS, keep)):
+    assert np.abs(a).max() > 0
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_attention_dropout_in_training_takes_the_explicit_path():
+  dropped = MODEL.clone(attn_drop_rate=0.5, fused_attention=True)
+  rng = jax.random.key(3)
+  fused = _output_and_input_grad(dropped, PARAMS, train=True, rng=rng)
+  explicit = _output_and_input_grad(dropped.clone(fused_attention=False),
+                                    PARAMS,
+                                    train=True,
+                                    rng=rng)
+  jax.tree.map(np.testing.assert_array_equal, fused, explicit)

@@ -8,7 +8,7 @@ Keywords are timm's: `embed_dim` is the width per head (timm multiplies it by
 `num_heads`). As in the reference, drop-path sits on the attention branch.
 """
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,7 @@ class GPSA(nn.Module):
   proj_dropout: float = 0.0
   dtype: Any = jnp.float32
   kernel_init: Any = layers.dense_init
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -77,6 +78,7 @@ class GPSA(nn.Module):
     dense = lambda n, name, **kw: nn.Dense(  # pylint: disable=g-long-lambda
         n,
         dtype=self.dtype,
+        precision=self.precision,
         name=name,
         **{
             "kernel_init": self.kernel_init,
@@ -85,7 +87,10 @@ class GPSA(nn.Module):
     qk = dense(2 * dim, "qk", use_bias=self.qkv_bias)(x)
     qk = qk.reshape(batch, tokens, 2, self.num_heads, head_dim)
     q, k = qk[:, :, 0], qk[:, :, 1]
-    patch = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+    patch = jnp.einsum("bqhd,bkhd->bhqk",
+                       q * head_dim**-0.5,
+                       k,
+                       precision=self.precision)
     patch = jax.nn.softmax(patch.astype(jnp.float32), axis=-1)
     pos = dense(self.num_heads,
                 "pos_proj",
@@ -100,7 +105,8 @@ class GPSA(nn.Module):
                          deterministic=not train)(weights.astype(self.dtype))
     v = dense(dim, "v", use_bias=self.qkv_bias, kernel_init=_identity_init)(x)
     v = v.reshape(batch, tokens, self.num_heads, head_dim)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, dim)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v,
+                     precision=self.precision).reshape(batch, tokens, dim)
     out = dense(dim, "proj")(out)
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
@@ -117,6 +123,8 @@ class ConViTBlock(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   kernel_init: Any = layers.dense_init
+  precision: Optional[str] = None
+  fused_attention: Optional[bool] = None  # None: fused off the CPU
 
   @nn.compact
   def __call__(self, x, keep=None, *, train: bool = False):
@@ -130,6 +138,7 @@ class ConViTBlock(nn.Module):
                   self.dropout,
                   dtype=self.dtype,
                   kernel_init=self.kernel_init,
+                  precision=self.precision,
                   name="attn")
     else:
       attn = layers.Attention(self.num_heads,
@@ -139,6 +148,8 @@ class ConViTBlock(nn.Module):
                               self.dropout,
                               dtype=self.dtype,
                               kernel_init=self.kernel_init,
+                              precision=self.precision,
+                              fused=self.fused_attention,
                               name="attn")
     branch = layers.gate_attention(attn(branch, train=train), keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
@@ -148,6 +159,7 @@ class ConViTBlock(nn.Module):
                           self.dropout,
                           dtype=self.dtype,
                           kernel_init=self.kernel_init,
+                          precision=self.precision,
                           name="mlp")(branch, train=train)
 
 
@@ -172,6 +184,11 @@ class ConViT(nn.Module):
   # "trunc_normal" (the reference's, timm's) or "xavier_uniform".
   weight_init: str = "trunc_normal"
   dtype: Any = jnp.float32
+  # Of every dot but the patch embedding's (always HIGHEST): see vit.py.
+  precision: Optional[str] = None
+  # The MHSA blocks' attention through jax.nn.dot_product_attention (GPSA
+  # mixes in positional attention, so it stays explicit).
+  fused_attention: Optional[bool] = None  # None: fused off the CPU
 
   @property
   def width(self) -> int:
@@ -192,6 +209,7 @@ class ConViT(nn.Module):
     layers.check_patch_and_stats(self.img_size, self.patch_size, self.mean,
                                  self.std)
     layers.check_weight_init(self.weight_init)
+    layers.check_precision(self.precision)
     if not 0 <= self.local_up_to_layer <= self.depth:
       raise UserError(f"local_up_to_layer={self.local_up_to_layer} must lie in "
                       f"[0, depth={self.depth}]")
@@ -204,15 +222,13 @@ class ConViT(nn.Module):
     layers.check_call(images, attn_keep, self.img_size,
                       self.num_attention_blocks)
     width = self.width
-    # Normalisation and patch embedding in float32 (see vit.py).
+    # Normalisation and patch embedding in float32, HIGHEST (see vit.py).
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     kernel_init = layers.dense_kernel_init(self.weight_init)
-    x = nn.Conv(width, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2,
-                padding="VALID",
-                kernel_init=layers.conv_init(self.weight_init),
-                dtype=jnp.float32,
-                name="patch_embed")(x).astype(self.dtype)
+    x = layers.PatchEmbedding(width,
+                              self.patch_size,
+                              kernel_init=layers.conv_init(self.weight_init),
+                              name="patch_embed")(x).astype(self.dtype)
     batch = x.shape[0]
     x = x.reshape(batch, -1, width)
     # The "xavier_uniform" scheme keeps this family's earlier token init.
@@ -241,6 +257,8 @@ class ConViT(nn.Module):
                       float(rates[i]),
                       dtype=self.dtype,
                       kernel_init=kernel_init,
+                      precision=self.precision,
+                      fused_attention=self.fused_attention,
                       name=f"blocks_{i}")(x, keep, train=train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     # With every block local the class token was never inserted: timm then
@@ -251,6 +269,7 @@ class ConViT(nn.Module):
     logits = nn.Dense(self.num_classes,
                       dtype=self.dtype,
                       kernel_init=kernel_init,
+                      precision=self.precision,
                       name="head")(x)
     return logits.astype(jnp.float32)
 

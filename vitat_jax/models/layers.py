@@ -4,6 +4,7 @@ Parameter names follow timm's module names (`qkv`, `proj`, `fc1`, `fc2`,
 `norm1`, ...) so that converted checkpoints map onto them one to one.
 """
 
+import contextlib
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -61,6 +62,17 @@ def check_weight_init(scheme: str):
 # Default of sub-modules built on their own (their parent passes its own).
 dense_init = dense_kernel_init("trunc_normal")
 
+# A model's `precision`: that of every dot and einsum except the patch
+# embedding's (always HIGHEST); None is the backend's default (see
+# docs/precision.md and `models.precision`).
+PRECISIONS = (None, "default", "high", "highest")
+
+
+def check_precision(precision):
+  if precision not in PRECISIONS:
+    raise UserError(f"precision={precision!r}: use None (the backend's "
+                    "default), 'default', 'high' or 'highest'")
+
 
 def gate_attention(branch: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
   """ARD gate: forward value unchanged, gradient scaled by `keep`.
@@ -101,6 +113,7 @@ class Mlp(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   kernel_init: Any = dense_init
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -108,18 +121,78 @@ class Mlp(nn.Module):
     x = nn.Dense(self.hidden_dim,
                  dtype=self.dtype,
                  kernel_init=self.kernel_init,
+                 precision=self.precision,
                  name="fc1")(x)
     x = gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(out_dim,
                  dtype=self.dtype,
                  kernel_init=self.kernel_init,
+                 precision=self.precision,
                  name="fc2")(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
+def attention_implementation(dtype) -> str:
+  """`jax.nn.dot_product_attention`'s kernel: cuDNN's fused (flash) one for
+  bfloat16/float16 on a GPU, XLA's (einsum, float32 softmax, einsum)
+  everywhere else; XLA's is also what float32 gets on a GPU, since cuDNN's
+  takes half precision only."""
+  if (jax.default_backend() == "gpu" and
+      jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    return "cudnn"
+  return "xla"
+
+
+def use_fused_attention(fused: Optional[bool]) -> bool:
+  """Whether attention goes through `jax.nn.dot_product_attention`: as
+  `fused` says, or (None) everywhere but on the CPU. On XLA:CPU the fused
+  call measured 4-6% slower than the explicit heads-first path (DeiT-Ti,
+  224 px batch 2 and 32 px batch 32; docs/performance.md), and there is no
+  kernel to gain."""
+  if fused is None:
+    return jax.default_backend() != "cpu"
+  return bool(fused)
+
+
+def fused_attention(q, k, v, *, dtype, precision: Optional[str]):
+  """softmax(q k^T) v over [batch, tokens, heads, head_dim] (q pre-scaled)
+  through `jax.nn.dot_product_attention`.
+
+  XLA's implementation sets no precision of its own on float32 dots, so
+  the model's is applied as the default around the call. What cuDNN
+  refuses at trace time (head_dim above 128 or not a multiple of 8, no
+  cuDNN) falls back to XLA's.
+  """
+  implementation = attention_implementation(dtype)
+  scope = (contextlib.nullcontext()
+           if precision is None else jax.default_matmul_precision(precision))
+  with scope:
+    if implementation == "cudnn":
+      try:
+        return jax.nn.dot_product_attention(q,
+                                            k,
+                                            v,
+                                            scale=1.0,
+                                            implementation="cudnn")
+      except (NotImplementedError, RuntimeError):
+        pass
+    return jax.nn.dot_product_attention(q,
+                                        k,
+                                        v,
+                                        scale=1.0,
+                                        implementation="xla")
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (timm layout)."""
+  """Multi-head self-attention with a fused qkv projection (timm layout).
+
+  `fused=True` computes the attention itself with
+  `jax.nn.dot_product_attention` (`fused_attention`); attention dropout
+  while training needs the weights, so it takes the explicit path, as
+  `fused=False` always does; None (the default) is fused off the CPU
+  (`use_fused_attention`). Both give the same values (float32: to 1e-6).
+  """
   num_heads: int
   qkv_bias: bool = True
   qk_scale: Optional[float] = None
@@ -127,6 +200,8 @@ class Attention(nn.Module):
   proj_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   kernel_init: Any = dense_init
+  precision: Optional[str] = None
+  fused: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -137,21 +212,35 @@ class Attention(nn.Module):
                    use_bias=self.qkv_bias,
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
+                   precision=self.precision,
                    name="qkv")(x)
-    # Heads before tokens, once: the batched matmuls below then need no
-    # operand transposes (about 5% of an attack step on CPU, NOTES.md).
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32),
-                             axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-    out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
+    if use_fused_attention(
+        self.fused) and not (train and self.attn_dropout > 0):
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      out = fused_attention(q * scale,
+                            k,
+                            v,
+                            dtype=self.dtype,
+                            precision=self.precision)
+    else:
+      # Heads before tokens, once: the batched matmuls below then need no
+      # operand transposes (about 5% of an attack step on CPU, NOTES.md).
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+      logits = jnp.einsum("bhqd,bhkd->bhqk",
+                          q * scale,
+                          k,
+                          precision=self.precision)
+      weights = jax.nn.softmax(logits.astype(jnp.float32),
+                               axis=-1).astype(self.dtype)
+      weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
+      out = jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=self.precision)
+      out = out.transpose(0, 2, 1, 3)
     out = nn.Dense(dim,
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
-                   name="proj")(out)
+                   precision=self.precision,
+                   name="proj")(out.reshape(batch, tokens, dim))
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
 
@@ -171,6 +260,8 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Any = dense_init
   layer_norm_eps: float = 1e-6
+  precision: Optional[str] = None
+  fused_attention: Optional[bool] = None  # None: fused off the CPU
 
   @nn.compact
   def __call__(self, x, keep=None, train: bool = False):
@@ -186,6 +277,8 @@ class Block(nn.Module):
                        self.dropout,
                        dtype=self.dtype,
                        kernel_init=self.kernel_init,
+                       precision=self.precision,
+                       fused=self.fused_attention,
                        name="attn")(branch, train=train)
     branch = gate_attention(branch, keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
@@ -197,7 +290,42 @@ class Block(nn.Module):
                    self.dropout,
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
+                   precision=self.precision,
                    name="mlp")(branch, train=train)
+
+
+class PatchEmbedding(nn.Module):
+  """timm's patch `Conv2d` (kernel == stride, no padding) as patchify and
+  one matmul, in float32 at HIGHEST precision whatever the model's.
+
+  An attack's 0.25/255 steps must survive it, for about 1% of the FLOPs.
+  As a convolution, its input gradient compiles on XLA:CPU to a
+  base-dilated convolution, ~50x slower than this reshape and matmul
+  (benchmarks/patch_embedding.py). `kernel` keeps the convolution's
+  [p, p, C, D] layout and initialiser, so checkpoints and seeds map onto
+  it as before. [B, H, W, C] -> [B, H / p, W / p, D].
+  """
+  features: int
+  patch_size: int
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    p = self.patch_size
+    kernel = self.param("kernel", self.kernel_init,
+                        (p, p, channels, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    x = x.astype(jnp.float32).reshape(batch, height // p, p, width // p, p,
+                                      channels)
+    # Each patch flattened in the kernel's (row, column, channel) order.
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // p, width // p,
+                                              p * p * channels)
+    x = jnp.dot(x,
+                kernel.reshape(p * p * channels, self.features),
+                precision=jax.lax.Precision.HIGHEST)
+    return x + bias
 
 
 def check_patch_and_stats(img_size: int, patch_size: int, mean, std):

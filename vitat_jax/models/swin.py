@@ -75,6 +75,7 @@ class WindowAttention(nn.Module):
   proj_dropout: float = 0.0
   dtype: Any = jnp.float32
   kernel_init: Any = layers.dense_init
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):
@@ -92,10 +93,14 @@ class WindowAttention(nn.Module):
                    use_bias=self.qkv_bias,
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
+                   precision=self.precision,
                    name="qkv")(x)
     qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+    logits = jnp.einsum("bqhd,bkhd->bhqk",
+                        q * head_dim**-0.5,
+                        k,
+                        precision=self.precision)
     logits = logits.astype(jnp.float32) + bias
     if mask is not None:
       num_windows = mask.shape[0]
@@ -104,11 +109,12 @@ class WindowAttention(nn.Module):
       logits = logits.reshape(-1, self.num_heads, tokens, tokens)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights,
-                     v).reshape(windows, tokens, inner)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v,
+                     precision=self.precision).reshape(windows, tokens, inner)
     out = nn.Dense(dim,
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
+                   precision=self.precision,
                    name="proj")(out)
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
@@ -126,6 +132,7 @@ class SwinBlock(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   kernel_init: Any = layers.dense_init
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, keep=None, *, train: bool = False):
@@ -143,6 +150,7 @@ class SwinBlock(nn.Module):
                              self.dropout,
                              dtype=self.dtype,
                              kernel_init=self.kernel_init,
+                             precision=self.precision,
                              name="attn")(_partition(branch, window),
                                           mask,
                                           train=train)
@@ -157,6 +165,7 @@ class SwinBlock(nn.Module):
                           self.dropout,
                           dtype=self.dtype,
                           kernel_init=self.kernel_init,
+                          precision=self.precision,
                           name="mlp")(branch, train=train)
 
 
@@ -165,6 +174,7 @@ class PatchMerging(nn.Module):
   out_dim: int
   dtype: Any = jnp.float32
   kernel_init: Any = layers.dense_init
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x):
@@ -177,11 +187,12 @@ class PatchMerging(nn.Module):
                     use_bias=False,
                     dtype=self.dtype,
                     kernel_init=self.kernel_init,
+                    precision=self.precision,
                     name="reduction")(x)
 
 
 class PatchEmbed(nn.Module):
-  """Strided convolution then LayerNorm (timm's `patch_embed.proj/norm`)."""
+  """Patch projection then LayerNorm (timm's `patch_embed.proj/norm`)."""
   patch_size: int
   embed_dim: int
   dtype: Any = jnp.float32
@@ -189,12 +200,10 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2,
-                padding="VALID",
-                kernel_init=self.conv_init,
-                dtype=self.dtype,
-                name="proj")(x)
+    x = layers.PatchEmbedding(self.embed_dim,
+                              self.patch_size,
+                              kernel_init=self.conv_init,
+                              name="proj")(x)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
@@ -213,6 +222,7 @@ class SwinStage(nn.Module):
   drop_path_rates: Sequence[float] = ()
   dtype: Any = jnp.float32
   kernel_init: Any = layers.dense_init
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, keep=None, *, train: bool = False):
@@ -220,6 +230,7 @@ class SwinStage(nn.Module):
       x = PatchMerging(self.dim,
                        dtype=self.dtype,
                        kernel_init=self.kernel_init,
+                       precision=self.precision,
                        name="downsample")(x)
     window, shift = stage_windows(x.shape[1], self.window_size)
     for j in range(self.depth):
@@ -234,6 +245,7 @@ class SwinStage(nn.Module):
                     float(self.drop_path_rates[j]),
                     dtype=self.dtype,
                     kernel_init=self.kernel_init,
+                    precision=self.precision,
                     name=f"blocks_{j}")(x,
                                         None if keep is None else keep[j],
                                         train=train)
@@ -265,6 +277,8 @@ class SwinTransformer(nn.Module):
   # "trunc_normal" (the reference's, timm's) or "xavier_uniform".
   weight_init: str = "trunc_normal"
   dtype: Any = jnp.float32
+  # Of every dot but the patch embedding's (always HIGHEST): see vit.py.
+  precision: Optional[str] = None
 
   def __post_init__(self):
     # timm keywords often arrive as lists; module attributes stay hashable.
@@ -292,6 +306,7 @@ class SwinTransformer(nn.Module):
     layers.check_patch_and_stats(self.img_size, self.patch_size, self.mean,
                                  self.std)
     layers.check_weight_init(self.weight_init)
+    layers.check_precision(self.precision)
     if len(self.depths) != len(self.num_heads):
       raise UserError(f"depths={tuple(self.depths)} and num_heads="
                       f"{tuple(self.num_heads)} need one entry per stage each")
@@ -321,7 +336,7 @@ class SwinTransformer(nn.Module):
   def __call__(self, images, attn_keep=None, *, train: bool = False):
     layers.check_call(images, attn_keep, self.img_size,
                       self.num_attention_blocks)
-    # Normalisation and patch embedding in float32 (see vit.py).
+    # Normalisation and patch embedding in float32, HIGHEST (see vit.py).
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     kernel_init = layers.dense_kernel_init(self.weight_init)
     x = PatchEmbed(self.patch_size,
@@ -347,6 +362,7 @@ class SwinTransformer(nn.Module):
                     drop_path_rates=tuple(rates[start:start + depth]),
                     dtype=self.dtype,
                     kernel_init=kernel_init,
+                    precision=self.precision,
                     name=f"layers_{i}")(x, keep, train=train)
       start += depth
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
@@ -357,6 +373,7 @@ class SwinTransformer(nn.Module):
     logits = nn.Dense(self.num_classes,
                       dtype=self.dtype,
                       kernel_init=kernel_init,
+                      precision=self.precision,
                       name="head")(x)
     return logits.astype(jnp.float32)
 

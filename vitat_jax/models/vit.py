@@ -59,6 +59,11 @@ class VisionTransformer(nn.Module):
   # Rematerialise each block: its activations are recomputed in the backward
   # pass instead of stored (less memory, one more forward pass of compute).
   remat: bool = False
+  # Of every dot but the patch embedding's (always HIGHEST): None (the
+  # backend's default), "default", "high" or "highest" (docs/precision.md).
+  precision: Optional[str] = None
+  # Attention through jax.nn.dot_product_attention (layers.Attention).
+  fused_attention: Optional[bool] = None  # None: fused off the CPU
 
   @property
   def num_attention_blocks(self) -> int:
@@ -81,6 +86,7 @@ class VisionTransformer(nn.Module):
     layers.check_patch_and_stats(self.img_size, self.patch_size, self.mean,
                                  self.std)
     layers.check_weight_init(self.weight_init)
+    layers.check_precision(self.precision)
     if self.embed_dim % self.num_heads:
       raise UserError(
           f"embed_dim={self.embed_dim} is not divisible by num_heads="
@@ -92,16 +98,14 @@ class VisionTransformer(nn.Module):
                       self.num_attention_blocks)
     scheme = self.weight_init
     kernel_init = layers.dense_kernel_init(scheme)
-    # Normalisation and patch embedding in float32 whatever the compute
-    # dtype: an attack's small steps (0.25/255) survive them (bf16 input
-    # rounding would erase them), for about 1% of the FLOPs.
+    # Normalisation and patch embedding in float32 at HIGHEST precision
+    # whatever the compute dtype: an attack's small steps (0.25/255) survive
+    # them (bf16 input rounding would erase them), for about 1% of the FLOPs.
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
-    x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2,
-                padding="VALID",
-                kernel_init=layers.conv_init(scheme),
-                dtype=jnp.float32,
-                name="patch_embed")(x).astype(self.dtype)
+    x = layers.PatchEmbedding(self.embed_dim,
+                              self.patch_size,
+                              kernel_init=layers.conv_init(scheme),
+                              name="patch_embed")(x).astype(self.dtype)
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.embed_dim)
 
@@ -143,6 +147,8 @@ class VisionTransformer(nn.Module):
                 dtype=self.dtype,
                 kernel_init=kernel_init,
                 layer_norm_eps=self.layer_norm_eps,
+                precision=self.precision,
+                fused_attention=self.fused_attention,
                 name=f"blocks_{i}")(x, keep, train)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      name="norm")(x)
@@ -153,17 +159,20 @@ class VisionTransformer(nn.Module):
           nn.Dense(self.representation_size,
                    dtype=self.dtype,
                    kernel_init=kernel_init,
+                   precision=self.precision,
                    name="pre_logits")(cls))
     if self.num_classes <= 0:
       return cls
     logits = nn.Dense(self.num_classes,
                       dtype=self.dtype,
                       kernel_init=kernel_init,
+                      precision=self.precision,
                       name="head")(cls)
     if self.distilled:
       dist = nn.Dense(self.num_classes,
                       dtype=self.dtype,
                       kernel_init=kernel_init,
+                      precision=self.precision,
                       name="head_dist")(x[:, 1])
       logits = (logits + dist) / 2
     return logits.astype(jnp.float32)
