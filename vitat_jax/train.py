@@ -210,8 +210,14 @@ def _loop(services: _Services, train_step, state, start_step: int,
           stopping=bool(signum),
           clock_due=logged and checkpointing.minutes_passed(config, last_save)):
         last_save = time.monotonic()
-        checkpointing.save_run(services.ckpt, done, state, config, spe, history,
-                               services.writer.flush)
+        checkpointing.save_run(services.ckpt,
+                               done,
+                               state,
+                               config,
+                               spe,
+                               history,
+                               services.writer.flush,
+                               model=run.model)
       if signum:
         services.writer.close()
         services.ckpt.wait_until_finished()

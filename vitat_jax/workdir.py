@@ -326,16 +326,28 @@ def has_checkpoints(workdir: str) -> bool:
   return bool(saved_steps(workdir))
 
 
+# The checkpoint meta item's record of the model's data-dependent fields
+# (`state.ModelInputs`: image_size, num_classes, mean, std), written since
+# 2026-12-05; older runs' are inferred (`vitat_jax.api.load_run`).
+MODEL_INPUTS = "model_inputs"
+
+
+def meta_of_step(workdir: str, step: int) -> Optional[dict]:
+  """The `meta` item of the checkpoint of `step`, if it is readable JSON."""
+  meta = read_json(
+      str(
+          epath.Path(checkpoints_dir(workdir)) / str(step) / "meta" /
+          "metadata"))
+  return meta if isinstance(meta, dict) else None
+
+
 def read_meta(workdir: str) -> Optional[dict]:
   """The `meta` item of the newest checkpoint where it is readable JSON: the
-  seed, the input position (`steps_per_epoch`, `epoch`, `index_in_epoch`)
-  and the run's resolved config."""
+  seed, the input position (`steps_per_epoch`, `epoch`, `index_in_epoch`),
+  the run's resolved config and, since 2026-12-05, `MODEL_INPUTS`."""
   for step in saved_steps(workdir):
-    meta = read_json(
-        str(
-            epath.Path(checkpoints_dir(workdir)) / str(step) / "meta" /
-            "metadata"))
-    if isinstance(meta, dict):
+    meta = meta_of_step(workdir, step)
+    if meta is not None:
       return meta
   return None
 
@@ -412,13 +424,16 @@ def upgrade_run_config(previous: dict) -> dict:
   return previous
 
 
-def recorded_config(workdir: str) -> Tuple[Optional[dict], Optional[str]]:
+def recorded_config(
+    workdir: str,
+    step: Optional[int] = None) -> Tuple[Optional[dict], Optional[str]]:
   """(the run's config dict, upgraded; where it came from) or (None, None).
 
-  The newest readable checkpoint carries the config it was trained with;
-  config.json (a copy for people) is only used when no checkpoint has one.
+  The newest readable checkpoint (or that of `step`) carries the config it
+  was trained with; config.json (a copy for people) is only used when no
+  checkpoint has one.
   """
-  meta = read_meta(workdir)
+  meta = read_meta(workdir) if step is None else meta_of_step(workdir, step)
   if meta and isinstance(meta.get("config"), dict):
     return upgrade_run_config(meta["config"]), "its checkpoints"
   previous = read_json(path(workdir, CONFIG_JSON))
