@@ -249,8 +249,13 @@ print(json.dumps({"code": code, "jax": "jax" in sys.modules}))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--mode=report"]])
-def test_help_and_report_do_not_import_jax(argv, tmp_path):
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--mode=report"],
+             [
+                 "--mode=config", "--config=configs/cifar10.py:ard=True",
+                 "--config.optim.lr=0.05"
+             ]])
+def test_help_report_and_config_do_not_import_jax(argv, tmp_path):
   if argv == ["--mode=report"]:
     _fake_runs.make_run(str(tmp_path / "run"))
     argv = argv + [
