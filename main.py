@@ -3,6 +3,7 @@
     python main.py                                    # quickstart (digits)
     python main.py --config=configs/cifar10.py:model=deit_tiny_patch16_224,ard=True,prm=True \
                    --workdir=runs/x --config.optim.lr=0.05
+    python main.py --mode=config --config=configs/cifar10.py:ard=True  # print it
 
 Rerunning a command with the same workdir resumes from its latest checkpoint.
 """
@@ -29,13 +30,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     "with --config.<section>.<field>=value, listed in configs/default.py.",
     lock_config=True)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "report", "export"],
+    "mode", "train", ["train", "eval", "report", "export", "config"],
     "train: train (or resume) and evaluate; eval: evaluate the latest "
     "checkpoint in --workdir (or --config.init.checkpoint) with the "
     "config's `eval` section, writing robustness.json; report: plots of "
     "each --workdirs run and a table comparing them (reads files only); "
     "export: the run's latest checkpoint as timm .safetensors weights and a "
-    "JSON model card in <workdir>/export.")
+    "JSON model card in <workdir>/export; config: print the resolved "
+    "--config (with its --config.* overrides) as JSON and exit.")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Delete the workdir's checkpoints and metrics and "
     "start over, instead of resuming.")
@@ -82,6 +84,9 @@ def main(argv):
   cli.silence_event_loop_noise()
   if _MODE.value == "report":  # files only: no JAX start-up
     _report()
+    return
+  if _MODE.value == "config":  # no JAX start-up either
+    cli.print_config(_CONFIG.value, sys.argv, _DEFAULT_CONFIG)
     return
   # Imported here so that --help and flag errors do not pay for JAX start-up.
   import jax
@@ -157,6 +162,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(
-      main,
-      flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, __doc__ or ""))
+  app.run(main,
+          flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, __doc__ or
+                                                    "", _DEFAULT_CONFIG))

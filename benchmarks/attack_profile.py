@@ -8,9 +8,12 @@ batch 32, as one jitted `lax.fori_loop`, with the batch split over
 compiled HLO's `op_name` metadata). The numbers of benchmarks/NOTES.md
 attempts 8-10 come from:
 
-    python benchmarks/attack_profile.py --profile
-    python benchmarks/attack_profile.py --cpu_devices=2
-    XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/attack_profile.py
+    python -m benchmarks.attack_profile --profile
+    python -m benchmarks.attack_profile --cpu_devices=2
+    XLA_FLAGS=--xla_cpu_use_onednn=true python -m benchmarks.attack_profile
+
+Run from the repository root, as a module (`python -m benchmarks.attack_profile`):
+the checkout's `vitat_jax`, `configs` and `benchmarks` then import without a path set up here.
 """
 
 import argparse
@@ -21,7 +24,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 
@@ -42,7 +44,6 @@ if ARGS.cpu_devices > 1:  # before JAX starts its CPU client
           os.environ.get("XLA_FLAGS", ""),
           f"--xla_force_host_platform_device_count={ARGS.cpu_devices}"
       ]))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax

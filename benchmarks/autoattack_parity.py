@@ -9,11 +9,11 @@ actually robust; then both AutoAttacks (--version, "standard" by default)
 on the same images, the robust accuracy after each attack side by side, and
 the wall time of each.
 
-    python benchmarks/autoattack_parity.py                 # all 1797 digits
-    python benchmarks/autoattack_parity.py --num_images=500
-    python benchmarks/autoattack_parity.py --version=plus --num_images=500
-    python benchmarks/autoattack_parity.py --model=vit --num_images=500
-    python benchmarks/autoattack_parity.py --version=rand --num_images=500
+    python -m benchmarks.autoattack_parity                 # all 1797 digits
+    python -m benchmarks.autoattack_parity --num_images=500
+    python -m benchmarks.autoattack_parity --version=plus --num_images=500
+    python -m benchmarks.autoattack_parity --model=vit --num_images=500
+    python -m benchmarks.autoattack_parity --version=rand --num_images=500
 
 `--version=rand` attacks a randomised copy of the MLP on both sides: Gaussian
 noise of std NOISE_STD added to the input at every call (`jax.random` keyed
@@ -21,6 +21,9 @@ by the attack on ours, `torch.randn` on fra31's), so the two draw different
 noise and agree in distribution only.
 
 `tests/attacks/test_autoattack.py` runs the same comparison on 500 images.
+
+Run from the repository root, as a module (`python -m benchmarks.autoattack_parity`):
+the checkout's `vitat_jax` then import without a path set up here.
 """
 
 import argparse
@@ -48,7 +51,6 @@ def _cpu_devices_from_argv():
 
 
 _cpu_devices_from_argv()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax

@@ -5,14 +5,17 @@ folder read file by file, then `pipeline.train_batches`: grain workers
 decode, transform and batch; no model) and prints the rate and the peak
 resident memory of the loader (this process and each worker):
 
-    python benchmarks/make_imagenet_like.py --out=/tmp/inlike_2k --train=2000
-    python benchmarks/input_pipeline.py --root=/tmp/inlike_2k \
+    python -m benchmarks.make_imagenet_like --out=/tmp/inlike_2k --train=2000
+    python -m benchmarks.input_pipeline --root=/tmp/inlike_2k \
         --image_size=224 --workers=1 --batches=40
 
 The last line is `images/s: X`. The first `--warmup` batches (worker start
 and the first reads) are not timed. --transform picks data.train_transform
 (squash, random_resized_crop). --compare_decoders=N instead times, in this
 process on N files, the JPEG decoders considered for the workers.
+
+Run from the repository root, as a module (`python -m benchmarks.input_pipeline`):
+the checkout's `vitat_jax` then import without a path set up here.
 """
 
 import argparse
@@ -20,12 +23,9 @@ import multiprocessing
 import os
 import pathlib
 import resource
-import sys
 import time
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-  sys.path.insert(0, str(_REPO))
 
 
 def _hwm_mb(pid) -> float:

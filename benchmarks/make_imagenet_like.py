@@ -6,18 +6,20 @@ about as much detail as a photograph (an upscaled 32x32 image alone is
 unusually smooth and decodes faster than a real photo), and saved at
 quality 90: root/train/<class>/*.JPEG and root/test/<class>/*.JPEG.
 
-    python benchmarks/make_imagenet_like.py --out=/tmp/inlike_2k --train=2000
-    python benchmarks/make_imagenet_like.py --out=/tmp/inlike_8k --train=8000
+    python -m benchmarks.make_imagenet_like --out=/tmp/inlike_2k --train=2000
+    python -m benchmarks.make_imagenet_like --out=/tmp/inlike_8k --train=8000
 
 The CIFAR-10 folder comes from /work/shared/data/cifar10-jpeg.tar.gz (or
 --cifar10_tar), unpacked once into ~/.cache/vitat_jax/cifar10-jpeg as the
 tests do.
+
+Run from the repository root, as a module (`python -m benchmarks.make_imagenet_like`):
+the checkout's `vitat_jax` and `tests` then import without a path set up here.
 """
 
 import argparse
 import os
 import pathlib
-import sys
 
 import numpy as np
 from PIL import Image
@@ -63,7 +65,6 @@ def main(argv=None):
                       default=str(_REPO.parent /
                                   "shared/data/cifar10-jpeg.tar.gz"))
   args = parser.parse_args(argv)
-  sys.path.insert(0, str(_REPO))
   from tests import conftest  # pylint: disable=g-import-not-at-top
   root = conftest._unpack(
       pathlib.Path(args.cifar10_tar),  # pylint: disable=protected-access

@@ -1,6 +1,6 @@
 """The quickstart SIGKILLed at a fraction of its wall time, then resumed.
 
-    python benchmarks/quickstart_kill.py [--fraction=0.6] [--root=/tmp/qk]
+    python -m benchmarks.quickstart_kill [--fraction=0.6] [--root=/tmp/qk]
 
 Runs `python main.py --workdir=ROOT/full` uninterrupted (wall time T), then
 the same command in ROOT/killed, SIGKILLed at fraction x T, and reruns it.

@@ -8,13 +8,16 @@ the two sides alternating and the medians reported. Also reports XLA's FLOP
 count, achieved GFLOP/s against a measured matmul peak, compile time, XLA's
 peak-memory estimate, and the input pipeline's throughput on CIFAR-10.
 
-    python benchmarks/train_step.py                    # ViT-Ti, 32 px, patch 4, batch 32
-    python benchmarks/train_step.py --repeats=7 --no_torch
-    python benchmarks/train_step.py --cpu_devices=2    # batch split over 2 CPU devices
-    python benchmarks/train_step.py --compute_dtype=bfloat16 --remat
+    python -m benchmarks.train_step                    # ViT-Ti, 32 px, patch 4, batch 32
+    python -m benchmarks.train_step --repeats=7 --no_torch
+    python -m benchmarks.train_step --cpu_devices=2    # batch split over 2 CPU devices
+    python -m benchmarks.train_step --compute_dtype=bfloat16 --remat
 
 PyTorch and timm are optional: without them only the JAX side runs.
 Numbers measured on the development machine are in benchmarks/NOTES.md.
+
+Run from the repository root, as a module (`python -m benchmarks.train_step`):
+the checkout's `vitat_jax` and `configs` then import without a path set up here.
 """
 
 import argparse
@@ -22,10 +25,7 @@ import multiprocessing
 import os
 import resource
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax

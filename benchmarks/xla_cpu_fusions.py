@@ -4,19 +4,20 @@ Times forward and forward + input-gradient passes (what every attack step
 runs) of three models, compiled with XLA's defaults and with AutoAttack's
 `CPU_COMPILER_OPTIONS` (YNNPACK for single dots only), side by side:
 
-    python benchmarks/xla_cpu_fusions.py
+    python -m benchmarks.xla_cpu_fusions
+
+Run from the repository root, as a module (`python -m benchmarks.xla_cpu_fusions`):
+the checkout's `vitat_jax` then import without a path set up here.
 """
 
 import importlib
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vitat_jax import models  # pylint: disable=wrong-import-position
 
 OPTIONS = importlib.import_module(

@@ -50,8 +50,20 @@ Arguments (`:key=value,...`):
 from configs import common
 from configs import default
 
-_KEYS = ("model", "method", "ard", "prm", "ard_prm", "source", "root",
-         "pretrained", "pretrained_dir")
+# The `:key=value,...` arguments, as --help and --mode=config list them.
+ARGS = {
+    "model": "a paper model (configs/common.PAPER_MODELS) or any registered "
+             "name (default deit_tiny_patch16_224)",
+    "method": "at (default) | trades | mart | natural",
+    "ard": "True/False: attention random dropping",
+    "prm": "True/False: perturbation random masking",
+    "ard_prm": "True sets both ard and prm",
+    "source": "tfds (default) | folder",
+    "root": "with source=folder: root/{train,test}/<class>/*.jpg",
+    "pretrained": "in1k (default) | in21k | scratch",
+    "pretrained_dir": "where the ImageNet weights are (default pretrained)",
+}
+_KEYS = tuple(ARGS)
 _BOOL_KEYS = ("ard", "prm", "ard_prm")
 
 

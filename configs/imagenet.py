@@ -45,8 +45,18 @@ from configs import common
 from configs import default
 from configs import imagenette
 
-_KEYS = ("model", "ard", "prm", "ard_prm", "pretrained", "pretrained_dir",
-         "accum_steps")
+# The `:key=value,...` arguments, as --help and --mode=config list them.
+ARGS = {
+    "model": "vit_base_patch16_224_in21k (default) | "
+             "swin_base_patch4_window7_224_in22k",
+    "ard": "True/False: attention random dropping",
+    "prm": "True/False: perturbation random masking",
+    "ard_prm": "True sets both ard and prm",
+    "pretrained": "in21k (default) | in1k | scratch",
+    "pretrained_dir": "where the ImageNet weights are (default pretrained)",
+    "accum_steps": "N micro-batches per 512 batch (default 1)",
+}
+_KEYS = tuple(ARGS)
 MODELS = ("vit_base_patch16_224_in21k", "swin_base_patch4_window7_224_in22k")
 
 

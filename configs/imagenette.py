@@ -35,8 +35,21 @@ from configs import default
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_KEYS = ("model", "method", "ard", "prm", "ard_prm", "pretrained",
-         "pretrained_dir", "root", "version")
+# The `:key=value,...` arguments, as --help and --mode=config list them.
+ARGS = {
+    "model": "configs/common.PAPER_MODELS or SWIN_MODELS (default "
+             "deit_tiny_patch16_224)",
+    "method": "at (default) | trades | mart | natural",
+    "ard": "True/False: attention random dropping",
+    "prm": "True/False: perturbation random masking",
+    "ard_prm": "True sets both ard and prm",
+    "pretrained": "in1k (default) | in21k | scratch",
+    "pretrained_dir": "where the ImageNet weights are (default pretrained)",
+    "root": "the dataset folder (default data/imagenette, v2: "
+            "data/imagenette2)",
+    "version": "v1 (default, the reference's) | v2",
+}
+_KEYS = tuple(ARGS)
 
 
 def get_config(arg=None):

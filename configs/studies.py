@@ -40,6 +40,13 @@ STUDIES = {
     "n_w": ("2", "5", "10", "20"),
 }
 
+# The `:key=value,...` arguments, as --help and --mode=config list them.
+ARGS = {
+    "study": f"required: {' | '.join(STUDIES)}",
+    "arm": "one of the study's arms (default: its first)",
+    **cifar10.ARGS
+}
+
 
 def study_args(study):
   """The `:arg` strings of every arm of `study` (for scripts/sweep.py)."""

@@ -212,3 +212,27 @@ def test_export_mode_writes_weights_timm_loads_and_a_model_card(trained):
   with torch.no_grad():
     theirs = module(torch.from_numpy(inputs.transpose(0, 3, 1, 2))).numpy()
   np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_config_mode_prints_the_resolved_config_and_its_arguments():
+  proc = _run("--mode=config", "--config=configs/cifar10.py:ard=True",
+              "--config.optim.lr=0.05")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  config = json.loads(proc.stdout)
+  assert config["optim"]["lr"] == 0.05 and config["tricks"]["ard"]
+  assert config["data"]["image_size"] == 32  # the file's, not the default's
+  assert "# Arguments of configs/cifar10.py" in proc.stderr
+  assert "ard_prm" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet", "imagenette"])
+def test_help_lists_the_arguments_of_each_paper_config(name):
+  proc = _run("--help", f"--config=configs/{name}.py")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  module = __import__(f"configs.{name}", fromlist=["ARGS"])
+  listed = proc.stdout.split(f"Arguments of configs/{name}.py")[1]
+  for key in module.ARGS:
+    assert f"\n  {key} " in listed, key
+  # The table is what the file accepts: an unknown key names them all.
+  with pytest.raises(ValueError, match=", ".join(module.ARGS)):
+    module.get_config("bogus=1")

@@ -99,6 +99,34 @@ def test_configs_import_nothing_from_the_package():
   assert not wrong
 
 
+def test_the_library_imports_nothing_of_the_checkout():
+  """An installed vitat_jax has no configs/, tests/, benchmarks/, scripts/
+  or main.py beside it (pyproject.toml installs the package alone)."""
+  checkout = ("configs", "tests", "benchmarks", "scripts", "main")
+  wrong = {(m, i)
+           for m, imports in GRAPH.items()
+           for i in imports
+           if _within(i, checkout)}
+  assert not wrong
+
+
+def _requirements(path):
+  lines = (line.split("#")[0].strip() for line in open(path))
+  return [line for line in lines if line and not line.startswith("-r")]
+
+
+def test_pyproject_lists_the_requirement_files():
+  tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  assert project["dependencies"] == _requirements(
+      os.path.join(REPO, "requirements.txt"))
+  assert project["optional-dependencies"]["dev"] == _requirements(
+      os.path.join(REPO, "requirements-dev.txt"))
+  import vitat_jax  # pylint: disable=g-import-not-at-top
+  assert project["version"] == vitat_jax.__version__
+
+
 def test_the_package_init_files_import_nothing_eagerly():
   assert not {i for i in GRAPH["vitat_jax"] if _within(i, ("vitat_jax",))}
 
@@ -221,8 +249,13 @@ print(json.dumps({"code": code, "jax": "jax" in sys.modules}))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--mode=report"]])
-def test_help_and_report_do_not_import_jax(argv, tmp_path):
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--mode=report"],
+             [
+                 "--mode=config", "--config=configs/cifar10.py:ard=True",
+                 "--config.optim.lr=0.05"
+             ]])
+def test_help_report_and_config_do_not_import_jax(argv, tmp_path):
   if argv == ["--mode=report"]:
     _fake_runs.make_run(str(tmp_path / "run"))
     argv = argv + [

@@ -97,11 +97,13 @@ def save_run(mngr: ocp.CheckpointManager,
              config,
              steps_per_epoch: int,
              history,
-             flush=lambda: None) -> None:
+             flush=lambda: None,
+             model=None) -> None:
   """A training run's asynchronous checkpoint of `step`, never of non-finite
   metrics, with its meta: the seed, the input position, the config and the
   metrics since the last log step (`history`), so the first log record
-  after a resume averages the same steps. `flush` runs first (TensorBoard's
+  after a resume averages the same steps, and the `model`'s data-dependent
+  fields (`state.ModelInputs`, for `vitat_jax.load_run`). `flush` runs first (TensorBoard's
   events as far as the checkpoint: a resumed run's curves have no gap)."""
   flush()
   pending = []
@@ -112,17 +114,17 @@ def save_run(mngr: ocp.CheckpointManager,
         k: float(v) for k, v in m.items()
     } for m in jax.device_get(history)]
   spe = steps_per_epoch
-  save_checkpoint(mngr,
-                  step,
-                  state,
-                  meta={
-                      "seed": config.seed,
-                      "steps_per_epoch": spe,
-                      "epoch": step // spe,
-                      "index_in_epoch": step % spe,
-                      "config": workdir_lib.config_as_dict(config),
-                      "pending_metrics": pending
-                  })
+  meta = {
+      "seed": config.seed,
+      "steps_per_epoch": spe,
+      "epoch": step // spe,
+      "index_in_epoch": step % spe,
+      "config": workdir_lib.config_as_dict(config),
+      "pending_metrics": pending
+  }
+  if model is not None:
+    meta[workdir_lib.MODEL_INPUTS] = state_lib.model_inputs(model).as_dict()
+  save_checkpoint(mngr, step, state, meta=meta)
 
 
 def restore_latest(
@@ -251,3 +253,33 @@ def restore_params(setup) -> Tuple[Any, str]:
   if state is None:
     raise no_checkpoint(setup.workdir)
   return state.params, f"{workdir_lib.checkpoints_dir(setup.workdir)} step {step}"
+
+
+def _state_item(workdir: str, step: int) -> str:
+  return str(
+      epath.Path(workdir_lib.checkpoints_dir(workdir)) / str(step) / "state")
+
+
+def saved_param_shapes(workdir: str, step: int):
+  """The params' shapes and dtypes (`jax.ShapeDtypeStruct`s) that the
+  checkpoint of `step` holds, from orbax's metadata (no array is read)."""
+  metadata = ocp.PyTreeCheckpointer().metadata(_state_item(workdir, step))
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                      tree["params"])
+
+
+def restore_saved_params(workdir: str, step: int, abstract_params):
+  """The params of the checkpoint of `step` alone (the optimiser state is
+  not read), shaped as `abstract_params`, on the first device."""
+  target = {"params": abstract_params}
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  restored = ocp.PyTreeCheckpointer().restore(
+      _state_item(workdir, step),
+      args=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=jax.tree.map(
+              lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target),
+          partial_restore=True))
+  return restored["params"]

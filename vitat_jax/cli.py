@@ -73,6 +73,13 @@ def _field_paths(tree, prefix=""):
       yield from _field_paths(value, prefix + key + ".")
 
 
+def _load_config_module(path: str):
+  module_spec = importlib.util.spec_from_file_location("_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def check_command_line(argv, default_config: str):
   """The config file, its `:arg` and every --config.<field> name, checked
   before the flags are defined (ml_collections fails there with tracebacks).
@@ -83,9 +90,7 @@ def check_command_line(argv, default_config: str):
     fail(f"config file {path!r} (--config={spec}) does not exist: pass a "
          "get_config() module such as configs/cifar10.py")
   try:
-    module_spec = importlib.util.spec_from_file_location("_user_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = _load_config_module(path)
     if not hasattr(module, "get_config"):
       fail(f"config file {path!r} has no get_config(): pass a config module "
            "such as configs/cifar10.py")
@@ -106,6 +111,32 @@ def check_command_line(argv, default_config: str):
     hint = f"did you mean {close[0]}? " if close else ""
     fail(f"--config.{name}: the config has no field {name!r}; {hint}the "
          "fields are listed in configs/default.py")
+
+
+def config_arguments(argv, default_config: str) -> str:
+  """The `:key=value` arguments the --config file takes (its `ARGS` table),
+  one per line under a header; '' for a file without arguments."""
+  path = _config_argument(argv, default_config).partition(":")[0]
+  try:
+    arguments = getattr(_load_config_module(path), "ARGS", None)
+  except Exception:  # pylint: disable=broad-except
+    return ""  # check_command_line reports a broken file
+  if not arguments:
+    return ""
+  width = max(map(len, arguments))
+  lines = [f"  {key:<{width}}  {what}" for key, what in arguments.items()]
+  return "\n".join(
+      [f"Arguments of {path} (--config={path}:key=value,...):", *lines])
+
+
+def print_config(config, argv, default_config: str) -> None:
+  """--mode=config: the resolved config as JSON on stdout; the config
+  file's `:arg` keys, as `# ` lines, on stderr (stdout stays JSON)."""
+  arguments = config_arguments(argv, default_config)
+  if arguments:
+    print("\n".join("# " + line for line in arguments.splitlines()),
+          file=sys.stderr)
+  print(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def default_workdir(config, config_path: str) -> str:
@@ -168,10 +199,14 @@ def silence_event_loop_noise():
   threading.excepthook = thread_hook
 
 
-def parse_flags(argv, config_flag, usage: str):
-  """absl's flag parsing with --help exiting 0 and flag errors in one line."""
+def parse_flags(argv, config_flag, usage: str, default_config: str = ""):
+  """absl's flag parsing with --help exiting 0 (listing the --config
+  file's `:arg` keys) and flag errors in one line."""
   if set(argv[1:]) & set(HELP_FLAGS):
     print(usage + HELP)
+    arguments = default_config and config_arguments(argv, default_config)
+    if arguments:
+      print(arguments + "\n")
     print("Flags:\n" + flags.FLAGS.main_module_help())
     sys.exit(0)
   try:

@@ -151,7 +151,6 @@ class Evaluator:
     if key not in self._subsets:
       subset, text = subsets.first_examples(source, num_examples,
                                             self.subset_seed, stratified)
-      logging.info("evaluating on %s", text)
       self._subsets[key] = (source, subset, text)
     return self._subsets[key][1:]
 
@@ -159,7 +158,7 @@ class Evaluator:
     """`eval.epoch_attacks` on `eval.epoch_num_examples` images (a
     stratified subset)."""
     subset, _ = self.examples(source, self.epoch_num_examples)
-    return self(params, subset, self.epoch_attacks, key=key)
+    return self(params, subset, self.epoch_attacks, key=key, log="progress")
 
   def final(self, params, source, key, output_dir=None) -> Dict[str, Any]:
     """`eval.attacks` on the configured test images (`eval_subset` says
@@ -167,11 +166,14 @@ class Evaluator:
     `output_dir`."""
     subset, text = self.examples(source, self.final_num_examples,
                                  self.final_stratified)
+    logging.info("final evaluation: %s on %s", ", ".join(self.final_attacks),
+                 text)
     result = self(params,
                   subset,
                   self.final_attacks,
                   key=key,
-                  output_dir=output_dir)
+                  output_dir=output_dir,
+                  log="progress, end")
     result["eval_subset"] = text
     return result
 
@@ -191,17 +193,22 @@ class Evaluator:
                *,
                key,
                num_examples=None,
-               output_dir: Optional[str] = None) -> Dict[str, Any]:
+               output_dir: Optional[str] = None,
+               log: str = "start, progress, end") -> Dict[str, Any]:
     """{name + "_acc": fraction, name + "_time_s", "num_eval_images"}; with
     AutoAttack also "autoattack" (its per-attack log and sanity checks), and
     with `output_dir` its `log.txt` (fra31's format) and, when saving them,
-    `adversarial/<attack>.npz` (the points that attack broke)."""
+    `adversarial/<attack>.npz` (the points that attack broke). A long
+    evaluation logs its start, its progress every PROGRESS_EVERY_S and its
+    end, as far as `log` names them (the epoch evaluations log only their
+    progress: the training loop logs their result)."""
     specs = [parse_attack(n) for n in attack_names]
     batch_specs = [s for s in specs if s.kind != "autoattack"]
     result: Dict[str, Any] = {}
     if batch_specs:
       result.update(
-          self._run_batches(params, source, batch_specs, num_examples, key))
+          self._run_batches(params, source, batch_specs, num_examples, key,
+                            log))
     for spec in (s for s in specs if s.kind == "autoattack"):
       count = min(num_examples or len(source), len(source))
       result.update(
@@ -210,13 +217,14 @@ class Evaluator:
                                output_dir))
     return result
 
-  def _run_batches(self, params, source, specs, num_examples, key):
+  def _run_batches(self, params, source, specs, num_examples, key, log):
     counts = {s.name: 0 for s in specs}
     seconds = {s.name: 0.0 for s in specs}
     total = 0
     expected = min(num_examples or len(source), len(source))
-    logging.info("evaluating %s on %d test images",
-                 ", ".join(s.name for s in specs), expected)
+    if "start" in log:
+      logging.info("evaluating %s on %d test images",
+                   ", ".join(s.name for s in specs), expected)
     started = last_line = time.perf_counter()
     batches = pipeline.eval_batches(source,
                                     self.batch_size,
@@ -242,7 +250,8 @@ class Evaluator:
         seconds[spec.name] += time.perf_counter() - start
         counts[spec.name] += int((correct & valid).sum())
       now = time.perf_counter()
-      if now - last_line >= PROGRESS_EVERY_S and total < expected:
+      if ("progress" in log and now - last_line >= PROGRESS_EVERY_S and
+          total < expected):
         last_line = now
         logging.info(
             "evaluated %d/%d images (%s so far), about %.0f s left", total,
@@ -256,10 +265,11 @@ class Evaluator:
     for spec in specs:
       result[f"{spec.name}_acc"] = counts[spec.name] / total
       result[f"{spec.name}_time_s"] = seconds[spec.name]
-    logging.info(
-        "evaluated %d images in %.0f s: %s", total,
-        time.perf_counter() - started,
-        ", ".join(f"{s.name} {result[s.name + '_acc']:.4f}" for s in specs))
+    if "end" in log:
+      logging.info(
+          "evaluated %d images in %.0f s: %s", total,
+          time.perf_counter() - started,
+          ", ".join(f"{s.name} {result[s.name + '_acc']:.4f}" for s in specs))
     return result
 
   def _run_autoattack(self, params, source, spec, count, key, output_dir):

@@ -32,6 +32,7 @@ from vitat_jax import workdir as workdir_lib
 from vitat_jax.data import pipeline
 from vitat_jax.data import protocol
 from vitat_jax.errors import UserError
+from vitat_jax.models import precision
 
 PURPOSES = ("train", "eval", "export")
 
@@ -141,6 +142,10 @@ def prepare(config,
   _check_workdir(config, workdir, purpose, overwrite)
   splits = data_lib.load(protocol.data_config(config))
   model = state_lib.build_model(config, splits)
+  precision.log_policy(
+      config.matmul_precision, model.dtype,
+      parallel.compute_dtype_for(config.eval.compute_dtype or
+                                 config.compute_dtype))
   if config.tricks.prm:  # the image size may have come from the data
     objectives.check_prm_patch_size(config.tricks.prm_patch_size,
                                     model.img_size)

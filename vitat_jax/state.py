@@ -10,7 +10,8 @@ of files, so the step depends on JAX, Flax and optax only. The run's keys
 (`run_keys`) are functions of its seed.
 """
 
-from typing import Any
+import dataclasses
+from typing import Any, Optional, Tuple
 
 import flax
 import jax
@@ -30,13 +31,48 @@ class TrainState:
   opt_state: Any
 
 
-def build_model(config, splits=None):
-  """The model for `config`, sized and normalised for the data.
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+  """What a model takes from its data: the image side, the class count and
+  the input normalisation (the model normalises [0, 1] pixels inside)."""
+  image_size: int
+  num_classes: int
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+
+  def as_dict(self) -> dict:
+    return {
+        "image_size": int(self.image_size),
+        "num_classes": int(self.num_classes),
+        "mean": [float(m) for m in self.mean],
+        "std": [float(s) for s in self.std]
+    }
+
+  @classmethod
+  def from_dict(cls, value: dict) -> "ModelInputs":
+    return cls(image_size=int(value["image_size"]),
+               num_classes=int(value["num_classes"]),
+               mean=tuple(float(m) for m in value["mean"]),
+               std=tuple(float(s) for s in value["std"]))
+
+
+def model_inputs(model) -> ModelInputs:
+  """The `ModelInputs` a built model was made for (what a run records)."""
+  return ModelInputs(model.img_size, model.num_classes, model.mean, model.std)
+
+
+def build_model(config,
+                splits=None,
+                inputs: Optional[ModelInputs] = None,
+                compute_dtype: Optional[str] = None):
+  """The model for `config`, sized and normalised for the data (`splits`,
+  or the `inputs` a run recorded).
 
   Params are created (and optimised) in float32 whatever
   `config.compute_dtype` (checked by `validate.check_config`; "auto" is
-  `parallel.compute_dtype_for`'s choice); float32 dots run at
-  `config.matmul_precision` (`precision.matmul_precision_for`).
+  `parallel.compute_dtype_for`'s choice; `compute_dtype` overrides it);
+  float32 dots run at `config.matmul_precision`
+  (`precision.matmul_precision_for`).
   """
   data_kwargs = {"img_size": config.data.image_size or None}
   if splits is not None:
@@ -44,7 +80,12 @@ def build_model(config, splits=None):
                        num_classes=splits.num_classes,
                        mean=splits.mean,
                        std=splits.std)
-  dtype = parallel.compute_dtype_for(config.compute_dtype)
+  if inputs is not None:
+    data_kwargs = dict(img_size=inputs.image_size,
+                       num_classes=inputs.num_classes,
+                       mean=inputs.mean,
+                       std=inputs.std)
+  dtype = parallel.compute_dtype_for(compute_dtype or config.compute_dtype)
   data_kwargs["dtype"] = jnp.dtype(dtype)
   data_kwargs["precision"] = precision.matmul_precision_for(
       config.matmul_precision, dtype)

@@ -210,8 +210,14 @@ def _loop(services: _Services, train_step, state, start_step: int,
           stopping=bool(signum),
           clock_due=logged and checkpointing.minutes_passed(config, last_save)):
         last_save = time.monotonic()
-        checkpointing.save_run(services.ckpt, done, state, config, spe, history,
-                               services.writer.flush)
+        checkpointing.save_run(services.ckpt,
+                               done,
+                               state,
+                               config,
+                               spe,
+                               history,
+                               services.writer.flush,
+                               model=run.model)
       if signum:
         services.writer.close()
         services.ckpt.wait_until_finished()
@@ -259,7 +265,6 @@ def _final_evaluation(services: _Services, state, start_step: int,
   run = services.run
   config, total = run.config, run.total_steps
   eval_start = time.perf_counter()
-  logging.info("final evaluation: %s", ", ".join(config.eval.attacks))
   result = services.evaluator.final(state.params, run.splits.test,
                                     services.eval_key, run.workdir)
   result.update(eps=services.evaluator.eps,

@@ -326,16 +326,28 @@ def has_checkpoints(workdir: str) -> bool:
   return bool(saved_steps(workdir))
 
 
+# The checkpoint meta item's record of the model's data-dependent fields
+# (`state.ModelInputs`: image_size, num_classes, mean, std), written since
+# 2026-12-05; older runs' are inferred (`vitat_jax.api.load_run`).
+MODEL_INPUTS = "model_inputs"
+
+
+def meta_of_step(workdir: str, step: int) -> Optional[dict]:
+  """The `meta` item of the checkpoint of `step`, if it is readable JSON."""
+  meta = read_json(
+      str(
+          epath.Path(checkpoints_dir(workdir)) / str(step) / "meta" /
+          "metadata"))
+  return meta if isinstance(meta, dict) else None
+
+
 def read_meta(workdir: str) -> Optional[dict]:
   """The `meta` item of the newest checkpoint where it is readable JSON: the
-  seed, the input position (`steps_per_epoch`, `epoch`, `index_in_epoch`)
-  and the run's resolved config."""
+  seed, the input position (`steps_per_epoch`, `epoch`, `index_in_epoch`),
+  the run's resolved config and, since 2026-12-05, `MODEL_INPUTS`."""
   for step in saved_steps(workdir):
-    meta = read_json(
-        str(
-            epath.Path(checkpoints_dir(workdir)) / str(step) / "meta" /
-            "metadata"))
-    if isinstance(meta, dict):
+    meta = meta_of_step(workdir, step)
+    if meta is not None:
       return meta
   return None
 
@@ -388,7 +400,8 @@ def upgrade_run_config(previous: dict) -> dict:
   `patch_size`, else the one its timm name states; ConViT's is 16), and
   before `model.weight_init` were initialised Xavier-uniform; `optim.nesterov`,
   `b1` and `b2` were read with their defaults before they were declared, and
-  the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`.
+  the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`;
+  float32 dots ran at the backend default before `matmul_precision`.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
@@ -409,16 +422,22 @@ def upgrade_run_config(previous: dict) -> dict:
                        ("milestones", [5.0, 2.0]), ("milestones_from", "end")):
     optim.setdefault(field, value)
   previous.setdefault("init", {}).setdefault("source", "")
+  # Runs before the precision policy ran float32 dots at the backend's
+  # default, which "auto" keeps for training on CPU and GPU.
+  previous.setdefault("matmul_precision", "auto")
   return previous
 
 
-def recorded_config(workdir: str) -> Tuple[Optional[dict], Optional[str]]:
+def recorded_config(
+    workdir: str,
+    step: Optional[int] = None) -> Tuple[Optional[dict], Optional[str]]:
   """(the run's config dict, upgraded; where it came from) or (None, None).
 
-  The newest readable checkpoint carries the config it was trained with;
-  config.json (a copy for people) is only used when no checkpoint has one.
+  The newest readable checkpoint (or that of `step`) carries the config it
+  was trained with; config.json (a copy for people) is only used when no
+  checkpoint has one.
   """
-  meta = read_meta(workdir)
+  meta = read_meta(workdir) if step is None else meta_of_step(workdir, step)
   if meta and isinstance(meta.get("config"), dict):
     return upgrade_run_config(meta["config"]), "its checkpoints"
   previous = read_json(path(workdir, CONFIG_JSON))

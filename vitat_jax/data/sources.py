@@ -388,6 +388,23 @@ def default_stats(dataset_name: str) -> tuple[tuple[float, ...], ...]:
   return IMAGENET_STATS
 
 
+def source_default_stats(data_config) -> tuple[tuple[float, ...], ...]:
+  """(mean, std) that `load(data_config)` takes from the data set when
+  `data.mean` / `data.std` are empty, found without reading the data: the
+  digits' own, else `default_stats` of the folder's or the tfds name."""
+  name = _get(data_config, "name")
+  if name == "digits":
+    return DIGITS_STATS
+  if name == "image_folder":
+    return default_stats(pathlib.Path(_get(data_config, "root")).resolve().name)
+  return default_stats(_tfds_base_name(_get(data_config, "tfds_name")))
+
+
+def _tfds_base_name(tfds_name: str) -> str:
+  """'cifar10:3.0.2' or 'cifar10/plain' -> 'cifar10'."""
+  return tfds_name.split(":")[0].split("/")[0]
+
+
 def _default_cache_dir() -> str:
   return os.path.join(os.path.expanduser("~"), ".cache", "vitat_jax")
 
@@ -588,7 +605,7 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str], split_names: tuple[str,
                                        f"data.{split}_examples")
     sources.append(
         TfdsSource(data_source, transform, record_indices, label_reader))
-  mean, std = default_stats(tfds_name.split(":")[0].split("/")[0])
+  mean, std = default_stats(_tfds_base_name(tfds_name))
   return DataSplits(train=sources[0],
                     test=sources[1],
                     num_classes=len(class_names),

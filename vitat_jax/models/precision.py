@@ -35,13 +35,12 @@ def matmul_precision_for(setting: str,
                          evaluation: bool = False,
                          platform: Optional[str] = None) -> Optional[str]:
   """The model `precision` for `setting` (a MATMUL_PRECISIONS value, checked
-  by validate.py) at `compute_dtype`, logged with the backend.
+  by validate.py) at `compute_dtype` (`log_policy` says it once a run).
 
   None is the backend's default. Models computing in bfloat16 or float16
   always get None: the setting is about float32 dots.
   """
   platform = platform or jax.default_backend()
-  use = "evaluation" if evaluation else "training"
   if jnp.dtype(compute_dtype) != jnp.float32:
     chosen = None
   elif setting == "auto":
@@ -51,8 +50,18 @@ def matmul_precision_for(setting: str,
       chosen = "high" if platform == "tpu" else None
   else:
     chosen = None if setting == "default" else setting
-  logging.info(
-      "matmul precision for %s (%s, matmul_precision=%s) on %s: %s; the "
-      "patch embedding: highest", use,
-      jnp.dtype(compute_dtype).name, setting, platform, chosen or "default")
   return chosen
+
+
+def log_policy(setting: str, compute_dtype, eval_dtype=None) -> None:
+  """One log line: the precision of training's and evaluation's float32
+  dots on this backend (the patch embedding's is always highest)."""
+  eval_dtype = eval_dtype or compute_dtype
+  train = matmul_precision_for(setting, compute_dtype)
+  evaluate = matmul_precision_for(setting, eval_dtype, evaluation=True)
+  logging.info(
+      "matmul precision on %s (matmul_precision=%s): training (%s) %s, "
+      "evaluation (%s) %s, patch embedding highest", jax.default_backend(),
+      setting,
+      jnp.dtype(compute_dtype).name, train or "default",
+      jnp.dtype(eval_dtype).name, evaluate or "default")
