@@ -209,7 +209,10 @@ def restore_or_init(setup):
   are all unreadable is refused before anything is compiled.
   """
   config, mesh, model = setup.config, setup.mesh, setup.model
-  abstract = state_lib.abstract_state(model, setup.tx, config.seed)
+  abstract = state_lib.abstract_state(model,
+                                      setup.tx,
+                                      config.seed,
+                                      ema=config.ema.decay > 0)
   shardings = parallel.state_shardings(mesh,
                                        abstract,
                                        fsdp=config.fsdp,
@@ -238,16 +241,24 @@ def restore_or_init(setup):
 
 def restore_params(setup) -> Tuple[Any, str]:
   """(params, where they came from) of the newest readable checkpoint of
-  `setup.workdir`, for evaluation and export (nothing set aside)."""
+  `setup.workdir`, for evaluation and export (nothing set aside): the EMA
+  params or the raw ones, as `eval.weights` chooses
+  (`state.evaluated_weights`)."""
   config = setup.config
   mngr = checkpoint_manager(setup.workdir, max_to_keep=config.keep_checkpoints)
   state, step, _ = restore_latest(
       mngr,
-      state_lib.abstract_state(setup.model, setup.tx, config.seed),
+      state_lib.abstract_state(setup.model,
+                               setup.tx,
+                               config.seed,
+                               ema=config.ema.decay > 0),
       set_aside=False,
       advice=("evaluate them with the config they were trained with (that "
               "run's --config and --config.* flags), or pass "
               "--config.init.checkpoint=FILE"))
   if state is None:
     raise no_checkpoint(setup.workdir)
-  return state.params, f"{workdir_lib.checkpoints_dir(setup.workdir)} step {step}"
+  weights = state_lib.evaluated_weights(config)
+  return (state_lib.evaluated_params(config, state),
+          f"{workdir_lib.checkpoints_dir(setup.workdir)} step {step}"
+          f"{' (EMA weights)' if weights == 'ema' else ''}")

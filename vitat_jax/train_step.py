@@ -7,7 +7,8 @@
 
 All randomness of step s comes from `fold_in(loop_key, s)`: augmentation,
 Mixup/CutMix, the training attack and its ARD/PRM masks, whose rate r(t)
-follows the warm-up at the fractional epoch t = s / steps_per_epoch.
+follows the warm-up at the fractional epoch t = s / steps_per_epoch. With
+`ema.decay` > 0 the step also updates the params' moving average.
 """
 
 import math
@@ -21,7 +22,9 @@ from vitat_jax import masks
 from vitat_jax.data import augment
 from vitat_jax.data import mixup
 from vitat_jax.data import randaugment
+from vitat_jax.state import ema_decay
 from vitat_jax.state import TrainState
+from vitat_jax.state import update_ema
 
 
 def accumulate_gradients(grad_fn, params, batch, key, r, accum_steps: int):
@@ -64,6 +67,7 @@ def make_train_step(config, model, objective, tx, schedule,
   use_mixup = mix.prob > 0 and config.method in ("at", "natural")
   accum_steps = config.accum_steps
   randaugment_spec = config.augment.randaugment
+  use_ema = config.ema.decay > 0
 
   def train_step(state, images, labels, loop_key):
     step_key = jax.random.fold_in(loop_key, state.step)
@@ -103,7 +107,12 @@ def make_train_step(config, model, objective, tx, schedule,
                    grad_norm=optax.global_norm(grads),
                    lr=schedule(state.step),
                    r=r)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    ema_params = state.ema_params
+    if use_ema:
+      decay = ema_decay(config, state.step)
+      ema_params = update_ema(ema_params, params, decay)
+      metrics["ema_decay"] = decay
+    return TrainState(state.step + 1, params, opt_state, ema_params), metrics
 
   return train_step
 
