@@ -122,6 +122,11 @@ def get_config():
   config.attack.eps = 8 / 255
   config.attack.alpha = 2 / 255
   config.attack.steps = 10
+  # Epsilon warm-up (0 = off): the training attack's eps and step grow
+  # linearly, per step, from eps_warmup_floor * eps to eps over these epochs
+  # (the Light recipe), logged as train_eps and drawn in schedules.png.
+  config.attack.eps_warmup_epochs = 0.0
+  config.attack.eps_warmup_floor = 0.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"  # sgd | adamw

@@ -180,6 +180,16 @@ def _check_method(config):
   if config.method != "natural":
     attacks.check_budget(config.attack.eps, config.attack.alpha,
                          config.attack.steps)
+  _finite("attack.eps_warmup_epochs",
+          config.attack.eps_warmup_epochs,
+          low=0,
+          high=config.epochs,
+          hint=" (0 = no epsilon warm-up; within the run)")
+  _finite("attack.eps_warmup_floor",
+          config.attack.eps_warmup_floor,
+          low=0,
+          high=1,
+          hint=" (the fraction of attack.eps at step 0)")
 
 
 def check_optim(opt, epochs: float) -> None:

@@ -1,5 +1,6 @@
-"""The params' exponential moving average: the update, its warm-up, the
-choice of evaluated weights (kill-and-resume with EMA: test_resilience)."""
+"""The modern recipes' techniques: the params' exponential moving average
+(the update, its warm-up, the evaluated weights; kill-and-resume with EMA is
+test_resilience's) and the epsilon warm-up, sharing one compiled step."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests import _tiny
+from vitat_jax import masks
 from vitat_jax import objectives
 from vitat_jax import optim
 from vitat_jax import state as state_lib
@@ -17,11 +19,18 @@ from vitat_jax.errors import UserError
 MODEL = _tiny.model()
 STEPS = 4
 
+EPS_WARMUP = {
+    "attack.eps_warmup_epochs": 0.2,  # 2 steps of the 10 an epoch has
+    "attack.eps_warmup_floor": 0.25,
+    "attack.steps": 1
+}
+
 
 def _trajectory(**ema):
-  """The raw params after each of STEPS steps and the final state."""
-  config = _tiny.config(**{f"ema.{k}": v for k, v in ema.items()})
-  config.method = "natural"
+  """The raw params after each of STEPS steps, the final state, the EMA
+  decays and the training attack's eps per step (PGD-1 with the epsilon
+  warm-up)."""
+  config = _tiny.config(**{f"ema.{k}": v for k, v in ema.items()}, **EPS_WARMUP)
   config.mixup.prob = 0.0
   objective = objectives.make_objective(config, MODEL)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs, 10)
@@ -32,12 +41,13 @@ def _trajectory(**ema):
   images = np.random.RandomState(0).randint(0, 256, (8, 8, 8, 3), np.uint8)
   labels = (np.arange(8) % 10).astype(np.int32)
   raw = [state.params]
-  decays = []
+  decays, eps = [], []
   for _ in range(STEPS):
     state, metrics = step(state, images, labels, jax.random.key(1))
     raw.append(state.params)
     decays.append(float(metrics.get("ema_decay", np.nan)))
-  return raw, state, decays
+    eps.append(float(metrics["eps"]))
+  return raw, state, decays, eps
 
 
 def _closed_form(raw, decays):
@@ -52,7 +62,11 @@ def _closed_form(raw, decays):
 
 def test_the_ema_of_training_steps_equals_its_closed_form():
   # One compiled step, with the decay's warm-up: 0.1, 0.18, 0.25, 0.31.
-  raw, state, decays = _trajectory(decay=0.9, warmup=True)
+  raw, state, decays, eps = _trajectory(decay=0.9, warmup=True)
+  # The epsilon warm-up: from a quarter of eps, linear over 2 steps.
+  np.testing.assert_allclose(eps,
+                             np.array([0.25, 0.625, 1.0, 1.0]) * 8 / 255,
+                             rtol=1e-6)
   expected = [min(0.9, (1 + t) / (10 + t)) for t in range(STEPS)]
   np.testing.assert_allclose(decays, expected, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
@@ -121,3 +135,21 @@ def test_bad_ema_settings_are_one_line_errors(overrides, fragment):
   with pytest.raises(UserError) as error:
     validate.check_config(_tiny.config(**overrides))
   assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_epsilon_warm_up_scales_the_training_attack():
+  assert masks.eps_scale(0, 10, 0.0) == 1.0  # off: the attack unchanged
+  assert float(masks.eps_scale(5, 10, 1.0)) == pytest.approx(0.5)
+  assert float(masks.eps_scale(5, 10, 1.0, floor=0.5)) == pytest.approx(0.75)
+  config = _tiny.config()
+  objective = objectives.make_objective(config, MODEL)
+  params = MODEL.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+  images = jax.random.uniform(jax.random.key(2), (8, 8, 8, 3))
+  batch = {"image": images, "target": jax.nn.one_hot(jnp.arange(8) % 10, 10)}
+  key = jax.random.key(3)
+  # At eps 0 the attack cannot move: PGD-AT's loss is the clean loss.
+  at_zero = objective(params, batch, key, 1.0, 0.0)[0]
+  clean = objectives.soft_cross_entropy(MODEL.apply({"params": params}, images),
+                                        batch["target"]).mean()
+  np.testing.assert_allclose(at_zero, clean, rtol=1e-6)
+  assert objective(params, batch, key, 1.0, 1.0)[0] > clean
