@@ -28,8 +28,11 @@ from vitat_jax.errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 10 steps per epoch, 3 epochs; a checkpoint every 4 steps and at each epoch
 # end, a log line every 3 steps (so most resumes start between log steps:
-# the first record after one must still average the same steps).
+# the first record after one must still average the same steps). The run
+# keeps an EMA of its params (with the decay's warm-up), so every resume
+# below must restore the average bit for bit too.
 FLAGS = [
+    "--config.ema.decay=0.9", "--config.ema.warmup=True",
     "--config.data.image_size=8", "--config.data.train_examples=320",
     "--config.model.embed_dim=16", "--config.model.depth=1",
     "--config.model.num_heads=2", "--config.epochs=3",
@@ -133,6 +136,8 @@ def test_sigkill_at_random_steps_then_rerun_is_bitwise_identical(
   ref_step, ref_state = _final_state(reference_run)
   ref_metrics, ref_records = _outputs(reference_run)
   assert ref_step == TOTAL_STEPS
+  assert ref_state["ema_params"] is not None  # the average is in the state
+  assert ref_metrics["weights"] == "ema"  # and it was evaluated
   kill_steps = sorted(random.Random(0).sample(range(2, TOTAL_STEPS - 2), 3))
   for kill_step in kill_steps:
     workdir = str(tmp_path / f"killed_at_{kill_step}")

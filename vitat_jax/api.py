@@ -158,13 +158,16 @@ def load_run(workdir: str,
              step: Optional[int] = None,
              *,
              defaults=None,
-             image_size: Optional[int] = None) -> Loaded:
+             image_size: Optional[int] = None,
+             weights: str = "auto") -> Loaded:
   """A training run's model and params, from its workdir alone.
 
   Args:
     workdir: a run's directory (local or `gs://`).
     step: the checkpoint's step; None: the newest readable one (an
       unreadable newer one is skipped with a warning).
+    weights: "auto" (the params' moving average when the run kept one,
+      as its evaluations used, else the params), "ema" or "raw".
     defaults: a config of today's schema (e.g. `configs.default.get_config()`
       from a checkout) whose fields fill those the run's config lacks,
       as `--mode=eval` completes it; without it, the recorded config with
@@ -187,6 +190,8 @@ def load_run(workdir: str,
     UserError: no run in `workdir`, no such step (the error lists the saved
       ones), or no readable checkpoint.
   """
+  if weights not in ("auto", "ema", "raw"):
+    raise UserError(f"weights={weights!r}: use auto, ema or raw")
   steps = _steps_to_try(workdir, step)
   errors = []
   for candidate in steps:
@@ -229,8 +234,18 @@ def load_run(workdir: str,
                     f"not hold the params of the model its config describes "
                     f"({config.model.name}, {inputs_source}): pass "
                     "defaults= or image_size=, or load the export instead")
-  params = checkpointing.restore_saved_params(workdir, candidate, shapes)
+  item = "params"
+  if weights != "raw" and checkpointing.saved_param_shapes(
+      workdir, candidate, "ema_params") is not None:
+    item = "ema_params"  # the run averaged its params: what it evaluated
+  elif weights == "ema":
+    raise UserError(f"the checkpoint of step {candidate} in {workdir} holds "
+                    "no EMA params (the run had ema.decay=0): pass "
+                    "weights='raw'")
+  params = checkpointing.restore_saved_params(workdir, candidate, shapes, item)
   source = f"{workdir_lib.checkpoints_dir(workdir)} step {candidate}"
+  if item == "ema_params":
+    source += " (EMA weights)"
   logging.info(
       "loaded %s (config from %s); model inputs %s: image size %d, %d "
       "classes, mean %s, std %s", source, config_source, inputs_source,

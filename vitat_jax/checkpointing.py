@@ -59,6 +59,30 @@ def checkpoint_manager(workdir: str,
                                item_names=("state", "meta"))
 
 
+def _saved_tree(state):
+  """What a checkpoint's `state` item holds: a TrainState's fields as a
+  dict, without `ema_params` when the run keeps none, so that a run without
+  EMA saves and restores exactly what runs saved before EMA existed."""
+  if not isinstance(state, state_lib.TrainState):
+    return state
+  tree = {
+      "step": state.step,
+      "params": state.params,
+      "opt_state": state.opt_state
+  }
+  if state.ema_params is not None:
+    tree["ema_params"] = state.ema_params
+  return tree
+
+
+def _train_state(tree, like):
+  """`tree` back as a TrainState when `like` (the target) is one."""
+  if not isinstance(like, state_lib.TrainState):
+    return tree
+  return state_lib.TrainState(tree["step"], tree["params"], tree["opt_state"],
+                              tree.get("ema_params"))
+
+
 def save_checkpoint(mngr: ocp.CheckpointManager,
                     step: int,
                     state,
@@ -66,7 +90,8 @@ def save_checkpoint(mngr: ocp.CheckpointManager,
   """Saves asynchronously; `mngr.wait_until_finished()` before relying on it."""
   meta = dict(meta or {}, step=int(step))
   mngr.save(step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(
+                _saved_tree(state)),
                                     meta=ocp.args.JsonSave(meta)),
             force=True)
 
@@ -144,7 +169,7 @@ def restore_latest(
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     return None, None, None
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved_tree(abstract))
   unreadable = []
   for step in steps:
     try:
@@ -164,7 +189,7 @@ def restore_latest(
       _set_aside(mngr, unreadable)
     logging.info("resuming from the checkpoint of step %d in %s", step,
                  mngr.directory)
-    return restored.state, step, dict(restored.meta)
+    return _train_state(restored.state, abstract), step, dict(restored.meta)
   raise UserError(f"none of the checkpoints in {mngr.directory} (steps "
                   f"{', '.join(map(str, steps))}) can be read; {advice}")
 
@@ -211,7 +236,10 @@ def restore_or_init(setup):
   are all unreadable is refused before anything is compiled.
   """
   config, mesh, model = setup.config, setup.mesh, setup.model
-  abstract = state_lib.abstract_state(model, setup.tx, config.seed)
+  abstract = state_lib.abstract_state(model,
+                                      setup.tx,
+                                      config.seed,
+                                      ema=config.ema.decay > 0)
   shardings = parallel.state_shardings(mesh,
                                        abstract,
                                        fsdp=config.fsdp,
@@ -240,19 +268,27 @@ def restore_or_init(setup):
 
 def restore_params(setup) -> Tuple[Any, str]:
   """(params, where they came from) of the newest readable checkpoint of
-  `setup.workdir`, for evaluation and export (nothing set aside)."""
+  `setup.workdir`, for evaluation and export (nothing set aside): the EMA
+  params or the raw ones, as `eval.weights` chooses
+  (`state.evaluated_weights`)."""
   config = setup.config
   mngr = checkpoint_manager(setup.workdir, max_to_keep=config.keep_checkpoints)
   state, step, _ = restore_latest(
       mngr,
-      state_lib.abstract_state(setup.model, setup.tx, config.seed),
+      state_lib.abstract_state(setup.model,
+                               setup.tx,
+                               config.seed,
+                               ema=config.ema.decay > 0),
       set_aside=False,
       advice=("evaluate them with the config they were trained with (that "
               "run's --config and --config.* flags), or pass "
               "--config.init.checkpoint=FILE"))
   if state is None:
     raise no_checkpoint(setup.workdir)
-  return state.params, f"{workdir_lib.checkpoints_dir(setup.workdir)} step {step}"
+  weights = state_lib.evaluated_weights(config)
+  return (state_lib.evaluated_params(config, state),
+          f"{workdir_lib.checkpoints_dir(setup.workdir)} step {step}"
+          f"{' (EMA weights)' if weights == 'ema' else ''}")
 
 
 def _state_item(workdir: str, step: int) -> str:
@@ -260,20 +296,27 @@ def _state_item(workdir: str, step: int) -> str:
       epath.Path(workdir_lib.checkpoints_dir(workdir)) / str(step) / "state")
 
 
-def saved_param_shapes(workdir: str, step: int):
-  """The params' shapes and dtypes (`jax.ShapeDtypeStruct`s) that the
-  checkpoint of `step` holds, from orbax's metadata (no array is read)."""
+def saved_param_shapes(workdir: str, step: int, item: str = "params"):
+  """The shapes and dtypes (`jax.ShapeDtypeStruct`s) of the params ("params")
+  or of their moving average ("ema_params") that the checkpoint of `step`
+  holds, from orbax's metadata (no array is read); None if it has none."""
   metadata = ocp.PyTreeCheckpointer().metadata(_state_item(workdir, step))
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
+  if not tree.get(item):
+    return None
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                      tree["params"])
+                      tree[item])
 
 
-def restore_saved_params(workdir: str, step: int, abstract_params):
-  """The params of the checkpoint of `step` alone (the optimiser state is
-  not read), shaped as `abstract_params`, on the first device."""
-  target = {"params": abstract_params}
+def restore_saved_params(workdir: str,
+                         step: int,
+                         abstract_params,
+                         item: str = "params"):
+  """The params ("params", or "ema_params": their moving average) of the
+  checkpoint of `step` alone (the optimiser state is not read), shaped as
+  `abstract_params`, on the first device."""
+  target = {item: abstract_params}
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   restored = ocp.PyTreeCheckpointer().restore(
       _state_item(workdir, step),
@@ -282,4 +325,4 @@ def restore_saved_params(workdir: str, step: int, abstract_params):
           restore_args=jax.tree.map(
               lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target),
           partial_restore=True))
-  return restored["params"]
+  return restored[item]

@@ -41,6 +41,8 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   result.update(eps=evaluator.eps,
                 model=config.model.name,
                 checkpoint=source,
+                weights=("init.checkpoint" if config.init.checkpoint else
+                         state_lib.evaluated_weights(config)),
                 wall_time_s=time.perf_counter() - wall_start)
   result["table"] = report.format_table(result, config.eval.attacks)
   if jax.process_index() == 0:

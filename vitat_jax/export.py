@@ -20,6 +20,7 @@ from vitat_jax import checkpointing
 from vitat_jax import evaluation
 from vitat_jax import pretrained
 from vitat_jax import setup as setup_lib
+from vitat_jax import state as state_lib
 from vitat_jax import workdir as workdir_lib
 
 EXPORT_DIR = "export"
@@ -78,6 +79,7 @@ def export_run(cli_config, workdir: str) -> Dict[str, str]:
       "timm": timm_spec(config, model),
       "weights": WEIGHTS,
       "checkpoint": source,
+      "weights": state_lib.evaluated_weights(config),
       "input": {
           "image_size": int(model.img_size),
           "layout": "NCHW for timm (this library: NHWC)",

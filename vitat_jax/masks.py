@@ -36,6 +36,19 @@ def warmup_value(t, warmup_epochs: float, final_keep_rate: float = 1.0):
   return jnp.minimum(t / warmup_epochs, 1.0) * final_keep_rate
 
 
+def eps_scale(step,
+              steps_per_epoch: int,
+              warmup_epochs: float,
+              floor: float = 0.0):
+  """The epsilon warm-up: eps(step) / attack.eps, linear from `floor` at
+  step 0 to 1 after `warmup_epochs` (the Light recipe's ramp); 1.0 (a
+  Python number, so the attack is unchanged) without a warm-up."""
+  if warmup_epochs <= 0:
+    return 1.0
+  t = jnp.asarray(step, jnp.float32) / (warmup_epochs * steps_per_epoch)
+  return floor + (1.0 - floor) * jnp.minimum(t, 1.0)
+
+
 def ard_keep(key, r, num_blocks: int):
   """One Bernoulli(r) keep value per attention block, as float32 [num_blocks]."""
   return jax.random.bernoulli(key, r, (num_blocks,)).astype(jnp.float32)

@@ -106,9 +106,25 @@ def training_attack(model,
                          delta_mask_fn=delta_mask_fn)
 
 
-def pgd_at_loss(params, batch, key, r, *, model, eps, alpha, steps, ard, prm,
+def pgd_at_loss(params,
+                batch,
+                key,
+                r,
+                eps_scale=1.0,
+                *,
+                model,
+                eps,
+                alpha,
+                steps,
+                ard,
+                prm,
                 prm_patch_size):
-  """Madry et al.'s adversarial training loss on the (mixed) batch."""
+  """Madry et al.'s adversarial training loss on the (mixed) batch.
+
+  `eps_scale` scales the attack's radius and step (the epsilon warm-up's
+  eps(t) / attack.eps), as in every adversarial objective here.
+  """
+  eps, alpha = eps * eps_scale, alpha * eps_scale
   attack_key, dropout_key = jax.random.split(key)
   ard_fn, prm_fn = make_attack_masks(model,
                                      ard=ard,
@@ -184,6 +200,7 @@ def trades_loss(params,
                 batch,
                 key,
                 r,
+                eps_scale=1.0,
                 *,
                 model,
                 eps,
@@ -198,6 +215,7 @@ def trades_loss(params,
   Inner: maximise KL(softmax(f(x)) || softmax(f(x + delta))) from
   delta = 0.001 N(0, 1) in normalised units. Outer: CE(f(x), y) + beta * KL_sum / batch.
   """
+  eps, alpha = eps * eps_scale, alpha * eps_scale
   attack_key, dropout_key = jax.random.split(key)
   ard_fn, prm_fn = make_attack_masks(model,
                                      ard=ard,
@@ -233,6 +251,7 @@ def mart_loss(params,
               batch,
               key,
               r,
+              eps_scale=1.0,
               *,
               model,
               eps,
@@ -248,6 +267,7 @@ def mart_loss(params,
   NLL(log(1.0001 - p' + 1e-12), best wrong class) + beta * mean(sum_c
   KL(p || p') * (1.0000001 - p_y)).
   """
+  eps, alpha = eps * eps_scale, alpha * eps_scale
   attack_key, dropout_key = jax.random.split(key)
   ard_fn, prm_fn = make_attack_masks(model,
                                      ard=ard,
@@ -274,9 +294,9 @@ def mart_loss(params,
   return loss, {"loss": loss, "accuracy": _accuracy(logits_adv, targets)}
 
 
-def natural_loss(params, batch, key, r, *, model):
+def natural_loss(params, batch, key, r, eps_scale=1.0, *, model):
   """Standard training on clean images (the baseline arm)."""
-  del r
+  del r, eps_scale
   logits = model.apply({"params": params},
                        batch["image"],
                        train=True,

@@ -187,8 +187,15 @@ def schedules(run, path: str) -> str:
             marker=".",
             label="r(t)",
             alpha=1.0 if used else 0.35)
+  epochs_eps, eps = _series(train, "train_eps")
+  target = workdir_lib.flatten(run.config).get("attack.eps")
+  if eps and target:
+    ax_r.plot(epochs_eps, [v / target for v in eps],
+              color="tab:orange",
+              marker=".",
+              label="attack eps(t) / attack.eps")
   ax_r.set_ylim(-0.05, 1.05)
-  ax_r.set_title("ARD / PRM warm-up r(t)")
+  ax_r.set_title("warm-ups: ARD / PRM r(t)" + (", attack eps" if eps else ""))
   ax_r.set_ylabel("r(t): ARD keep prob., PRM unmasked fraction")
   warmup = workdir_lib.flatten(run.config).get("tricks.warmup_epochs")
   if warmup:
@@ -196,8 +203,9 @@ def schedules(run, path: str) -> str:
                  color="0.4",
                  linestyle=":",
                  label=f"end of warm-up (n_w = {warmup:g} epochs)")
+  if warmup or eps:
     ax_r.legend(fontsize=8, loc="lower right")
-  if not used:
+  if not used and not eps:
     _note(ax_r, "ARD and PRM are off in this run:\nr(t) is not used", y=0.3)
 
   epochs, grad = _series(train, "train_grad_norm")

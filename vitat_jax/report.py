@@ -81,6 +81,11 @@ def robustness_markdown(run: Run) -> str:
     lines += [f"Parameters: {checkpoint}.", ""]
   if report.get("eval_subset"):
     lines += [f"Images: {report['eval_subset']}.", ""]
+  weights = report.get("weights", run.metrics.get("weights"))
+  if weights in ("ema", "raw"):
+    lines += [("Weights: the exponential moving average of the params "
+               "(ema.decay)." if weights == "ema" else
+               "Weights: the trained params (no averaging)."), ""]
   lines += [
       "| evaluation | accuracy | correct / total | time |",
       "|---|---:|---:|---:|"

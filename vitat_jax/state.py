@@ -26,9 +26,44 @@ from vitat_jax.models import precision
 
 @flax.struct.dataclass
 class TrainState:
+  """What a step carries and a checkpoint saves. `ema_params` is None unless
+  the run averages its params (`ema.decay` > 0): a run without EMA has the
+  same tree, and the same checkpoints, as before EMA existed."""
   step: jax.Array
   params: Any
   opt_state: Any
+  ema_params: Any = None
+
+
+def ema_decay(config, step):
+  """The EMA decay of update `step` (0-based): `ema.decay`, or with
+  `ema.warmup` min(decay, (1 + step) / (10 + step))."""
+  decay = jnp.asarray(config.ema.decay, jnp.float32)
+  if config.ema.warmup:
+    step = jnp.asarray(step, jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return decay
+
+
+def update_ema(ema_params, params, decay):
+  """decay * ema + (1 - decay) * params, leaf by leaf (float32)."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params,
+                      params)
+
+
+def evaluated_weights(config) -> str:
+  """"ema" or "raw": the weights `eval.weights` asks for ("auto": the EMA
+  params when the run keeps them)."""
+  if config.eval.weights == "auto":
+    return "ema" if config.ema.decay > 0 else "raw"
+  return config.eval.weights
+
+
+def evaluated_params(config, state):
+  """The params of `state` that the evaluations use (`evaluated_weights`)."""
+  if evaluated_weights(config) == "ema":
+    return state.ema_params
+  return state.params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +139,14 @@ def _dummy_images(model, shape_only: bool = False):
   return jnp.zeros(shape, jnp.float32)
 
 
-def abstract_state(model, tx, seed: int) -> TrainState:
-  """The train state's shapes and dtypes, traced without compiling."""
+def abstract_state(model, tx, seed: int, *, ema: bool = False) -> TrainState:
+  """The train state's shapes and dtypes, traced without compiling (with
+  `ema`, the params' average too)."""
   params = jax.eval_shape(model.init,
                           jax.eval_shape(lambda: jax.random.key(seed)),
                           _dummy_images(model, shape_only=True))["params"]
   return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                    jax.eval_shape(tx.init, params))
+                    jax.eval_shape(tx.init, params), params if ema else None)
 
 
 def initial_params(config, model, key):
@@ -130,4 +166,5 @@ def initial_params(config, model, key):
 def initial_state(config, model, tx, key) -> TrainState:
   """Step 0: `initial_params` and a fresh optimiser state."""
   params = initial_params(config, model, key)
-  return TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+  ema = jax.tree.map(jnp.copy, params) if config.ema.decay > 0 else None
+  return TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params), ema)

@@ -198,7 +198,8 @@ def _loop(services: _Services, train_step, state, start_step: int,
       if done % spe == 0 and config.eval.epoch_num_examples:
         jax.block_until_ready(state)
         train_seconds += time.perf_counter() - epoch_start
-        _epoch_evaluation(services, done, state.params)
+        _epoch_evaluation(services, done,
+                          state_lib.evaluated_params(config, state))
         epoch_start = time.perf_counter()
       # A signal to any host stops every host after this same step.
       signum = parallel.first_signal(guard.signum)
@@ -265,14 +266,16 @@ def _final_evaluation(services: _Services, state, start_step: int,
   run = services.run
   config, total = run.config, run.total_steps
   eval_start = time.perf_counter()
-  result = services.evaluator.final(state.params, run.splits.test,
-                                    services.eval_key, run.workdir)
+  result = services.evaluator.final(state_lib.evaluated_params(config, state),
+                                    run.splits.test, services.eval_key,
+                                    run.workdir)
   result.update(eps=services.evaluator.eps,
                 model=config.model.name,
                 method=config.method,
                 ard=config.tricks.ard,
                 prm=config.tricks.prm,
                 steps=total,
+                weights=state_lib.evaluated_weights(config),
                 resumed_from_step=start_step,
                 train_time_s=train_seconds,
                 eval_time_s=time.perf_counter() - eval_start,

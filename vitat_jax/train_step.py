@@ -7,7 +7,10 @@
 
 All randomness of step s comes from `fold_in(loop_key, s)`: augmentation,
 Mixup/CutMix, the training attack and its ARD/PRM masks, whose rate r(t)
-follows the warm-up at the fractional epoch t = s / steps_per_epoch.
+follows the warm-up at the fractional epoch t = s / steps_per_epoch. With
+`ema.decay` > 0 the step also updates the params' moving average; with
+`attack.eps_warmup_epochs` > 0 the training attack's radius and step ramp
+up from `attack.eps_warmup_floor` (`masks.eps_scale`).
 """
 
 import math
@@ -21,10 +24,18 @@ from vitat_jax import masks
 from vitat_jax.data import augment
 from vitat_jax.data import mixup
 from vitat_jax.data import randaugment
+from vitat_jax.state import ema_decay
 from vitat_jax.state import TrainState
+from vitat_jax.state import update_ema
 
 
-def accumulate_gradients(grad_fn, params, batch, key, r, accum_steps: int):
+def accumulate_gradients(grad_fn,
+                         params,
+                         batch,
+                         key,
+                         r,
+                         accum_steps: int,
+                         eps_scale=1.0):
   """Mean gradient and metrics of `grad_fn` over `accum_steps` micro-batches.
 
   As the reference's --accum-steps: each micro-batch contributes the
@@ -43,7 +54,7 @@ def accumulate_gradients(grad_fn, params, batch, key, r, accum_steps: int):
   def body(total, inputs):
     index, micro_batch = inputs
     (_, metrics), grads = grad_fn(params, micro_batch,
-                                  jax.random.fold_in(key, index), r)
+                                  jax.random.fold_in(key, index), r, eps_scale)
     return jax.tree.map(jnp.add, total, grads), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -64,6 +75,7 @@ def make_train_step(config, model, objective, tx, schedule,
   use_mixup = mix.prob > 0 and config.method in ("at", "natural")
   accum_steps = config.accum_steps
   randaugment_spec = config.augment.randaugment
+  use_ema = config.ema.decay > 0
 
   def train_step(state, images, labels, loop_key):
     step_key = jax.random.fold_in(loop_key, state.step)
@@ -91,19 +103,31 @@ def make_train_step(config, model, objective, tx, schedule,
     t = masks.fractional_epoch(state.step, steps_per_epoch)
     r = masks.warmup_value(t, config.tricks.warmup_epochs,
                            config.tricks.final_keep_rate)
+    eps_scale = masks.eps_scale(state.step, steps_per_epoch,
+                                config.attack.eps_warmup_epochs,
+                                config.attack.eps_warmup_floor)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if accum_steps == 1:
-      (_, metrics), grads = grad_fn(state.params, batch, objective_key, r)
+      (_, metrics), grads = grad_fn(state.params, batch, objective_key, r,
+                                    eps_scale)
     else:
       grads, metrics = accumulate_gradients(grad_fn, state.params, batch,
-                                            objective_key, r, accum_steps)
+                                            objective_key, r, accum_steps,
+                                            eps_scale)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics,
                    grad_norm=optax.global_norm(grads),
                    lr=schedule(state.step),
                    r=r)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    if config.attack.eps_warmup_epochs > 0:
+      metrics["eps"] = config.attack.eps * eps_scale
+    ema_params = state.ema_params
+    if use_ema:
+      decay = ema_decay(config, state.step)
+      ema_params = update_ema(ema_params, params, decay)
+      metrics["ema_decay"] = decay
+    return TrainState(state.step + 1, params, opt_state, ema_params), metrics
 
   return train_step
 

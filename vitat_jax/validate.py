@@ -10,6 +10,7 @@ checkpointing) trust it:
 | run fields (seed, epochs, batch sizes, tricks, checkpoints, dtypes) | `_check_run` |
 | `augment`, `mixup` | `_check_augment` (RandAugment spec: `randaugment.check_spec`) |
 | `method`, `attack` | `_check_method` (budget: `attacks.check_budget`) |
+| `ema`, `eval.weights` | `_check_ema` |
 | `optim` | `check_optim` |
 | `eval` (attacks, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
 | `init` | `_check_init` |
@@ -158,6 +159,25 @@ def _check_augment(config):
                     "alphas >= 0 and label_smoothing in [0, 1)")
 
 
+def _check_ema(config):
+  _finite("ema.decay",
+          config.ema.decay,
+          low=0,
+          high=1,
+          high_open=True,
+          hint=" (0 = no weight averaging; e.g. 0.9998 as ARES)")
+  if not isinstance(config.ema.warmup, bool):
+    raise UserError(f"ema.warmup={config.ema.warmup!r} must be True or False")
+  weights = config.eval.weights
+  if weights not in ("auto", "ema", "raw"):
+    raise UserError(f"eval.weights={weights!r}: use auto (the EMA params "
+                    "when the run keeps them), ema or raw")
+  if weights == "ema" and not config.ema.decay > 0:
+    raise UserError("eval.weights='ema' but this run keeps no EMA params "
+                    "(ema.decay=0): use eval.weights=raw, or train with "
+                    "--config.ema.decay=0.999")
+
+
 def _check_method(config):
   if config.method not in objectives.METHODS:
     raise UserError(f"unknown method {config.method!r}: use one of "
@@ -165,6 +185,16 @@ def _check_method(config):
   if config.method != "natural":
     attacks.check_budget(config.attack.eps, config.attack.alpha,
                          config.attack.steps)
+  _finite("attack.eps_warmup_epochs",
+          config.attack.eps_warmup_epochs,
+          low=0,
+          high=config.epochs,
+          hint=" (0 = no epsilon warm-up; within the run)")
+  _finite("attack.eps_warmup_floor",
+          config.attack.eps_warmup_floor,
+          low=0,
+          high=1,
+          hint=" (the fraction of attack.eps at step 0)")
 
 
 def check_optim(opt, epochs: float) -> None:
@@ -320,6 +350,7 @@ def check_config(config):
   _check_run(config)
   _check_augment(config)
   _check_method(config)
+  _check_ema(config)
   check_optim(config.optim, config.epochs)
   _check_eval(config)
   _check_init(config)

@@ -401,7 +401,8 @@ def upgrade_run_config(previous: dict) -> dict:
   before `model.weight_init` were initialised Xavier-uniform; `optim.nesterov`,
   `b1` and `b2` were read with their defaults before they were declared, and
   the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`;
-  float32 dots ran at the backend default before `matmul_precision`.
+  float32 dots ran at the backend default before `matmul_precision`; no
+  run averaged its params (`ema`) or warmed its eps up before those fields.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
@@ -425,6 +426,13 @@ def upgrade_run_config(previous: dict) -> dict:
   # Runs before the precision policy ran float32 dots at the backend's
   # default, which "auto" keeps for training on CPU and GPU.
   previous.setdefault("matmul_precision", "auto")
+  # No weight averaging and no epsilon warm-up before either existed.
+  ema = previous.setdefault("ema", {})
+  ema.setdefault("decay", 0.0)
+  ema.setdefault("warmup", False)
+  attack = previous.setdefault("attack", {})
+  attack.setdefault("eps_warmup_epochs", 0.0)
+  attack.setdefault("eps_warmup_floor", 0.0)
   return previous
 
 
