@@ -121,11 +121,12 @@ class Evaluator:
     (in `eval.compute_dtype` when it is set; float32 at HIGHEST precision
     unless `matmul_precision` says otherwise)."""
     ev = config.eval
-    if ev.compute_dtype:
+    if ev.compute_dtype and model is not None:
       model = model.clone(
           dtype=jnp.dtype(parallel.compute_dtype_for(ev.compute_dtype)))
-    model = model.clone(precision=precision.matmul_precision_for(
-        config.matmul_precision, model.dtype, evaluation=True))
+    if model is not None:  # (None: an evaluator that only picks subsets)
+      model = model.clone(precision=precision.matmul_precision_for(
+          config.matmul_precision, model.dtype, evaluation=True))
     evaluator = cls(model,
                     eps=eval_eps(config),
                     alpha=ev.alpha,
