@@ -218,8 +218,9 @@ def get_config():
   # run trained with).
   config.eval.protocol = ""
   config.eval.robustbench_preprocessing = "Res256Crop224"
-  # AutoAttack's adversarial examples, per attack, in
-  # workdir/adversarial/<attack>.npz (indices, images, labels).
+  # The final evaluation's adversarial examples, per attack (PGD, CW and
+  # AutoAttack's members), in workdir/adversarial/<attack>.npz: the points
+  # each attack broke (indices into the test split, images, labels).
   config.eval.save_adversarial = False
 
   config.log_every_steps = 50

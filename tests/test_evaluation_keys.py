@@ -28,8 +28,8 @@ def _keys_seen(monkeypatch, names):
   """{attack: [key data per batch]} an evaluation of `names` hands out."""
   seen = {}
 
-  def fake_batch_fn(self, spec):
-    del self
+  def fake_batch_fn(self, spec, with_images=False):
+    del self, with_images
 
     def correct(params, key, images, labels):
       del params, images
@@ -74,3 +74,32 @@ def test_an_attack_draws_the_same_whatever_list_it_is_in(monkeypatch, names):
     assert drawn == np.asarray(jax.random.key_data(expected)).tolist()
   assert len(seen["pgd20"]) == 3  # 48 images, batches of 16
   assert seen["pgd20"] != seen["cw20"]
+
+
+def test_pgd_and_cw_save_the_points_they_broke(tmp_path):
+  model = _tiny.model()
+  params = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3),
+                                                  np.float32))["params"]
+  evaluator = evaluation.Evaluator(model,
+                                   eps=16 / 255,
+                                   alpha=4 / 255,
+                                   batch_size=16,
+                                   save_adversarial=True)
+  source = data_lib.load(_tiny.config().data).test
+  result = evaluator(params,
+                     source, ["clean", "pgd2"],
+                     key=jax.random.key(0),
+                     num_examples=48,
+                     output_dir=str(tmp_path))
+  saved = np.load(tmp_path / "adversarial" / "pgd2.npz")
+  assert sorted(saved.files) == ["eps", "images", "indices", "labels", "norm"]
+  broken = len(saved["indices"])
+  # The points PGD broke: correct when clean, wrong after the attack.
+  assert broken == round(48 * (result["clean_acc"] - result["pgd2_acc"]))
+  clean, labels = source.get_batch(saved["indices"])
+  np.testing.assert_array_equal(labels, saved["labels"])
+  clean = clean.astype(np.float32) / 255
+  assert np.abs(saved["images"] - clean).max() <= 16 / 255 + 1e-6
+  logits = model.apply({"params": params}, saved["images"])
+  assert not np.any(np.argmax(logits, -1) == saved["labels"])
+  assert not (tmp_path / "adversarial" / "clean.npz").exists()

@@ -42,6 +42,11 @@ def test_main_trains_evaluates_and_writes_the_workdir(trained):
   assert {"clean_acc", "pgd20_acc", "num_eval_images"} <= set(metrics)
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["model"]["depth"] == 1
+  # The run names its real shape, not only the registry name it came from.
+  shape = ("deit_tiny_patch16_224 (width 16, depth 1, heads 2, patch 4, "
+           "image size 8 px)")
+  assert f"model {shape}: 0.00M parameters" in proc.stderr
+  assert metrics["model"] == shape
   # Orbax's and JAX's INFO chatter stays out of the log.
   assert "orbax" not in proc.stderr
 
@@ -187,6 +192,10 @@ def test_export_mode_writes_weights_timm_loads_and_a_model_card(trained):
   assert "exported" in proc.stdout and "Compiling" not in proc.stderr
   card = json.loads((workdir / "export" / "model_card.json").read_text())
   assert card["timm"]["name"] == "deit_tiny_patch16_224"
+  assert card["variant"].startswith("deit_tiny_patch16_224 (width 16, depth 1")
+  assert card["num_params"] == sum(
+      int(np.prod(v.shape)) for v in safetensors_torch.load_file(
+          str(workdir / "export" / card["weights"])).values())
   assert card["timm"]["kwargs"]["num_classes"] == 10
   assert card["threat_model"] == {"norm": "Linf", "eps": 8 / 255}
   with open(workdir / "metrics.json") as f:

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from vitat_jax import model_names
 from vitat_jax import parallel
 from vitat_jax import state as state_lib
 from vitat_jax import train_step as train_step_lib
@@ -255,7 +256,7 @@ def restore_or_init(setup):
     check_same_data(meta, setup.steps_per_epoch,
                     f"the checkpoint of step {start_step}")
   num_params = sum(p.size for p in jax.tree.leaves(state.params))
-  logging.info("model %s: %.2fM parameters", config.model.name,
+  logging.info("model %s: %.2fM parameters", model_names.label(config),
                num_params / 1e6)
   state = jax.device_put(state, shardings)
   if config.fsdp:

@@ -18,6 +18,8 @@ from typing import Optional
 
 from absl import flags
 
+from vitat_jax import model_names
+
 HELP = """
 Config fields: every field of the config can be set on the command line with
   --config.<section>.<field>=value     e.g. --config.optim.lr=0.05,
@@ -140,11 +142,22 @@ def print_config(config, argv, default_config: str) -> None:
 
 
 def default_workdir(config, config_path: str) -> str:
+  """runs/<config>_<model>[-<variant>]_<method>[_ard][_prm]: the variant
+  (`model_names.variant`) when the shape fields make the model another
+  network than its timm name. A run started under the name without the
+  variant (before it was added) keeps its workdir, so its command resumes."""
   stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  parts = [stem, config.model.name, config.method]
-  if config.method != "natural":
-    parts += [trick for trick in ("ard", "prm") if config.tricks[trick]]
-  return os.path.join("runs", "_".join(parts))
+  tricks = ([trick for trick in ("ard", "prm") if config.tricks[trick]]
+            if config.method != "natural" else [])
+  variant = model_names.variant(config)
+  model = config.model.name + (f"-{variant}" if variant else "")
+  path = os.path.join("runs", "_".join([stem, model, config.method, *tricks]))
+  legacy = os.path.join(
+      "runs", "_".join([stem, config.model.name, config.method, *tricks]))
+  if variant and not os.path.exists(path) and os.path.isdir(
+      os.path.join(legacy, "checkpoints")):
+    return legacy
+  return path
 
 
 class QuietLibraries(std_logging.Filter):

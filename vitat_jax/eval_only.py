@@ -15,6 +15,7 @@ import jax
 
 from vitat_jax import checkpointing
 from vitat_jax import evaluation
+from vitat_jax import model_names
 from vitat_jax import parallel
 from vitat_jax import report
 from vitat_jax import results
@@ -39,7 +40,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   result = evaluator.final(parallel.replicate(run.mesh, params),
                            run.splits.test, eval_key, workdir)
   result.update(eps=evaluator.eps,
-                model=config.model.name,
+                model=model_names.label(config),
                 checkpoint=source,
                 weights=("init.checkpoint" if config.init.checkpoint else
                          state_lib.evaluated_weights(config)),

@@ -48,26 +48,33 @@ def make_attack_fn(model,
                    *,
                    eps: float,
                    alpha: float,
-                   restarts: int = 1) -> Callable:
+                   restarts: int = 1,
+                   with_images: bool = False) -> Callable:
   """jitted `(params, key, images, labels) -> bool correct [B]` for a batch
-  attack (clean, pgd<k>, cw<k>)."""
+  attack (clean, pgd<k>, cw<k>); `with_images`: `(correct, clean_correct,
+  adversarial images)`, for saving what the attack broke."""
   if spec.kind == "autoattack":
     raise ValueError("AutoAttack runs over a set, not per batch: use "
                      "Evaluator")
 
   def correct(params, key, images, labels):
     logits_fn = lambda x: model.apply({"params": params}, x)
+    adversarial = images
     if spec.kind != "clean":
-      images = attacks.pgd(logits_fn,
-                           key,
-                           images,
-                           labels,
-                           eps=eps,
-                           alpha=alpha,
-                           steps=spec.steps,
-                           restarts=restarts,
-                           loss="ce" if spec.kind == "pgd" else "cw")
-    return jnp.argmax(logits_fn(images), axis=-1) == labels
+      adversarial = attacks.pgd(logits_fn,
+                                key,
+                                images,
+                                labels,
+                                eps=eps,
+                                alpha=alpha,
+                                steps=spec.steps,
+                                restarts=restarts,
+                                loss="ce" if spec.kind == "pgd" else "cw")
+    robust = jnp.argmax(logits_fn(adversarial), axis=-1) == labels
+    if not with_images:
+      return robust
+    clean = jnp.argmax(logits_fn(images), axis=-1) == labels
+    return robust, clean, adversarial
 
   return jax.jit(correct)
 
@@ -178,14 +185,16 @@ class Evaluator:
     result["eval_subset"] = text
     return result
 
-  def _batch_fn(self, spec: AttackSpec) -> Callable:
-    if spec.name not in self._batch_fns:
-      self._batch_fns[spec.name] = make_attack_fn(self.model,
-                                                  spec,
-                                                  eps=self.eps,
-                                                  alpha=self.alpha,
-                                                  restarts=self.restarts)
-    return self._batch_fns[spec.name]
+  def _batch_fn(self, spec: AttackSpec, with_images: bool = False) -> Callable:
+    if (spec.name, with_images) not in self._batch_fns:
+      self._batch_fns[spec.name,
+                      with_images] = make_attack_fn(self.model,
+                                                    spec,
+                                                    eps=self.eps,
+                                                    alpha=self.alpha,
+                                                    restarts=self.restarts,
+                                                    with_images=with_images)
+    return self._batch_fns[spec.name, with_images]
 
   def __call__(self,
                params,
@@ -208,8 +217,8 @@ class Evaluator:
     result: Dict[str, Any] = {}
     if batch_specs:
       result.update(
-          self._run_batches(params, source, batch_specs, num_examples, key,
-                            log))
+          self._run_batches(params, source, batch_specs, num_examples, key, log,
+                            output_dir))
     for spec in (s for s in specs if s.kind == "autoattack"):
       count = min(num_examples or len(source), len(source))
       result.update(
@@ -218,7 +227,8 @@ class Evaluator:
                                output_dir))
     return result
 
-  def _run_batches(self, params, source, specs, num_examples, key, log):
+  def _run_batches(self, params, source, specs, num_examples, key, log,
+                   output_dir):
     counts = {s.name: 0 for s in specs}
     seconds = {s.name: 0.0 for s in specs}
     total = 0
@@ -227,6 +237,11 @@ class Evaluator:
       logging.info("evaluating %s on %d test images",
                    ", ".join(s.name for s in specs), expected)
     started = last_line = time.perf_counter()
+    # PGD/CW adversarial examples (with eval.save_adversarial): the points
+    # each attack broke, as AutoAttack saves them, by test-split index.
+    saving = bool(self.autoattack["save_adversarial"] and output_dir)
+    saved = {}
+    test_indices = getattr(source, "indices", np.arange(len(source)))
     batches = pipeline.eval_batches(source,
                                     self.batch_size,
                                     num_examples,
@@ -246,8 +261,21 @@ class Evaluator:
         batch_key = jax.random.fold_in(
             jax.random.fold_in(key, key_index(spec.name)), batch_index)
         start = time.perf_counter()
-        correct = parallel.to_host(
-            self._batch_fn(spec)(params, batch_key, images, labels))
+        save = saving and spec.kind != "clean"
+        out = parallel.to_host(
+            self._batch_fn(spec, save)(params, batch_key, images, labels))
+        correct = out[0] if save else out
+        if save:
+          broken = valid & out[1] & ~correct
+          rows = batch_index * self.batch_size + np.flatnonzero(broken)
+          entry = saved.setdefault(spec.name, {
+              "indices": [],
+              "images": [],
+              "labels": []
+          })
+          entry["indices"].append(test_indices[rows])
+          entry["images"].append(np.asarray(out[2])[broken])
+          entry["labels"].append(parallel.to_host(labels)[broken])
         seconds[spec.name] += time.perf_counter() - start
         counts[spec.name] += int((correct & valid).sum())
       now = time.perf_counter()
@@ -262,6 +290,12 @@ class Evaluator:
     if total == 0:
       raise UserError("no evaluation images: check eval.num_examples and the "
                       "test split")
+    if saved and jax.process_index() == 0:
+      written = results.write_adversarial(output_dir,
+                                          saved,
+                                          eps=self.eps,
+                                          norm="Linf")
+      logging.info("adversarial examples saved: %s", ", ".join(written))
     result = {"num_eval_images": total}
     for spec in specs:
       result[f"{spec.name}_acc"] = counts[spec.name] / total

@@ -18,6 +18,7 @@ import jax
 
 from vitat_jax import checkpointing
 from vitat_jax import evaluation
+from vitat_jax import model_names
 from vitat_jax import pretrained
 from vitat_jax import setup as setup_lib
 from vitat_jax import state as state_lib
@@ -76,10 +77,13 @@ def export_run(cli_config, workdir: str) -> Dict[str, str]:
   card = {
       "format": "vitat_jax model card 1",
       "architecture": config.model.name,
+      "variant": model_names.label(config),
+      "num_params": int(sum(p.size for p in jax.tree.leaves(params))),
       "timm": timm_spec(config, model),
       "weights": WEIGHTS,
       "checkpoint": source,
-      "weights": state_lib.evaluated_weights(config),
+      # The params exported: their moving average ("ema") or the raw ones.
+      "params": state_lib.evaluated_weights(config),
       "input": {
           "image_size": int(model.img_size),
           "layout": "NCHW for timm (this library: NHWC)",

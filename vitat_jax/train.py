@@ -24,6 +24,7 @@ from vitat_jax import checkpointing
 from vitat_jax import compilation
 from vitat_jax import evaluation
 from vitat_jax import metric_writers
+from vitat_jax import model_names
 from vitat_jax import objectives
 from vitat_jax import parallel
 from vitat_jax import plots
@@ -270,7 +271,7 @@ def _final_evaluation(services: _Services, state, start_step: int,
                                     run.splits.test, services.eval_key,
                                     run.workdir)
   result.update(eps=services.evaluator.eps,
-                model=config.model.name,
+                model=model_names.label(config),
                 method=config.method,
                 ard=config.tricks.ard,
                 prm=config.tricks.prm,
