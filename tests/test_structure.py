@@ -275,7 +275,7 @@ def test_help_report_and_config_do_not_import_jax(argv, tmp_path):
 
 
 FORMATTED = ("main.py", "vitat_jax", "configs", "tests", "scripts",
-             "benchmarks")
+             "benchmarks", "examples")
 
 
 def test_the_code_is_formatted_with_yapf():

@@ -11,7 +11,11 @@ jitted function over fixed-shape batches (the last batch padded and
 masked), compiled once per evaluator; AutoAttack ("aa") runs over the set a
 chunk at a time, with its sanity checks, wherever it is listed. Each
 attack's key is `fold_in(key, attack_names.key_index(name))`: its name
-alone decides its randomness. Files go through `results.py`.
+alone decides its randomness. A script adds attacks by name with
+`register_attack(name, attack)`, `attack(logits_fn, key, x, y, *, eps,
+alpha) -> x_adv`; they run batch by batch as PGD does, their result
+projected onto the eps-ball and the [0, 1] box. Files go through
+`results.py`.
 """
 
 import dataclasses
@@ -20,7 +24,6 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from absl import logging
 import jax
-from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,6 +34,8 @@ from vitat_jax import workdir as workdir_lib
 from vitat_jax.attack_names import AttackSpec
 from vitat_jax.attack_names import key_index
 from vitat_jax.attack_names import parse_attack
+from vitat_jax.attack_names import register_attack  # pylint: disable=unused-import
+from vitat_jax.attack_names import registered_attack
 from vitat_jax.data import pipeline
 from vitat_jax.data import protocol
 from vitat_jax.data import subsets
@@ -51,8 +56,9 @@ def make_attack_fn(model,
                    restarts: int = 1,
                    with_images: bool = False) -> Callable:
   """jitted `(params, key, images, labels) -> bool correct [B]` for a batch
-  attack (clean, pgd<k>, cw<k>); `with_images`: `(correct, clean_correct,
-  adversarial images)`, for saving what the attack broke."""
+  attack (clean, pgd<k>, cw<k>, a registered one); `with_images`:
+  `(correct, clean_correct, adversarial images)`, for saving what the
+  attack broke."""
   if spec.kind == "autoattack":
     raise ValueError("AutoAttack runs over a set, not per batch: use "
                      "Evaluator")
@@ -60,7 +66,22 @@ def make_attack_fn(model,
   def correct(params, key, images, labels):
     logits_fn = lambda x: model.apply({"params": params}, x)
     adversarial = images
-    if spec.kind != "clean":
+    if spec.kind == "registered":
+      x_adv = registered_attack(spec.name)(logits_fn,
+                                           key,
+                                           images,
+                                           labels,
+                                           eps=eps,
+                                           alpha=alpha)
+      if getattr(x_adv, "shape", None) != images.shape:
+        raise UserError(f"attack {spec.name!r} returned shape "
+                        f"{getattr(x_adv, 'shape', type(x_adv))} for images "
+                        f"{images.shape}: it must return x_adv like x")
+      # The threat model is the evaluation's, whatever the attack does.
+      adversarial = jax.lax.stop_gradient(
+          images + attacks.project(images,
+                                   x_adv.astype(images.dtype) - images, eps))
+    elif spec.kind != "clean":
       adversarial = attacks.pgd(logits_fn,
                                 key,
                                 images,

@@ -7,10 +7,15 @@ CutMix). `r` is the ARD/PRM warm-up value r(t) of `masks.py`.
 The inner attack runs the model in inference mode on parameters whose
 gradient is stopped, so the parameter gradient flows only through the final
 forward pass on the adversarial batch, and ARD/PRM act only on the attack.
+
+`config.method` names an entry of one registry: the built-ins "at",
+"trades", "mart" and "natural", and what a script adds with
+`register(name, factory)` before it trains; `make_objective` builds from it.
 """
 
 import functools
-from typing import Callable, Optional
+import re
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +25,9 @@ from vitat_jax import attacks
 from vitat_jax import masks
 from vitat_jax.errors import UserError
 
+# The built-in methods; `methods()` lists the registered ones too.
 METHODS = ("at", "trades", "mart", "natural")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -305,21 +312,62 @@ def natural_loss(params, batch, key, r, eps_scale=1.0, *, model):
   return loss, {"loss": loss, "accuracy": _accuracy(logits, batch["target"])}
 
 
-_ADVERSARIAL = {"at": pgd_at_loss, "trades": trades_loss, "mart": mart_loss}
+def adversarial_kwargs(config, model) -> dict:
+  """The keywords of `pgd_at_loss` & co. from a checked config: the model,
+  the training attack's budget and ARD / PRM."""
+  return dict(model=model,
+              eps=config.attack.eps,
+              alpha=config.attack.alpha,
+              steps=config.attack.steps,
+              ard=config.tricks.ard,
+              prm=config.tricks.prm,
+              prm_patch_size=config.tricks.prm_patch_size)
+
+
+# name -> factory(config, model) -> objective; the built-ins first.
+_FACTORIES: Dict[str, Callable] = {
+    "at":
+        lambda config, model: functools.partial(
+            pgd_at_loss, **adversarial_kwargs(config, model)),
+    "trades":
+        lambda config, model: functools.partial(
+            trades_loss, beta=config.beta, **adversarial_kwargs(config, model)),
+    "mart":
+        lambda config, model: functools.partial(
+            mart_loss, beta=config.beta, **adversarial_kwargs(config, model)),
+    "natural":
+        lambda config, model: functools.partial(natural_loss, model=model),
+}
+
+
+def register(name: str, factory: Callable) -> None:
+  """Makes `config.method=name` train with `factory(config, model)`.
+
+  The factory returns an objective `(params, batch, key, r, eps_scale=1.0)
+  -> (loss, metrics)` as the built-ins do (`adversarial_kwargs` gives their
+  bound keywords); `metrics` holds at least "loss". Call it before training
+  (or resuming) in the script that runs `train.train_and_evaluate`: names
+  resolve to registered functions only. Registering a name again replaces
+  it; the built-in names cannot be replaced.
+  """
+  if not isinstance(name, str) or not _NAME.match(name):
+    raise UserError(f"objective name {name!r} must be lowercase letters, "
+                    "digits and underscores, starting with a letter")
+  if name in METHODS:
+    raise UserError(f"objective {name!r} is built in: register yours under "
+                    "another name")
+  if not callable(factory):
+    raise UserError(f"objective {name!r}: the factory must be a function "
+                    "(config, model) -> objective")
+  _FACTORIES[name] = factory
+
+
+def methods() -> Tuple[str, ...]:
+  """The names `config.method` may take: built-in, then registered."""
+  return tuple(_FACTORIES)
 
 
 def make_objective(config, model):
   """The objective named by `config.method`, bound to `model` and budgets
   (the config checked by `validate.check_config`)."""
-  if config.method == "natural":
-    return functools.partial(natural_loss, model=model)
-  kwargs = dict(model=model,
-                eps=config.attack.eps,
-                alpha=config.attack.alpha,
-                steps=config.attack.steps,
-                ard=config.tricks.ard,
-                prm=config.tricks.prm,
-                prm_patch_size=config.tricks.prm_patch_size)
-  if config.method in ("trades", "mart"):
-    kwargs["beta"] = config.beta
-  return functools.partial(_ADVERSARIAL[config.method], **kwargs)
+  return _FACTORIES[config.method](config, model)

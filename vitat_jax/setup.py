@@ -129,7 +129,7 @@ def prepare(config,
     raise ValueError(f"purpose={purpose!r}: one of {PURPOSES}")
   if purpose != "train":
     config = config_for_evaluation(config, workdir)
-  validate.check_config(config)
+  validate.check_config(config, training=purpose == "train")
   if purpose != "eval":  # eval writes only its results, and survives not
     workdir_lib.check_writable(workdir)
   cache_dir = compilation.enable_cache(config.compilation_cache_dir)

@@ -96,6 +96,8 @@ class _Services:
 
 def _train_and_evaluate(run: setup_lib.Setup, wall_start: float):
   config, is_chief = run.config, jax.process_index() == 0
+  # A registered objective's own checks fail here, before the run's files.
+  objective = objectives.make_objective(config, run.model)
   ckpt, state, start_step, shardings, meta = checkpointing.restore_or_init(run)
   _, loop_key, eval_key = state_lib.run_keys(config.seed)
   logging.info("%d steps/epoch, %d steps%s", run.steps_per_epoch,
@@ -104,7 +106,6 @@ def _train_and_evaluate(run: setup_lib.Setup, wall_start: float):
   # Only now, with every check passed and the run restored.
   if is_chief:
     workdir_lib.write_config(config, run.workdir)
-  objective = objectives.make_objective(config, run.model)
   train_step = jax.jit(train_step_lib.make_train_step(config, run.model,
                                                       objective, run.tx,
                                                       run.schedule,

@@ -9,7 +9,7 @@ checkpointing) trust it:
 |---|---|
 | run fields (seed, epochs, batch sizes, tricks, checkpoints, dtypes) | `_check_run` |
 | `augment`, `mixup` | `_check_augment` (RandAugment spec: `randaugment.check_spec`) |
-| `method`, `attack` | `_check_method` (budget: `attacks.check_budget`) |
+| `method`, `attack` | `_check_method` (names: `objectives.methods()`; budget: `attacks.check_budget`) |
 | `ema`, `eval.weights` | `_check_ema` |
 | `optim` | `check_optim` |
 | `eval` (attacks, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
@@ -178,10 +178,13 @@ def _check_ema(config):
                     "--config.ema.decay=0.999")
 
 
-def _check_method(config):
-  if config.method not in objectives.METHODS:
+def _check_method(config, training):
+  # Evaluating or exporting builds no objective: a run trained with a
+  # registered one is evaluated without registering it again.
+  if training and config.method not in objectives.methods():
     raise UserError(f"unknown method {config.method!r}: use one of "
-                    f"{', '.join(objectives.METHODS)}")
+                    f"{', '.join(objectives.methods())} (or register yours "
+                    "with vitat_jax.objectives.register before training)")
   if config.method != "natural":
     attacks.check_budget(config.attack.eps, config.attack.alpha,
                          config.attack.steps)
@@ -338,18 +341,19 @@ def _check_model_fields(config):
             hint=" (the stochastic depth of the last block)")
 
 
-def check_config(config):
+def check_config(config, *, training=True):
   """Raises UserError for the first problem found in `config`.
 
   Every field of configs/default.py is checked here, before anything is
-  loaded, compiled or written.
+  loaded, compiled or written. `training=False` (evaluation, export) lets
+  `method` name an objective this process has not registered.
   """
   # The model's name first: a misspelt `:model=` would otherwise be
   # reported as its pre-trained file missing (`_check_init`).
   models.model_defaults(config.model.name)
   _check_run(config)
   _check_augment(config)
-  _check_method(config)
+  _check_method(config, training)
   _check_ema(config)
   check_optim(config.optim, config.epochs)
   _check_eval(config)
