@@ -100,9 +100,9 @@ def test_configs_import_nothing_from_the_package():
 
 
 def test_the_library_imports_nothing_of_the_checkout():
-  """An installed vitat_jax has no configs/, tests/, benchmarks/, scripts/
-  or main.py beside it (pyproject.toml installs the package alone)."""
-  checkout = ("configs", "tests", "benchmarks", "scripts", "main")
+  """An installed vitat_jax has no configs/, tests/, benchmarks/, scripts/,
+  examples/ or main.py beside it (pyproject.toml installs the package alone)."""
+  checkout = ("configs", "tests", "benchmarks", "scripts", "examples", "main")
   wrong = {(m, i)
            for m, imports in GRAPH.items()
            for i in imports
@@ -275,7 +275,7 @@ def test_help_report_and_config_do_not_import_jax(argv, tmp_path):
 
 
 FORMATTED = ("main.py", "vitat_jax", "configs", "tests", "scripts",
-             "benchmarks")
+             "benchmarks", "examples")
 
 
 def test_the_code_is_formatted_with_yapf():
