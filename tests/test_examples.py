@@ -1,4 +1,5 @@
-"""The examples run as a user runs them: `python -m examples.<name>`.
+"""The examples run as a user runs them, from the repository root
+(`python -m examples.<name>`, or `python examples/mlp_gate.py`).
 
 One tiny run of examples/custom_objective.py is trained, SIGKILLed and
 resumed (module fixture), then checked against an uninterrupted run and
@@ -6,7 +7,9 @@ evaluated by examples/custom_attack.py.
 """
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -126,3 +129,20 @@ def test_custom_attack_evaluates_the_trained_run(runs):
     results = json.load(f)["results"]
   assert round(results["fgsm"]["accuracy"], 4) == accuracy
   assert set(results) == {"clean", "fgsm", "pgd20"}
+
+
+def test_mlp_gate_example():
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "examples/mlp_gate.py", "--tiny"],
+                        cwd=repo,
+                        capture_output=True,
+                        text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = re.findall(r"^step (\d+)/8 r=([\d.]+) adversarial loss=(\S+)$",
+                     proc.stdout, re.MULTILINE)
+  assert [int(step) for step, _, _ in lines] == list(range(1, 9)), proc.stdout
+  # r ramps to 1; the loss is finite, near log(10) for 10 random labels.
+  assert [float(r) for _, r, _ in lines] == [(i + 1) / 8 for i in range(8)]
+  losses = [float(loss) for _, _, loss in lines]
+  assert all(math.isfinite(l) and 0 < l < 2 * math.log(10) for l in losses)

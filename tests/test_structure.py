@@ -100,9 +100,9 @@ def test_configs_import_nothing_from_the_package():
 
 
 def test_the_library_imports_nothing_of_the_checkout():
-  """An installed vitat_jax has no configs/, tests/, benchmarks/, scripts/
-  or main.py beside it (pyproject.toml installs the package alone)."""
-  checkout = ("configs", "tests", "benchmarks", "scripts", "main")
+  """An installed vitat_jax has no configs/, tests/, benchmarks/, scripts/,
+  examples/ or main.py beside it (pyproject.toml installs the package alone)."""
+  checkout = ("configs", "tests", "benchmarks", "scripts", "examples", "main")
   wrong = {(m, i)
            for m, imports in GRAPH.items()
            for i in imports

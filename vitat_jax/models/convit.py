@@ -1,4 +1,4 @@
-"""ConViT (d'Ascoli et al. 2021) with the ARD gate.
+"""ConViT (d'Ascoli et al. 2021) with the gradient gates (ARD and MLP).
 
 The first `local_up_to_layer` blocks use gated positional self-attention
 (GPSA): per head, a learned gate mixes content attention with a positional
@@ -112,7 +112,8 @@ class GPSA(nn.Module):
 
 
 class ConViTBlock(nn.Module):
-  """Pre-norm block with GPSA or MHSA; ARD gate and drop-path on attention."""
+  """Pre-norm block with GPSA or MHSA; the attention branch (ARD gate and
+  drop-path) and the MLP branch each gated as `layers.Block`'s."""
   num_heads: int
   use_gpsa: bool
   mlp_ratio: float = 4.0
@@ -127,7 +128,7 @@ class ConViTBlock(nn.Module):
   fused_attention: Optional[bool] = None  # None: fused off the CPU
 
   @nn.compact
-  def __call__(self, x, keep=None, *, train: bool = False):
+  def __call__(self, x, attn_keep=None, mlp_keep=None, *, train: bool = False):
     dim = x.shape[-1]
     branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
     if self.use_gpsa:
@@ -151,16 +152,17 @@ class ConViTBlock(nn.Module):
                               precision=self.precision,
                               fused=self.fused_attention,
                               name="attn")
-    branch = layers.gate_attention(attn(branch, train=train), keep)
+    branch = layers.gate_gradient(attn(branch, train=train), attn_keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + layers.drop_path(branch, self.drop_path_rate, rng, not train)
     branch = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-    return x + layers.Mlp(int(dim * self.mlp_ratio),
-                          self.dropout,
-                          dtype=self.dtype,
-                          kernel_init=self.kernel_init,
-                          precision=self.precision,
-                          name="mlp")(branch, train=train)
+    branch = layers.Mlp(int(dim * self.mlp_ratio),
+                        self.dropout,
+                        dtype=self.dtype,
+                        kernel_init=self.kernel_init,
+                        precision=self.precision,
+                        name="mlp")(branch, train=train)
+    return x + layers.gate_gradient(branch, mlp_keep)
 
 
 class ConViT(nn.Module):
@@ -196,7 +198,12 @@ class ConViT(nn.Module):
 
   @property
   def num_attention_blocks(self) -> int:
-    """Length of the ARD keep-mask this model takes."""
+    """Length of the ARD keep-mask `attn_keep` (GPSA and MHSA blocks)."""
+    return self.depth
+
+  @property
+  def num_mlp_blocks(self) -> int:
+    """Length of the MLP keep-mask `mlp_keep` (one MLP per block)."""
     return self.depth
 
   @property
@@ -218,9 +225,13 @@ class ConViT(nn.Module):
                       "positive")
 
   @nn.compact
-  def __call__(self, images, attn_keep=None, *, train: bool = False):
-    layers.check_call(images, attn_keep, self.img_size,
-                      self.num_attention_blocks)
+  def __call__(self,
+               images,
+               attn_keep=None,
+               mlp_keep=None,
+               *,
+               train: bool = False):
+    layers.check_call(self, images, attn_keep, mlp_keep)
     width = self.width
     # Normalisation and patch embedding in float32, HIGHEST (see vit.py).
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
@@ -246,7 +257,7 @@ class ConViT(nn.Module):
         x = jnp.concatenate(
             [jnp.broadcast_to(cls, (batch, 1, width)).astype(self.dtype), x],
             axis=1)
-      keep = None if attn_keep is None else attn_keep[i]
+      keeps = [None if k is None else k[i] for k in (attn_keep, mlp_keep)]
       x = ConViTBlock(self.num_heads,
                       i < self.local_up_to_layer,
                       self.mlp_ratio,
@@ -259,7 +270,7 @@ class ConViT(nn.Module):
                       kernel_init=kernel_init,
                       precision=self.precision,
                       fused_attention=self.fused_attention,
-                      name=f"blocks_{i}")(x, keep, train=train)
+                      name=f"blocks_{i}")(x, *keeps, train=train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     # With every block local the class token was never inserted: timm then
     # still reads token 0, which is a patch token.

@@ -74,12 +74,15 @@ def check_precision(precision):
                     "default), 'default', 'high' or 'highest'")
 
 
-def gate_attention(branch: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
-  """ARD gate: forward value unchanged, gradient scaled by `keep`.
+def gate_gradient(branch: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
+  """A branch's gradient gate: forward value unchanged, gradient scaled by
+  `keep` (None: no gate).
 
   `keep * a + (1 - keep) * stop_gradient(a)` equals `a` in the forward pass
   for keep in {0, 1}; in the backward pass only the `keep` part carries the
-  gradient, so keep = 0 drops the attention branch's gradient entirely.
+  gradient, so keep = 0 drops the branch's gradient entirely. ARD gates the
+  attention branches with it (`attn_keep`), the MLP gate the MLP branches
+  (`mlp_keep`).
   """
   if keep is None:
     return branch
@@ -245,10 +248,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block with the ARD gate on the attention branch.
+  """Pre-norm transformer block with gradient gates on both branches.
 
-  As in the reference models, stochastic depth sits on the attention branch
-  only; the MLP branch and the skip path are never gated or dropped.
+  `attn_keep` (ARD) and `mlp_keep` are this block's scalar keep values, or
+  None (no gate); the skip path is never gated. As in the reference models,
+  stochastic depth sits on the attention branch only.
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -264,7 +268,7 @@ class Block(nn.Module):
   fused_attention: Optional[bool] = None  # None: fused off the CPU
 
   @nn.compact
-  def __call__(self, x, keep=None, train: bool = False):
+  def __call__(self, x, attn_keep=None, mlp_keep=None, train: bool = False):
     # `train` is positional too, so that nn.remat can mark it static.
     dim = x.shape[-1]
     branch = nn.LayerNorm(epsilon=self.layer_norm_eps,
@@ -280,18 +284,19 @@ class Block(nn.Module):
                        precision=self.precision,
                        fused=self.fused_attention,
                        name="attn")(branch, train=train)
-    branch = gate_attention(branch, keep)
+    branch = gate_gradient(branch, attn_keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + drop_path(branch, self.drop_path_rate, rng, not train)
     branch = nn.LayerNorm(epsilon=self.layer_norm_eps,
                           dtype=self.dtype,
                           name="norm2")(x)
-    return x + Mlp(int(dim * self.mlp_ratio),
-                   self.dropout,
-                   dtype=self.dtype,
-                   kernel_init=self.kernel_init,
-                   precision=self.precision,
-                   name="mlp")(branch, train=train)
+    branch = Mlp(int(dim * self.mlp_ratio),
+                 self.dropout,
+                 dtype=self.dtype,
+                 kernel_init=self.kernel_init,
+                 precision=self.precision,
+                 name="mlp")(branch, train=train)
+    return x + gate_gradient(branch, mlp_keep)
 
 
 class PatchEmbedding(nn.Module):
@@ -338,16 +343,20 @@ def check_patch_and_stats(img_size: int, patch_size: int, mean, std):
     raise UserError("mean and std need one value per RGB channel")
 
 
-def check_call(images, attn_keep, img_size: int, num_blocks: int):
+def check_call(model, images, attn_keep, mlp_keep):
   """The input checks of every family's `__call__` (at trace time)."""
-  if images.shape[1:3] != (img_size, img_size):
+  size = model.img_size
+  if images.shape[1:3] != (size, size):
     raise ValueError(
-        f"model built for {img_size}x{img_size} images, got "
+        f"model built for {size}x{size} images, got "
         f"{images.shape[1]}x{images.shape[2]}; create it with img_size="
         f"{images.shape[1]}")
-  if attn_keep is not None and attn_keep.shape != (num_blocks,):
-    raise ValueError(f"attn_keep must have shape ({num_blocks},), got "
-                     f"{attn_keep.shape}")
+  for name, keep, length in (("attn_keep", attn_keep,
+                              model.num_attention_blocks),
+                             ("mlp_keep", mlp_keep, model.num_mlp_blocks)):
+    if keep is not None and keep.shape != (length,):
+      raise ValueError(f"{name} must have shape ({length},), got "
+                       f"{keep.shape}")
 
 
 def normalize(x: jax.Array, mean: Sequence[float],

@@ -1,4 +1,4 @@
-"""Swin Transformer (Liu et al. 2021) with the ARD gate.
+"""Swin Transformer (Liu et al. 2021) with the gradient gates (ARD and MLP).
 
 Parameter names follow timm's current layout (patch merging at the start of
 stages 1..3, `layers_i/blocks_j/attn/relative_position_bias_table`), so timm
@@ -120,7 +120,8 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-  """(Shifted-)window attention block; ARD gate and drop-path on attention."""
+  """(Shifted-)window attention block; the attention branch (ARD gate and
+  drop-path) and the MLP branch each gated as `layers.Block`'s."""
   num_heads: int
   window_size: int
   shift_size: int = 0
@@ -135,7 +136,7 @@ class SwinBlock(nn.Module):
   precision: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, keep=None, *, train: bool = False):
+  def __call__(self, x, attn_keep=None, mlp_keep=None, *, train: bool = False):
     _, height, width, dim = x.shape
     window, shift = self.window_size, self.shift_size
     branch = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm1")(x)
@@ -157,16 +158,17 @@ class SwinBlock(nn.Module):
     branch = _reverse(branch, window, height, width)
     if shift:
       branch = jnp.roll(branch, (shift, shift), axis=(1, 2))
-    branch = layers.gate_attention(branch, keep)
+    branch = layers.gate_gradient(branch, attn_keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + layers.drop_path(branch, self.drop_path_rate, rng, not train)
     branch = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm2")(x)
-    return x + layers.Mlp(int(dim * self.mlp_ratio),
-                          self.dropout,
-                          dtype=self.dtype,
-                          kernel_init=self.kernel_init,
-                          precision=self.precision,
-                          name="mlp")(branch, train=train)
+    branch = layers.Mlp(int(dim * self.mlp_ratio),
+                        self.dropout,
+                        dtype=self.dtype,
+                        kernel_init=self.kernel_init,
+                        precision=self.precision,
+                        name="mlp")(branch, train=train)
+    return x + layers.gate_gradient(branch, mlp_keep)
 
 
 class PatchMerging(nn.Module):
@@ -225,7 +227,7 @@ class SwinStage(nn.Module):
   precision: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, keep=None, *, train: bool = False):
+  def __call__(self, x, attn_keep=None, mlp_keep=None, *, train: bool = False):
     if self.downsample:
       x = PatchMerging(self.dim,
                        dtype=self.dtype,
@@ -234,6 +236,7 @@ class SwinStage(nn.Module):
                        name="downsample")(x)
     window, shift = stage_windows(x.shape[1], self.window_size)
     for j in range(self.depth):
+      keeps = [None if k is None else k[j] for k in (attn_keep, mlp_keep)]
       x = SwinBlock(self.num_heads,
                     window,
                     shift if j % 2 else 0,
@@ -246,9 +249,7 @@ class SwinStage(nn.Module):
                     dtype=self.dtype,
                     kernel_init=self.kernel_init,
                     precision=self.precision,
-                    name=f"blocks_{j}")(x,
-                                        None if keep is None else keep[j],
-                                        train=train)
+                    name=f"blocks_{j}")(x, *keeps, train=train)
     return x
 
 
@@ -290,7 +291,12 @@ class SwinTransformer(nn.Module):
 
   @property
   def num_attention_blocks(self) -> int:
-    """Length of the ARD keep-mask this model takes (all blocks, all stages)."""
+    """Length of the ARD keep-mask `attn_keep` (all blocks, all stages)."""
+    return int(sum(self.depths))
+
+  @property
+  def num_mlp_blocks(self) -> int:
+    """Length of the MLP keep-mask `mlp_keep` (one MLP per block)."""
     return int(sum(self.depths))
 
   @property
@@ -333,9 +339,13 @@ class SwinTransformer(nn.Module):
             f"{self.num_heads[i]}: choose num_heads dividing embed_dim*2^i")
 
   @nn.compact
-  def __call__(self, images, attn_keep=None, *, train: bool = False):
-    layers.check_call(images, attn_keep, self.img_size,
-                      self.num_attention_blocks)
+  def __call__(self,
+               images,
+               attn_keep=None,
+               mlp_keep=None,
+               *,
+               train: bool = False):
+    layers.check_call(self, images, attn_keep, mlp_keep)
     # Normalisation and patch embedding in float32, HIGHEST (see vit.py).
     x = layers.normalize(images.astype(jnp.float32), self.mean, self.std)
     kernel_init = layers.dense_kernel_init(self.weight_init)
@@ -348,7 +358,10 @@ class SwinTransformer(nn.Module):
     rates = np.linspace(0.0, self.drop_path_rate, self.num_attention_blocks)
     start = 0
     for i, depth in enumerate(self.depths):
-      keep = None if attn_keep is None else attn_keep[start:start + depth]
+      keeps = [
+          None if k is None else k[start:start + depth]
+          for k in (attn_keep, mlp_keep)
+      ]
       x = SwinStage(self.embed_dim * 2**i,
                     depth,
                     self.num_heads[i],
@@ -363,7 +376,7 @@ class SwinTransformer(nn.Module):
                     dtype=self.dtype,
                     kernel_init=kernel_init,
                     precision=self.precision,
-                    name=f"layers_{i}")(x, keep, train=train)
+                    name=f"layers_{i}")(x, *keeps, train=train)
       start += depth
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
     x = x.mean(axis=(1, 2))

@@ -2,8 +2,8 @@
 
 One module, sizes from a variant table, registered under timm's names. The
 model takes images in [0, 1] (NHWC), normalises them with its own mean/std,
-and takes the ARD keep-mask `attn_keep` (shape [depth], or None) as an
-ordinary argument.
+and takes the gradient keep-masks `attn_keep` (ARD) and `mlp_keep` (shape
+[depth] each, or None) as ordinary arguments.
 """
 
 from typing import Any, Optional, Tuple
@@ -67,7 +67,12 @@ class VisionTransformer(nn.Module):
 
   @property
   def num_attention_blocks(self) -> int:
-    """Length of the ARD keep-mask this model takes."""
+    """Length of the ARD keep-mask `attn_keep` this model takes."""
+    return self.depth
+
+  @property
+  def num_mlp_blocks(self) -> int:
+    """Length of the MLP keep-mask `mlp_keep` (one MLP per block)."""
     return self.depth
 
   @property
@@ -93,9 +98,13 @@ class VisionTransformer(nn.Module):
           f"{self.num_heads}: choose num_heads dividing embed_dim")
 
   @nn.compact
-  def __call__(self, images, attn_keep=None, *, train: bool = False):
-    layers.check_call(images, attn_keep, self.img_size,
-                      self.num_attention_blocks)
+  def __call__(self,
+               images,
+               attn_keep=None,
+               mlp_keep=None,
+               *,
+               train: bool = False):
+    layers.check_call(self, images, attn_keep, mlp_keep)
     scheme = self.weight_init
     kernel_init = layers.dense_kernel_init(scheme)
     # Normalisation and patch embedding in float32 at HIGHEST precision
@@ -132,11 +141,11 @@ class VisionTransformer(nn.Module):
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
     path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
-    # `train` (argument 3, counting the module) must stay a Python bool.
+    # `train` (argument 4, counting the module) must stay a Python bool.
     block = nn.remat(layers.Block,
-                     static_argnums=(3,)) if self.remat else (layers.Block)
+                     static_argnums=(4,)) if self.remat else (layers.Block)
     for i in range(self.depth):
-      keep = None if attn_keep is None else attn_keep[i]
+      keeps = [None if k is None else k[i] for k in (attn_keep, mlp_keep)]
       x = block(self.num_heads,
                 self.mlp_ratio,
                 self.qkv_bias,
@@ -149,7 +158,7 @@ class VisionTransformer(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 precision=self.precision,
                 fused_attention=self.fused_attention,
-                name=f"blocks_{i}")(x, keep, train)
+                name=f"blocks_{i}")(x, *keeps, train)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      name="norm")(x)
 
