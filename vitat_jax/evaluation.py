@@ -397,6 +397,24 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
   pieces = []
   saved = {}
   dots_only = None  # the model's XLA:CPU choice, traced once per set
+  logging.info(
+      "AutoAttack (%s) on %d images, %d at a time in batches of %d "
+      "(eval.autoattack.batch_size; a smaller remainder of robust points is "
+      "padded to min(batch, %d))", ", ".join(attacks_to_run or [version]),
+      count, chunk, batch_size, attacks.MIN_PADDED_BATCH)
+  started, last_line = time.perf_counter(), [time.perf_counter()]
+
+  def progress(first, last):
+
+    def report(attack, done, total):
+      now = time.perf_counter()
+      if now - last_line[0] >= PROGRESS_EVERY_S:
+        last_line[0] = now
+        logging.info("AutoAttack: %s %d/%d on images %d-%d of %d, %.0f s",
+                     attack, done, total, first, last - 1, count, now - started)
+
+    return report
+
   for first in range(0, count, chunk):
     rows = np.arange(first, min(first + chunk, count))
     images, labels = source.get_batch(rows)
@@ -414,7 +432,8 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
                              version=version,
                              attacks_to_run=attacks_to_run,
                              batch_size=batch_size,
-                             verbose=False,
+                             verbose=True,
+                             progress=progress(first, rows[-1] + 1),
                              first_index=first,
                              gather_adversarial=save_adversarial,
                              placement=autoattack_placement(),

@@ -1,6 +1,8 @@
 """AutoAttack: the sequence's invariants, the sanity checks, evaluation
 wiring, and parity with the reference implementation (fra31's)."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -365,7 +367,11 @@ class _Linear(nn.Module):
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
-def test_evaluator_runs_autoattack_by_name():
+def test_evaluator_runs_autoattack_by_name(monkeypatch, caplog):
+  # A progress line at every chance (at most every PROGRESS_EVERY_S = 30 s
+  # in a run), in the plain log: a long evaluation is never silent.
+  monkeypatch.setattr(evaluation, "PROGRESS_EVERY_S", 0)
+  caplog.set_level(logging.INFO)
   assert attack_names.parse_attack("aa").kind == "autoattack"
   assert attack_names.parse_attack("autoattack").kind == "autoattack"
   model = _Linear()
@@ -384,6 +390,14 @@ def test_evaluator_runs_autoattack_by_name():
   assert result["clean_acc"] == 1.0
   assert result["aa_acc"] <= result["pgd5_acc"] + 1e-9
   assert result["num_eval_images"] == 8
+  lines = [r.getMessage() for r in caplog.records]
+  assert any(
+      l.startswith("AutoAttack (standard) on 8 images") and
+      "eval.autoattack.batch_size" in l for l in lines), lines
+  assert any(
+      l.startswith("AutoAttack: apgd-ce (stage 1/1) 8/8 on images 0-7")
+      for l in lines), lines
+  assert any(l.startswith("robust accuracy after APGD-CE") for l in lines)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from vitat_jax.attacks.autoattack import autoattack
 from vitat_jax.attacks.autoattack import attack_settings
 from vitat_jax.attacks.autoattack import AutoAttackResult
 from vitat_jax.attacks.autoattack import combine_results
+from vitat_jax.attacks.autoattack import MIN_PADDED_BATCH
 from vitat_jax.attacks.autoattack import Placement
 from vitat_jax.attacks.autoattack import reduces_over_features
 from vitat_jax.attacks.autoattack import VERSIONS

@@ -583,25 +583,28 @@ def _first_batch_checks(model, params, key, x, version, settings, warnings):
   return checks
 
 
-def autoattack(logits_fn: Callable,
-               key,
-               images,
-               labels,
-               *,
-               eps: float = 8 / 255,
-               norm: str = "Linf",
-               version: str = "standard",
-               attacks_to_run: Optional[Sequence[str]] = None,
-               batch_size: int = 250,
-               params=None,
-               stochastic: bool = False,
-               overrides: Optional[Dict[str, Dict[str, int]]] = None,
-               run_checks: bool = True,
-               verbose: bool = True,
-               first_index: int = 0,
-               gather_adversarial: bool = False,
-               placement: Optional[Placement] = None,
-               xla_cpu_dots_only: Optional[bool] = None) -> AutoAttackResult:
+def autoattack(
+    logits_fn: Callable,
+    key,
+    images,
+    labels,
+    *,
+    eps: float = 8 / 255,
+    norm: str = "Linf",
+    version: str = "standard",
+    attacks_to_run: Optional[Sequence[str]] = None,
+    batch_size: int = 250,
+    params=None,
+    stochastic: bool = False,
+    overrides: Optional[Dict[str, Dict[str, int]]] = None,
+    run_checks: bool = True,
+    verbose: bool = True,
+    first_index: int = 0,
+    gather_adversarial: bool = False,
+    placement: Optional[Placement] = None,
+    xla_cpu_dots_only: Optional[bool] = None,
+    progress: Optional[Callable[[str, int, int],
+                                None]] = None) -> AutoAttackResult:
   """Runs AutoAttack on `images` [N, H, W, C] in [0, 1] with integer labels.
 
   (Long on purpose: the ensemble's sequence, checks and per-attack
@@ -628,6 +631,9 @@ def autoattack(logits_fn: Callable,
       images (each process holds only its own rows' otherwise).
     xla_cpu_dots_only: on the CPU, compile with `CPU_COMPILER_OPTIONS`;
       None: where the model reduces over features (`reduces_over_features`).
+    progress: called as `progress(attack, points done, points to do)` after
+      every attack batch (Square: every query segment), on this process's
+      rows: a long evaluation can say how far it is.
 
   Returns:
     An AutoAttackResult.
@@ -694,12 +700,15 @@ def autoattack(logits_fn: Callable,
     start = time.perf_counter()
     attack_key = jax.random.fold_in(attacks_key, key_index(s.name))
     attacked[s.name] = int(robust.sum())
+    report = progress or (lambda *args: None)
     if s.name == "square":
       _run_square(runner, model, s, attack_key, mine, robust, x_all, y_all,
-                  adv_all)
+                  adv_all, lambda done, total: report(s.name, done, total))
     else:
-      for target, restart in _stages(s):
+      stages = list(_stages(s))
+      for stage, (target, restart) in enumerate(stages):
         todo = mine[robust[mine]]
+        done = 0
         for pos, (adv, correct) in runner(_attack_stage,
                                           attack_key,
                                           todo, (x_all, y_all),
@@ -710,6 +719,8 @@ def autoattack(logits_fn: Callable,
           broken = todo[pos][~correct]
           adv_all[broken] = adv[~correct]
           robust[broken] = False
+          done += len(pos)
+          report(f"{s.name} (stage {stage + 1}/{len(stages)})", done, len(todo))
     robust = placement.merge_rows(robust, owner)
     seconds[s.name] = time.perf_counter() - start
     robust_accuracy[s.name] = float(robust.mean())
@@ -829,10 +840,19 @@ def combine_results(pieces: Sequence[AutoAttackResult]) -> Dict[str, Any]:
               perturbation=perturbation)
 
 
-def _run_square(runner, model, s, attack_key, mine, robust, x_all, y_all,
-                adv_all):
+def _run_square(runner,
+                model,
+                s,
+                attack_key,
+                mine,
+                robust,
+                x_all,
+                y_all,
+                adv_all,
+                progress=lambda done, total: None):
   """Square on this process's robust rows, restart by restart; between
-  query segments only the points still unbroken go on (dense batches)."""
+  query segments only the points still unbroken go on (dense batches);
+  `progress(queries done, queries)` after each segment."""
   for restart in range(s.n_restarts):
     todo = mine[robust[mine]]
     if not len(todo):
@@ -867,6 +887,7 @@ def _run_square(runner, model, s, attack_key, mine, robust, x_all, y_all,
                              model=model,
                              settings=s):
         store(active[pos], out)
+      progress(restart * s.n_queries + last, s.n_restarts * s.n_queries)
     broken = ~correct
     adv_all[todo[broken]] = x_best[broken]
     robust[todo[broken]] = False
