@@ -103,3 +103,29 @@ def test_pgd_and_cw_save_the_points_they_broke(tmp_path):
   logits = model.apply({"params": params}, saved["images"])
   assert not np.any(np.argmax(logits, -1) == saved["labels"])
   assert not (tmp_path / "adversarial" / "clean.npz").exists()
+
+
+def test_evaluation_ships_uint8_images_and_converts_them_on_the_device():
+  model = _tiny.model()
+  params = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3),
+                                                  np.float32))["params"]
+  shipped = []
+
+  def shard(batch):
+    shipped.append(batch[0].dtype)
+    return batch
+
+  evaluator = evaluation.Evaluator(model,
+                                   eps=8 / 255,
+                                   alpha=2 / 255,
+                                   batch_size=16,
+                                   shard_fn=shard)
+  source = data_lib.load(_tiny.config().data).test
+  result = evaluator(params,
+                     source, ["clean"],
+                     key=jax.random.key(0),
+                     num_examples=32)
+  assert shipped == [np.uint8, np.uint8]
+  images, labels = source.get_batch(np.arange(32))
+  logits = model.apply({"params": params}, images.astype(np.float32) / 255)
+  assert result["clean_acc"] == np.mean(np.argmax(logits, -1) == labels)

@@ -55,8 +55,8 @@ def make_attack_fn(model,
                    alpha: float,
                    restarts: int = 1,
                    with_images: bool = False) -> Callable:
-  """jitted `(params, key, images, labels) -> bool correct [B]` for a batch
-  attack (clean, pgd<k>, cw<k>, a registered one); `with_images`:
+  """jitted `(params, key, images, labels) -> bool correct [B]` (images
+  uint8 or [0, 1] floats) for a batch attack (clean, pgd<k>, cw<k>, a registered one); `with_images`:
   `(correct, clean_correct, adversarial images)`, for saving what the
   attack broke."""
   if spec.kind == "autoattack":
@@ -64,6 +64,10 @@ def make_attack_fn(model,
                      "Evaluator")
 
   def correct(params, key, images, labels):
+    # Images arrive as uint8 (a quarter of float32's bytes from the host)
+    # and become [0, 1] floats here, on the device.
+    if images.dtype == jnp.uint8:
+      images = images.astype(jnp.float32) / 255.0
     logits_fn = lambda x: model.apply({"params": params}, x)
     adversarial = images
     if spec.kind == "registered":
@@ -270,8 +274,6 @@ class Evaluator:
                                     process_count=jax.process_count(),
                                     workers=self.workers)
     for batch_index, (images, labels, valid) in enumerate(batches):
-      if images.dtype == np.uint8:
-        images = images.astype(np.float32) / 255.0
       # Each process may hold only its rows: `valid` is gathered like
       # `correct`, so both cover the whole batch.
       images, labels, valid = self.shard_fn(
