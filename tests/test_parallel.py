@@ -108,7 +108,16 @@ def _preempted_then_resumed(args, config):
       os.kill(os.getpid(), signal.SIGTERM)
     return real_shard(mesh, batch)
 
+  # The hosts agree on signals at log steps only: record the batch count at
+  # every agreement (a collective), to show there is none in between.
+  real_first_signal, checks = parallel.first_signal, []
+
+  def counted_first_signal(signum):
+    checks.append(calls[0])
+    return real_first_signal(signum)
+
   parallel.shard_batch = shard_and_signal
+  parallel.first_signal = counted_first_signal
   try:
     train.train_and_evaluate(config, args.workdir)
     raise AssertionError("the run was not stopped")
@@ -121,9 +130,20 @@ def _preempted_then_resumed(args, config):
       for n in os.listdir(os.path.join(args.workdir, "checkpoints"))
       if n.isdigit())
   stopped["signalled"] = sent[0]
+  stopped["signal_checks"] = list(checks)
+  checks.clear()
+  calls[0] = 0
+  parallel.shard_batch = lambda mesh, batch: (calls.__setitem__(
+      0, calls[0] + 1), real_shard(mesh, batch))[1]
+  try:
+    result = train.train_and_evaluate(config, args.workdir)
+  finally:
+    parallel.shard_batch, parallel.first_signal = real_shard, real_first_signal
+  stopped["resumed_signal_checks"] = list(checks)
+  stopped["resumed_steps"] = result["steps"] - stopped["step"]
   with open(f"{args.out}.stop{jax.process_index()}.json", "w") as f:
     json.dump(stopped, f)
-  return train.train_and_evaluate(config, args.workdir)
+  return result
 
 
 def _autoattack_child(args):
@@ -370,6 +390,16 @@ def test_two_hosts_match_one_process_and_stop_together_on_one_sigterm(tmp_path):
   assert [s["exit_code"] for s in stops] == [0, 0]
   assert all(2 in s["saved"] and max(s["saved"]) == 2 for s in stops), stops
   assert max(s["at"] for s in stops) - stops[1]["signalled"] < 60, stops
+  # No collective per step: the hosts agreed on signals once, at the log
+  # step 2, and in the resumed run at its log steps only (every 2 steps,
+  # counted in batches read since the resume, and the last step).
+  assert [s["signal_checks"] for s in stops] == [[2], [2]], stops
+  for s in stops:
+    resumed = s["resumed_steps"]
+    assert s["resumed_signal_checks"] == [
+        n for n in range(1, resumed + 1)
+        if (n + s["step"]) % 2 == 0 or n == resumed
+    ], s
   # Resumed, they finish with the parameters of the uninterrupted run.
   _assert_close(runs["preempted"], multi)
 

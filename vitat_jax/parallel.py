@@ -325,8 +325,10 @@ def first_signal(signum: Optional[int]) -> Optional[int]:
   """One stop decision for all hosts: the signal any process received (the
   largest number if several did), on every process, else None.
 
-  Called at every step boundary of a multi-host run, so that a SIGTERM to
-  any one host stops every host after the same step.
+  Called at the log steps of a multi-host run (every step of a single
+  process, where it costs nothing), so that a SIGTERM to any one host
+  stops every host after the same step without a collective per step: the
+  stop comes at most `log_every_steps` steps after the signal.
   """
   if jax.process_count() == 1:
     return signum

@@ -203,8 +203,10 @@ def _loop(services: _Services, train_step, state, start_step: int,
         _epoch_evaluation(services, done,
                           state_lib.evaluated_params(config, state))
         epoch_start = time.perf_counter()
-      # A signal to any host stops every host after this same step.
-      signum = parallel.first_signal(guard.signum)
+      # A signal to any host stops every host after the same step: several
+      # hosts agree at log steps only (no collective per step).
+      signum = (parallel.first_signal(guard.signum)
+                if logged or jax.process_count() == 1 else None)
       if checkpointing.should_save(
           done,
           total=total,
