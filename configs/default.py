@@ -181,6 +181,11 @@ def get_config():
   # Devices in the data mesh: 0 = every device of every host; k = the first
   # k / process_count devices of each host.
   config.num_devices = 0
+  # What one device may hold, in GiB; 0 = what the backend reports (GPU,
+  # TPU; the CPU reports nothing: no check). The training step is compiled
+  # before its first run and refused in one line, naming the accum_steps
+  # that would fit, if it needs more (vitat_jax/memory.py).
+  config.device_memory_gb = 0.0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128

@@ -389,3 +389,19 @@ def test_the_compilation_cache_is_configured_and_reported():
   compilation._count("/jax/compilation_cache/cache_hits")  # pylint: disable=protected-access
   assert compilation.describe(
       hits, "/c") == ("loaded from the compilation cache in /c")
+
+
+def test_a_step_that_cannot_fit_the_device_stops_before_it_runs(tmp_path):
+  workdir = str(tmp_path)
+  # 200 KiB per device: more than the tiny step's state (~40 KB), less
+  # than its temporaries (~320 KB).
+  config = _tiny.config(**{"device_memory_gb": 200 * 2**-20})
+  with pytest.raises(UserError) as error:
+    train.train_and_evaluate(config, workdir)
+  message = str(error.value)
+  assert "\n" not in message and "GB per device" in message
+  assert "--config.accum_steps=" in message, message
+  assert "--config.model.remat=True" in message
+  # Nothing trained: no checkpoint, no metrics.
+  assert not checkpointing.checkpoint_manager(workdir).all_steps()
+  assert not os.path.exists(os.path.join(workdir, "metrics.json"))

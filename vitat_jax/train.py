@@ -1,13 +1,10 @@
 """The training loop: the jitted step, evaluations and checkpoints, resumable.
 
-`train_and_evaluate(config, workdir)`, what `main.py` calls: (1) the
-prologue, every check of the config, workdir, devices and data before
-anything is compiled or written (`setup.prepare`); (2) the newest readable
-checkpoint, else a new state (`checkpointing.py`); (3) the loop, where a
-batch is a function of (seed, step), so a resumed run continues bit for bit,
-with metrics, epoch evaluations and checkpoints by steps, epochs and
-minutes (`checkpointing.should_save`); (4) the final evaluation, metrics.json, the
-robustness report and the plots.
+`train_and_evaluate(config, workdir)`: (1) every check before anything is
+compiled or written (`setup.prepare`); (2) the newest readable checkpoint,
+else a new state; (3) the loop (a batch is a function of (seed, step), so a
+resume continues bit for bit; `checkpointing.should_save`); (4) the final
+evaluation, metrics.json, the robustness report and the plots.
 """
 
 import collections
@@ -23,6 +20,7 @@ from absl import logging
 from vitat_jax import checkpointing
 from vitat_jax import compilation
 from vitat_jax import evaluation
+from vitat_jax import memory
 from vitat_jax import metric_writers
 from vitat_jax import model_names
 from vitat_jax import objectives
@@ -179,8 +177,10 @@ def _loop(services: _Services, train_step, state, start_step: int,
     for step in range(start_step, total):
       images, labels = next(batches)
       images, labels = run.shard((images, labels.astype(np.int32)))
-      if step == start_step:
+      if step == start_step:  # compiled ahead, refused if it cannot fit
         hits, start = compilation.cache_hits(), time.perf_counter()
+        train_step = memory.compile_and_check(
+            train_step, (state, images, labels, services.loop_key), config)
       state, metrics = train_step(state, images, labels, services.loop_key)
       if step == start_step:
         jax.block_until_ready(metrics)

@@ -112,6 +112,10 @@ def _check_run(config):
     raise UserError(f"fsdp_min_size={config.fsdp_min_size} must be a positive"
                     " integer (leaves with fewer elements stay replicated)")
   _integer("num_devices", config.num_devices, 0, " (0 = every device)")
+  _finite("device_memory_gb",
+          config.device_memory_gb,
+          low=0,
+          hint=" (GiB per device; 0 = the backend's limit)")
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise UserError(f"compute_dtype={config.compute_dtype!r}: use float32, "
                     "bfloat16 (GPU/TPU), float16 or auto (bfloat16 on "

@@ -478,7 +478,8 @@ def merge_run_config(current: dict, recorded: dict,
 _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
                    "checkpoint_every_minutes", "checkpoint_every_epochs",
                    "compilation_cache_dir", "keep_checkpoints",
-                   "data.cache_dir", "init.source", "matmul_precision")
+                   "data.cache_dir", "init.source", "matmul_precision",
+                   "device_memory_gb")
 
 
 def _run_defining(config_dict: dict) -> Dict[str, Any]:
