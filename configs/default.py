@@ -51,7 +51,7 @@ def get_config():
   config.model.mlp_ratio = config_dict.placeholder(float)
   config.model.drop_path_rate = config_dict.placeholder(float)
   # Recompute each block's activations in the backward pass instead of
-  # keeping them: less memory, about a third more compute (ViT/DeiT).
+  # keeping them: less memory, about a third more compute (ViT/DeiT, Swin).
   config.model.remat = config_dict.placeholder(bool)
   # Attention through jax.nn.dot_product_attention (cuDNN's fused kernel for
   # bfloat16 on GPU); False = the explicit einsum-softmax-einsum. None = the

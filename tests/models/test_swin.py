@@ -160,3 +160,27 @@ def test_drop_path_is_on_the_attention_branch_only():
   zeroed["layers_0"]["blocks_1"]["attn"]["proj"] = jax.tree.map(
       jnp.zeros_like, proj)
   np.testing.assert_allclose(out, apply({"params": zeroed}, IMAGES), atol=1e-5)
+
+
+def test_remat_keeps_parameters_values_and_gradients():
+  # Recomputing each block in the backward pass (issue 24: Swin had no
+  # remat) changes neither the parameter tree nor a number.
+  remat = MODEL.clone(remat=True)
+  images = jax.random.uniform(jax.random.key(5), (2, 16, 16, 3))
+  assert jax.tree.structure(remat.init(jax.random.key(0), images)["params"]) \
+      == jax.tree.structure(PARAMS)
+
+  def value_and_input_grad(model):
+    return jax.jit(
+        jax.value_and_grad(
+            lambda x: model.apply({
+                "params": PARAMS
+            },
+                                  x,
+                                  train=True,
+                                  rngs={
+                                      "dropout": jax.random.key(1)
+                                  }).sum()))(images)
+
+  for a, b in zip(value_and_input_grad(remat), value_and_input_grad(MODEL)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -136,7 +136,7 @@ class SwinBlock(nn.Module):
   precision: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, attn_keep=None, mlp_keep=None, *, train: bool = False):
+  def __call__(self, x, attn_keep=None, mlp_keep=None, train: bool = False):
     _, height, width, dim = x.shape
     window, shift = self.window_size, self.shift_size
     branch = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm1")(x)
@@ -225,9 +225,13 @@ class SwinStage(nn.Module):
   dtype: Any = jnp.float32
   kernel_init: Any = layers.dense_init
   precision: Optional[str] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, attn_keep=None, mlp_keep=None, *, train: bool = False):
+    # `train` (argument 4, counting the module) must stay a Python bool.
+    block = nn.remat(SwinBlock,
+                     static_argnums=(4,)) if self.remat else (SwinBlock)
     if self.downsample:
       x = PatchMerging(self.dim,
                        dtype=self.dtype,
@@ -237,19 +241,19 @@ class SwinStage(nn.Module):
     window, shift = stage_windows(x.shape[1], self.window_size)
     for j in range(self.depth):
       keeps = [None if k is None else k[j] for k in (attn_keep, mlp_keep)]
-      x = SwinBlock(self.num_heads,
-                    window,
-                    shift if j % 2 else 0,
-                    self.head_dim,
-                    self.mlp_ratio,
-                    self.qkv_bias,
-                    self.dropout,
-                    self.attn_dropout,
-                    float(self.drop_path_rates[j]),
-                    dtype=self.dtype,
-                    kernel_init=self.kernel_init,
-                    precision=self.precision,
-                    name=f"blocks_{j}")(x, *keeps, train=train)
+      x = block(self.num_heads,
+                window,
+                shift if j % 2 else 0,
+                self.head_dim,
+                self.mlp_ratio,
+                self.qkv_bias,
+                self.dropout,
+                self.attn_dropout,
+                float(self.drop_path_rates[j]),
+                dtype=self.dtype,
+                kernel_init=self.kernel_init,
+                precision=self.precision,
+                name=f"blocks_{j}")(x, *keeps, train)
     return x
 
 
@@ -280,6 +284,8 @@ class SwinTransformer(nn.Module):
   dtype: Any = jnp.float32
   # Of every dot but the patch embedding's (always HIGHEST): see vit.py.
   precision: Optional[str] = None
+  # Recompute each block's activations in the backward pass (as ViT's).
+  remat: bool = False
 
   def __post_init__(self):
     # timm keywords often arrive as lists; module attributes stay hashable.
@@ -376,6 +382,7 @@ class SwinTransformer(nn.Module):
                     dtype=self.dtype,
                     kernel_init=kernel_init,
                     precision=self.precision,
+                    remat=self.remat,
                     name=f"layers_{i}")(x, *keeps, train=train)
       start += depth
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
