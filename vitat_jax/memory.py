@@ -75,13 +75,21 @@ def advice(config, needed: dict, limit: int) -> str:
 
 
 def compile_and_check(jitted, args: Sequence[Any], config):
-  """`jitted` compiled for `args`, or a one-line UserError when the step
-  needs more memory than a device has (nothing has run yet)."""
+  """`jitted` compiled for `args` (arguments of another shape or dtype go
+  to `jitted`, which compiles for them), or a one-line UserError when the
+  step needs more memory than a device has (nothing has run yet)."""
   compiled = jitted.lower(*args).compile()
+
+  def step(*call_args):
+    try:
+      return compiled(*call_args)
+    except TypeError:  # another signature than the first batch's
+      return jitted(*call_args)
+
   needed = step_bytes(compiled)
   limit = device_limit(config)
   if needed is None:
-    return compiled
+    return step
   total = needed["fixed"] + needed["temp"]
   logging.info("the training step holds %.3g GB per device%s", total / GB,
                "" if limit is None else f" of {limit / GB:.3g} GB")
@@ -91,4 +99,4 @@ def compile_and_check(jitted, args: Sequence[Any], config):
         f"({needed['temp'] / GB:.3g} GB of it temporaries) and a device has "
         f"{limit / GB:.3g} GB (device_memory_gb, else the backend's limit; "
         f"{HEADROOM:.0%} usable): set {advice(config, needed, limit)}")
-  return compiled
+  return step

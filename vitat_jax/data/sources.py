@@ -235,6 +235,17 @@ def transforms(data_config, image_size: int):
           decode.Transform(eval_name, image_size, scale, ratio, crop_pct))
 
 
+def _fields(data_config):
+  """(image_size, subset sizes and seed, mean, std, eval_subset), each read
+  with its one-line error."""
+  subset = dict(train=_get_int(data_config, "train_examples"),
+                test=_get_int(data_config, "test_examples"),
+                seed=_get_int(data_config, "subset_seed"))
+  return (_get_int(data_config,
+                   "image_size"), subset, _get_stats(data_config, "mean"),
+          _get_stats(data_config, "std"), _get(data_config, "eval_subset"))
+
+
 def check_config(data_config) -> None:
   """One-line errors for every field of a data config, before anything is
   read (the data section's one owner: `validate.check_config` and `load`
@@ -251,15 +262,9 @@ def check_config(data_config) -> None:
     raise UserError(f"data.workers={workers!r}: use 0 (decode in the training "
                     "process), a positive number of worker processes, or "
                     "leave it unset for one per spare CPU")
-  image_size = _get_int(data_config, "image_size")
-  subset = dict(train=_get_int(data_config, "train_examples"),
-                test=_get_int(data_config, "test_examples"),
-                seed=_get_int(data_config, "subset_seed"))
-  mean = _get_stats(data_config, "mean")
-  std = _get_stats(data_config, "std")
+  image_size, _, _, std, eval_subset = _fields(data_config)
   if std is not None and min(std) <= 0:
     raise UserError(f"data.std must be positive, got {std}")
-  eval_subset = _get(data_config, "eval_subset")
   if eval_subset not in EVAL_SUBSETS:
     raise UserError(f"data.eval_subset={eval_subset!r}: use '' (the whole "
                     "test split) or 'robustbench' (its 5000 ImageNet images)")
@@ -300,13 +305,7 @@ def load(data_config) -> DataSplits:
   """
   check_config(data_config)
   name = _get(data_config, "name")
-  image_size = _get_int(data_config, "image_size")
-  subset = dict(train=_get_int(data_config, "train_examples"),
-                test=_get_int(data_config, "test_examples"),
-                seed=_get_int(data_config, "subset_seed"))
-  mean = _get_stats(data_config, "mean")
-  std = _get_stats(data_config, "std")
-  eval_subset = _get(data_config, "eval_subset")
+  image_size, subset, mean, std, eval_subset = _fields(data_config)
   train_transform, eval_transform = transforms(data_config, image_size)
 
   if name == "digits":
