@@ -7,7 +7,10 @@ One definition, so that a test's model is the same wherever it is built
 and a compiled step can be shared between test modules.
 """
 
+import orbax.checkpoint as ocp
+
 from configs import quickstart
+from vitat_jax import checkpointing
 from vitat_jax import models
 
 # A DeiT of one block, width 16, two heads, on 8-px images of 10 classes:
@@ -51,3 +54,13 @@ def config(**overrides):
   cfg.checkpoint_every_steps = 7
   cfg.update_from_flattened_dict(overrides)
   return cfg
+
+
+def newest_checkpoint(workdir: str):
+  """(step, state as saved: a dict of arrays) of a run's newest checkpoint,
+  restored as orbax wrote it (no target: a test compares it bitwise)."""
+  mngr = checkpointing.checkpoint_manager(workdir)
+  step = mngr.latest_step()
+  restored = mngr.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, restored.state

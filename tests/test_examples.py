@@ -16,10 +16,9 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from vitat_jax import checkpointing
+from tests import _tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 20  # --tiny: 2 epochs of 10 steps, a log line every 5
@@ -67,11 +66,7 @@ def _kill_at_step(workdir, step):
 
 
 def _final_state(workdir):
-  mngr = checkpointing.checkpoint_manager(workdir)
-  step = mngr.latest_step()
-  restored = mngr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return step, restored.state
+  return _tiny.newest_checkpoint(workdir)
 
 
 def _accuracies(workdir):
