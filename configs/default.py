@@ -156,6 +156,16 @@ def get_config():
   config.optim.nesterov = False  # sgd
   config.optim.b1 = 0.9  # adamw
   config.optim.b2 = 0.999  # adamw
+  # Parameter groups (docs/recipes.md). no_decay: "auto" = no weight decay
+  # on 1-D params (biases, norms), tokens and position tables (timm's rule);
+  # "none" = decay every param; "" = the optimizer's default (adamw: auto,
+  # sgd: none, the reference's). no_decay_extra: regexes of further param
+  # names without decay (e.g. ("head",)), for either optimizer.
+  config.optim.no_decay = ""  # "" | auto | none
+  config.optim.no_decay_extra = ()
+  # Layer-wise lr decay (ViT/DeiT/ConViT/Swin): a param at layer l of L gets
+  # lr * layer_decay ** (L - l); 0 or 1 = off.
+  config.optim.layer_decay = 0.0
 
   # An exponential moving average of the params (Polyak averaging), as the
   # strongest robust ViT recipes train (ARES: 0.9998; DeepMind: 0.995).

@@ -11,6 +11,13 @@ end of the run (`optim.milestones_from="end"`, the reference's (5, 2): E - 5
 and E - 2) or from its start ("start": absolute epochs, e.g. (36, 38)). A
 run no longer than the first drop from the end never trains at `optim.lr`:
 `lr_warning` says so (`setup.prepare` logs it once for training, `log_lr_warning`).
+
+Parameter groups (`param_groups.py`): weight decay is masked off the leaves
+`optim.no_decay` names (AdamW's default: biases, norms, tokens, position
+tables; SGD's: none, the reference's), and `optim.layer_decay` scales each
+leaf's whole update (decoupled decay included, as timm's per-group lr does)
+by layer_decay ** (L - layer id), after clipping and the optimiser. With
+neither, the chain is the one without groups, bit for bit.
 """
 
 from typing import Optional, Sequence
@@ -18,7 +25,10 @@ from typing import Optional, Sequence
 from absl import logging
 import numpy as np
 import optax
+import jax
 import jax.numpy as jnp
+
+from vitat_jax import param_groups
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("piecewise", "cyclic", "cosine", "constant")
@@ -126,6 +136,33 @@ def learning_rate_schedule(config, epochs: float, steps_per_epoch: int):
                    "check the config with validate.check_config")
 
 
+def scale_by_layer(layer_decay: float) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by its `param_groups.layer_scales`
+  factor: the same as scaling that leaf's lr (momentum and Adam's moments
+  do not depend on the lr), decoupled weight decay included."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    scales = param_groups.layer_scales(layer_decay, updates)
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * scales[param_groups.path_name(path)], updates)
+    return scaled, state
+
+  return optax.GradientTransformation(init, update)
+
+
+def log_param_groups(config, params) -> str:
+  """Logs `param_groups.describe`'s line for `config` (an `optim` section)
+  and `params` (arrays or shapes); returns it."""
+  line = param_groups.describe(config, params)
+  logging.info("%s", line)
+  return line
+
+
 def make_optimizer(config, epochs: float, steps_per_epoch: int):
   """The optax chain for `config` (an `optim` ConfigDict section).
 
@@ -135,6 +172,7 @@ def make_optimizer(config, epochs: float, steps_per_epoch: int):
   The config is trusted: `validate.check_config` owns its rules.
   """
   schedule = learning_rate_schedule(config, epochs, steps_per_epoch)
+  mask = param_groups.decay_mask(config)
   parts = []
   if config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip))
@@ -142,7 +180,7 @@ def make_optimizer(config, epochs: float, steps_per_epoch: int):
     if config.weight_decay > 0:
       # Coupled decay, as torch.optim.SGD(weight_decay=...): added to the
       # (clipped) gradient before momentum.
-      parts.append(optax.add_decayed_weights(config.weight_decay))
+      parts.append(optax.add_decayed_weights(config.weight_decay, mask))
     parts.append(
         optax.sgd(schedule,
                   momentum=config.momentum or None,
@@ -152,5 +190,8 @@ def make_optimizer(config, epochs: float, steps_per_epoch: int):
         optax.adamw(schedule,
                     b1=config.b1,
                     b2=config.b2,
-                    weight_decay=config.weight_decay))
+                    weight_decay=config.weight_decay,
+                    mask=mask))
+  if param_groups.layer_decay_on(config.layer_decay):
+    parts.append(scale_by_layer(config.layer_decay))
   return optax.chain(*parts), schedule

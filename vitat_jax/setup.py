@@ -7,7 +7,8 @@
 the config's checks (`validate.check_config`), the compilation cache, the
 mesh and the batch sizes it must divide, the workdir's checks for the
 purpose, the data (as `eval.protocol` reads it), the model, the optimizer
-and the step counts, and the pre-trained file. Evaluation and export take the
+(for training, its parameter groups logged) and the step counts, and the
+pre-trained file. Evaluation and export take the
 run's own recorded config (`config_for_evaluation`) with the command's
 `eval` section. Their walk is training's with the training-only checks
 left out, so a new setup step is written once, here.
@@ -24,6 +25,7 @@ from vitat_jax import compilation
 from vitat_jax import data as data_lib
 from vitat_jax import objectives
 from vitat_jax import optim
+from vitat_jax import param_groups
 from vitat_jax import parallel
 from vitat_jax import pretrained
 from vitat_jax import state as state_lib
@@ -156,6 +158,10 @@ def prepare(config,
   if purpose == "train":  # training 0 steps is an error; evaluating is not
     total_steps = validate.check_steps(config, steps_per_epoch)
     optim.log_lr_warning(config.optim, config.epochs)
+    if param_groups.grouped(config.optim):  # shapes only: nothing compiled
+      optim.log_param_groups(
+          config.optim,
+          state_lib.abstract_state(model, tx, config.seed).params)
   else:
     total_steps = optim.epochs_to_steps(config.epochs, steps_per_epoch)
   if config.init.checkpoint:

@@ -11,7 +11,7 @@ checkpointing) trust it:
 | `augment`, `mixup` | `_check_augment` (RandAugment spec: `randaugment.check_spec`) |
 | `method`, `attack` | `_check_method` (names: `objectives.methods()`; budget: `attacks.check_budget`) |
 | `ema`, `eval.weights` | `_check_ema` |
-| `optim` | `check_optim` |
+| `optim` | `check_optim` (parameter groups: `_check_param_groups`) |
 | `eval` (attacks, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
 | `init` | `_check_init` |
 | `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object) |
@@ -25,11 +25,14 @@ right after loading, in `setup.prepare`, still before anything is compiled.
 
 import math
 import os
+import re
+from typing import Optional
 
 from vitat_jax import attacks
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
+from vitat_jax import param_groups
 from vitat_jax.attack_names import parse_attack
 from vitat_jax.pretrained.io import FORMATS
 from vitat_jax import data
@@ -204,8 +207,9 @@ def _check_method(config, training):
           hint=" (the fraction of attack.eps at step 0)")
 
 
-def check_optim(opt, epochs: float) -> None:
-  """The `optim` section (the factories in optim.py trust it)."""
+def check_optim(opt, epochs: float, model_name: Optional[str] = None) -> None:
+  """The `optim` section (the factories in optim.py trust it); with
+  `model_name`, also that its family supports `optim.layer_decay`."""
   for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_epochs",
                "b1", "b2"):
     _finite(f"optim.{name}", opt[name])
@@ -227,6 +231,35 @@ def check_optim(opt, epochs: float) -> None:
   if not 0 <= opt.warmup_epochs <= epochs:
     raise UserError(f"optim.warmup_epochs={opt.warmup_epochs} must be in "
                     f"[0, epochs={epochs}]")
+  _check_param_groups(opt, model_name)
+
+
+def _check_param_groups(opt, model_name):
+  if opt.no_decay not in param_groups.NO_DECAY_MODES:
+    raise UserError(f"unknown optim.no_decay={opt.no_decay!r}: use auto (no "
+                    "decay on biases, norms, tokens, position tables), none "
+                    "(decay every param) or '' (the optimizer's default)")
+  extra = opt.no_decay_extra
+  if isinstance(extra, str) or not isinstance(extra, (tuple, list)):
+    raise UserError(f"optim.no_decay_extra={extra!r} must be a tuple of "
+                    "regular expressions, e.g. ('head',)")
+  for pattern in extra:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise UserError(f"optim.no_decay_extra: {pattern!r} is not a regular "
+                      f"expression ({e}); write e.g. ('head',)") from None
+  _finite("optim.layer_decay",
+          opt.layer_decay,
+          low=0,
+          high=1,
+          hint=" (0 or 1 = off; 0.65-0.75 are usual)")
+  if (param_groups.layer_decay_on(opt.layer_decay) and model_name and
+      not param_groups.supports_layer_decay(model_name)):
+    families = ", ".join(f.__name__ for f in param_groups.LAYER_DECAY_FAMILIES)
+    raise UserError(f"optim.layer_decay={opt.layer_decay} is not supported "
+                    f"for model {model_name!r} (only {families}): set "
+                    "optim.layer_decay=0")
 
 
 def _check_milestones(opt):
@@ -359,7 +392,7 @@ def check_config(config, *, training=True):
   _check_augment(config)
   _check_method(config, training)
   _check_ema(config)
-  check_optim(config.optim, config.epochs)
+  check_optim(config.optim, config.epochs, config.model.name)
   _check_eval(config)
   _check_init(config)
   data.check_config(config.data)

@@ -401,7 +401,9 @@ def upgrade_run_config(previous: dict) -> dict:
   before `model.weight_init` were initialised Xavier-uniform; `optim.nesterov`,
   `b1` and `b2` were read with their defaults before they were declared, and
   the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`;
-  float32 dots ran at the backend default before `matmul_precision`; no
+  float32 dots ran at the backend default before `matmul_precision`; AdamW
+  decayed every param before `optim.no_decay` (and no lr was scaled per
+  layer); no
   run averaged its params (`ema`) or warmed its eps up before those fields.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
@@ -422,6 +424,11 @@ def upgrade_run_config(previous: dict) -> dict:
   for field, value in (("nesterov", False), ("b1", 0.9), ("b2", 0.999),
                        ("milestones", [5.0, 2.0]), ("milestones_from", "end")):
     optim.setdefault(field, value)
+  # AdamW decayed every param before `optim.no_decay` (SGD still does), and
+  # no run scaled its lr by layer.
+  optim.setdefault("no_decay", "none" if optim.get("name") == "adamw" else "")
+  optim.setdefault("no_decay_extra", [])
+  optim.setdefault("layer_decay", 0.0)
   previous.setdefault("init", {}).setdefault("source", "")
   # Runs before the precision policy ran float32 dots at the backend's
   # default, which "auto" keeps for training on CPU and GPU.

@@ -34,6 +34,12 @@ def model_defaults(name: str) -> dict:
   return fields
 
 
+def module_class(name: str):
+  """The Flax module class registered as `name` (its family)."""
+  _check_name(name)
+  return _REGISTRY[name][0]
+
+
 def _check_name(name: str):
   if name not in _REGISTRY:
     close = difflib.get_close_matches(name, _REGISTRY, n=3)
