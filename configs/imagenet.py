@@ -85,6 +85,11 @@ def get_config(arg=None):
   # bfloat16 on GPU/TPU, float32 on CPU (logged); the input normalisation and
   # the patch embedding stay float32 so small attack steps are not rounded.
   config.compute_dtype = "auto"
+  # Every evaluation (per epoch, final, --mode=eval) in float32 at HIGHEST
+  # precision on every backend, as the reference evaluates;
+  # --config.eval.compute_dtype="" evaluates in the training dtype
+  # (docs/reference_differences.md: the measured bfloat16 gap).
+  config.eval.compute_dtype = "float32"
   config.attack.eps = 4 / 255
   config.attack.alpha = 1 / 255
   config.attack.steps = 5

@@ -114,3 +114,18 @@ def test_sweep_dry_run_prints_one_command_per_arm(capsys, tmp_path):
   assert all("--config=configs/studies.py:study=ard_prm,arm=" in l and
              l.endswith("--config.epochs=1") for l in lines)
   assert len({l.split("--workdir=")[1] for l in lines}) == 4
+
+
+@pytest.mark.parametrize("name,arg", [("imagenet", None),
+                                      ("imagenette", "root=x")])
+def test_paper_configs_evaluate_in_float32_whatever_they_train_in(name, arg):
+  """The reference evaluates in float32: so do the 224-px paper configs,
+  per epoch and at the end, even when they train in bfloat16 (GPU/TPU)."""
+  from vitat_jax import evaluation  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  config.compute_dtype = "bfloat16"  # what "auto" picks on GPU/TPU
+  model = state_lib.build_model(config)
+  assert model.dtype == jnp.bfloat16
+  evaluator = evaluation.Evaluator.from_config(config, model, None)
+  assert evaluator.model.dtype == jnp.float32
+  assert evaluator.model.precision == "highest"
