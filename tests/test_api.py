@@ -4,6 +4,7 @@ workdir or its export, with the run's own accuracy, without any data set."""
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 
@@ -72,18 +73,52 @@ print(json.dumps({"acc": float(np.mean(logits.argmax(-1) == batch["labels"])),
 """
 
 
+def _installed_copy(tmp_path) -> str:
+  """`pip install .` into a fresh venv: the package built from a copy of
+  the checkout's packaging files (no build files land in the checkout),
+  the dependencies, pip and setuptools seen from this environment (no
+  index needed, and not the old setuptools a venv bundles). Returns the
+  venv's python."""
+  source = tmp_path / "source"
+  source.mkdir()
+  for name in ("pyproject.toml", "README.md", "LICENSE"):
+    shutil.copy(os.path.join(REPO, name), source / name)
+  shutil.copytree(os.path.join(REPO, "vitat_jax"),
+                  source / "vitat_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip",
+                  str(venv)],
+                 check=True,
+                 timeout=120)
+  # This environment's site-packages after the venv's own (a .pth file):
+  # its pip, setuptools and the dependencies, never its vitat_jax (none is
+  # installed there; the test checks which copy is imported).
+  site_dir = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+  (site_dir /
+   "parent_environment.pth").write_text("\n".join(site.getsitepackages()) +
+                                        "\n")
+  python = str(venv / "bin" / "python")
+  install = subprocess.run([
+      python, "-m", "pip", "install", "--quiet", "--no-deps",
+      "--no-build-isolation", "--no-index",
+      str(source)
+  ],
+                           capture_output=True,
+                           text=True,
+                           timeout=300,
+                           check=False)
+  assert install.returncode == 0, install.stderr[-2000:]
+  return python
+
+
 def test_load_run_from_a_script_outside_the_checkout(trained, tmp_path):
-  # The cheapest honest stand-in for `pip install .` (measured at 8 s with a
-  # fresh venv, and it needs setuptools from an index): a site folder that
-  # holds the package alone, on PYTHONPATH, in a process started in tmp_path.
   workdir, metrics, images, labels = trained
-  site = tmp_path / "site"
-  site.mkdir()
-  os.symlink(os.path.join(REPO, "vitat_jax"), site / "vitat_jax")
+  python = _installed_copy(tmp_path)
   np.savez(tmp_path / "images.npz", images=images, labels=labels)
   (tmp_path / "script.py").write_text(_SCRIPT)
-  env = dict(os.environ, PYTHONPATH=str(site))
-  proc = subprocess.run([sys.executable, "script.py", workdir],
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run([python, "script.py", workdir],
                         cwd=tmp_path,
                         env=env,
                         capture_output=True,
@@ -91,7 +126,9 @@ def test_load_run_from_a_script_outside_the_checkout(trained, tmp_path):
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   outcome = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert outcome["file"].startswith(str(site))
+  # The installed copy, in the venv's site-packages, not the checkout's.
+  assert outcome["file"].startswith(str(tmp_path / "venv"))
+  assert "site-packages" in outcome["file"]
   assert outcome["acc"] == metrics["clean_acc"]
 
 
