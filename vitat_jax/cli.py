@@ -63,6 +63,8 @@ _UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
                        errno.ENETUNREACH, errno.ETIMEDOUT, errno.ECONNABORTED)
 _UNREACHABLE_CLASSES = ("ClientConnectorError", "ServerDisconnectedError",
                         "ClientOSError", "ServerTimeoutError")
+_UNREACHABLE_TEXT = re.compile(r"\bUNAVAILABLE: |Connection refused|"
+                               r"Failed to connect to")
 
 
 def storage_unreachable(error: BaseException) -> Optional[str]:
@@ -73,7 +75,7 @@ def storage_unreachable(error: BaseException) -> Optional[str]:
     seen.add(id(error))
     if (isinstance(error, OSError) and error.errno in _UNREACHABLE_ERRNOS or
         type(error).__name__ in _UNREACHABLE_CLASSES or
-        str(error).startswith("UNAVAILABLE")):
+        _UNREACHABLE_TEXT.search(str(error))):
       lines = str(error).strip().splitlines() or [type(error).__name__]
       return lines[0][:300]
     error = error.__cause__ or error.__context__

@@ -176,6 +176,8 @@ def check_output(workdir: str,
           f"{current} is a {what} where this program writes a "
           f"{'folder' if is_folder else 'file'}{why}: move it away or pass "
           "another --workdir")
+  while not os.path.lexists(current):  # the workdir itself may not exist
+    current = os.path.dirname(current)
   if writable and os.path.isdir(current) and not os.access(
       current, os.W_OK | os.X_OK):
     raise UserError(f"{current} is not writable{why}: fix its permissions or "
