@@ -40,7 +40,7 @@ def write_results(workdir: str, result: Dict[str, Any], *,
                              written,
                              indent=2)
     write_robustness_report(workdir, written)
-  except OSError as e:
+  except (OSError, UserError) as e:  # UserError: another tool's file there
     result["write_error"] = f"{type(e).__name__}: {e}"
     logging.warning(
         "results not written to %s (%s); the table printed "
