@@ -60,6 +60,10 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in [0, num_processes) "
     "(default: $JAX_PROCESS_ID).")
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    "coordinator_timeout", 120, "Seconds a multi-host process waits for the "
+    "coordinator and for every process to join before it stops with an "
+    "error.")
 _AUTO_DISTRIBUTED = flags.DEFINE_bool(
     "auto_distributed", False, "Let JAX detect a managed cluster (Cloud TPU "
     "pod, SLURM, Open MPI) and join it.")
@@ -104,7 +108,8 @@ def main(argv):
     parallel.initialize_distributed(_COORDINATOR.value,
                                     _NUM_PROCESSES.value,
                                     _PROCESS_ID.value,
-                                    auto=_AUTO_DISTRIBUTED.value)
+                                    auto=_AUTO_DISTRIBUTED.value,
+                                    timeout=_COORDINATOR_TIMEOUT.value)
   except UserError as e:
     cli.fail(e)
   from vitat_jax.preemption import Preempted
@@ -141,6 +146,13 @@ def main(argv):
     os._exit(e.exit_code)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
     full = cli.disk_full(e)
+    lost = cli.storage_unreachable(e) if full is None else None
+    if lost is not None:  # what was saved before is intact, as below
+      cli.fail(
+          f"the storage of workdir {workdir} cannot be reached ({lost}): "
+          "rerun the same command when it is back; it resumes from the last "
+          "checkpoint",
+          code=1)
     if full is None:
       raise
     # What was written before is intact: checkpoints are atomic, the other

@@ -110,6 +110,11 @@ def _in21k_name(name):
     return name
   if name in IN21K_VARIANTS:
     return IN21K_VARIANTS[name]
+  # A misspelt name is named as such, not as a model without 21k weights.
+  known = {*PAPER_MODELS, *SWIN_MODELS, *REFERENCE_WEIGHTS, *IN21K_VARIANTS}
+  close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.9)
+  if close and close[0] != name:
+    raise ValueError(f"unknown model {name!r}: did you mean {close[0]}?")
   raise ValueError(f"model {name!r} has no ImageNet-21k variant here: use "
                    "pretrained=in1k or scratch (ViT-B/16 and Swin-B have one)")
 

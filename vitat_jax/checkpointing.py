@@ -23,6 +23,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -274,22 +275,74 @@ def restore_params(setup) -> Tuple[Any, str]:
   (`state.evaluated_weights`)."""
   config = setup.config
   mngr = checkpoint_manager(setup.workdir, max_to_keep=config.keep_checkpoints)
-  state, step, _ = restore_latest(
-      mngr,
-      state_lib.abstract_state(setup.model,
-                               setup.tx,
-                               config.seed,
-                               ema=config.ema.decay > 0),
-      set_aside=False,
-      advice=("evaluate them with the config they were trained with (that "
+  abstract = state_lib.abstract_state(setup.model,
+                                      setup.tx,
+                                      config.seed,
+                                      ema=config.ema.decay > 0)
+  steps = workdir_lib.saved_steps(setup.workdir)
+  if steps:
+    _check_saved_shapes(setup.workdir, steps[0], abstract.params)
+  if workdir_lib.is_locked(setup.workdir):
+    advice = (f"the run in it is still training "
+              f"({workdir_lib.holder(setup.workdir) or 'its lock is held'}) "
+              "and may be writing or deleting them: rerun --mode=eval after "
+              "its next checkpoint, or when it has finished")
+  else:
+    advice = ("evaluate them with the config they were trained with (that "
               "run's --config and --config.* flags), or pass "
-              "--config.init.checkpoint=FILE"))
+              "--config.init.checkpoint=FILE")
+  state, step, _ = restore_latest(mngr,
+                                  abstract,
+                                  set_aside=False,
+                                  advice=advice)
   if state is None:
     raise no_checkpoint(setup.workdir)
   weights = state_lib.evaluated_weights(config)
-  return (state_lib.evaluated_params(config, state),
-          f"{workdir_lib.checkpoints_dir(setup.workdir)} step {step}"
-          f"{' (EMA weights)' if weights == 'ema' else ''}")
+  where = (f"{workdir_lib.checkpoints_dir(setup.workdir)} step {step}"
+           f"{' (EMA weights)' if weights == 'ema' else ''}")
+  params = state_lib.evaluated_params(config, state)
+  _check_finite(params, where)
+  return params, where
+
+
+def _check_saved_shapes(workdir: str, step: int, abstract_params) -> None:
+  """A one-line error, before the restore, for a checkpoint whose params
+  have other shapes than the model built now (a head of another class count:
+  the data changed since training). Evaluation never makes a new head."""
+  try:
+    saved = saved_param_shapes(workdir, step)
+  except Exception:  # pylint: disable=broad-except
+    return  # unreadable metadata: the restore says which step fails
+  if not saved:
+    return
+  saved, wanted = workdir_lib.flatten(saved), workdir_lib.flatten(
+      abstract_params)
+  for name, want in wanted.items():
+    have = saved.get(name)
+    if have is None or tuple(have.shape) == tuple(want.shape):
+      continue
+    what = (f"a head of {have.shape[-1]} classes and the data now has "
+            f"{want.shape[-1]}" if name.startswith("head.") else
+            f"{name} of shape {tuple(have.shape)} where the model built now "
+            f"has {tuple(want.shape)}")
+    raise UserError(
+        f"the checkpoint of step {step} in {workdir_lib.checkpoints_dir(workdir)}"
+        f" has {what}: evaluate it on the data and model it was trained with "
+        "(that run's data.* and model.* settings); evaluation never makes a "
+        "new head")
+
+
+def _check_finite(params, where: str) -> None:
+  """A one-line error for params holding NaN or infinite values (read on
+  the host: nothing is compiled), before any evaluation or export."""
+  for name, value in workdir_lib.flatten(params).items():
+    if isinstance(value, jax.Array):  # this host's copy (replicated params)
+      value = value.addressable_data(0)
+    finite = np.isfinite(np.asarray(value, np.float32))
+    if not finite.all():
+      raise UserError(f"the checkpoint {where} holds {int((~finite).sum())} "
+                      f"NaN or infinite values in {name}: it is not evaluated;"
+                      " restore the file, or retrain")
 
 
 def _state_item(workdir: str, step: int) -> str:

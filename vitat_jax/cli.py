@@ -56,6 +56,32 @@ def disk_full(error: BaseException) -> Optional[str]:
   return None
 
 
+# Errors of a storage server that cannot be reached (connection refused or
+# reset, host or network unreachable, timed out), by errno or by class name
+# (aiohttp's, under gcsfs, and tensorstore's UNAVAILABLE).
+_UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
+                       errno.ENETUNREACH, errno.ETIMEDOUT, errno.ECONNABORTED)
+_UNREACHABLE_CLASSES = ("ClientConnectorError", "ServerDisconnectedError",
+                        "ClientOSError", "ServerTimeoutError")
+_UNREACHABLE_TEXT = re.compile(r"\bUNAVAILABLE: |Connection refused|"
+                               r"Failed to connect to")
+
+
+def storage_unreachable(error: BaseException) -> Optional[str]:
+  """The first line of a storage server's connection error in `error`'s
+  chain (a workdir on GCS whose server went away), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno in _UNREACHABLE_ERRNOS or
+        type(error).__name__ in _UNREACHABLE_CLASSES or
+        _UNREACHABLE_TEXT.search(str(error))):
+      lines = str(error).strip().splitlines() or [type(error).__name__]
+      return lines[0][:300]
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def _config_argument(argv, default: str):
   """The --config value on the command line (the last one), or `default`."""
   value = default
@@ -173,6 +199,8 @@ class QuietLibraries(std_logging.Filter):
     if (record.exc_info and disk_full(record.exc_info[1]) or
         "No space left on device" in str(record.msg)):
       return False  # a full disk: main.py says so in one line
+    if record.exc_info and storage_unreachable(record.exc_info[1]):
+      return False  # gcsfs's retries given up: the caller says it in one line
     return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in ("/orbax/", "/jax/_src/"))
 
@@ -183,12 +211,14 @@ def _is_event_loop_noise(exc_type, exc, tb) -> bool:
   fallback warnings."""
   del tb
   return (exc_type is RuntimeError and str(exc) == "Event loop is closed" or
-          exc is not None and disk_full(exc) is not None)
+          exc is not None and
+          (disk_full(exc) is not None or storage_unreachable(exc) is not None))
 
 
 def silence_event_loop_noise():
   """Drops the harmless event-loop tracebacks above, and those of a full
-  disk from background threads (main.py reports it in one line)."""
+  disk or an unreachable storage server from background threads (main.py
+  reports them in one line)."""
   previous_excepthook = sys.excepthook
   previous_unraisable = sys.unraisablehook
   previous_thread_hook = threading.excepthook

@@ -318,7 +318,8 @@ class Evaluator:
                                           saved,
                                           eps=self.eps,
                                           norm="Linf")
-      logging.info("adversarial examples saved: %s", ", ".join(written))
+      if written:
+        logging.info("adversarial examples saved: %s", ", ".join(written))
     result = {"num_eval_images": total}
     for spec in specs:
       result[f"{spec.name}_acc"] = counts[spec.name] / total

@@ -70,6 +70,10 @@ def export_run(cli_config, workdir: str) -> Dict[str, str]:
   returns {"weights": path, "card": path}."""
   start = time.perf_counter()
   run = setup_lib.prepare(cli_config, workdir, "export")
+  for name in (WEIGHTS, CARD):  # never through a link, before the restore
+    workdir_lib.check_output(workdir,
+                             f"{EXPORT_DIR}/{name}",
+                             why="--mode=export")
   config, model = run.config, run.model
   params, source = checkpointing.restore_params(run)
   out = workdir_lib.path(workdir, EXPORT_DIR)

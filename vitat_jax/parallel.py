@@ -7,7 +7,11 @@ pmap). Each host feeds only its own slice of the global batch.
 """
 
 import os
-from typing import Optional
+import socket
+import sys
+import threading
+import time
+from typing import Optional, Tuple
 
 import jax
 import numpy as np
@@ -95,17 +99,94 @@ def configure_cpu_threads(environ=None) -> Optional[int]:
   return threads
 
 
+def _check_address(address: str) -> Tuple[str, int]:
+  """(host, port) of `host:port`, or a one-line error."""
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UserError(f"--coordinator_address={address!r} must be host:port "
+                    "(e.g. 10.0.0.2:1234): the address and a free port of "
+                    "process 0's host")
+  return host.strip("[]"), int(port)
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once process 0's port at `address` accepts connections; a
+  one-line error after `timeout` seconds (JAX would wait, then abort)."""
+  host, port = _check_address(address)
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      socket.create_connection((host, port), timeout=5).close()
+      return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UserError(
+            f"the coordinator {address} (process 0) cannot be reached after "
+            f"{timeout:g} s ({e}): start process 0, check "
+            "--coordinator_address, or wait longer with "
+            "--coordinator_timeout") from None
+      time.sleep(0.2)
+
+
+def _join_watchdog(timeout: float, num_processes: int) -> threading.Timer:
+  """Ends the process with a one-line error (exit code 2) if the join is not
+  done after `timeout` s: JAX's join aborts in C++ with a stack trace, and
+  waits for hosts given another --num_processes until then."""
+
+  def expire():
+    print(
+        f"error: not every process joined within {timeout:g} s (this one "
+        f"expects {num_processes}, --num_processes): start every host with "
+        "the same --num_processes and --coordinator_address, or wait "
+        "longer with --coordinator_timeout",
+        file=sys.stderr,
+        flush=True)
+    os._exit(2)  # pylint: disable=protected-access
+
+  timer = threading.Timer(timeout, expire)
+  timer.daemon = True
+  timer.start()
+  return timer
+
+
+def _check_same_num_processes(num_processes: int, process_id: int,
+                              timeout: float) -> None:
+  """A one-line error on every process when the hosts were given different
+  --num_processes (the join can succeed: process 0's count wins), found
+  through the coordinator's key-value store before anything else runs, so
+  that every process stops at once rather than in its first collective."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  key = "vitat_jax/num_processes/{}".format
+  client.key_value_set(key(process_id), str(num_processes))
+  peers = range(1, jax.process_count()) if process_id == 0 else [0]
+  counts = {
+      int(client.blocking_key_value_get(key(i), int(timeout * 1000)))
+      for i in peers
+  } | {jax.process_count()}
+  if counts != {num_processes}:
+    others = ", ".join(str(c) for c in sorted(counts - {num_processes}))
+    raise UserError(
+        f"--num_processes={num_processes} here, but {others} on another host "
+        f"(process 0 started a run of {jax.process_count()}): pass the same "
+        "--num_processes to every host")
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,
                            *,
-                           auto: bool = False) -> bool:
+                           auto: bool = False,
+                           timeout: float = 120) -> bool:
   """Joins a multi-host run before anything else touches JAX; True if joined.
 
   Explicit values win, then the environment (JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES, JAX_PROCESS_ID). With one process and no coordinator
   this does nothing, so single-host runs need no flag. `auto=True` lets JAX
   detect a managed cluster (Cloud TPU pods, SLURM, Open MPI) by itself.
+  The join is bounded by `timeout` seconds (the coordinator reachable, then
+  every process registered), each ending in one `error:` line, and a
+  process count other than `num_processes` is refused.
   """
   coordinator_address = (coordinator_address or
                          os.environ.get("JAX_COORDINATOR_ADDRESS") or None)
@@ -127,7 +208,20 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     if not 0 <= process_id < num_processes:
       raise UserError(f"process_id={process_id} must be in [0, "
                       f"{num_processes})")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    _check_address(coordinator_address)
+    if not timeout > 0:
+      raise UserError(f"--coordinator_timeout={timeout} must be > 0 (seconds)")
+    if process_id != 0:  # process 0 starts the coordinator itself
+      _wait_for_coordinator(coordinator_address, timeout)
+    watchdog = _join_watchdog(timeout, num_processes)
+    try:
+      jax.distributed.initialize(coordinator_address,
+                                 num_processes,
+                                 process_id,
+                                 initialization_timeout=int(timeout) + 30)
+    finally:
+      watchdog.cancel()
+    _check_same_num_processes(num_processes, process_id, timeout)
   logging.info("process %d of %d joined; %d local of %d devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

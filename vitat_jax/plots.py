@@ -7,6 +7,7 @@ directly, so no display, backend choice or pyplot state is involved.
 """
 
 import math
+import os
 from typing import List, Optional, Sequence
 
 from etils import epath
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 from vitat_jax import runs as runs_lib
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.attack_names import attack_label
+from vitat_jax.errors import UserError
 
 DPI = 110
 _ATTACK_COLORS = {
@@ -47,7 +49,11 @@ def _figure(ncols: int, title: str, width: float = 5.4, height: float = 4.6):
 
 
 def _save(fig, path: str) -> str:
-  """Saves `fig` as PNG to `path` (a local path or a URI)."""
+  """Saves `fig` as PNG to `path` (a local path or a URI), never through a
+  symbolic link (it would write wherever the link points)."""
+  if workdir_lib.is_local(path) and os.path.islink(path):
+    raise UserError(f"{path} is a symbolic link: a plot is not written "
+                    "through it; remove the link")
   with epath.Path(path).open("wb") as f:
     fig.savefig(f, format="png")
   return path

@@ -218,10 +218,19 @@ def compare_runs(workdirs: Sequence[str], out_dir: str) -> Tuple[str, str]:
 
 
 def default_report_dir(workdirs: Sequence[str]) -> str:
-  """`<the runs' common parent>/comparison`, e.g. runs/comparison."""
+  """`<the runs' common parent>/comparison`, e.g. runs/comparison; runs
+  with no common parent below the root get `./comparison` (never
+  `/comparison`), and the log says so."""
   parents = [str(epath.Path(workdir_lib.resolve(w)).parent) for w in workdirs]
   if all(map(workdir_lib.is_local, parents)):
-    return os.path.join(os.path.commonpath(parents), "comparison")
+    common = os.path.commonpath(parents)
+    if common == os.path.dirname(common):  # the root
+      out_dir = os.path.join(os.getcwd(), "comparison")
+      logging.warning(
+          "the runs have no common parent below %s: the comparison goes to "
+          "%s (pass --report_dir to choose)", common, out_dir)
+      return out_dir
+    return os.path.join(common, "comparison")
   return workdir_lib.path(parents[0], "comparison")  # URIs: the first's
 
 
@@ -236,6 +245,12 @@ def make_report(workdirs: Sequence[str],
   out_dir = out_dir or default_report_dir(workdirs)
   if epath.Path(out_dir).exists() and not epath.Path(out_dir).is_dir():
     raise UserError(f"--report_dir {out_dir!r} is a file: pass a directory")
+  # Nothing written through a link (a plot file linked elsewhere).
+  for workdir in workdirs:
+    for name in workdir_lib.PLOTS:
+      workdir_lib.check_output(workdir, name, why="--mode=report's plots")
+  for name in (COMPARISON_MD, COMPARISON_PNG):
+    workdir_lib.check_output(out_dir, name, why="--mode=report")
   plots_written = [p for w in workdirs for p in plots.plot_run(w)]
   md_path, png_path = compare_runs(workdirs, out_dir)
   return md_path, png_path, plots_written

@@ -20,6 +20,7 @@ from etils import epath
 from vitat_jax import report as report_lib
 from vitat_jax import runs as runs_lib
 from vitat_jax import workdir as workdir_lib
+from vitat_jax.errors import UserError
 
 
 def write_results(workdir: str, result: Dict[str, Any], *,
@@ -39,7 +40,7 @@ def write_results(workdir: str, result: Dict[str, Any], *,
                              written,
                              indent=2)
     write_robustness_report(workdir, written)
-  except OSError as e:
+  except (OSError, UserError) as e:  # UserError: another tool's file there
     result["write_error"] = f"{type(e).__name__}: {e}"
     logging.warning(
         "results not written to %s (%s); the table printed "
@@ -130,10 +131,14 @@ def fra31_log_lines(run: Dict[str, Any], norm: str) -> List[str]:
 def write_autoattack_log(directory: str, run: Dict[str, Any],
                          norm: str) -> None:
   """`<directory>/log.txt`: AutoAttack's log as fra31's `log.txt`."""
-  workdir_lib.makedirs(directory)
-  workdir_lib.write_text(
-      workdir_lib.path(directory, workdir_lib.AUTOATTACK_LOG),
-      "\n".join(fra31_log_lines(run, norm)) + "\n")
+  try:
+    workdir_lib.makedirs(directory)
+    workdir_lib.write_text(
+        workdir_lib.path(directory, workdir_lib.AUTOATTACK_LOG),
+        "\n".join(fra31_log_lines(run, norm)) + "\n")
+  except OSError as e:  # the evaluation's result is still returned
+    logging.warning("AutoAttack's log not written to %s: %s", directory,
+                    " ".join(str(e).split()))
 
 
 def write_adversarial(directory: str, saved: Mapping[str, Dict[str, Any]], *,
@@ -142,16 +147,27 @@ def write_adversarial(directory: str, saved: Mapping[str, Dict[str, Any]], *,
   `images` and `labels` it saved (lists of arrays, concatenated), with the
   threat model; returns the paths written."""
   folder = workdir_lib.path(directory, workdir_lib.ADVERSARIAL_DIR)
-  workdir_lib.makedirs(folder)
   written = []
-  for name, entry in saved.items():
-    path = workdir_lib.path(folder, f"{name}.npz")
-    with epath.Path(path).open("wb") as f:
-      np.savez(f,
-               **{
-                   k: np.concatenate(v) for k, v in entry.items()
-               },
-               eps=eps,
-               norm=norm)
-    written.append(path)
+  try:
+    workdir_lib.check_output(directory,
+                             workdir_lib.ADVERSARIAL_DIR,
+                             folder=True,
+                             why="eval.save_adversarial")
+    workdir_lib.makedirs(folder)
+    for name, entry in saved.items():
+      path = workdir_lib.path(folder, f"{name}.npz")
+      workdir_lib.check_output(folder, f"{name}.npz")
+      with epath.Path(path).open("wb") as f:
+        np.savez(f,
+                 **{
+                     k: np.concatenate(v) for k, v in entry.items()
+                 },
+                 eps=eps,
+                 norm=norm)
+      written.append(path)
+  except (OSError, UserError) as e:
+    # The evaluation is done: its table and results still come; only the
+    # examples are lost, in one line.
+    logging.warning("adversarial examples not saved to %s: %s", folder,
+                    " ".join(str(e).split()))
   return written

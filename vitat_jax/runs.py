@@ -98,15 +98,58 @@ def check_workdirs(workdirs: Sequence[str]):
                       "workdirs of earlier `main.py` runs")
 
 
+def _shaped(path: str, read):
+  """`read()`, or a one-line error naming `path` when its JSON object is not
+  shaped as this program writes it (another tool's file, an edited one)."""
+  try:
+    return read()
+  except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
+    raise UserError(f"{path} is not shaped as this program writes it "
+                    f"({type(e).__name__}: {e}); is it another tool's file? "
+                    "Move it away, or rerun that run's command to write it "
+                    "again") from None
+
+
+def _upgraded(config: Dict[str, Any]) -> Dict[str, Any]:
+  upgraded = workdir_lib.upgrade_run_config(config)
+  workdir_lib.flatten(upgraded)
+  return upgraded
+
+
+def _check_run(run: "Run") -> None:
+  """Raises (KeyError, TypeError, ...) where a report would fail on `run`."""
+  for entry in run.accuracies().values():
+    float(entry["accuracy"])
+    int(entry["correct"])
+    int(entry["total"])
+  for key, kinds in (("eps", (int, float)), ("model", str), ("method", str)):
+    value = run.setting(key)
+    if value is not None and not isinstance(value, kinds):
+      raise TypeError(f"{key} is a {type(value).__name__}")
+  run.title  # pylint: disable=pointless-statement
+
+
 def load_run(workdir: str) -> Run:
   check_workdirs([workdir])
-  read = lambda name: _read_json(workdir_lib.path(workdir, name))
+  path = lambda name: workdir_lib.path(workdir, name)
+  read = lambda name: _read_json(path(name))
   config = read(workdir_lib.CONFIG_JSON)
-  return Run(workdir=workdir,
-             config=workdir_lib.upgrade_run_config(config) if config else {},
-             metrics=read(workdir_lib.METRICS_JSON) or {},
-             robustness=read(workdir_lib.ROBUSTNESS_JSON),
-             records=read_jsonl(workdir))
+  if config:
+    config = _shaped(path(workdir_lib.CONFIG_JSON), lambda: _upgraded(config))
+  run = Run(workdir=workdir,
+            config=config or {},
+            metrics=read(workdir_lib.METRICS_JSON) or {},
+            robustness=read(workdir_lib.ROBUSTNESS_JSON),
+            records=read_jsonl(workdir))
+  # Each file alone, so that an error names the one that is wrong.
+  alone = {
+      workdir_lib.CONFIG_JSON: Run(workdir, run.config, {}, None, []),
+      workdir_lib.METRICS_JSON: Run(workdir, {}, run.metrics, None, []),
+      workdir_lib.ROBUSTNESS_JSON: Run(workdir, {}, {}, run.robustness, []),
+  }
+  for name, probe in alone.items():
+    _shaped(path(name), lambda probe=probe: _check_run(probe))
+  return run
 
 
 def robustness_results(result: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:

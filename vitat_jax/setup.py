@@ -93,7 +93,14 @@ def config_for_evaluation(cli_config, workdir: str):
 
 def _check_workdir(config, workdir: str, purpose: str, overwrite: bool):
   """The workdir's checks for `purpose` (nothing is written)."""
+  if config.eval.save_adversarial and purpose != "export":
+    workdir_lib.check_output(workdir,
+                             workdir_lib.ADVERSARIAL_DIR,
+                             folder=True,
+                             why="eval.save_adversarial",
+                             writable=True)
   if purpose == "train":
+    workdir_lib.check_run_outputs(workdir)
     if not overwrite:
       workdir_lib.check_same_config(config, workdir)
     if jax.process_index() == 0:  # process 0 holds the lock for all hosts
@@ -143,6 +150,7 @@ def prepare(config,
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   _check_workdir(config, workdir, purpose, overwrite)
   splits = data_lib.load(protocol.data_config(config))
+  validate.check_classes(config, splits.num_classes)
   model = state_lib.build_model(config, splits)
   precision.log_policy(
       config.matmul_precision, model.dtype,

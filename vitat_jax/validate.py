@@ -12,10 +12,11 @@ checkpointing) trust it:
 | `method`, `attack` | `_check_method` (names: `objectives.methods()`; budget: `attacks.check_budget`) |
 | `ema`, `eval.weights` | `_check_ema` |
 | `optim` | `check_optim` (parameter groups: `_check_param_groups`) |
-| `eval` (attacks, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
+| `eval` (attacks, each once, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
 | `init` | `_check_init` |
 | `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object) |
 | `model` | `_check_model_fields`, then building the module (`models.create_from_config`) |
+| `eval` against the data's class count (AutoAttack's targeted and DLR attacks) | `check_classes`, run by `setup.prepare` right after the data is listed |
 
 Each failure is a `UserError` with one line saying what is wrong and what to
 do. What needs the data (an image folder's size, the class count, the PRM
@@ -34,6 +35,8 @@ from vitat_jax import objectives
 from vitat_jax import optim
 from vitat_jax import param_groups
 from vitat_jax.attack_names import parse_attack
+from vitat_jax.attacks.autoattack import min_classes
+from vitat_jax.attacks.autoattack import too_few_classes
 from vitat_jax.pretrained.io import FORMATS
 from vitat_jax import data
 from vitat_jax.data import protocol
@@ -305,6 +308,12 @@ def _check_eval(config):
                     "eval.epoch_num_examples=0 to skip the epoch evaluation")
   for name in list(ev.attacks) + list(ev.epoch_attacks):
     parse_attack(name)
+  for field in ("attacks", "epoch_attacks"):
+    names = list(ev[field])
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:
+      raise UserError(f"eval.{field} lists {twice[0]!r} twice: list each "
+                      "attack once")
   protocol.check_fields(config)
   if config.method != "natural" or any(n != "clean" for n in ev.attacks):
     eval_eps = ev.eps or config.attack.eps
@@ -343,6 +352,10 @@ def _check_init(config):
   if path and os.path.isdir(path):
     raise UserError(f"checkpoint {path!r} is a directory: pass the weights "
                     "file in it (.safetensors, .pth or .npz) as "
+                    "--config.init.checkpoint")
+  if path and os.path.exists(path) and not os.path.isfile(path):
+    raise UserError(f"checkpoint {path!r} is not a regular file (a device, "
+                    "pipe or socket): pass a weights file as "
                     "--config.init.checkpoint")
   if path and not os.path.isfile(path):
     if init.source:  # a paper config's pre-trained weights
@@ -402,6 +415,23 @@ def check_config(config, *, training=True):
     objectives.check_prm_patch_size(
         config.tricks.prm_patch_size,
         config.model.get("img_size") or config.data.image_size)
+
+
+def check_classes(config, num_classes: int) -> None:
+  """AutoAttack's attacks against the data's class count (targeted ones
+  need n_target_classes + 1 classes, DLR 4), known once the data is listed:
+  before any training or compilation."""
+  aa, ev = config.eval.autoattack, config.eval
+  if not any(
+      parse_attack(n).kind == "autoattack"
+      for n in list(ev.attacks) + list(ev.epoch_attacks)):
+    return
+  custom = tuple(aa.attacks)
+  settings = attacks.attack_settings("custom" if custom else aa.version,
+                                     ev.eps or config.attack.eps, aa.norm,
+                                     custom or None)
+  if num_classes < min_classes(settings):
+    raise too_few_classes(num_classes, settings)
 
 
 def check_steps(config, steps_per_epoch: int) -> int:

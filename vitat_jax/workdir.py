@@ -99,6 +99,7 @@ def check_writable(workdir: str) -> None:
     _check_reachable(workdir)
     return
   path = os.path.abspath(workdir)
+  _check_name_lengths(workdir, path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"workdir {workdir!r} is a file, not a directory: pass "
                     "another --workdir")
@@ -112,6 +113,85 @@ def check_writable(workdir: str) -> None:
     what = "workdir" if parent == path else "directory above the workdir"
     raise UserError(f"{what} {parent!r} is not writable: fix its permissions"
                     " or pass another --workdir")
+
+
+def _check_name_lengths(workdir: str, path: str) -> None:
+  """One-line error for a workdir path the file system cannot hold: a name
+  over NAME_MAX bytes or, with the longest name a run writes inside, a path
+  over PATH_MAX (no writes)."""
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
+    path_max = os.pathconf(existing, "PC_PATH_MAX")
+  except (OSError, ValueError):
+    name_max, path_max = 255, 4096
+  for part in path.split(os.sep):
+    if len(os.fsencode(part)) > name_max:
+      raise UserError(f"workdir {workdir!r} has a name of "
+                      f"{len(os.fsencode(part))} bytes ({part[:20]}...), over "
+                      f"the file system's limit of {name_max}: pass a shorter "
+                      "--workdir")
+  # What a run writes inside: checkpoints/<step>.orbax-checkpoint-tmp-<t>/...
+  inside = 160
+  if len(os.fsencode(path)) + inside > path_max:
+    raise UserError(f"workdir {workdir[:40]!r}... is a path of "
+                    f"{len(os.fsencode(path))} bytes; with the files a run "
+                    f"writes inside it exceeds the limit of {path_max} bytes: "
+                    "pass a shorter --workdir")
+
+
+def check_output(workdir: str,
+                 name: str,
+                 *,
+                 folder: bool = False,
+                 why: str = "",
+                 writable: bool = False) -> None:
+  """One-line error unless `<workdir>/<name>` (e.g. "export/model_card.json",
+  a `folder` if asked) can be written inside the workdir: no part of it a
+  symbolic link (a write would land wherever the link points, outside the
+  workdir), no folder where a file goes nor a file where a folder goes, and,
+  if `writable`, its nearest existing part writable. `why` names what writes
+  there. No writes; a cloud workdir has no links and is not checked."""
+  if not is_local(workdir):
+    return
+  why = f" ({why})" if why else ""
+  current = os.path.abspath(workdir)
+  parts = name.split("/")
+  for i, part in enumerate(parts):
+    parent, current = current, os.path.join(current, part)
+    is_folder = folder or i < len(parts) - 1
+    if os.path.islink(current):
+      raise UserError(
+          f"{current} is a symbolic link (to {os.readlink(current)}): this "
+          f"program writes there{why}, which would write outside the "
+          "workdir; remove the link or pass another --workdir")
+    if not os.path.lexists(current):
+      current = parent
+      break
+    if is_folder != os.path.isdir(current):
+      what = "file" if is_folder else "folder"
+      raise UserError(
+          f"{current} is a {what} where this program writes a "
+          f"{'folder' if is_folder else 'file'}{why}: move it away or pass "
+          "another --workdir")
+  while not os.path.lexists(current):  # the workdir itself may not exist
+    current = os.path.dirname(current)
+  if writable and os.path.isdir(current) and not os.access(
+      current, os.W_OK | os.X_OK):
+    raise UserError(f"{current} is not writable{why}: fix its permissions or "
+                    "pass another --workdir")
+
+
+def check_run_outputs(workdir: str) -> None:
+  """`check_output` of what a training run appends to or writes through
+  (TensorBoard's folder, metrics.jsonl, the plots); the files written by a
+  rename (config.json, metrics.json, robustness.*) replace a link instead
+  of following it."""
+  check_output(workdir, TENSORBOARD_DIR, folder=True)
+  for name in (METRICS_JSONL, *PLOTS):
+    check_output(workdir, name)
 
 
 def _check_reachable(workdir: str) -> None:
@@ -294,6 +374,11 @@ def check_is_a_run(workdir: str) -> None:
   `--overwrite` deletes the folder: it must be this program's.
   """
   directory = checkpoints_dir(workdir)
+  if is_local(directory) and os.path.islink(directory):
+    raise UserError(f"{directory} is a symbolic link (to "
+                    f"{os.readlink(directory)}): --overwrite deletes this "
+                    "folder and would delete outside the workdir; remove the "
+                    "link, or pass another --workdir")
   if not epath.Path(directory).exists():
     return
   names = _names(directory)

@@ -5,6 +5,7 @@ import itertools
 import multiprocessing
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -255,6 +256,24 @@ def test_worker_errors_reach_the_caller():
       next(batches)
     finally:
       batches.close()
+
+
+def test_a_killed_worker_is_one_line_not_grains_traceback():
+  # (issue 26 item 8) SIGKILL, as the OOM killer sends it.
+  before = _children()
+  batches = data.train_batches(_NoisySource(30), 4, seed=0, workers=1)
+  try:
+    next(batches)
+    (worker,) = _children() - before
+    os.kill(worker, signal.SIGKILL)
+    with pytest.raises(UserError,
+                       match="a data loader worker process stopped") as info:
+      for _ in range(1000):
+        next(batches)
+    assert "\n" not in str(info.value)
+    assert "rerun the same command" in str(info.value)
+  finally:
+    batches.close()
 
 
 _KILLED_PARENT = """

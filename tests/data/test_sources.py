@@ -1,6 +1,7 @@
 """Sources: digits, image folders (with cache) and tfds, behind `load`."""
 
 import pathlib
+import shutil
 import types
 
 import ml_collections
@@ -454,6 +455,20 @@ def test_tfds_unknown_dataset_is_a_user_error(tmp_path):
         _tfds_config(tfds_name="no_such_dataset_xyz",
                      tfds_data_dir=str(tmp_path)))
   _assert_one_line_error(excinfo, "no_such_dataset_xyz", "data.tfds_name")
+
+
+def test_tfds_truncated_array_record_file_is_a_user_error_at_load(
+    tiny_tfds_dir, tmp_path):
+  # Found when the data is listed, not in the evaluation after compiling.
+  data_dir = tmp_path / "tfds"
+  shutil.copytree(tiny_tfds_dir, data_dir)
+  (test_file,) = data_dir.glob("vitat_test_tiny_gray/*/*-test.array_record*")
+  test_file.write_bytes(test_file.read_bytes()[:test_file.stat().st_size // 2])
+  with pytest.raises(UserError) as excinfo:
+    data.load(
+        _tfds_config(tfds_name="vitat_test_tiny_gray",
+                     tfds_data_dir=str(data_dir)))
+  _assert_one_line_error(excinfo, "split 'test'", "truncated", "tfds build")
 
 
 def test_tfds_unknown_split_is_a_user_error(tiny_tfds_dir):

@@ -568,19 +568,31 @@ def _first_batch_checks(model, params, key, x, version, settings, warnings):
       warnings.append(f"{RANDOMIZED_PASSES} forward passes of the same images "
                       "differ: this looks like a randomised defence; use "
                       "version='rand'")
-  names = [s.name for s in settings]
-  needed = max([
-      s.n_target_classes + 1 for s in settings if s.name in ("apgd-t", "fab-t")
-  ] + [0])
-  too_few = (("apgd-dlr" in names or "apgd-t" in names) and
-             num_classes <= 3) or needed > num_classes
+  too_few = num_classes < min_classes(settings)
   checks["too_few_classes"] = bool(too_few)
   if too_few:
-    raise UserError(f"the model has {num_classes} classes, too few for "
-                    f"{', '.join(names)} (targeted attacks need "
-                    f"n_target_classes + 1, DLR needs 4): use "
-                    "version='custom' with apgd-ce, fab and square")
+    raise too_few_classes(num_classes, settings)
   return checks
+
+
+def min_classes(settings: Sequence[AttackSettings]) -> int:
+  """The fewest classes the attacks of `settings` work with: targeted ones
+  need n_target_classes + 1, the DLR loss 4."""
+  names = [s.name for s in settings]
+  needed = [
+      s.n_target_classes + 1 for s in settings if s.name in ("apgd-t", "fab-t")
+  ]
+  if "apgd-dlr" in names or "apgd-t" in names:
+    needed.append(4)
+  return max(needed + [0])
+
+
+def too_few_classes(num_classes: int,
+                    settings: Sequence[AttackSettings]) -> UserError:
+  return UserError(f"the model has {num_classes} classes, too few for "
+                   f"{', '.join(s.name for s in settings)} (targeted attacks "
+                   "need n_target_classes + 1, DLR needs 4): use "
+                   "version='custom' with apgd-ce, fab and square")
 
 
 def autoattack(

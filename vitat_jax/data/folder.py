@@ -128,11 +128,23 @@ def check_layout(root: str) -> tuple[pathlib.Path, tuple[str, ...]]:
   return root_path, class_names
 
 
+def _check_utf8(path: str) -> None:
+  """A one-line error for a name that is not UTF-8 (it cannot be cached,
+  logged or written to a run's JSON files)."""
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:
+    raise UserError(f"{ascii(path)} has a name that is not valid UTF-8: "
+                    "rename it") from None
+
+
 def _class_folders(split_dir: pathlib.Path) -> tuple[str, ...]:
-  return tuple(
-      sorted(entry.name
-             for entry in os.scandir(split_dir)
-             if entry.is_dir() and not entry.name.startswith(".")))
+  names = sorted(entry.name
+                 for entry in os.scandir(split_dir)
+                 if entry.is_dir() and not entry.name.startswith("."))
+  for name in names:
+    _check_utf8(os.path.join(split_dir, name))
+  return tuple(names)
 
 
 def list_images(split_dir: pathlib.Path,
@@ -153,6 +165,7 @@ def list_images(split_dir: pathlib.Path,
         if (filename.lower().endswith(IMAGE_EXTENSIONS) and
             not filename.startswith(".")):
           path = os.path.join(dirpath, filename)
+          _check_utf8(path)
           if not os.path.isfile(path):
             raise UserError(f"{path} is a broken or looping symbolic link: "
                             "fix or delete it")

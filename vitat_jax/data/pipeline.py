@@ -190,12 +190,26 @@ def _loader(examples: grain.MapDataset, batch_size: Optional[int], workers: int,
   return _closing(iter(dataset))
 
 
+# grain's error when a worker process dies (SIGKILL, the OOM killer).
+WORKER_DIED = "Worker process was terminated unexpectedly"
+
+
 def _closing(iterator) -> Iterator:
   """`iterator` as a generator whose close() (or collection) stops grain's
   threads and worker processes."""
   try:
     for batch in iterator:
       yield tuple(np.asarray(a) for a in batch)
+  except RuntimeError as e:
+    if WORKER_DIED not in str(e):
+      raise
+    # grain's traceback says nothing a user can act on; the run's last
+    # checkpoint is intact and the rerun resumes from it.
+    first = str(e).split(". ")[0]
+    raise UserError(f"a data loader worker process stopped ({first}; killed, "
+                    "or out of memory?): rerun the same command to resume "
+                    "from the last checkpoint, with a lower data.workers if "
+                    "memory is short") from None
   finally:
     close = getattr(iterator, "close", None)
     if close is not None:

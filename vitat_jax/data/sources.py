@@ -624,9 +624,22 @@ def _open_tfds_split(tfds, tfds_name: str, split: str, data_dir: Optional[str],
                                    **kwargs)
     if len(data_source):
       # Files open lazily: a dataset prepared as tfrecord, or one whose
-      # array_record files are gone, fails here rather than in a worker.
-      data_source[0]  # pylint: disable=pointless-statement
+      # array_record files are gone, fails here rather than in a worker;
+      # a truncated file reads as records of None (each file's last record
+      # is read: truncation loses the tail).
+      for index in _last_records(data_source, split):
+        record = data_source[index]
+        if not isinstance(record, dict) or any(
+            value is None for value in record.values()):
+          raise UserError(
+              f"record {index} of split {split!r} of tfds dataset "
+              f"{tfds_name!r} in {data_dir or 'the default tfds data_dir'} "
+              "cannot be read (is one of its files truncated?): prepare it "
+              f"again with `tfds build {tfds_name} "
+              "--file_format=array_record`")
     return data_source
+  except UserError:
+    raise
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f"unknown tfds dataset {tfds_name!r}; check "
                     "data.tfds_name (see tfds.list_builders())") from None
@@ -634,6 +647,21 @@ def _open_tfds_split(tfds, tfds_name: str, split: str, data_dir: Optional[str],
     # tfds signals "not prepared" with several unrelated exception types.
     raise UserError(_tfds_open_error(tfds, tfds_name, split, data_dir,
                                      error)) from None
+
+
+def _last_records(data_source, split: str) -> list:
+  """The index of the first record and of each file's last one (by the
+  split's file instructions; the split's last record where they are not
+  known)."""
+  indices = {0, len(data_source) - 1}
+  try:
+    end = 0
+    for instruction in data_source.dataset_info.splits[split].file_instructions:
+      end += instruction.take
+      indices.add(min(end, len(data_source)) - 1)
+  except Exception:  # pylint: disable=broad-except
+    pass  # a split expression or a mock without file instructions
+  return sorted(i for i in indices if i >= 0)
 
 
 def _tfds_open_error(tfds, tfds_name: str, split: str, data_dir: Optional[str],

@@ -102,6 +102,7 @@ def load(
           f"a checkpoint of {_describe(model)}")
     used.add(key)
     value = np.asarray(state[key])
+    _check_values(path, key, value)
     if value.shape != want:
       if root in reinit_roots:
         reinit.append((flax_path, f"{key} {value.shape} -> {want}"))
@@ -142,6 +143,21 @@ def load(
       out[flax_path] = (fresh_leaf if isinstance(
           fresh_leaf, jax.ShapeDtypeStruct) else np.asarray(fresh_leaf))
   return flax.traverse_util.unflatten_dict(out)
+
+
+def _check_values(path: str, key: str, value: np.ndarray) -> None:
+  """Weights are floating-point and finite: integer tensors (a quantised
+  file) would be cast without a word, NaNs found steps later."""
+  if value.dtype.kind in "biu":
+    raise UserError(f"checkpoint {path}: {key} holds {value.dtype} values, "
+                    "not floating-point weights (a quantised file?): pass the "
+                    "float weights")
+  finite = np.isfinite(value if value.dtype.kind ==
+                       "f" else value.astype(np.float32))
+  if not finite.all():
+    raise UserError(f"checkpoint {path}: {key} holds {int((~finite).sum())} "
+                    "NaN or infinite values: the file is broken; save or copy "
+                    "it again")
 
 
 def check(
