@@ -197,7 +197,8 @@ def _kl_sum(p_target, log_q):
 def _kl_per_example(p_target, logits):
   """sum_c p log(p / q), q = softmax(logits), per example (TRADES' APGD
   loss)."""
-  log_q = jax.nn.log_softmax(logits)
+  # float32, as APGD compares these losses across iterations.
+  log_q = jax.nn.log_softmax(logits.astype(jnp.float32))
   return jnp.sum(xlogy(p_target, p_target) - p_target * log_q, axis=-1)
 
 
