@@ -132,6 +132,12 @@ def get_config():
   config.attack.eps = 8 / 255
   config.attack.alpha = 2 / 255
   config.attack.steps = 10
+  # The training attack's iteration: "pgd" (the paper's: sign steps of
+  # alpha from a random start) or "apgd" (APGD-CE's, as the evaluation's:
+  # steps iterations from 2 * eps, halved at its checkpoints, momentum 0.75;
+  # alpha unused), on each method's own inner loss (CE for AT and MART, the
+  # KL for TRADES), with ARD, PRM and the epsilon warm-up acting on either.
+  config.attack.name = "pgd"
   # Epsilon warm-up (0 = off): the training attack's eps and step grow
   # linearly, per step, from eps_warmup_floor * eps to eps over these epochs
   # (the Light recipe), logged as train_eps and drawn in schedules.png.

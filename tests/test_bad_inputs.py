@@ -187,6 +187,8 @@ CASES = [
     ([C + "attack.alpha=0.5"], "cannot exceed", "plain", None),
     ([C + "attack.alpha=0"], "alpha=0", "plain", None),
     ([C + "attack.steps=0"], "steps=0", "plain", None),
+    ([C + "attack.name=fgsm"], "unknown attack.name 'fgsm': use one of pgd, "
+     "apgd", "plain", None),
     ([C + "method=fgsm"], "unknown method", "plain", None),
     ([C + "beta=-1"], "beta=-1", "plain", None),
     ([C + "beta=nan"], "beta=nan", "plain", None),

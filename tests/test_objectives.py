@@ -131,14 +131,21 @@ def test_ard_with_r_zero_changes_the_attack_but_r_one_does_not():
   assert not np.array_equal(run(0.0, ard_fn), plain)  # every gate dropped
 
 
-@pytest.mark.parametrize("method", ["at", "trades", "mart", "natural"])
-def test_every_method_gives_a_finite_loss_and_gradient(method):
+# APGD on AT is trained in tests/test_apgd_training.py; here its KL
+# (TRADES) and CE (MART) inner losses.
+@pytest.mark.parametrize("method, attack_name", [("at", "pgd"),
+                                                 ("trades", "pgd"),
+                                                 ("mart", "pgd"),
+                                                 ("natural", "pgd"),
+                                                 ("trades", "apgd"),
+                                                 ("mart", "apgd")])
+def test_every_method_gives_a_finite_loss_and_gradient(method, attack_name):
   import ml_collections
   config = ml_collections.ConfigDict(
       dict(method=method,
            beta=6.0,
            tricks=dict(ard=True, prm=True, prm_patch_size=4),
-           attack=dict(eps=8 / 255, alpha=2 / 255, steps=2)))
+           attack=dict(name=attack_name, eps=8 / 255, alpha=2 / 255, steps=2)))
   objective = objectives.make_objective(config, MODEL)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
       PARAMS, BATCH, jax.random.key(6), 0.3)

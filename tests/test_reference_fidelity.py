@@ -384,6 +384,7 @@ def test_old_run_config_is_upgraded_to_what_it_ran():
       "prm_patch_size": 16
   }
   assert not {"ard", "prm", "warmup_epochs", "drop_rate"} & set(upgraded)
+  assert upgraded["attack"]["name"] == "pgd"  # the only training attack then
 
 
 # --- bf16 compute keeps an attack's small steps -----------------------------

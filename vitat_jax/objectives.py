@@ -27,6 +27,9 @@ from vitat_jax.errors import UserError
 
 # The built-in methods; `methods()` lists the registered ones too.
 METHODS = ("at", "trades", "mart", "natural")
+# `attack.name`: the training attack's iteration, PGD's sign steps or APGD's
+# (`attacks.apgd_perturb`), either on the objective's own inner loss.
+TRAINING_ATTACKS = ("pgd", "apgd")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -34,6 +37,13 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean over the batch of -sum_c t_c log softmax(z)_c."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   return -(targets * logp).sum(axis=-1).mean()
+
+
+def soft_cross_entropy_per_example(logits: jax.Array,
+                                   targets: jax.Array) -> jax.Array:
+  """-sum_c t_c log softmax(z)_c, one value per example (APGD's AT loss)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -(targets * logp).sum(axis=-1)
 
 
 def _accuracy(logits, targets):
@@ -89,19 +99,35 @@ def training_attack(model,
                     attack_loss: Callable[[jax.Array], jax.Array],
                     init: str = "uniform",
                     ard_fn: Optional[Callable] = None,
-                    prm_fn: Optional[Callable] = None):
-  """The inner maximisation of `attack_loss(logits)`, with ARD and PRM.
+                    prm_fn: Optional[Callable] = None,
+                    attack_name: str = "pgd",
+                    example_loss: Optional[Callable] = None):
+  """The inner maximisation of the objective's attack loss, with ARD and PRM.
 
   The model runs in inference mode on parameters whose gradient is stopped;
   ARD keep-masks and PRM masks are drawn afresh in every iteration.
+  `attack_name` "pgd": `steps` sign steps of `alpha` from `init` on the
+  scalar `attack_loss(logits)`; "apgd": `steps` APGD iterations
+  (`attacks.apgd_perturb`: its own start and step sizes, so `alpha` and
+  `init` are unused) on `example_loss(logits) -> [B]`, the same loss per
+  example.
   """
   params = jax.lax.stop_gradient(params)
 
-  def objective(x_adv, iteration_key):
+  def logits_fn(x_adv, iteration_key):
     keep = None if ard_fn is None else ard_fn(iteration_key, r)
-    return attack_loss(model.apply({"params": params}, x_adv, attn_keep=keep))
+    return model.apply({"params": params}, x_adv, attn_keep=keep)
 
   delta_mask_fn = None if prm_fn is None else (lambda k: prm_fn(k, r))
+  if attack_name == "apgd":
+    return attacks.apgd_perturb(logits_fn,
+                                example_loss,
+                                key,
+                                x,
+                                eps=eps,
+                                n_iter=steps,
+                                delta_mask_fn=delta_mask_fn)
+  objective = lambda x_adv, k: attack_loss(logits_fn(x_adv, k))
   return attacks.perturb(objective,
                          key,
                          x,
@@ -125,11 +151,14 @@ def pgd_at_loss(params,
                 steps,
                 ard,
                 prm,
-                prm_patch_size):
+                prm_patch_size,
+                attack_name="pgd"):
   """Madry et al.'s adversarial training loss on the (mixed) batch.
 
   `eps_scale` scales the attack's radius and step (the epsilon warm-up's
-  eps(t) / attack.eps), as in every adversarial objective here.
+  eps(t) / attack.eps), as in every adversarial objective here;
+  `attack_name` is `training_attack`'s (APGD maximises the per-example soft
+  CE).
   """
   eps, alpha = eps * eps_scale, alpha * eps_scale
   attack_key, dropout_key = jax.random.split(key)
@@ -138,17 +167,20 @@ def pgd_at_loss(params,
                                      prm=prm,
                                      prm_patch_size=prm_patch_size)
   targets = batch["target"]
-  x_adv = training_attack(model,
-                          params,
-                          batch["image"],
-                          attack_key,
-                          r,
-                          eps=eps,
-                          alpha=alpha,
-                          steps=steps,
-                          attack_loss=lambda z: soft_cross_entropy(z, targets),
-                          ard_fn=ard_fn,
-                          prm_fn=prm_fn)
+  x_adv = training_attack(
+      model,
+      params,
+      batch["image"],
+      attack_key,
+      r,
+      eps=eps,
+      alpha=alpha,
+      steps=steps,
+      attack_loss=lambda z: soft_cross_entropy(z, targets),
+      ard_fn=ard_fn,
+      prm_fn=prm_fn,
+      attack_name=attack_name,
+      example_loss=lambda z: soft_cross_entropy_per_example(z, targets))
   logits = model.apply({"params": params},
                        x_adv,
                        train=True,
@@ -160,6 +192,14 @@ def pgd_at_loss(params,
 def _kl_sum(p_target, log_q):
   """sum_i sum_c p log(p / q): torch's KLDivLoss(reduction="sum")(log_q, p)."""
   return jnp.sum(xlogy(p_target, p_target) - p_target * log_q)
+
+
+def _kl_per_example(p_target, logits):
+  """sum_c p log(p / q), q = softmax(logits), per example (TRADES' APGD
+  loss)."""
+  # float32, as APGD compares these losses across iterations.
+  log_q = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return jnp.sum(xlogy(p_target, p_target) - p_target * log_q, axis=-1)
 
 
 def trades_outer_loss(logits, logits_adv, targets, beta):
@@ -216,11 +256,13 @@ def trades_loss(params,
                 ard,
                 prm,
                 prm_patch_size,
-                beta=6.0):
+                beta=6.0,
+                attack_name="pgd"):
   """TRADES (Zhang et al. 2019) as the reference implements it.
 
   Inner: maximise KL(softmax(f(x)) || softmax(f(x + delta))) from
-  delta = 0.001 N(0, 1) in normalised units. Outer: CE(f(x), y) + beta * KL_sum / batch.
+  delta = 0.001 N(0, 1) in normalised units (APGD: the same KL per example,
+  from APGD's own start). Outer: CE(f(x), y) + beta * KL_sum / batch.
   """
   eps, alpha = eps * eps_scale, alpha * eps_scale
   attack_key, dropout_key = jax.random.split(key)
@@ -243,7 +285,9 @@ def trades_loss(params,
       attack_loss=lambda z: _kl_sum(clean_probs, jax.nn.log_softmax(z)),
       init="gaussian",
       ard_fn=ard_fn,
-      prm_fn=prm_fn)
+      prm_fn=prm_fn,
+      attack_name=attack_name,
+      example_loss=functools.partial(_kl_per_example, clean_probs))
   logits, logits_adv = _clean_and_adversarial_logits(model, params, x, x_adv,
                                                      dropout_key)
   loss = trades_outer_loss(logits, logits_adv, targets, beta)
@@ -267,10 +311,12 @@ def mart_loss(params,
               ard,
               prm,
               prm_patch_size,
-              beta=6.0):
+              beta=6.0,
+              attack_name="pgd"):
   """MART (Wang et al. 2020) as the reference implements it.
 
-  Inner: CE steps from delta = 0.001 N(0, 1) in normalised units. Outer: CE(f(x'), y) +
+  Inner: CE steps from delta = 0.001 N(0, 1) in normalised units (APGD: on
+  the per-example CE, from its own start). Outer: CE(f(x'), y) +
   NLL(log(1.0001 - p' + 1e-12), best wrong class) + beta * mean(sum_c
   KL(p || p') * (1.0000001 - p_y)).
   """
@@ -294,7 +340,9 @@ def mart_loss(params,
       attack_loss=lambda z: attacks.cross_entropy_per_example(z, labels).mean(),
       init="gaussian",
       ard_fn=ard_fn,
-      prm_fn=prm_fn)
+      prm_fn=prm_fn,
+      attack_name=attack_name,
+      example_loss=lambda z: attacks.cross_entropy_per_example(z, labels))
   logits, logits_adv = _clean_and_adversarial_logits(model, params, x, x_adv,
                                                      dropout_key)
   loss = mart_outer_loss(logits, logits_adv, labels, beta)
@@ -314,8 +362,9 @@ def natural_loss(params, batch, key, r, eps_scale=1.0, *, model):
 
 def adversarial_kwargs(config, model) -> dict:
   """The keywords of `pgd_at_loss` & co. from a checked config: the model,
-  the training attack's budget and ARD / PRM."""
+  the training attack (its name and budget) and ARD / PRM."""
   return dict(model=model,
+              attack_name=config.attack.name,
               eps=config.attack.eps,
               alpha=config.attack.alpha,
               steps=config.attack.steps,

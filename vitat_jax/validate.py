@@ -9,7 +9,7 @@ checkpointing) trust it:
 |---|---|
 | run fields (seed, epochs, batch sizes, tricks, checkpoints, dtypes) | `_check_run` |
 | `augment`, `mixup` | `_check_augment` (RandAugment spec: `randaugment.check_spec`) |
-| `method`, `attack` | `_check_method` (names: `objectives.methods()`; budget: `attacks.check_budget`) |
+| `method`, `attack` | `_check_method` (names: `objectives.methods()`, `objectives.TRAINING_ATTACKS`; budget: `attacks.check_budget`) |
 | `ema`, `eval.weights` | `_check_ema` |
 | `optim` | `check_optim` (parameter groups: `_check_param_groups`) |
 | `eval` (attacks, each once, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
@@ -195,6 +195,9 @@ def _check_method(config, training):
     raise UserError(f"unknown method {config.method!r}: use one of "
                     f"{', '.join(objectives.methods())} (or register yours "
                     "with vitat_jax.objectives.register before training)")
+  if config.attack.name not in objectives.TRAINING_ATTACKS:
+    raise UserError(f"unknown attack.name {config.attack.name!r}: use one of "
+                    f"{', '.join(objectives.TRAINING_ATTACKS)}")
   if config.method != "natural":
     attacks.check_budget(config.attack.eps, config.attack.alpha,
                          config.attack.steps)

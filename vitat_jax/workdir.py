@@ -488,8 +488,8 @@ def upgrade_run_config(previous: dict) -> dict:
   the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`;
   float32 dots ran at the backend default before `matmul_precision`; AdamW
   decayed every param before `optim.no_decay` (and no lr was scaled per
-  layer); no
-  run averaged its params (`ema`) or warmed its eps up before those fields.
+  layer); no run averaged its params (`ema`) or warmed its eps up before
+  those fields, and every run trained against PGD before `attack.name`.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
@@ -525,6 +525,7 @@ def upgrade_run_config(previous: dict) -> dict:
   attack = previous.setdefault("attack", {})
   attack.setdefault("eps_warmup_epochs", 0.0)
   attack.setdefault("eps_warmup_floor", 0.0)
+  attack.setdefault("name", "pgd")  # PGD was the only training attack
   return previous
 
 

@@ -2,6 +2,7 @@
 
 from vitat_jax.attacks.apgd import apgd
 from vitat_jax.attacks.apgd import apgd_targeted
+from vitat_jax.attacks.apgd import perturb as apgd_perturb
 from vitat_jax.attacks.apgd import dlr_loss
 from vitat_jax.attacks.apgd import dlr_loss_targeted
 from vitat_jax.attacks.autoattack import ATTACK_NAMES
@@ -27,7 +28,7 @@ from vitat_jax.attacks.pgd import uniform_init
 from vitat_jax.attacks.square import square
 
 __all__ = [
-    "ATTACK_NAMES", "AutoAttackResult", "apgd", "apgd_targeted",
+    "ATTACK_NAMES", "AutoAttackResult", "apgd", "apgd_perturb", "apgd_targeted",
     "attack_settings", "autoattack", "combine_results", "check_budget",
     "cross_entropy_per_example", "cw", "cw_margin_per_example", "dlr_loss",
     "dlr_loss_targeted", "fab", "fab_targeted", "gaussian_init", "perturb",

@@ -9,14 +9,17 @@ from the best point after every halving, and `x_best_adv` tracking. The
 iterations are a `lax.fori_loop` over fixed-shape batches; every example runs
 the whole loop (examples are independent, so this equals the reference's
 running on the still-robust subset). Iteration i uses `fold_in(key, i)`,
-which only matters for randomised models (EOT).
+which only matters for randomised models (EOT) and ARD's keep-masks.
 
-Each attack returns the adversarial images: the first misclassified iterate
-found for the examples it broke and the clean image for all the others (as
-the reference does).
+Each evaluation attack returns the adversarial images: the first
+misclassified iterate found for the examples it broke and the clean image for
+all the others (as the reference does). `perturb` is APGD as the training
+attack: the same iteration (`single_run`), with PRM's mask on the
+perturbation and ARD's keep-masks through the model's key, returning the
+highest-loss point.
 """
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -139,16 +142,26 @@ def single_run(model: Callable,
                norm: str,
                n_iter: int,
                eot_iter: int = 1,
-               rho: float = 0.75):
-  """One APGD run from a random start.
+               rho: float = 0.75,
+               delta_mask_fn: Optional[Callable] = None):
+  """One APGD run from a random start: the core that the evaluation's
+  APGD attacks and the training attack (`perturb`) share.
 
   (Long on purpose: it follows fra31's `attack_single_run` step by step,
   step-size halving and checkpoints included, so the port can be audited
   line by line.)
 
   Args:
-    model: `model(x, key) -> logits`.
+    model: `model(x, key) -> logits`; the key is the iteration's own
+      (`fold_in(loop_key, i)`; the start's is i = n_iter), for EOT draws or
+      the training attack's ARD keep-masks.
     loss_fn: `loss_fn(logits) -> [B]`, to maximise.
+    delta_mask_fn: PRM (training only): `delta_mask_fn(key) -> mask`
+      broadcastable to x. Every point whose loss is computed (the start and
+      each iterate) has its perturbation multiplied by a fresh mask first,
+      as the PGD training loop does; the mask's key is split from the
+      iteration's, and the model then gets the other half. None (the
+      evaluation's): the model gets the iteration's key itself.
 
   Returns:
     (x_best, robust, loss_best, x_best_adv): the highest-loss point, whether
@@ -157,6 +170,13 @@ def single_run(model: Callable,
   """
   start_key, loop_key = jax.random.split(key)
   is_checkpoint, window = (jnp.asarray(a) for a in checkpoint_schedule(n_iter))
+
+  def masked(x_adv, iteration_key):
+    """(x_adv with its perturbation masked, the model's key)."""
+    if delta_mask_fn is None:
+      return x_adv, iteration_key
+    mask_key, model_key = jax.random.split(iteration_key)
+    return x + (x_adv - x) * delta_mask_fn(mask_key), model_key
 
   def loss_and_grad(x_adv, grad_key):
 
@@ -181,9 +201,9 @@ def single_run(model: Callable,
                                              (jnp.zeros_like(x_adv), aux0))
     return grad / eot_iter, logits, loss
 
-  x_adv = random_start(start_key, x, eps, norm)
-  grad, logits, loss = loss_and_grad(x_adv,
-                                     jax.random.fold_in(loop_key, n_iter))
+  x_adv, start_model_key = masked(random_start(start_key, x, eps, norm),
+                                  jax.random.fold_in(loop_key, n_iter))
+  grad, logits, loss = loss_and_grad(x_adv, start_model_key)
   batch = x.shape[0]
   state = dict(x_adv=x_adv,
                x_adv_old=x_adv,
@@ -209,7 +229,8 @@ def single_run(model: Callable,
                  norm)
     x_new = _project(x, s["x_adv"] + (z - s["x_adv"]) * a + momentum * (1 - a),
                      eps, norm)
-    grad, logits, loss = loss_and_grad(x_new, jax.random.fold_in(loop_key, i))
+    x_new, model_key = masked(x_new, jax.random.fold_in(loop_key, i))
+    grad, logits, loss = loss_and_grad(x_new, model_key)
 
     correct = jnp.argmax(logits, axis=-1) == y
     x_best_adv = jnp.where(ex(~correct), x_new, s["x_best_adv"])
@@ -248,6 +269,47 @@ def single_run(model: Callable,
 
   s = jax.lax.fori_loop(0, n_iter, body, state)
   return s["x_best"], s["robust"], s["loss_best"], s["x_best_adv"]
+
+
+def perturb(model: Callable,
+            loss_fn: Callable,
+            key,
+            x: jax.Array,
+            *,
+            eps,
+            n_iter: int,
+            delta_mask_fn: Optional[Callable] = None) -> jax.Array:
+  """APGD as the training attack (`attack.name="apgd"`): one L-inf run of
+  `single_run`, the evaluation's iteration (step 2 * eps halving at the
+  checkpoints, momentum 0.75), returning its highest-loss point.
+
+  Args:
+    model: `model(x, key) -> logits`, the key the iteration's (ARD).
+    loss_fn: `loss_fn(logits) -> [B]` to maximise: the objective's own inner
+      loss per example (CE for AT and MART, the KL for TRADES).
+    key: PRNG key, used as `single_run` uses it.
+    x: clean images [B, H, W, C] in [0, 1].
+    eps: L-inf radius (a traced value under the epsilon warm-up).
+    n_iter: iterations (`attack.steps`), a Python int.
+    delta_mask_fn: PRM, `mask_fn(key) -> mask`, as in `single_run`.
+
+  Returns:
+    The highest-loss iterate (`x_best`; not the evaluation's "first
+    misclassified" point: training wants the loss maximised), gradients
+    stopped.
+  """
+  # The labels only feed the misclassification bookkeeping, unused here.
+  labels = jnp.zeros(x.shape[:1], jnp.int32)
+  x_best, _, _, _ = single_run(model,
+                               loss_fn,
+                               key,
+                               x,
+                               labels,
+                               eps=eps,
+                               norm="Linf",
+                               n_iter=n_iter,
+                               delta_mask_fn=delta_mask_fn)
+  return jax.lax.stop_gradient(x_best)
 
 
 def _clean_correct(model, key, x, y):
