@@ -384,7 +384,8 @@ def pipeline_rate(case: Case, workers: int, batches: int) -> float:
 
 def autoattack_ratio(num_images: int,
                      train_steps: int,
-                     attacks_to_run=None) -> Dict[str, float]:
+                     attacks_to_run=None,
+                     n_iter: Optional[int] = None) -> Dict[str, float]:
   """Ours against fra31's on the same device and images: the adversarially
   trained digits ViT of benchmarks.autoattack_parity (timm's copy for
   fra31). Seconds include our compilation; robust accuracy after the last
@@ -406,6 +407,11 @@ def autoattack_ratio(num_images: int,
                             eps=parity.EPS,
                             version="custom" if attacks_to_run else "standard",
                             attacks_to_run=attacks_to_run,
+                            overrides=({
+                                "apgd-ce": {
+                                    "n_iter": n_iter
+                                }
+                            } if n_iter else None),
                             batch_size=num_images,
                             verbose=False)
   ours_s = time.perf_counter() - start
@@ -420,6 +426,8 @@ def autoattack_ratio(num_images: int,
                          version="custom" if attacks_to_run else "standard")
   if attacks_to_run:
     adversary.attacks_to_run = list(attacks_to_run)
+  if n_iter:
+    adversary.apgd.n_iter = n_iter
   adversary.logger.setLevel(logging.WARNING)
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
   y = torch.from_numpy(labels.astype(np.int64))
@@ -468,6 +476,11 @@ def main(argv=None):
   repeats, workers = args.repeats, args.workers
   if args.tiny:
     repeats, workers = 1, 1
+    if "torch" in parts:
+      import torch
+      # One thread: at toy sizes PyTorch's thread hand-offs cost more than
+      # the work (and spin against other jobs on a shared CPU).
+      torch.set_num_threads(1)
   device = jax.devices()[0]
   print(f"backend {jax.default_backend()}, device {device.device_kind} "
         f"x{jax.device_count()}, jax {jax.__version__}")
@@ -525,8 +538,8 @@ def main(argv=None):
                if jax_rate else "")
       print(f"  input pipeline, {workers} worker(s): {rate:.0f} img/s{feeds}")
   if "autoattack" in parts:
-    r = autoattack_ratio(*((50, 100, ("apgd-ce",)) if args.tiny else (500,
-                                                                      2000)))
+    r = autoattack_ratio(*((20, 50, ("apgd-ce",), 10) if args.tiny else (500,
+                                                                         2000)))
     print(
         f"\nAutoAttack ({'APGD-CE' if args.tiny else 'standard'}), digits ViT, same device: ours "
         f"{r['ours_s']:.1f} s (compilation included), fra31 "
