@@ -114,8 +114,8 @@ def get_config():
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 4
   config.augment.flip = True
-  # "" = off; e.g. "rand-m9-n2" or "rand-m9-mstd0.5" (timm's RandAugment,
-  # which the paper found to hurt adversarial training).
+  # "" = off; e.g. "rand-m9-n2" or "rand-m9-mstd0.5" (timm's RandAugment and
+  # its spec grammar, which the paper found to hurt adversarial training).
   config.augment.randaugment = ""
 
   # Mixup / CutMix per batch (timm's Mixup, mode "batch"), active in the
