@@ -79,8 +79,6 @@ def apply_args(config, args):
   both = args.get("ard_prm", False)
   config.tricks.ard = args.get("ard", both)
   config.tricks.prm = args.get("prm", both)
-  if config.model.name.startswith("swin"):
-    config.optim.momentum = 0.5  # the reference's Swin runs set it
   return common.apply_pretrained(config, args.get("pretrained", "in1k"),
                                  args.get("pretrained_dir", "pretrained"))
 

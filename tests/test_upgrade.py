@@ -67,3 +67,20 @@ def test_a_run_saved_before_the_restructuring_resumes_and_evaluates(tmp_path):
           **OVERRIDES, "eval.attacks": ("clean",)
       }), workdir)
   assert evaluated["clean_acc"] == result["clean_acc"]
+
+
+def test_a_recorded_momentum_is_the_family_default_only_when_it_equals_it():
+  from vitat_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  swin, deit = "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224"
+  for name, recorded, upgraded in ((deit, 0.9, None), (swin, 0.5, None),
+                                   (swin, 0.9, 0.9), (deit, 0.7,
+                                                      0.7), (swin, None, None)):
+    config = workdir_lib.upgrade_run_config({
+        "model": {
+            "name": name
+        },
+        "optim": {
+            "momentum": recorded
+        }
+    })
+    assert config["optim"]["momentum"] == upgraded, (name, recorded)

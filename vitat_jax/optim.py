@@ -20,6 +20,8 @@ import numpy as np
 import optax
 import jax.numpy as jnp
 
+from vitat_jax import model_names
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("piecewise", "cyclic", "cosine", "constant")
 MILESTONES_FROM = ("end", "start")
@@ -126,8 +128,12 @@ def learning_rate_schedule(config, epochs: float, steps_per_epoch: int):
                    "check the config with validate.check_config")
 
 
-def make_optimizer(config, epochs: float, steps_per_epoch: int):
-  """The optax chain for `config` (an `optim` ConfigDict section).
+def make_optimizer(config,
+                   epochs: float,
+                   steps_per_epoch: int,
+                   model_name: str = ""):
+  """The optax chain for `config` (an `optim` ConfigDict section) and the
+  model `model_name` (whose family sets the SGD momentum left at None).
 
   Returns:
     (optax.GradientTransformation, the learning-rate schedule).
@@ -144,9 +150,11 @@ def make_optimizer(config, epochs: float, steps_per_epoch: int):
       # (clipped) gradient before momentum.
       parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(
-        optax.sgd(schedule,
-                  momentum=config.momentum or None,
-                  nesterov=config.nesterov))
+        optax.sgd(
+            schedule,
+            momentum=model_names.sgd_momentum(config.momentum, model_name) or
+            None,
+            nesterov=config.nesterov))
   else:
     parts.append(
         optax.adamw(schedule,

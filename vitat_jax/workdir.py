@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 from absl import logging
 from etils import epath
 
+from vitat_jax import model_names
 from vitat_jax.errors import UserError
 
 try:
@@ -422,6 +423,12 @@ def upgrade_run_config(previous: dict) -> dict:
   for field, value in (("nesterov", False), ("b1", 0.9), ("b2", 0.999),
                        ("milestones", [5.0, 2.0]), ("milestones_from", "end")):
     optim.setdefault(field, value)
+  # optim.momentum None = the model family's (model_names.sgd_momentum): a
+  # recorded momentum equal to its family's is that; another one (a Swin
+  # named by --config.model.name before the family rule, 0.9) stays.
+  if optim.get("momentum") == model_names.sgd_momentum(None,
+                                                       model.get("name", "")):
+    optim["momentum"] = None
   previous.setdefault("init", {}).setdefault("source", "")
   # Runs before the precision policy ran float32 dots at the backend's
   # default, which "auto" keeps for training on CPU and GPU.
