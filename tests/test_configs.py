@@ -27,6 +27,7 @@ CASES = [
     ("cifar10", "method=mart,ard=True,prm=False"),
     ("cifar10", "method=natural,source=folder,root={tmp}"),
     ("cifar10", "model=vit_base_patch16_224,pretrained=in21k"),
+    ("cifar10", "model=swin_tiny_patch4_window7_224,pretrained=scratch"),
     ("imagenette", "root={tmp}"),
     ("imagenette", "root={tmp},version=v2,method=trades,ard_prm=True,"
      "pretrained=in1k"),
@@ -114,3 +115,9 @@ def test_sweep_dry_run_prints_one_command_per_arm(capsys, tmp_path):
   assert all("--config=configs/studies.py:study=ard_prm,arm=" in l and
              l.endswith("--config.epochs=1") for l in lines)
   assert len({l.split("--workdir=")[1] for l in lines}) == 4
+
+
+def test_the_32px_swin_builds_patch_2_and_window_4():
+  config = _load("cifar10", "model=swin_tiny_patch4_window7_224", "/tmp")
+  model = state_lib.build_model(config)
+  assert (model.img_size, model.patch_size, model.window_size) == (32, 2, 4)

@@ -84,3 +84,23 @@ def test_a_recorded_momentum_is_the_family_default_only_when_it_equals_it():
         }
     })
     assert config["optim"]["momentum"] == upgraded, (name, recorded)
+
+
+def test_an_image_folder_run_keeps_the_stats_it_trained_with(tmp_path):
+  """Before data.stats an image folder's mean/std came from its folder's
+  name; an old run's config evaluates with those, a new one's never does."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from vitat_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from vitat_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  for folder_name, stats in (("cifar10-jpeg", "cifar10"),
+                             ("CIFAR_100", "cifar100"), ("imagenette",
+                                                         "imagenet")):
+    root = tmp_path / folder_name
+    old = {"data": {"name": "image_folder", "root": str(root), "mean": []}}
+    upgraded = workdir_lib.upgrade_run_config(old)["data"]
+    assert upgraded["stats"] == stats
+    config = default.get_config().data
+    config.update(upgraded)
+    assert sources.source_default_stats(config) == sources.NAMED_STATS[stats]
+  for old in ({"data": {"name": "tfds", "tfds_name": "cifar10"}}, {}):
+    assert workdir_lib.upgrade_run_config(old)["data"]["stats"] == ""

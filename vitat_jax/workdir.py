@@ -402,6 +402,8 @@ def upgrade_run_config(previous: dict) -> dict:
   before `model.weight_init` were initialised Xavier-uniform; `optim.nesterov`,
   `b1` and `b2` were read with their defaults before they were declared, and
   the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`;
+  an image folder's mean/std came from its folder's name before `data.stats`
+  (`_stats_as_trained`); a momentum equal to the model family's is None;
   float32 dots ran at the backend default before `matmul_precision`; no
   run averaged its params (`ema`) or warmed its eps up before those fields.
   Fields added later whose default is the old behaviour are filled in by
@@ -429,6 +431,9 @@ def upgrade_run_config(previous: dict) -> dict:
   if optim.get("momentum") == model_names.sgd_momentum(None,
                                                        model.get("name", "")):
     optim["momentum"] = None
+  data = previous.setdefault("data", {})
+  if "stats" not in data:
+    data["stats"] = _stats_as_trained(data)
   previous.setdefault("init", {}).setdefault("source", "")
   # Runs before the precision policy ran float32 dots at the backend's
   # default, which "auto" keeps for training on CPU and GPU.
@@ -441,6 +446,21 @@ def upgrade_run_config(previous: dict) -> dict:
   attack.setdefault("eps_warmup_epochs", 0.0)
   attack.setdefault("eps_warmup_floor", 0.0)
   return previous
+
+
+def _stats_as_trained(data: dict) -> str:
+  """The data.stats of a run saved before the field: an image folder's
+  statistics came from its folder's name then (CIFAR-100's or CIFAR-10's
+  when the name says so, else ImageNet's); the other sources' are still
+  what "" gives."""
+  if data.get("name") != "image_folder" or not data.get("root"):
+    return ""
+  name = os.path.basename(os.path.realpath(data["root"]))
+  compact = name.lower().replace("-", "").replace("_", "")
+  for stats in ("cifar100", "cifar10"):
+    if stats in compact:
+      return stats
+  return "imagenet"
 
 
 def recorded_config(
