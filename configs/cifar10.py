@@ -98,6 +98,7 @@ def config_from_args(args):
   if source == "folder":
     config.data.name = "image_folder"
     config.data.root = args.get("root", "")
+    config.data.stats = "cifar10"  # whatever the folder is called
   elif source == "tfds":
     config.data.name = "tfds"
   else:
@@ -109,6 +110,5 @@ def config_from_args(args):
     # name's window 7 would not tile 8x8).
     config.model.patch_size = 2
     config.model.window_size = 4
-  config.data.stats = "cifar10"  # from tfds or a folder of any name
   config.tricks.prm_patch_size = 4  # the reference's --patch 4: 8x8 cells
   return config

@@ -93,14 +93,14 @@ def test_an_image_folder_run_keeps_the_stats_it_trained_with(tmp_path):
   from vitat_jax.data import sources  # pylint: disable=g-import-not-at-top
   from vitat_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   for folder_name, stats in (("cifar10-jpeg", "cifar10"),
-                             ("CIFAR_100", "cifar100"), ("imagenette",
-                                                         "imagenet")):
+                             ("CIFAR_100", "cifar100"), ("imagenette", "")):
     root = tmp_path / folder_name
     old = {"data": {"name": "image_folder", "root": str(root), "mean": []}}
     upgraded = workdir_lib.upgrade_run_config(old)["data"]
     assert upgraded["stats"] == stats
     config = default.get_config().data
     config.update(upgraded)
-    assert sources.source_default_stats(config) == sources.NAMED_STATS[stats]
+    assert sources.source_default_stats(config) == sources.NAMED_STATS[
+        stats or "imagenet"]
   for old in ({"data": {"name": "tfds", "tfds_name": "cifar10"}}, {}):
     assert workdir_lib.upgrade_run_config(old)["data"]["stats"] == ""

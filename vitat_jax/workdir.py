@@ -451,8 +451,8 @@ def upgrade_run_config(previous: dict) -> dict:
 def _stats_as_trained(data: dict) -> str:
   """The data.stats of a run saved before the field: an image folder's
   statistics came from its folder's name then (CIFAR-100's or CIFAR-10's
-  when the name says so, else ImageNet's); the other sources' are still
-  what "" gives."""
+  when the name says so, else ImageNet's, which "" gives a folder now); the
+  other sources' are still what "" gives."""
   if data.get("name") != "image_folder" or not data.get("root"):
     return ""
   name = os.path.basename(os.path.realpath(data["root"]))
@@ -460,7 +460,7 @@ def _stats_as_trained(data: dict) -> str:
   for stats in ("cifar100", "cifar10"):
     if stats in compact:
       return stats
-  return "imagenet"
+  return ""
 
 
 def recorded_config(
