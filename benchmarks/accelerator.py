@@ -186,7 +186,7 @@ def jax_step(case: Case,
   model = state_lib.build_model(config, inputs=inputs)
   steps_per_epoch = 1000
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
-                                      steps_per_epoch)
+                                      steps_per_epoch, config.model.name)
   key = jax.random.key(0)
   mesh = parallel.make_mesh(num_devices=1)
   state = state_lib.initial_state(config, model, tx, key)

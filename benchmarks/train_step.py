@@ -88,7 +88,7 @@ class JaxSide:
                                                      std=CIFAR10_STD)
     steps_per_epoch = 781
     tx, schedule = optim.make_optimizer(config.optim, config.epochs,
-                                        steps_per_epoch)
+                                        steps_per_epoch, config.model.name)
     objective = objectives.make_objective(config, self.model)
     key = jax.random.key(0)
     rng = np.random.default_rng(0)

@@ -48,6 +48,8 @@ def get_config():
   config.model.embed_dim = config_dict.placeholder(int)
   config.model.depth = config_dict.placeholder(int)
   config.model.num_heads = config_dict.placeholder(int)
+  # Swin's attention window (None = the timm name's, 7).
+  config.model.window_size = config_dict.placeholder(int)
   config.model.mlp_ratio = config_dict.placeholder(float)
   config.model.drop_path_rate = config_dict.placeholder(float)
   # Recompute each block's activations in the backward pass instead of
@@ -89,8 +91,13 @@ def get_config():
   config.data.test_examples = 0
   config.data.subset_seed = 0  # also picks eval.*num_examples' subsets
   config.data.cache_dir = ""
-  config.data.mean = ()  # () = the data set's default
+  config.data.mean = ()  # () = data.stats' (below)
   config.data.std = ()
+  # The statistics for an empty data.mean / data.std, by name: cifar10 |
+  # cifar100 | imagenet | digits; "" = the source's own: the digits', a tfds
+  # data set's by its tfds name (cifar10, cifar100, else ImageNet's), an
+  # image folder's ImageNet's (never guessed from the folder's path).
+  config.data.stats = ""
   # Host-side transforms (vitat_jax/data/decode.py). Train: "squash" (resize
   # to image_size; the reference's recipe, pad-crop and flip then run on the
   # device) or "random_resized_crop" (+ augment.flip; set crop_padding=0).
@@ -114,8 +121,8 @@ def get_config():
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 4
   config.augment.flip = True
-  # "" = off; e.g. "rand-m9-n2" or "rand-m9-mstd0.5" (timm's RandAugment,
-  # which the paper found to hurt adversarial training).
+  # "" = off; e.g. "rand-m9-n2" or "rand-m9-mstd0.5" (timm's RandAugment and
+  # its spec grammar, which the paper found to hurt adversarial training).
   config.augment.randaugment = ""
 
   # Mixup / CutMix per batch (timm's Mixup, mode "batch"), active in the
@@ -147,7 +154,9 @@ def get_config():
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"  # sgd | adamw
   config.optim.lr = 0.1
-  config.optim.momentum = 0.9
+  # SGD momentum; None = the model family's (model_names.sgd_momentum): 0.5 for
+  # Swin, as the reference's Swin runs, 0.9 for the others.
+  config.optim.momentum = config_dict.placeholder(float)
   config.optim.weight_decay = 1e-4
   config.optim.grad_clip = 1.0  # global norm; 0 turns clipping off
   config.optim.schedule = "piecewise"  # piecewise | cyclic | cosine | constant

@@ -66,8 +66,6 @@ def get_config(arg=None):
                           int_keys=("accum_steps",))
   config = default.get_config()
   config.model.name = args.get("model", MODELS[0])
-  if config.model.name.startswith("swin"):
-    config.optim.momentum = 0.5  # train_imagenet.py sets it for Swin-B
   config.method = "at"
   both = args.get("ard_prm", False)
   config.tricks.ard = args.get("ard", both)

@@ -57,7 +57,7 @@ def get_config(arg=None):
   config = default.get_config()
   config.model.name = "deit_tiny_patch16_224"
   config.method = "at"
-  cifar10.apply_args(config, args)  # Swin: momentum 0.5
+  cifar10.apply_args(config, args)
   version = args.get("version", "v1")
   if version not in ("v1", "v2"):
     raise ValueError(f"version={version!r}: use v1 (the reference's) or v2")

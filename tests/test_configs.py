@@ -27,6 +27,7 @@ CASES = [
     ("cifar10", "method=mart,ard=True,prm=False"),
     ("cifar10", "method=natural,source=folder,root={tmp}"),
     ("cifar10", "model=vit_base_patch16_224,pretrained=in21k"),
+    ("cifar10", "model=swin_tiny_patch4_window7_224,pretrained=scratch"),
     ("imagenette", "root={tmp}"),
     ("imagenette", "root={tmp},version=v2,method=trades,ard_prm=True,"
      "pretrained=in1k"),
@@ -129,3 +130,9 @@ def test_paper_configs_evaluate_in_float32_whatever_they_train_in(name, arg):
   evaluator = evaluation.Evaluator.from_config(config, model, None)
   assert evaluator.model.dtype == jnp.float32
   assert evaluator.model.precision == "highest"
+
+
+def test_the_32px_swin_builds_patch_2_and_window_4():
+  config = _load("cifar10", "model=swin_tiny_patch4_window7_224", "/tmp")
+  model = state_lib.build_model(config)
+  assert (model.img_size, model.patch_size, model.window_size) == (32, 2, 4)

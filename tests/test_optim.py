@@ -12,6 +12,7 @@ from configs import cifar10
 from configs import default
 from tests import _tiny
 from vitat_jax import models
+from vitat_jax import model_names
 from vitat_jax import optim
 from vitat_jax import param_groups
 from vitat_jax import setup
@@ -595,3 +596,39 @@ def test_older_adamw_runs_decayed_every_param():
       "name": "adamw",
       "no_decay": "auto"
   }})["optim"]["no_decay"] == "auto"
+
+
+@pytest.mark.parametrize("how", ["arg", "override"])
+def test_swin_gets_momentum_0_5_however_it_is_named(how):
+  from configs import cifar10, imagenette  # pylint: disable=g-import-not-at-top
+  swin = "swin_tiny_patch4_window7_224"
+  for module in (cifar10, imagenette):
+    arg = "root=/data" if module is imagenette else None
+    if how == "arg":
+      arg = f"model={swin}" + (f",{arg}" if arg else "")
+      config = module.get_config(arg)
+    else:
+      config = module.get_config(arg)
+      config.model.name = swin  # as --config.model.name=swin_...
+    assert model_names.sgd_momentum(config.optim.momentum,
+                                    config.model.name) == 0.5
+  config.model.name = "deit_tiny_patch16_224"
+  assert model_names.sgd_momentum(config.optim.momentum,
+                                  config.model.name) == 0.9
+  config.optim.momentum = 0.7  # an explicit value wins for every family
+  assert model_names.sgd_momentum(config.optim.momentum, swin) == 0.7
+
+
+def test_the_resolved_momentum_drives_sgd():
+  params = {"w": jnp.zeros(1)}
+  grads = {"w": jnp.ones(1)}
+  config = _config(momentum=None, grad_clip=0.0, weight_decay=0.0)
+  for name, momentum in (("swin_tiny_patch4_window7_224", 0.5),
+                         ("deit_tiny_patch16_224", 0.9)):
+    tx, schedule = optim.make_optimizer(config, 40, 10, name)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    updates, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["w"],
+                               -schedule(1) * (1 + momentum),
+                               rtol=1e-6)

@@ -324,3 +324,74 @@ def test_one_step_matches_the_reference(name, method, init):
                                rtol=1e-4,
                                atol=1e-5,
                                err_msg=k)
+
+
+def test_trades_on_a_stochastic_swin_runs_two_clean_forwards():
+  """TRADES with drop-path: the CE term and the KL target come from two
+  train-mode forwards of the clean batch with independent keys.
+
+  The reference's outer step is CE(model(X), y) + beta / B *
+  KL(softmax(model(X)) || softmax(model(x_adv))) with a fresh model(X) for
+  the target, each forward drawing its own drop-path masks (the torch
+  re-statement above writes it so). Values are compared with torch at
+  drop_path 0 (`test_one_step_matches_the_reference`, the Swin TRADES
+  case), where every forward is deterministic. Drawing the same masks on
+  both sides would mean re-deriving Flax's per-module RNG streams inside
+  torch's DropPath, so with drop_path 0.5 this test checks the structure
+  instead: our loss equals the outer loss re-stated from three train-mode
+  forwards with keys split(dropout_key, 3), the two clean forwards differ
+  (their masks do), and so the one-forward loss would differ. A model
+  without dropout or drop-path keeps its single clean forward (bitwise as
+  before: the parity cases above).
+  """
+  name = "swin_tiny_patch4_window7_224"
+  _, images, labels, params = _setup(name)
+  model = models.create(name, **dict(SWIN_KWARGS, drop_path_rate=0.5))
+  assert objectives.is_stochastic(model)
+  assert not objectives.is_stochastic(_setup("deit_tiny_patch16_224")[0])
+  x = jnp.asarray(images, jnp.float32) / 255.0
+  batch = {"image": x, "target": jax.nn.one_hot(labels, 10)}
+  key = jax.random.key(5)
+  loss_fn = functools.partial(objectives.trades_loss,
+                              model=model,
+                              eps=EPS,
+                              alpha=ALPHA,
+                              steps=0,
+                              ard=False,
+                              prm=False,
+                              prm_patch_size=PRM_PATCH)
+
+  @jax.jit
+  def ours_and_restated(params):
+    loss, _ = loss_fn(params, batch, key, R)
+    attack_key, dropout_key = jax.random.split(key)
+    x_adv = objectives.training_attack(model,
+                                       params,
+                                       x,
+                                       attack_key,
+                                       R,
+                                       eps=EPS,
+                                       alpha=ALPHA,
+                                       steps=0,
+                                       attack_loss=jnp.sum,
+                                       init="gaussian")
+    natural_key, adversarial_key, target_key = jax.random.split(dropout_key, 3)
+
+    def forward(images, k):
+      return model.apply({"params": params},
+                         images,
+                         train=True,
+                         rngs={"dropout": k})
+
+    logits, logits_adv = forward(x,
+                                 natural_key), forward(x_adv, adversarial_key)
+    logits_target = forward(x, target_key)
+    two = objectives.trades_outer_loss(logits, logits_adv, batch["target"], 6.0,
+                                       logits_target)
+    one = objectives.trades_outer_loss(logits, logits_adv, batch["target"], 6.0)
+    return loss, two, one, jnp.abs(logits - logits_target).max()
+
+  loss, two, one, clean_gap = ours_and_restated(params)
+  np.testing.assert_allclose(float(loss), float(two), rtol=1e-6)
+  assert float(clean_gap) > 1e-4
+  assert abs(float(one) - float(two)) > 1e-6

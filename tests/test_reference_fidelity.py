@@ -18,6 +18,7 @@ import pytest
 
 from configs import common
 from vitat_jax import pretrained
+from vitat_jax import model_names
 from vitat_jax import models
 from vitat_jax import objectives
 from vitat_jax import optim
@@ -195,7 +196,8 @@ def _step_inputs(config):
   validate.check_config(config)
   model = state_lib.build_model(config)
   objective = objectives.make_objective(config, model)
-  tx, schedule = optim.make_optimizer(config.optim, config.epochs, 10)
+  tx, schedule = optim.make_optimizer(config.optim, config.epochs, 10,
+                                      config.model.name)
   params = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))["params"]
   step = jax.jit(
@@ -213,7 +215,8 @@ def test_reference_pair_traces_one_training_step(dataset, model_name, tmp_path):
   # build fails. The Imagenette Swin also runs (below).
   config = _paper_config(dataset, model_name, tmp_path)
   expected_momentum = 0.5 if model_name.startswith("swin") else 0.9
-  assert config.optim.momentum == expected_momentum
+  assert model_names.sgd_momentum(config.optim.momentum,
+                                  config.model.name) == expected_momentum
   assert config.init.source and config.init.checkpoint.startswith(str(tmp_path))
   _, tx, params, step, batch = _step_inputs(config)
   state = state_lib.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,

@@ -67,3 +67,40 @@ def test_a_run_saved_before_the_restructuring_resumes_and_evaluates(tmp_path):
           **OVERRIDES, "eval.attacks": ("clean",)
       }), workdir)
   assert evaluated["clean_acc"] == result["clean_acc"]
+
+
+def test_a_recorded_momentum_is_the_family_default_only_when_it_equals_it():
+  from vitat_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  swin, deit = "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224"
+  for name, recorded, upgraded in ((deit, 0.9, None), (swin, 0.5, None),
+                                   (swin, 0.9, 0.9), (deit, 0.7,
+                                                      0.7), (swin, None, None)):
+    config = workdir_lib.upgrade_run_config({
+        "model": {
+            "name": name
+        },
+        "optim": {
+            "momentum": recorded
+        }
+    })
+    assert config["optim"]["momentum"] == upgraded, (name, recorded)
+
+
+def test_an_image_folder_run_keeps_the_stats_it_trained_with(tmp_path):
+  """Before data.stats an image folder's mean/std came from its folder's
+  name; an old run's config evaluates with those, a new one's never does."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from vitat_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from vitat_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  for folder_name, stats in (("cifar10-jpeg", "cifar10"),
+                             ("CIFAR_100", "cifar100"), ("imagenette", "")):
+    root = tmp_path / folder_name
+    old = {"data": {"name": "image_folder", "root": str(root), "mean": []}}
+    upgraded = workdir_lib.upgrade_run_config(old)["data"]
+    assert upgraded["stats"] == stats
+    config = default.get_config().data
+    config.update(upgraded)
+    assert sources.source_default_stats(config) == sources.NAMED_STATS[
+        stats or "imagenet"]
+  for old in ({"data": {"name": "tfds", "tfds_name": "cifar10"}}, {}):
+    assert workdir_lib.upgrade_run_config(old)["data"]["stats"] == ""

@@ -3,6 +3,7 @@ config's shape fields make it another network (no JAX needed).
 
     model_names.label(config)     # "deit_tiny_patch16_224 (width 64, ...)"
     model_names.variant(config)   # "w64-d4-h4-p4-16px", "" for the name's
+    model_names.sgd_momentum(None, "swin_tiny_patch4_window7_224")  # 0.5
 
 The quickstart's width-64, depth-4, 16-px ViT is built from the registry
 entry `deit_tiny_patch16_224` with overrides; the workdir name, the log,
@@ -63,3 +64,18 @@ def label(config) -> str:
   words = ", ".join(
       f"{name} {value.replace('px', ' px')}" for _, value, name in changes)
   return f"{config.model.name} ({words})"
+
+
+# The reference's SGD momentum per model family (train_imagenet.py and
+# train_imagenette.py set 0.5 for Swin); the first matching prefix wins.
+FAMILY_MOMENTUM = (("swin", 0.5), ("", 0.9))
+
+
+def sgd_momentum(momentum, model_name: str) -> float:
+  """`optim.momentum`, or the model family's when it is None: the one place
+  that resolves it, however the model was named (`:model=` or
+  `--config.model.name=`)."""
+  if momentum is not None:
+    return momentum
+  return next(value for prefix, value in FAMILY_MOMENTUM
+              if model_name.startswith(prefix))

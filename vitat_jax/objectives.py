@@ -202,10 +202,16 @@ def _kl_per_example(p_target, logits):
   return jnp.sum(xlogy(p_target, p_target) - p_target * log_q, axis=-1)
 
 
-def trades_outer_loss(logits, logits_adv, targets, beta):
-  """CE(f(x), y) + beta * sum KL(softmax(f(x)) || softmax(f(x'))) / batch."""
+def trades_outer_loss(logits, logits_adv, targets, beta, logits_target=None):
+  """CE(f(x), y) + beta * sum KL(softmax(f(x)) || softmax(f(x'))) / batch.
+
+  `logits_target`: the clean logits of the KL target when they come from a
+  forward of their own (a stochastic model); by default `logits`.
+  """
+  if logits_target is None:
+    logits_target = logits
   natural = soft_cross_entropy(logits, targets)
-  robust = _kl_sum(jax.nn.softmax(logits.astype(jnp.float32)),
+  robust = _kl_sum(jax.nn.softmax(logits_target.astype(jnp.float32)),
                    jax.nn.log_softmax(logits_adv.astype(jnp.float32)))
   return natural + beta * robust / logits.shape[0]
 
@@ -229,18 +235,26 @@ def mart_outer_loss(logits, logits_adv, labels, beta):
   return loss_adv + beta * robust
 
 
+# The model fields that make a train-mode forward draw random masks.
+_STOCHASTIC_RATES = ("drop_rate", "attn_drop_rate", "proj_drop_rate",
+                     "drop_path_rate")
+
+
+def is_stochastic(model) -> bool:
+  """Whether a train-mode forward of `model` draws dropout or drop-path
+  masks (any of the families' rates above 0)."""
+  return any(getattr(model, name, 0.0) > 0 for name in _STOCHASTIC_RATES)
+
+
+def _train_logits(model, params, x, key):
+  return model.apply({"params": params}, x, train=True, rngs={"dropout": key})
+
+
 def _clean_and_adversarial_logits(model, params, x, x_adv, dropout_key):
   """Training-mode logits on the clean and the adversarial batch."""
   natural_key, adversarial_key = jax.random.split(dropout_key)
-  logits = model.apply({"params": params},
-                       x,
-                       train=True,
-                       rngs={"dropout": natural_key})
-  logits_adv = model.apply({"params": params},
-                           x_adv,
-                           train=True,
-                           rngs={"dropout": adversarial_key})
-  return logits, logits_adv
+  return (_train_logits(model, params, x, natural_key),
+          _train_logits(model, params, x_adv, adversarial_key))
 
 
 def trades_loss(params,
@@ -263,6 +277,9 @@ def trades_loss(params,
   Inner: maximise KL(softmax(f(x)) || softmax(f(x + delta))) from
   delta = 0.001 N(0, 1) in normalised units (APGD: the same KL per example,
   from APGD's own start). Outer: CE(f(x), y) + beta * KL_sum / batch.
+  A stochastic model (dropout or drop-path, e.g. Swin) runs the clean batch
+  twice in train mode, as the reference does: one draw for the CE term, one
+  for the KL target.
   """
   eps, alpha = eps * eps_scale, alpha * eps_scale
   attack_key, dropout_key = jax.random.split(key)
@@ -288,9 +305,22 @@ def trades_loss(params,
       prm_fn=prm_fn,
       attack_name=attack_name,
       example_loss=functools.partial(_kl_per_example, clean_probs))
-  logits, logits_adv = _clean_and_adversarial_logits(model, params, x, x_adv,
-                                                     dropout_key)
-  loss = trades_outer_loss(logits, logits_adv, targets, beta)
+  if is_stochastic(model):
+    # The reference's outer step runs three train-mode forwards, each with
+    # its own drop-path / dropout draw: model(X) for the CE term,
+    # model(x_adv), and model(X) again for the KL target
+    # softmax(model(X)) (not detached: torch's KLDivLoss differentiates its
+    # target too).
+    natural_key, adversarial_key, target_key = jax.random.split(dropout_key, 3)
+    logits = _train_logits(model, params, x, natural_key)
+    logits_adv = _train_logits(model, params, x_adv, adversarial_key)
+    logits_target = _train_logits(model, params, x, target_key)
+  else:
+    # Deterministic forwards: the two clean ones are one.
+    logits, logits_adv = _clean_and_adversarial_logits(model, params, x, x_adv,
+                                                       dropout_key)
+    logits_target = None
+  loss = trades_outer_loss(logits, logits_adv, targets, beta, logits_target)
   return loss, {
       "loss": loss,
       "accuracy": _accuracy(logits, targets),

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from vitat_jax import param_groups
+from vitat_jax import model_names
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("piecewise", "cyclic", "cosine", "constant")
@@ -163,8 +164,12 @@ def log_param_groups(config, params) -> str:
   return line
 
 
-def make_optimizer(config, epochs: float, steps_per_epoch: int):
-  """The optax chain for `config` (an `optim` ConfigDict section).
+def make_optimizer(config,
+                   epochs: float,
+                   steps_per_epoch: int,
+                   model_name: str = ""):
+  """The optax chain for `config` (an `optim` ConfigDict section) and the
+  model `model_name` (whose family sets the SGD momentum left at None).
 
   Returns:
     (optax.GradientTransformation, the learning-rate schedule).
@@ -182,9 +187,11 @@ def make_optimizer(config, epochs: float, steps_per_epoch: int):
       # (clipped) gradient before momentum.
       parts.append(optax.add_decayed_weights(config.weight_decay, mask))
     parts.append(
-        optax.sgd(schedule,
-                  momentum=config.momentum or None,
-                  nesterov=config.nesterov))
+        optax.sgd(
+            schedule,
+            momentum=model_names.sgd_momentum(config.momentum, model_name) or
+            None,
+            nesterov=config.nesterov))
   else:
     parts.append(
         optax.adamw(schedule,

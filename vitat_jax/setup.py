@@ -162,7 +162,7 @@ def prepare(config,
   steps_per_epoch = pipeline.steps_per_epoch(len(splits.train),
                                              config.batch_size)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
-                                      steps_per_epoch)
+                                      steps_per_epoch, config.model.name)
   if purpose == "train":  # training 0 steps is an error; evaluating is not
     total_steps = validate.check_steps(config, steps_per_epoch)
     optim.log_lr_warning(config.optim, config.epochs)

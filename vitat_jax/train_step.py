@@ -75,6 +75,8 @@ def make_train_step(config, model, objective, tx, schedule,
   use_mixup = mix.prob > 0 and config.method in ("at", "natural")
   accum_steps = config.accum_steps
   randaugment_spec = config.augment.randaugment
+  # timm's create_transform fills with the mean the model normalises with.
+  randaugment_fill = randaugment.fill_color(model.mean)
   use_ema = config.ema.decay > 0
 
   def train_step(state, images, labels, loop_key):
@@ -86,7 +88,10 @@ def make_train_step(config, model, objective, tx, schedule,
     if padding or flip:
       x = augment.random_crop_flip(augment_key, x, padding=padding, flip=flip)
     if randaugment_spec:
-      x = randaugment.randaugment(randaugment_key, x, randaugment_spec)
+      x = randaugment.randaugment(randaugment_key,
+                                  x,
+                                  randaugment_spec,
+                                  fill=randaugment_fill)
     if use_mixup:
       x, targets = mixup.mixup_cutmix(mixup_key,
                                       x,

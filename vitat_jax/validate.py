@@ -216,8 +216,7 @@ def _check_method(config, training):
 def check_optim(opt, epochs: float, model_name: Optional[str] = None) -> None:
   """The `optim` section (the factories in optim.py trust it); with
   `model_name`, also that its family supports `optim.layer_decay`."""
-  for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_epochs",
-               "b1", "b2"):
+  for name in ("lr", "weight_decay", "grad_clip", "warmup_epochs", "b1", "b2"):
     _finite(f"optim.{name}", opt[name])
   if not isinstance(opt.nesterov, bool):
     raise UserError(f"optim.nesterov={opt.nesterov!r} must be True or False")
@@ -233,7 +232,8 @@ def check_optim(opt, epochs: float, model_name: Optional[str] = None) -> None:
     raise UserError("optim.grad_clip and optim.weight_decay must be >= 0 "
                     "(0 turns them off)")
   _check_milestones(opt)
-  _finite("optim.momentum", opt.momentum, low=0, high=1, high_open=True)
+  if opt.momentum is not None:  # None: the model family's (optim.py)
+    _finite("optim.momentum", opt.momentum, low=0, high=1, high_open=True)
   if not 0 <= opt.warmup_epochs <= epochs:
     raise UserError(f"optim.warmup_epochs={opt.warmup_epochs} must be in "
                     f"[0, epochs={epochs}]")

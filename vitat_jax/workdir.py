@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 from absl import logging
 from etils import epath
 
+from vitat_jax import model_names
 from vitat_jax.errors import UserError
 
 try:
@@ -486,6 +487,8 @@ def upgrade_run_config(previous: dict) -> dict:
   before `model.weight_init` were initialised Xavier-uniform; `optim.nesterov`,
   `b1` and `b2` were read with their defaults before they were declared, and
   the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`;
+  an image folder's mean/std came from its folder's name before `data.stats`
+  (`_stats_as_trained`); a momentum equal to the model family's is None;
   float32 dots ran at the backend default before `matmul_precision`; AdamW
   decayed every param before `optim.no_decay` (and no lr was scaled per
   layer); no run averaged its params (`ema`) or warmed its eps up before
@@ -514,6 +517,15 @@ def upgrade_run_config(previous: dict) -> dict:
   optim.setdefault("no_decay", "none" if optim.get("name") == "adamw" else "")
   optim.setdefault("no_decay_extra", [])
   optim.setdefault("layer_decay", 0.0)
+  # optim.momentum None = the model family's (model_names.sgd_momentum): a
+  # recorded momentum equal to its family's is that; another one (a Swin
+  # named by --config.model.name before the family rule, 0.9) stays.
+  if optim.get("momentum") == model_names.sgd_momentum(None,
+                                                       model.get("name", "")):
+    optim["momentum"] = None
+  data = previous.setdefault("data", {})
+  if "stats" not in data:
+    data["stats"] = _stats_as_trained(data)
   previous.setdefault("init", {}).setdefault("source", "")
   # Runs before the precision policy ran float32 dots at the backend's
   # default, which "auto" keeps for training on CPU and GPU.
@@ -527,6 +539,21 @@ def upgrade_run_config(previous: dict) -> dict:
   attack.setdefault("eps_warmup_floor", 0.0)
   attack.setdefault("name", "pgd")  # PGD was the only training attack
   return previous
+
+
+def _stats_as_trained(data: dict) -> str:
+  """The data.stats of a run saved before the field: an image folder's
+  statistics came from its folder's name then (CIFAR-100's or CIFAR-10's
+  when the name says so, else ImageNet's, which "" gives a folder now); the
+  other sources' are still what "" gives."""
+  if data.get("name") != "image_folder" or not data.get("root"):
+    return ""
+  name = os.path.basename(os.path.realpath(data["root"]))
+  compact = name.lower().replace("-", "").replace("_", "")
+  for stats in ("cifar100", "cifar10"):
+    if stats in compact:
+      return stats
+  return ""
 
 
 def recorded_config(

@@ -211,11 +211,26 @@ def test_image_folder_resizes_and_subsets(tmp_path):
   _assert_split(splits.test, 12, 4)
 
 
-def test_image_folder_named_like_cifar10_gets_cifar10_stats(tmp_path):
-  _make_dataset(tmp_path / "my-cifar10-copy")
+def test_image_folder_stats_come_from_the_config_not_its_name(tmp_path):
+  root = tmp_path / "cifar10-something"
+  _make_dataset(root)
+  cache = tmp_path / "cache"
+  for stats, expected in (("imagenet", sources.IMAGENET_STATS),
+                          ("", sources.IMAGENET_STATS),
+                          ("cifar100", sources.CIFAR100_STATS)):
+    splits = data.load(_folder_config(root, cache, stats=stats))
+    assert (splits.mean, splits.std) == expected, stats
+  # A folder of any name gets the config's; data.mean / std win over stats.
+  _make_dataset(tmp_path / "pets")
   splits = data.load(
-      _folder_config(tmp_path / "my-cifar10-copy", tmp_path / "cache"))
-  assert (splits.mean, splits.std) == sources.CIFAR10_STATS
+      _folder_config(tmp_path / "pets",
+                     cache,
+                     stats="cifar10",
+                     mean=(0.1, 0.2, 0.3)))
+  assert splits.mean == (0.1, 0.2, 0.3)
+  assert splits.std == sources.CIFAR10_STATS[1]
+  with pytest.raises(UserError, match="data.stats='svhn'"):
+    data.load(_folder_config(tmp_path / "pets", cache, stats="svhn"))
 
 
 def test_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
@@ -323,7 +338,10 @@ def test_mixed_native_sizes_need_image_size(tmp_path):
 
 def test_real_cifar10_folder(cifar10_root, tmp_path):
   splits = data.load(
-      _folder_config(cifar10_root, tmp_path / "cache", train_examples=100))
+      _folder_config(cifar10_root,
+                     tmp_path / "cache",
+                     train_examples=100,
+                     stats="cifar10"))
   assert splits.class_names == ("airplane", "automobile", "bird", "cat", "deer",
                                 "dog", "frog", "horse", "ship", "truck")
   assert splits.image_size == 32

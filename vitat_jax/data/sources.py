@@ -43,6 +43,11 @@ CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DIGITS_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# data.stats names (configs/default.py); "" = the source's own.
+NAMED_STATS = dict(cifar10=CIFAR10_STATS,
+                   cifar100=CIFAR100_STATS,
+                   imagenet=IMAGENET_STATS,
+                   digits=DIGITS_STATS)
 
 DIGITS_NUM_TRAIN = 1437
 DIGITS_DEFAULT_SIZE = 16
@@ -64,6 +69,7 @@ FIELDS = dict(name="digits",
               cache_dir="",
               mean=(),
               std=(),
+              stats="",
               train_transform="squash",
               eval_transform="squash",
               rrc_scale=(0.08, 1.0),
@@ -265,6 +271,10 @@ def check_config(data_config) -> None:
   image_size, _, _, std, eval_subset = _fields(data_config)
   if std is not None and min(std) <= 0:
     raise UserError(f"data.std must be positive, got {std}")
+  stats = _get(data_config, "stats")
+  if stats and stats not in NAMED_STATS:
+    raise UserError(f"data.stats={stats!r}: use one of "
+                    f"{', '.join(NAMED_STATS)}, or '' for the source's own")
   if eval_subset not in EVAL_SUBSETS:
     raise UserError(f"data.eval_subset={eval_subset!r}: use '' (the whole "
                     "test split) or 'robustbench' (its 5000 ImageNet images)")
@@ -334,11 +344,10 @@ def load(data_config) -> DataSplits:
     splits = dataclasses.replace(splits,
                                  test=dataclasses.replace(
                                      splits.test, transform=eval_transform))
-  if mean is not None:
-    splits = dataclasses.replace(splits, mean=mean)
-  if std is not None:
-    splits = dataclasses.replace(splits, std=std)
-  return splits
+  default_mean, default_std = source_default_stats(data_config)
+  return dataclasses.replace(splits,
+                             mean=default_mean if mean is None else mean,
+                             std=default_std if std is None else std)
 
 
 # ----------------------------------------------------------------- config ---
@@ -378,7 +387,7 @@ def _get_stats(config, field: str) -> Optional[tuple[float, float, float]]:
 
 
 def default_stats(dataset_name: str) -> tuple[tuple[float, ...], ...]:
-  """(mean, std) for a dataset or folder name: CIFAR's own, else ImageNet's."""
+  """(mean, std) for a tfds data set name: CIFAR's own, else ImageNet's."""
   compact = dataset_name.lower().replace("-", "").replace("_", "")
   if "cifar100" in compact:
     return CIFAR100_STATS
@@ -388,14 +397,18 @@ def default_stats(dataset_name: str) -> tuple[tuple[float, ...], ...]:
 
 
 def source_default_stats(data_config) -> tuple[tuple[float, ...], ...]:
-  """(mean, std) that `load(data_config)` takes from the data set when
-  `data.mean` / `data.std` are empty, found without reading the data: the
-  digits' own, else `default_stats` of the folder's or the tfds name."""
+  """(mean, std) that `load(data_config)` uses where `data.mean` /
+  `data.std` are empty, from the config alone: `data.stats` by name, else
+  the digits' own, an image folder's ImageNet's (whatever the folder is
+  called) or `default_stats` of the tfds name."""
+  stats = _get(data_config, "stats")
+  if stats:
+    return NAMED_STATS[stats]
   name = _get(data_config, "name")
   if name == "digits":
     return DIGITS_STATS
   if name == "image_folder":
-    return default_stats(pathlib.Path(_get(data_config, "root")).resolve().name)
+    return IMAGENET_STATS
   return default_stats(_tfds_base_name(_get(data_config, "tfds_name")))
 
 
@@ -542,7 +555,8 @@ def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
           decoded_mb, cache_mb)
       sources[split] = folder.FileSource(str(root_path / split), files, labels,
                                          transform)
-  mean, std = default_stats(root_path.name)
+  # `load` sets the config's statistics (data.mean/std, data.stats).
+  mean, std = IMAGENET_STATS
   return DataSplits(train=sources["train"],
                     test=sources["test"],
                     num_classes=len(class_names),
