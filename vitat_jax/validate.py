@@ -14,7 +14,7 @@ checkpointing) trust it:
 | `optim` | `check_optim` |
 | `eval` (attacks, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
 | `init` | `_check_init` |
-| `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object) |
+| `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object); `data.extra` and `extra_fraction` through `data.extra`, whose rows per batch against the devices `data.extra_rows` checks in `setup.prepare` |
 | `model` | `_check_model_fields`, then building the module (`models.create_from_config`) |
 
 Each failure is a `UserError` with one line saying what is wrong and what to

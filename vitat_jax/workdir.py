@@ -402,7 +402,8 @@ def upgrade_run_config(previous: dict) -> dict:
   `b1` and `b2` were read with their defaults before they were declared, and
   the piecewise lr dropped at E - 5 and E - 2 before `optim.milestones`;
   float32 dots ran at the backend default before `matmul_precision`; no
-  run averaged its params (`ema`) or warmed its eps up before those fields.
+  run averaged its params (`ema`) or warmed its eps up before those fields,
+  nor mixed extra data into its batches (`data.extra`).
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
@@ -433,6 +434,10 @@ def upgrade_run_config(previous: dict) -> dict:
   attack = previous.setdefault("attack", {})
   attack.setdefault("eps_warmup_epochs", 0.0)
   attack.setdefault("eps_warmup_floor", 0.0)
+  # No extra training data before data.extra existed.
+  data = previous.setdefault("data", {})
+  data.setdefault("extra", "")
+  data.setdefault("extra_fraction", 0.0)
   return previous
 
 
