@@ -350,7 +350,8 @@ def check_config(config, *, training=True):
 
   Every field of configs/default.py is checked here, before anything is
   loaded, compiled or written. `training=False` (evaluation, export) lets
-  `method` name an objective this process has not registered.
+  `method` name an objective this process has not registered, and leaves
+  `data.extra`'s files unread (only training reads them).
   """
   # The model's name first: a misspelt `:model=` would otherwise be
   # reported as its pre-trained file missing (`_check_init`).
@@ -362,7 +363,7 @@ def check_config(config, *, training=True):
   check_optim(config.optim, config.epochs)
   _check_eval(config)
   _check_init(config)
-  data.check_config(config.data)
+  data.check_config(config.data, with_extra=training)
   _check_model_fields(config)
   _check_model(config)
   if config.tricks.prm:

@@ -3,6 +3,7 @@ that are a function of (seed, step), resume, per-process rows, the .npz and
 folder formats, and one-line errors."""
 
 import itertools
+import pathlib
 import pickle
 
 import ml_collections
@@ -338,16 +339,18 @@ def _bad_inputs(tmp_path):
   ]
 
 
-def test_bad_extra_sets_are_one_line_errors_before_anything_is_read(tmp_path):
+def test_bad_extra_sets_are_one_line_errors(tmp_path):
   for fields, fragments in _bad_inputs(tmp_path):
     with pytest.raises(UserError) as excinfo:
       data.load(_config(**{"image_size": 16, **fields}))
     _assert_one_line_error(excinfo, *fragments)
 
 
-def test_a_run_takes_its_rows_and_its_epoch_length_from_the_config(tmp_path):
+def test_a_run_takes_its_rows_and_its_epoch_length_from_the_config(
+    tmp_path, monkeypatch):
   from tests import _tiny  # pylint: disable=g-import-not-at-top
   from vitat_jax import setup  # pylint: disable=g-import-not-at-top
+  from vitat_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   path = _write_npz(tmp_path / "gen.npz",
                     images=np.zeros((12, 8, 8, 3), np.uint8))
   config = _tiny.config(**{"data.extra": path, "data.extra_fraction": 0.25})
@@ -358,3 +361,10 @@ def test_a_run_takes_its_rows_and_its_epoch_length_from_the_config(tmp_path):
   assert run.steps_per_epoch == 320 // 24
   assert setup.prepare(_tiny.config(), str(tmp_path / "plain"),
                        "train").extra is None
+  # Evaluation neither needs nor reads the extra set, and counts the same
+  # steps per epoch.
+  pathlib.Path(path).unlink()
+  monkeypatch.setattr(workdir_lib, "has_checkpoints", lambda w: True)
+  run = setup.prepare(config, str(tmp_path / "run"), "eval")
+  assert run.extra is None and run.splits.extra is None
+  assert run.steps_per_epoch == 320 // 24

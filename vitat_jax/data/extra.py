@@ -74,10 +74,10 @@ def _fraction_for(count: int, batch_size: int) -> str:
   return repr(count / batch_size)
 
 
-def check_fields(path: str, fraction) -> None:
-  """One-line errors for `data.extra` and `data.extra_fraction`, and for
-  the extra set's layout (an .npz's array headers, a folder's class
-  folders), before anything is read."""
+def check_fields(path: str, fraction, on_disk: bool = True) -> None:
+  """One-line errors for `data.extra` and `data.extra_fraction`, and (if
+  `on_disk`) for the extra set's layout (an .npz's array headers, a
+  folder's class folders), before anything is read."""
   if isinstance(fraction,
                 bool) or not isinstance(fraction,
                                         (int, float, np.integer, np.floating)):
@@ -90,6 +90,8 @@ def check_fields(path: str, fraction) -> None:
   if not (math.isfinite(fraction) and 0 < fraction < 1):
     raise UserError(f"data.extra_fraction={fraction} must be in (0, 1): the "
                     "share of each batch taken from data.extra, e.g. 0.7")
+  if not on_disk:
+    return
   resolved = resolve(path)
   if resolved.is_dir():
     if not folder_classes(resolved):

@@ -253,11 +253,12 @@ def _fields(data_config):
           _get_stats(data_config, "std"), _get(data_config, "eval_subset"))
 
 
-def check_config(data_config) -> None:
+def check_config(data_config, with_extra: bool = True) -> None:
   """One-line errors for every field of a data config, before anything is
   read (the data section's one owner: `validate.check_config` and `load`
   call it). An image folder's layout is checked here too (a listing, no
-  decoding)."""
+  decoding), and `data.extra`'s unless `with_extra` is False (evaluation,
+  which does not read it)."""
   name = _get(data_config, "name")
   if name not in VALID_NAMES:
     raise UserError(f"unknown dataset {name!r}: use one of "
@@ -290,7 +291,8 @@ def check_config(data_config) -> None:
     raise UserError(f"data.cache_dir {cache_dir!r} is a file: pass a "
                     "directory or leave it empty")
   extra_lib.check_fields(_get(data_config, "extra"),
-                         _get(data_config, "extra_fraction"))
+                         _get(data_config, "extra_fraction"),
+                         on_disk=with_extra)
 
 
 def extra_rows(data_config, batch_size: int, shards: int = 1) -> int:
@@ -324,7 +326,7 @@ def load(data_config, with_extra: bool = True) -> DataSplits:
   Raises:
     UserError: a bad field, missing or unusable data.
   """
-  check_config(data_config)
+  check_config(data_config, with_extra)
   name = _get(data_config, "name")
   image_size, subset, mean, std, eval_subset = _fields(data_config)
   train_transform, eval_transform = transforms(data_config, image_size)
