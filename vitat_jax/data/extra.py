@@ -38,23 +38,19 @@ def rows(fraction: float, batch_size: int) -> int:
   return int(math.floor(fraction * batch_size + 0.5))
 
 
-def rows_per_batch(fraction: float,
-                   batch_size: int,
-                   shards: int = 1,
-                   what: str = "devices") -> int:
+def rows_per_batch(fraction: float, batch_size: int, shards: int = 1) -> int:
   """`rows(fraction, batch_size)`, checked: at least one row from each set,
-  and a multiple of `shards` (the devices, or processes) so each takes the
-  same number of extra rows; else a one-line error naming a fraction that
-  works."""
+  and a multiple of `shards` (the devices) so each takes the same number of
+  extra rows; else a one-line error naming a fraction that works."""
   count = rows(fraction, batch_size)
   if 0 < count < batch_size and count % shards == 0:
     return count
   choices = range(shards, batch_size - shards + 1, shards)
   if not choices:
     raise UserError(f"data.extra_fraction={fraction}: batch_size={batch_size} "
-                    f"over {shards} {what} has no room for rows of both sets; "
+                    f"over {shards} devices has no room for rows of both sets; "
                     f"use batch_size >= {2 * shards}")
-  problem = (f"which the {shards} {what} do not share evenly"
+  problem = (f"which the {shards} devices do not share evenly"
              if 0 < count < batch_size else
              "none from data.extra" if count == 0 else "none from the main set")
   best = min(choices, key=lambda c: abs(c - fraction * batch_size))
