@@ -368,3 +368,17 @@ def test_a_run_takes_its_rows_and_its_epoch_length_from_the_config(
   run = setup.prepare(config, str(tmp_path / "run"), "eval")
   assert run.extra is None and run.splits.extra is None
   assert run.steps_per_epoch == 320 // 24
+
+
+def test_a_worker_process_reads_the_same_mixed_batches(tmp_path):
+  # The extra images mapped in place from an .npz: a worker maps the file
+  # itself (the source pickles as its location).
+  path = pathlib.Path(
+      _write_npz(tmp_path / "gen.npz",
+                 images=np.full((12, 2, 2, 3), 255, np.uint8)))
+  images, labels = extra_lib.read_npz(path)
+  assert isinstance(images, extra_lib.NpzMember)
+  mix = data.Extra(_Noisy(data.ArraySource(images, labels + EXTRA_LABEL)), 2)
+  main = _Noisy(_main(30))
+  inline = _batches(main, mix, 8, 6, workers=0)
+  _assert_same(_batches(main, mix, 8, 6, workers=1), inline)
