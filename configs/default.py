@@ -117,6 +117,14 @@ def get_config():
   # Image folders whose decoded split (squash) fits in this many MB are
   # decoded once and kept in memory (and cached on disk); 0 = always lazy.
   config.data.decoded_cache_mb = 1024
+  # Extra training data mixed into every batch (e.g. generated images, as in
+  # DM-Improves-AT): "" = off; an .npz with "image" (uint8 [N, H, W, 3]) and
+  # "label" (int [N]), or an image folder <extra>/<class>/*.png named like
+  # the main set's classes. Each global batch takes extra_fraction x
+  # batch_size (rounded half up; a multiple of the device count) rows from
+  # it, the rest from the main set (docs/data.md, "Extra data").
+  config.data.extra = ""
+  config.data.extra_fraction = 0.0  # in (0, 1) with extra; 0 without
 
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 4

@@ -101,6 +101,14 @@ def _files(tmp):
   (tmp / "weights.txt").write_text("not a checkpoint")
   (tmp / "a_dir").mkdir()
   (tmp / "a_file").write_text("x")
+  # Extra training data: 8-px images, labels of 10 classes (and one 10).
+  labels = np.arange(20) % 10
+  np.savez(tmp / "extra.npz",
+           image=np.zeros((20, 8, 8, 3), np.uint8),
+           label=labels)
+  np.savez(tmp / "extra_range.npz",
+           image=np.zeros((20, 8, 8, 3), np.uint8),
+           label=labels + 1)
 
   # Weights of the tiny model (tests/test_main.TINY) holding a NaN, and
   # the same weights as integers.
@@ -153,7 +161,7 @@ def _files(tmp):
                "garbage.safetensors", "truncated.npz", "truncated.pth",
                "evil.pth", "weights.txt", "a_dir", "a_file", "syntax.py",
                "no_get_config.py", "raises.py", "nan.safetensors",
-               "int.safetensors"):
+               "int.safetensors", "extra.npz", "extra_range.npz"):
     files[name.replace(".", "_")] = str(tmp / name)
   return files
 
@@ -216,6 +224,15 @@ CASES = [
     ([C + "data.mean=(0.5,0.5)"], "data.mean", "plain", None),
     ([C + "data.std=(0.5,0.0,0.5)"], "data.std", "plain", None),
     ([C + "data.cache_dir={a_file}"], "is a file", "plain", None),
+    ([C + "data.extra={tmp}/nope.npz",
+      C + "data.extra_fraction=0.5"], "nope.npz does not exist", "plain", None),
+    ([C + "data.extra={extra_npz}", C + "data.extra_fraction=1.5"],
+     "data.extra_fraction=1.5 must be in (0, 1)", "plain", None),
+    ([C + "data.extra_fraction=0.5"], "without data.extra", "plain", None),
+    ([C + "data.extra={a_file}",
+      C + "data.extra_fraction=0.5"], "is not an .npz", "plain", None),
+    ([C + "data.extra={extra_range_npz}", C + "data.extra_fraction=0.5"],
+     "has label 10, outside the main set's 10 classes", "plain", None),
     ([C + "optim.name=lamb"], "unknown optimizer", "plain", None),
     ([C + "optim.schedule=step"], "unknown lr schedule", "plain", None),
     ([C + "optim.lr=0"], "optim.lr=0", "plain", None),
@@ -272,6 +289,9 @@ CASES = [
      DEVICES_8),
     ([C + "num_devices=16"], "more than the 8 devices present", "plain",
      DEVICES_8),
+    ([C + "data.extra={extra_npz}", C + "data.extra_fraction=0.3"
+     ], "the 8 devices do not share evenly; use e.g. data.extra_fraction=0.25",
+     "plain", DEVICES_8),
     # -- flags: misspelt fields, values of the wrong type, unknown flags
     ([C + "optim.lrr=0.1"], "did you mean optim.lr?", "plain", None),
     ([C + "eval.attackz=('clean',)"], "did you mean eval.attacks?", "plain",

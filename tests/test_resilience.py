@@ -30,22 +30,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # end, a log line every 3 steps (so most resumes start between log steps:
 # the first record after one must still average the same steps). The run
 # keeps an EMA of its params (with the decay's warm-up), so every resume
-# below must restore the average bit for bit too.
+# below must restore the average bit for bit too. A quarter of each batch (8
+# of 32 rows) comes from extra data (`data.extra`, an .npz made by
+# `_extra_data`), so every resume must also read the same extra rows; 240
+# main examples, 24 a step, keep 10 steps per epoch.
 FLAGS = [
     "--config.ema.decay=0.9", "--config.ema.warmup=True",
-    "--config.data.image_size=8", "--config.data.train_examples=320",
-    "--config.model.embed_dim=16", "--config.model.depth=1",
-    "--config.model.num_heads=2", "--config.epochs=3",
+    "--config.data.image_size=8", "--config.data.train_examples=240",
+    "--config.data.extra_fraction=0.25", "--config.model.embed_dim=16",
+    "--config.model.depth=1", "--config.model.num_heads=2", "--config.epochs=3",
     "--config.tricks.warmup_epochs=1", "--config.attack.steps=2",
     "--config.eval.num_examples=64", "--config.eval.batch_size=32",
     "--config.eval.epoch_num_examples=32", "--config.batch_size=32",
     "--config.checkpoint_every_steps=4", "--config.log_every_steps=3"
 ]
 TOTAL_STEPS = 30
+_EXTRA_DATA = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extra_data(tmp_path_factory):
+  """The runs' extra data: 50 random 8-px images of the 10 classes."""
+  path = tmp_path_factory.mktemp("extra") / "generated.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path,
+           image=rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8),
+           label=rng.integers(0, 10, 50))
+  _EXTRA_DATA["path"] = str(path)
 
 
 def _command(workdir):
-  return [sys.executable, "main.py", f"--workdir={workdir}", *FLAGS]
+  return [
+      sys.executable, "main.py", f"--workdir={workdir}", *FLAGS,
+      f"--config.data.extra={_EXTRA_DATA['path']}"
+  ]
 
 
 def _run_to_completion(workdir):

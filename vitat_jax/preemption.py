@@ -15,7 +15,11 @@ from absl import logging
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Preempted(Exception):
+# A BaseException, like KeyboardInterrupt: raised by the signal handler
+# wherever the signal lands, it must not be swallowed by an `except
+# Exception` there (logging's emit() printed "--- Logging error ---" for a
+# SIGTERM landing while a log line was written, and the run went on).
+class Preempted(BaseException):
   """The run stopped on a signal after saving the checkpoint of `step`."""
 
   def __init__(self, step: int, signum: int, during: str = ""):

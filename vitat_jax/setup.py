@@ -54,6 +54,8 @@ class Setup:
     tx, schedule: the optax chain and its learning-rate schedule.
     steps_per_epoch, total_steps: the training length in steps.
     cache_dir: the compilation cache in use, or None.
+    extra: `data.extra`'s rows of each training batch (`data.Extra`), or
+      None (and always None unless training).
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -66,6 +68,7 @@ class Setup:
   steps_per_epoch: int
   total_steps: int
   cache_dir: Optional[str]
+  extra: Optional[pipeline.Extra] = None
 
   def shard(self, local_arrays):
     """A batch of this process's rows placed on the mesh, axis "data"."""
@@ -147,9 +150,13 @@ def prepare(config,
   mesh = parallel.make_mesh(config.num_devices)
   if purpose == "train":
     parallel.check_batch_size(config.batch_size, mesh)
+  extra_rows = data_lib.extra_rows(
+      config.data, config.batch_size,
+      mesh.devices.size if purpose == "train" else 1)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   _check_workdir(config, workdir, purpose, overwrite)
-  splits = data_lib.load(protocol.data_config(config))
+  splits = data_lib.load(protocol.data_config(config),
+                         with_extra=purpose == "train")
   validate.check_classes(config, splits.num_classes)
   model = state_lib.build_model(config, splits)
   precision.log_policy(
@@ -160,7 +167,7 @@ def prepare(config,
     objectives.check_prm_patch_size(config.tricks.prm_patch_size,
                                     model.img_size)
   steps_per_epoch = pipeline.steps_per_epoch(len(splits.train),
-                                             config.batch_size)
+                                             config.batch_size - extra_rows)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
                                       steps_per_epoch, config.model.name)
   if purpose == "train":  # training 0 steps is an error; evaluating is not
@@ -188,4 +195,6 @@ def prepare(config,
                schedule=schedule,
                steps_per_epoch=steps_per_epoch,
                total_steps=total_steps,
-               cache_dir=cache_dir)
+               cache_dir=cache_dir,
+               extra=pipeline.Extra(splits.extra, extra_rows)
+               if splits.extra is not None else None)

@@ -168,7 +168,8 @@ def _loop(services: _Services, train_step, state, start_step: int,
                                    start_step=start_step,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count(),
-                                   workers=config.data.workers)
+                                   workers=config.data.workers,
+                                   extra=run.extra)
   in_flight = collections.deque()
   last_save = time.monotonic()
   train_seconds, epoch_start = 0.0, time.perf_counter()

@@ -14,7 +14,7 @@ checkpointing) trust it:
 | `optim` | `check_optim` (parameter groups: `_check_param_groups`) |
 | `eval` (attacks, each once, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
 | `init` | `_check_init` |
-| `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object) |
+| `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object); `data.extra` and `extra_fraction` through `data.extra`, whose rows per batch against the devices `data.extra_rows` checks in `setup.prepare` |
 | `model` | `_check_model_fields`, then building the module (`models.create_from_config`) |
 | `eval` against the data's class count (AutoAttack's targeted and DLR attacks) | `check_classes`, run by `setup.prepare` right after the data is listed |
 
@@ -399,7 +399,8 @@ def check_config(config, *, training=True):
 
   Every field of configs/default.py is checked here, before anything is
   loaded, compiled or written. `training=False` (evaluation, export) lets
-  `method` name an objective this process has not registered.
+  `method` name an objective this process has not registered, and leaves
+  `data.extra`'s files unread (only training reads them).
   """
   # The model's name first: a misspelt `:model=` would otherwise be
   # reported as its pre-trained file missing (`_check_init`).
@@ -411,7 +412,7 @@ def check_config(config, *, training=True):
   check_optim(config.optim, config.epochs, config.model.name)
   _check_eval(config)
   _check_init(config)
-  data.check_config(config.data)
+  data.check_config(config.data, with_extra=training)
   _check_model_fields(config)
   _check_model(config)
   if config.tricks.prm:

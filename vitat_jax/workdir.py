@@ -492,7 +492,8 @@ def upgrade_run_config(previous: dict) -> dict:
   float32 dots ran at the backend default before `matmul_precision`; AdamW
   decayed every param before `optim.no_decay` (and no lr was scaled per
   layer); no run averaged its params (`ema`) or warmed its eps up before
-  those fields, and every run trained against PGD before `attack.name`.
+  those fields, nor mixed extra data into its batches (`data.extra`),
+  and every run trained against PGD before `attack.name`.
   Fields added later whose default is the old behaviour are filled in by
   `merge_run_config`.
   """
@@ -538,6 +539,10 @@ def upgrade_run_config(previous: dict) -> dict:
   attack.setdefault("eps_warmup_epochs", 0.0)
   attack.setdefault("eps_warmup_floor", 0.0)
   attack.setdefault("name", "pgd")  # PGD was the only training attack
+  # No extra training data before data.extra existed.
+  data = previous.setdefault("data", {})
+  data.setdefault("extra", "")
+  data.setdefault("extra_fraction", 0.0)
   return previous
 
 

@@ -11,6 +11,7 @@ from vitat_jax.data.augment import crop_flip_params
 from vitat_jax.data.augment import random_crop_flip
 from vitat_jax.data.augment import to_float
 from vitat_jax.data.pipeline import epoch_permutation
+from vitat_jax.data.pipeline import Extra
 from vitat_jax.data.pipeline import eval_batches
 from vitat_jax.data.pipeline import steps_per_epoch
 from vitat_jax.data.pipeline import train_batches
@@ -20,6 +21,7 @@ from vitat_jax.data.folder import robustbench_imagenet_ids
 from vitat_jax.data.sources import ArraySource
 from vitat_jax.data.sources import check_config
 from vitat_jax.data.sources import DataSplits
+from vitat_jax.data.sources import extra_rows
 from vitat_jax.data.sources import load
 from vitat_jax.data.sources import Source
 from vitat_jax.data.sources import TfdsSource
@@ -27,6 +29,7 @@ from vitat_jax.data.sources import TfdsSource
 __all__ = [
     "ArraySource",
     "DataSplits",
+    "Extra",
     "FileSource",
     "Source",
     "TfdsSource",
@@ -36,6 +39,7 @@ __all__ = [
     "crop_flip_params",
     "epoch_permutation",
     "eval_batches",
+    "extra_rows",
     "load",
     "random_crop_flip",
     "robustbench_imagenet_ids",

@@ -7,6 +7,15 @@ at step k therefore needs nothing but k, and every process of a multi-host
 run reads only its own contiguous rows of each global batch (process p of
 P: rows [p B / P, (p + 1) B / P)), whatever the number of processes.
 
+With extra data (`Extra`: E of the B rows of every global batch from a
+second source), the main set's slices are B - E rows wide and the extra
+rows of step s are positions [s E, (s + 1) E) of an endless stream of
+seeded permutations of the extra set, so they too are a function of
+(seed, s). Each global batch is G = gcd(B - E, E) equal chunks of
+(B - E) / G main rows then E / G extra rows; a process reads whole chunks,
+so P processes read disjoint rows (P must divide E as well as B) and the
+global batch is the same for any P.
+
 grain does the rest: a `MapDataset` of stream positions, mapped to decoded
 examples and batched, read by `workers` processes (each decodes whole
 batches; their outputs interleave in order) with a bounded prefetch. With
@@ -14,10 +23,12 @@ batches; their outputs interleave in order) with a bounded prefetch. With
 Evaluation batches are read the same way, in order, padded to a fixed size.
 """
 
+import dataclasses
+import math
 import os
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from absl import flags
 from absl import logging
@@ -51,6 +62,27 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 def example_rng(seed: int, position: int) -> np.random.Generator:
   """The random numbers of the transform of stream position `position`."""
   return np.random.default_rng([seed, position, 1])
+
+
+def extra_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The order of the extra set's `epoch`-th pass, a function of (seed,
+  epoch) only (and unlike any of the main set's)."""
+  return np.random.default_rng([seed, epoch, 2]).permutation(num_examples)
+
+
+def extra_example_rng(seed: int, position: int) -> np.random.Generator:
+  """The random numbers of the transform of extra stream position
+  `position`."""
+  return np.random.default_rng([seed, position, 3])
+
+
+@dataclasses.dataclass(frozen=True)
+class Extra:
+  """A second training source that fills `rows` rows of every global batch
+  (`data.extra`; `data.extra_rows` gives `rows` for a config)."""
+
+  source: Any
+  rows: int
 
 
 def default_workers(source) -> int:
@@ -128,6 +160,98 @@ class _TrainBatch(_TrainExample):
     start = index_in_epoch * self.global_batch_size + self.offset
     return self.source.get_batch(self._permutation[start:start +
                                                    self.per_process])
+
+
+class _MixedExample:
+  """Local stream position -> (image, label) of this process's rows of a
+  batch mixed from the main and the extra source (module docstring)."""
+
+  def __init__(self, source, extra: Extra, global_batch_size: int,
+               process_index: int, process_count: int, num_steps: int,
+               seed: int):
+    self.source, self.extra_source = source, extra.source
+    self.main_rows, self.extra_rows = global_batch_size - extra.rows, extra.rows
+    chunks = math.gcd(self.main_rows, self.extra_rows)
+    self.chunk_main = self.main_rows // chunks
+    self.chunk_extra = self.extra_rows // chunks
+    self.chunks = chunks // process_count  # this process's
+    self.first_chunk = process_index * self.chunks
+    self.per_process = global_batch_size // process_count
+    self.num_steps = num_steps
+    self.seed = seed
+    self._epoch, self._permutation, self._extra_permutations = None, None, {}
+
+  def _main_indices(self, step: int, slots) -> np.ndarray:
+    epoch, index_in_epoch = divmod(step, self.num_steps)
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._permutation = epoch_permutation(len(self.source), self.seed, epoch)
+    return self._permutation[index_in_epoch * self.main_rows + slots]
+
+  def _extra_indices(self, positions: np.ndarray) -> np.ndarray:
+    """Extra stream positions -> extra set indices."""
+    size = len(self.extra_source)
+    epochs, offsets = np.divmod(positions, size)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+      epoch = int(epoch)
+      if epoch not in self._extra_permutations:
+        if len(self._extra_permutations) >= 2:  # keep the newest
+          del self._extra_permutations[min(self._extra_permutations)]
+        self._extra_permutations[epoch] = extra_permutation(
+            size, self.seed, epoch)
+      here = epochs == epoch
+      indices[here] = self._extra_permutations[epoch][offsets[here]]
+    return indices
+
+  def __call__(self, local_position: int):
+    step, row = divmod(int(local_position), self.per_process)
+    chunk, within = divmod(row, self.chunk_main + self.chunk_extra)
+    chunk += self.first_chunk
+    if within < self.chunk_main:
+      slot = chunk * self.chunk_main + within
+      index = int(self._main_indices(step, slot))
+      rng = (example_rng(self.seed, step * self.main_rows +
+                         slot) if self.source.needs_rng else None)
+      image, label = self.source.example(index, rng)
+    else:
+      position = step * self.extra_rows + chunk * self.chunk_extra + (
+          within - self.chunk_main)
+      index = int(self._extra_indices(np.asarray([position]))[0])
+      rng = (extra_example_rng(self.seed, position)
+             if self.extra_source.needs_rng else None)
+      image, label = self.extra_source.example(index, rng)
+    return image, np.int32(label)
+
+  def __getstate__(self):  # workers rebuild the permutations they need
+    return {
+        **self.__dict__, "_epoch": None,
+        "_permutation": None,
+        "_extra_permutations": {}
+    }
+
+
+class _MixedBatch(_MixedExample):
+  """Step -> this process's rows of a mixed batch, read at once (sources
+  held in memory as final images)."""
+
+  def __call__(self, step: int):
+    step = int(step)
+    main_slots = np.arange(self.first_chunk * self.chunk_main,
+                           (self.first_chunk + self.chunks) * self.chunk_main)
+    extra_positions = step * self.extra_rows + np.arange(
+        self.first_chunk * self.chunk_extra,
+        (self.first_chunk + self.chunks) * self.chunk_extra)
+    main = self.source.get_batch(self._main_indices(step, main_slots))
+    extra = self.extra_source.get_batch(self._extra_indices(extra_positions))
+    # Chunk by chunk: its main rows, then its extra rows.
+    return tuple(
+        np.concatenate([
+            m.reshape(self.chunks, self.chunk_main, *m.shape[1:]),
+            x.reshape(self.chunks, self.chunk_extra, *x.shape[1:])
+        ],
+                       axis=1).reshape(self.per_process, *m.shape[1:])
+        for m, x in zip(main, extra))
 
 
 class _EvalExample:
@@ -216,14 +340,16 @@ def _closing(iterator) -> Iterator:
       close()
 
 
-def train_batches(source,
-                  global_batch_size: int,
-                  seed: int,
-                  start_step: int = 0,
-                  process_index: int = 0,
-                  process_count: int = 1,
-                  workers: int = 0,
-                  prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def train_batches(
+    source,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 0,
+    prefetch: int = 2,
+    extra: Optional[Extra] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """This process's share of the global batches of steps start_step, ....
 
   Args:
@@ -235,12 +361,19 @@ def train_batches(source,
     process_count: processes sharing each global batch.
     workers: decoding processes (0: a background thread of this process).
     prefetch: batches read ahead (per worker).
+    extra: `extra.rows` of each global batch from `extra.source` (module
+      docstring); an epoch is then len(source) // (B - extra.rows) steps.
 
   Returns:
     An endless iterator of (uint8 images [B/P, H, W, 3], int32 labels [B/P])
     with a close(). Checks run now, before anything is read.
   """
-  num_steps = steps_per_epoch(len(source), global_batch_size)
+  extra_rows = 0 if extra is None else extra.rows
+  if extra is not None and not 0 < extra_rows < global_batch_size:
+    raise UserError(f"{extra_rows} extra rows of each batch of "
+                    f"{global_batch_size} leave none to one of the sets; "
+                    "change data.extra_fraction to take rows from both")
+  num_steps = steps_per_epoch(len(source), global_batch_size - extra_rows)
   if process_count <= 0 or not 0 <= process_index < process_count:
     raise UserError(f"process_index {process_index} must be in [0, "
                     f"{process_count}) with process_count >= 1")
@@ -251,6 +384,10 @@ def train_batches(source,
   if seed < 0 or start_step < 0:
     raise UserError(f"the data seed ({seed}) and start step ({start_step}) "
                     "must be >= 0")
+  if extra is not None:
+    return _mixed_batches(source, extra, global_batch_size, seed, start_step,
+                          process_index, process_count, workers, prefetch,
+                          num_steps)
   workers = resolve_workers(workers, source)
   per_process = global_batch_size // process_count
   args = (source, global_batch_size, per_process, process_index * per_process,
@@ -262,6 +399,31 @@ def train_batches(source,
   # Endless in practice: 2**62 examples.
   positions = grain.MapDataset.range(start_step * per_process, 2**62)
   return _loader(positions.map(read), per_process, workers, prefetch)
+
+
+def _mixed_batches(source, extra: Extra, global_batch_size: int, seed: int,
+                   start_step: int, process_index: int, process_count: int,
+                   workers: int, prefetch: int, num_steps: int) -> Iterator:
+  """`train_batches` with `extra` (its arguments checked but extra's)."""
+  if extra.rows % process_count:
+    raise UserError(f"{extra.rows} extra rows of each batch must be "
+                    f"divisible by the {process_count} processes; change "
+                    "data.extra_fraction")
+  if not len(extra.source):
+    raise UserError("the extra training set is empty")
+  sources = (source, extra.source)
+  # Default workers if either source decodes; none if both are in memory.
+  workers = resolve_workers(workers,
+                            source if _decodes(source) else extra.source)
+  args = (source, extra, global_batch_size, process_index, process_count,
+          num_steps, seed)
+  if not any(_decodes(s) or s.needs_rng for s in sources):
+    steps = grain.MapDataset.range(start_step, 2**62)
+    return _loader(steps.map(_MixedBatch(*args)), None, workers, prefetch)
+  per_process = global_batch_size // process_count
+  positions = grain.MapDataset.range(start_step * per_process, 2**62)
+  return _loader(positions.map(_MixedExample(*args)), per_process, workers,
+                 prefetch)
 
 
 def eval_batches(

@@ -17,7 +17,8 @@ decode in worker processes.
   example.
 
 The train split uses `data.train_transform`, the test split
-`data.eval_transform` (see `decode`).
+`data.eval_transform` (see `decode`). `data.extra` adds a second training
+set, mixed into each batch at `data.extra_fraction` (see `extra`).
 """
 
 import dataclasses
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from vitat_jax.data import decode
+from vitat_jax.data import extra as extra_lib
 from vitat_jax.data import folder
 from vitat_jax.data import subsets
 from vitat_jax.errors import UserError
@@ -77,7 +79,9 @@ FIELDS = dict(name="digits",
               crop_pct=0.875,
               eval_subset="",
               workers=None,
-              decoded_cache_mb=DEFAULT_DECODED_CACHE_MB)
+              decoded_cache_mb=DEFAULT_DECODED_CACHE_MB,
+              extra="",
+              extra_fraction=0.0)
 
 
 class Source(Protocol):
@@ -212,6 +216,9 @@ class DataSplits:
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   class_names: tuple[str, ...]
+  # `data.extra`'s training set (the main set's classes and image size), or
+  # None.
+  extra: Optional[Source] = None
 
 
 def transforms(data_config, image_size: int):
@@ -252,11 +259,12 @@ def _fields(data_config):
           _get_stats(data_config, "std"), _get(data_config, "eval_subset"))
 
 
-def check_config(data_config) -> None:
+def check_config(data_config, with_extra: bool = True) -> None:
   """One-line errors for every field of a data config, before anything is
   read (the data section's one owner: `validate.check_config` and `load`
   call it). An image folder's layout is checked here too (a listing, no
-  decoding)."""
+  decoding), and `data.extra`'s unless `with_extra` is False (evaluation,
+  which does not read it)."""
   name = _get(data_config, "name")
   if name not in VALID_NAMES:
     raise UserError(f"unknown dataset {name!r}: use one of "
@@ -292,9 +300,22 @@ def check_config(data_config) -> None:
   if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
     raise UserError(f"data.cache_dir {cache_dir!r} is a file: pass a "
                     "directory or leave it empty")
+  extra_lib.check_fields(_get(data_config, "extra"),
+                         _get(data_config, "extra_fraction"),
+                         on_disk=with_extra)
 
 
-def load(data_config) -> DataSplits:
+def extra_rows(data_config, batch_size: int, shards: int = 1) -> int:
+  """Rows of each global batch of `batch_size` taken from `data.extra` (0
+  when it is off): `extra_fraction` x `batch_size` rounded half up, a
+  multiple of `shards` (the devices); else a one-line error."""
+  if not _get(data_config, "extra"):
+    return 0
+  return extra_lib.rows_per_batch(_get(data_config, "extra_fraction"),
+                                  batch_size, shards)
+
+
+def load(data_config, with_extra: bool = True) -> DataSplits:
   """Builds the train and test sources that `data_config` describes.
 
   Args:
@@ -303,8 +324,10 @@ def load(data_config) -> DataSplits:
       `test_split`, `image_size`, `train_examples`, `test_examples`,
       `subset_seed`, `cache_dir`, `mean`, `std`, `train_transform`,
       `eval_transform`, `rrc_scale`, `rrc_ratio`, `crop_pct`,
-      `decoded_cache_mb`, `eval_subset`, `workers`; missing or empty ones
-      take their defaults.
+      `decoded_cache_mb`, `eval_subset`, `workers`, `extra`,
+      `extra_fraction`; missing or empty ones take their defaults.
+    with_extra: also build `data.extra`'s set (`DataSplits.extra`; training
+      only needs it).
 
   Returns:
     The splits. Train and test subsets (`*_examples` > 0) are seeded and
@@ -313,7 +336,7 @@ def load(data_config) -> DataSplits:
   Raises:
     UserError: a bad field, missing or unusable data.
   """
-  check_config(data_config)
+  check_config(data_config, with_extra)
   name = _get(data_config, "name")
   image_size, subset, mean, std, eval_subset = _fields(data_config)
   train_transform, eval_transform = transforms(data_config, image_size)
@@ -345,9 +368,36 @@ def load(data_config) -> DataSplits:
                                  test=dataclasses.replace(
                                      splits.test, transform=eval_transform))
   default_mean, default_std = source_default_stats(data_config)
-  return dataclasses.replace(splits,
-                             mean=default_mean if mean is None else mean,
-                             std=default_std if std is None else std)
+  splits = dataclasses.replace(splits,
+                               mean=default_mean if mean is None else mean,
+                               std=default_std if std is None else std)
+  if with_extra and _get(data_config, "extra"):
+    splits = dataclasses.replace(splits,
+                                 extra=_load_extra(data_config, splits,
+                                                   train_transform))
+  return splits
+
+
+def _load_extra(data_config, splits: DataSplits, train_transform) -> Source:
+  """`data.extra`'s set, read like the main train split (its transform at
+  the main set's size) and checked against the main set's classes."""
+  path = extra_lib.resolve(_get(data_config, "extra"))
+  transform = dataclasses.replace(train_transform, size=splits.image_size)
+  if path.is_dir():
+    extra_lib.check_folder_classes(path, splits.class_names)
+    files, labels = folder.list_images(path, splits.class_names)
+    cache_path = pathlib.Path(
+        _get(data_config, "cache_dir") or _default_cache_dir())
+    files, labels, _ = folder.index_split(path.parent, path.name, files, labels,
+                                          cache_path)
+    return _folder_source(path.parent, path.name, files, labels, transform,
+                          cache_path, _get_int(data_config, "decoded_cache_mb"))
+  images, labels = extra_lib.read_npz(path)
+  squash = transform.name == "squash"
+  extra_lib.check_arrays(path, images, labels, splits.image_size,
+                         splits.num_classes, squash)
+  return ArraySource(images, labels.astype(np.int32),
+                     None if squash else transform)
 
 
 # ----------------------------------------------------------------- config ---
@@ -542,19 +592,8 @@ def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
   for split, transform in (("train", train_transform), ("test",
                                                         eval_transform)):
     files, labels, _ = listings[split]
-    decoded_mb = len(files) * transform.size**2 * 3 / 2**20
-    if transform.name == "squash" and decoded_mb <= cache_mb:
-      images, labels = folder.decoded_split(root_path, split, files, labels,
-                                            transform, cache_path)
-      sources[split] = ArraySource(images, labels)
-    else:
-      logging.info(
-          "%s split of %s: %d images read file by file (%s, %.0f MB "
-          "decoded > data.decoded_cache_mb=%d or a random "
-          "transform)", split, root_path, len(files), transform.name,
-          decoded_mb, cache_mb)
-      sources[split] = folder.FileSource(str(root_path / split), files, labels,
-                                         transform)
+    sources[split] = _folder_source(root_path, split, files, labels, transform,
+                                    cache_path, cache_mb)
   # `load` sets the config's statistics (data.mean/std, data.stats).
   mean, std = IMAGENET_STATS
   return DataSplits(train=sources["train"],
@@ -564,6 +603,23 @@ def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
                     mean=mean,
                     std=std,
                     class_names=class_names)
+
+
+def _folder_source(root_path: pathlib.Path, split: str, files, labels,
+                   transform, cache_path: pathlib.Path, cache_mb: int):
+  """The indexed files of root_path/split: decoded once into memory when
+  they fit in `cache_mb` (squash), else read file by file."""
+  decoded_mb = len(files) * transform.size**2 * 3 / 2**20
+  if transform.name == "squash" and decoded_mb <= cache_mb:
+    images, labels = folder.decoded_split(root_path, split, files, labels,
+                                          transform, cache_path)
+    return ArraySource(images, labels)
+  logging.info(
+      "%s split of %s: %d images read file by file (%s, %.0f MB "
+      "decoded > data.decoded_cache_mb=%d or a random "
+      "transform)", split, root_path, len(files), transform.name, decoded_mb,
+      cache_mb)
+  return folder.FileSource(str(root_path / split), files, labels, transform)
 
 
 # ------------------------------------------------------------------- tfds ---
