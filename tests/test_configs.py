@@ -6,6 +6,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import studies
@@ -35,6 +36,10 @@ CASES = [
     ("imagenet", "model=swin_base_patch4_window7_224_in22k,ard_prm=True,"
      "accum_steps=4"),
     ("imagenet", "pretrained=scratch"),
+    ("imagenet_modern", None),
+    ("imagenet_modern", "model=swin_base_patch4_window7_224"),
+    ("cifar10_modern", None),
+    ("cifar10_modern", "extra={tmp}/gen.npz,fraction=0.5,method=at"),
 ] + [("cifar10", f"model={m},pretrained=in1k") for m in PAPER_MODELS] + [
     ("imagenette", f"root={{tmp}},model={m}") for m in PAPER_MODELS
 ] + [("studies", arm) for s in studies.STUDIES for arm in studies.study_args(s)]
@@ -44,6 +49,8 @@ def _load(name, arg, tmp_path):
   module = importlib.import_module(f"configs.{name}")
   if name in ("default", "quickstart"):
     return module.get_config()
+  if name == "imagenet_modern":  # from scratch: no pretrained_dir
+    return module.get_config(arg)
   arg = ",".join(
       filter(None,
              [(arg or "").format(tmp=tmp_path), f"pretrained_dir={tmp_path}"]))
@@ -60,6 +67,10 @@ def test_config_validates_and_builds_a_train_state(name, arg, tmp_path):
   # Stand-ins for the pre-trained files the configs point at.
   for model in PAPER_MODELS + ("swin_base_patch4_window7_224_in22k",):
     (tmp_path / f"{model}.safetensors").touch()
+  # A stand-in for generated extra data (configs/cifar10_modern.py).
+  np.savez(tmp_path / "gen.npz",
+           image=np.zeros((4, 32, 32, 3), np.uint8),
+           label=np.arange(4))
   config = _load(name, arg, tmp_path)
   validate.check_config(config)
   model = state_lib.build_model(config)
