@@ -42,8 +42,8 @@ class _Payload:
 def _files(tmp):
   """Inputs the table refers to: image folders, config files, weights."""
   import torch
+  from tests import _tiny
   from vitat_jax import pretrained
-  from vitat_jax import models
   files = {"tmp": str(tmp)}
   empty = tmp / "empty_folder"
   for split in ("train", "test"):
@@ -71,13 +71,7 @@ def _files(tmp):
     os.symlink(target, folder / "train" / "cat" / "b.png")
     files[name] = str(folder)
 
-  wider = models.create("deit_tiny_patch16_224",
-                        num_classes=10,
-                        img_size=8,
-                        patch_size=4,
-                        embed_dim=32,
-                        depth=1,
-                        num_heads=2)
+  wider = _tiny.model(embed_dim=32)
   wide = str(tmp / "wider.safetensors")
   pretrained.export_timm(
       wider.init(jax.random.key(0), np.zeros(
@@ -110,16 +104,10 @@ def _files(tmp):
            image=np.zeros((20, 8, 8, 3), np.uint8),
            label=labels + 1)
 
-  # Weights of the tiny model (tests/test_main.TINY) holding a NaN, and
+  # Weights of the tiny model (tests/_tiny.model()) holding a NaN, and
   # the same weights as integers.
   from vitat_jax.pretrained import io as weights_io
-  tiny = models.create("deit_tiny_patch16_224",
-                       num_classes=10,
-                       img_size=8,
-                       patch_size=4,
-                       embed_dim=16,
-                       depth=1,
-                       num_heads=2)
+  tiny = _tiny.model()
   tiny_path = str(tmp / "tiny.safetensors")
   pretrained.export_timm(
       tiny.init(jax.random.key(0), np.zeros(

@@ -331,45 +331,25 @@ def _sharpness(img, factor):
   return _blend(smooth, img, factor)
 
 
-def color(img, m, negate, bicubic, fill):
-  del bicubic, fill
-  return _color(img, _enhance_arg(m, negate))
+def _enhance_op(enhance, magnitude_to_factor):
+  """An ImageEnhance op of the RandAugment table: `enhance(img, factor)`
+  at the factor timm's magnitude rule gives."""
+
+  def op(img, m, negate, bicubic, fill):
+    del bicubic, fill
+    return enhance(img, magnitude_to_factor(m, negate))
+
+  return op
 
 
-def color_increasing(img, m, negate, bicubic, fill):
-  del bicubic, fill
-  return _color(img, _enhance_increasing_arg(m, negate))
-
-
-def contrast(img, m, negate, bicubic, fill):
-  del bicubic, fill
-  return _contrast(img, _enhance_arg(m, negate))
-
-
-def contrast_increasing(img, m, negate, bicubic, fill):
-  del bicubic, fill
-  return _contrast(img, _enhance_increasing_arg(m, negate))
-
-
-def brightness(img, m, negate, bicubic, fill):
-  del bicubic, fill
-  return _brightness(img, _enhance_arg(m, negate))
-
-
-def brightness_increasing(img, m, negate, bicubic, fill):
-  del bicubic, fill
-  return _brightness(img, _enhance_increasing_arg(m, negate))
-
-
-def sharpness(img, m, negate, bicubic, fill):
-  del bicubic, fill
-  return _sharpness(img, _enhance_arg(m, negate))
-
-
-def sharpness_increasing(img, m, negate, bicubic, fill):
-  del bicubic, fill
-  return _sharpness(img, _enhance_increasing_arg(m, negate))
-
+color = _enhance_op(_color, _enhance_arg)
+color_increasing = _enhance_op(_color, _enhance_increasing_arg)
+contrast = _enhance_op(_contrast, _enhance_arg)
+contrast_increasing = _enhance_op(_contrast, _enhance_increasing_arg)
+brightness = _enhance_op(_brightness, _enhance_arg)
+brightness_increasing = _enhance_op(_brightness, _enhance_increasing_arg)
+sharpness = _enhance_op(_sharpness, _enhance_arg)
+sharpness_increasing = _enhance_op(_sharpness, _enhance_increasing_arg)
 
 # --- geometric ops: Pillow's Image.transform(AFFINE) ---------------------
 
