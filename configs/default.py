@@ -75,6 +75,12 @@ def get_config():
   # Where the checkpoint comes from (a timm tag or a URL), named in the error
   # when the file is missing; set by the paper configs.
   config.init.source = ""
+  # --mode=eval of init.checkpoint (an external timm file): False evaluates
+  # the network as timm defines it (its image, patch and window sizes and
+  # normalisation; data of another size is refused unless
+  # eval.resize_to_model); True resamples it to the data's sizes, as
+  # training does (a WARNING line). Training always resamples.
+  config.init.resample = False
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "tfds"  # digits | image_folder | tfds
@@ -260,6 +266,10 @@ def get_config():
   # AutoAttack's members), in workdir/adversarial/<attack>.npz: the points
   # each attack broke (indices into the test split, images, labels).
   config.eval.save_adversarial = False
+  # --mode=eval of init.checkpoint: resize the test images to the model's
+  # native size with data.eval_transform (a 32-px CIFAR-10 folder upsampled
+  # to 224, as RobustBench does), instead of refusing data of another size.
+  config.eval.resize_to_model = False
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000

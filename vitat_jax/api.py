@@ -14,7 +14,6 @@ function's docstring says the order; the log says which was used).
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -23,15 +22,14 @@ import ml_collections
 from absl import logging
 
 from vitat_jax import checkpointing
-from vitat_jax import export
 from vitat_jax import models
 from vitat_jax import pretrained
 from vitat_jax import state as state_lib
 from vitat_jax import workdir as workdir_lib
 from vitat_jax.data import sources
 from vitat_jax.errors import UserError
-from vitat_jax.pretrained import io as pretrained_io
 from vitat_jax.pretrained import naming
+from vitat_jax.pretrained import native
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,28 +254,6 @@ def load_run(workdir: str,
 # ----------------------------------------------------------- load_model ---
 
 
-def _infer_from_weights(checkpoint: str, name: str) -> dict:
-  """timm keywords that a weights file's shapes fix: the class count, and
-  for ViT/DeiT/ConViT the patch size and the image size."""
-  tensors, _ = pretrained_io.read(checkpoint, "auto", allow_pickle=False)
-  fam = naming.family(models.create(name))
-  state = naming.normalise_state_dict(tensors, fam)
-  head = state.get("head.fc.weight", state.get("head.weight"))
-  if head is None:
-    raise UserError(f"{checkpoint} has no classifier (head.weight): it is not "
-                    f"a timm {name} checkpoint")
-  kwargs = {"num_classes": int(head.shape[0])}
-  if "pos_embed" in state and "patch_embed.proj.weight" in state:
-    patch = int(state["patch_embed.proj.weight"].shape[-1])
-    tokens = int(state["pos_embed"].shape[1])
-    if fam == "vit":
-      tokens -= 1 + ("dist_token" in state)
-    grid = math.isqrt(tokens)
-    if grid * grid == tokens:
-      kwargs.update(patch_size=patch, img_size=grid * patch)
-  return kwargs
-
-
 def load_model(checkpoint: str, name: Optional[str] = None) -> Loaded:
   """A model and its params from a timm-format weights file.
 
@@ -293,39 +269,19 @@ def load_model(checkpoint: str, name: Optional[str] = None) -> Loaded:
     its normalisation. Without: `name`'s timm keywords with the class count
     read from the head's weights (and, for ViT/DeiT/ConViT, the patch and
     image size from the patch kernel and the position embedding), and the
-    normalisation of timm's pre-processing for `name` (the model
-    registry's defaults: ImageNet's mean/std for DeiT, ConViT and Swin,
-    0.5/0.5 for timm's ViT).
+    normalisation of timm's pre-processing for `name`
+    (`pretrained.preprocessing`'s table: ImageNet's mean/std for DeiT,
+    ConViT and Swin, 0.5/0.5 for timm's ViT). `pretrained.native` reads
+    them; `--mode=eval` of an external checkpoint uses the same.
 
   Raises:
     UserError: a missing or malformed file or card, no `name` without a
       card, or weights that are not those of the model (nothing is
       re-initialised or silently dropped).
   """
-  card_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
-                           export.CARD)
-  card = workdir_lib.read_json(card_path) if os.path.exists(card_path) else None
-  if card is not None:
-    try:
-      card_name = card["timm"]["name"]
-      kwargs = dict(card["timm"]["kwargs"])
-      kwargs.update(mean=card["input"]["mean"], std=card["input"]["std"])
-    except (KeyError, TypeError):
-      raise UserError(f"{card_path} is not a vitat_jax model card (no "
-                      "timm.name, timm.kwargs, input.mean/std): move it "
-                      "away and pass name=") from None
-    if name is not None and name != card_name:
-      raise UserError(f"name={name!r}, but {card_path} says the weights are "
-                      f"a {card_name!r}: drop name= or move the card away")
-    name, inputs_source = card_name, f"the model card {card_path}"
-  elif name is None:
-    raise UserError(f"no {export.CARD} beside {checkpoint}: pass name= (the "
-                    "timm model name, e.g. 'deit_tiny_patch16_224')")
-  else:
-    kwargs = _infer_from_weights(checkpoint, name)
-    inputs_source = (f"the weights' shapes and timm's pre-processing for "
-                     f"{name}")
-  model = models.create(name, **kwargs)
+  spec = native.native_model(checkpoint, name)
+  name, inputs_source = spec.name, spec.source
+  model = models.create(name, **spec.kwargs)
   # Abstract init params: anything `load` would re-initialise stays a shape.
   params = pretrained.load(checkpoint,
                            model,

@@ -3,9 +3,10 @@
     result = eval_only.evaluate_checkpoint(cli_config, workdir)
 
 The params come from `config.init.checkpoint` when set (a timm / npz /
-exported file), else from the latest checkpoint in `workdir`, restored with
-the run's own config (`setup.prepare(..., "eval")`). The result goes to
-`workdir/robustness.{json,md}`.
+exported file, evaluated as timm defines it unless `init.resample`: see
+`setup`), else from the latest checkpoint in `workdir`, restored with the
+run's own config (`setup.prepare(..., "eval")`). Only the test split is
+read. The result goes to `workdir/robustness.{json,md}`.
 """
 
 import time
@@ -29,9 +30,14 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   wall_start = time.perf_counter()
   run = setup_lib.prepare(config, workdir, "eval")
   config = run.config
-  if config.init.checkpoint:
-    params = state_lib.initial_params(config, run.model,
-                                      state_lib.run_keys(config.seed)[0])
+  if run.native is not None:  # timm's network, as the checkpoint holds it
+    params = state_lib.checkpoint_params(config, run.model)
+    source = config.init.checkpoint
+  elif config.init.checkpoint:  # init.resample: a new head where needed
+    params = state_lib.initial_params(config,
+                                      run.model,
+                                      state_lib.run_keys(config.seed)[0],
+                                      warn_resampling=True)
     source = config.init.checkpoint
   else:  # shapes only until the restore: nothing compiled if it fails
     params, source = checkpointing.restore_params(run)

@@ -23,10 +23,11 @@ from vitat_jax import pretrained
 from vitat_jax import setup as setup_lib
 from vitat_jax import state as state_lib
 from vitat_jax import workdir as workdir_lib
+from vitat_jax.pretrained import native
 
 EXPORT_DIR = "export"
 WEIGHTS = "model.safetensors"
-CARD = "model_card.json"
+CARD = native.CARD
 # Model config fields that are not timm constructor keywords (training only).
 _NOT_TIMM = ("name", "remat", "weight_init", "drop_path_rate",
              "fused_attention")

@@ -11,12 +11,23 @@ purpose, the data (as `eval.protocol` reads it), the model, the optimizer
 pre-trained file. Evaluation and export take the
 run's own recorded config (`config_for_evaluation`) with the command's
 `eval` section. Their walk is training's with the training-only checks
-left out, so a new setup step is written once, here.
+left out, so a new setup step is written once, here. Evaluation reads the
+test split alone.
+
+`--mode=eval` of an external checkpoint (`init.checkpoint`) evaluates the
+network as timm defines it (`pretrained.native`: the model card beside the
+file, else `model.name` and the weights' shapes, normalised as the card or
+`pretrained.preprocessing`'s table says, or as an explicit `data.mean/std`
+says). Test images of another size are refused in one line unless
+`eval.resize_to_model` (the eval transform resizes them to the model's
+size) or `init.resample` (the checkpoint is resampled to the data, as
+training does, with a WARNING).
 """
 
 import dataclasses
 from typing import Any, Callable, Optional
 
+from absl import logging
 import jax
 import ml_collections
 
@@ -35,6 +46,7 @@ from vitat_jax.data import pipeline
 from vitat_jax.data import protocol
 from vitat_jax.errors import UserError
 from vitat_jax.models import precision
+from vitat_jax.pretrained import native as native_lib
 
 PURPOSES = ("train", "eval", "export")
 
@@ -56,6 +68,8 @@ class Setup:
     cache_dir: the compilation cache in use, or None.
     extra: `data.extra`'s rows of each training batch (`data.Extra`), or
       None (and always None unless training).
+    native: for the evaluation of an external checkpoint as timm defines
+      it, its `pretrained.native.NativeModel`; else None.
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -69,6 +83,7 @@ class Setup:
   total_steps: int
   cache_dir: Optional[str]
   extra: Optional[pipeline.Extra] = None
+  native: Optional[native_lib.NativeModel] = None
 
   def shard(self, local_arrays):
     """A batch of this process's rows placed on the mesh, axis "data"."""
@@ -119,6 +134,104 @@ def _check_workdir(config, workdir: str, purpose: str, overwrite: bool):
     workdir_lib.check_same_config(config, workdir)
 
 
+def _external_native_model(config):
+  """The timm network of `init.checkpoint`, for its evaluation (shapes and
+  the card only; nothing decoded or compiled)."""
+  mean, std = config.data.get("mean"), config.data.get("std")
+  explicit = bool(mean) and bool(std)  # checked by data.check_config
+  spec = native_lib.native_model(
+      config.init.checkpoint,
+      config.model.name,
+      mean=tuple(mean) if explicit else None,
+      std=tuple(std) if explicit else None,
+      architecture={
+          k: v for k, v in config.model.items() if k != "name"
+      },
+      strict_name=False,
+      name_flag="--config.model.name",
+      format=config.init.format,
+      allow_pickle=config.init.allow_pickle)
+  if spec.name != config.model.name:
+    logging.warning("model.name=%s not used: %s", config.model.name,
+                    spec.source)
+  return spec
+
+
+def _refuse_other_size(config, spec, data_size: int) -> None:
+  """The one-line refusal of test images whose size is not the model's."""
+  if data_size and data_size != spec.image_size:
+    raise UserError(
+        f"{config.init.checkpoint} is {spec.describe()} for "
+        f"{spec.image_size}-px images; the test images are {data_size} px: "
+        f"pass --config.eval.resize_to_model=True to resize them to "
+        f"{spec.image_size} px, or --config.init.resample=True to resample "
+        f"the model to {data_size} px")
+
+
+def _native_data_config(config, data_config, spec):
+  """`data_config` as the evaluation of `spec` reads it: resized to the
+  model's size with `eval.resize_to_model`, else refused if of another
+  size (a size that comes from the files is checked after the listing)."""
+  if not config.eval.resize_to_model:
+    _refuse_other_size(config, spec, data_config.image_size)
+    return data_config
+  data_config = ml_collections.ConfigDict(data_config.to_dict())
+  if data_config.image_size != spec.image_size:
+    logging.info(
+        "eval.resize_to_model: the test images are resized to %d px by "
+        "data.eval_transform=%s", spec.image_size, data_config.eval_transform)
+  data_config.image_size = spec.image_size
+  return data_config
+
+
+def _native_config(config, spec, data_config):
+  """The config the evaluation of `spec` runs with: its model section is
+  the timm network, its data the test images as read."""
+  native = ml_collections.ConfigDict(config.to_dict())
+  native.model = ml_collections.ConfigDict({"name": spec.name, **spec.kwargs})
+  native.data = ml_collections.ConfigDict(data_config.to_dict())
+  native.data.update(mean=spec.mean, std=spec.std)
+  return native
+
+
+def _log_native(config, spec, splits) -> None:
+  ignored = [
+      f"model.{k}={config.model[k]}" for k in native_lib.SIZE_KEYWORDS
+      if config.model.get(k) is not None and
+      config.model[k] != spec.kwargs.get(k, config.model[k])
+  ]
+  if ignored:
+    logging.info(
+        "%s not used: the checkpoint's own sizes are evaluated "
+        "(--config.init.resample=True resamples it)", ", ".join(ignored))
+  prep = spec.preprocessing
+  resize = (f"; timm evaluates it after Resize(size / {prep.crop_pct}, "
+            f"{prep.interpolation}) + CenterCrop" if prep else "")
+  logging.info(
+      "evaluating %s as timm's %s; from %s: mean %s, std %s (not the data "
+      "set's)%s; the %d test images are read at %d px", config.init.checkpoint,
+      spec.describe(), spec.source, spec.mean, spec.std, resize,
+      len(splits.test), splits.image_size)
+
+
+def _check_head_classes(config, spec, splits) -> None:
+  if spec.num_classes != splits.num_classes:
+    raise UserError(
+        f"{config.init.checkpoint} classifies {spec.num_classes} classes, the "
+        f"test split has {splits.num_classes}: evaluate it on data of its "
+        "classes, or fine-tune it first (train with --config.init.checkpoint)")
+
+
+def _eval_steps_per_epoch(workdir: str) -> int:
+  """The run's steps per epoch as its checkpoint records them (evaluation
+  reads no train split; only the optimizer's schedule, which restores the
+  state's shapes and is never stepped, uses it), else 1."""
+  meta = workdir_lib.read_meta(workdir) if workdir_lib.has_checkpoints(
+      workdir) else None
+  recorded = (meta or {}).get("steps_per_epoch")
+  return recorded if isinstance(recorded, int) and recorded > 0 else 1
+
+
 def prepare(config,
             workdir: str,
             purpose: str,
@@ -155,19 +268,43 @@ def prepare(config,
       mesh.devices.size if purpose == "train" else 1)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   _check_workdir(config, workdir, purpose, overwrite)
-  splits = data_lib.load(protocol.data_config(config),
-                         with_extra=purpose == "train")
+  data_config = protocol.data_config(config)
+  spec = None
+  if purpose == "eval" and config.init.checkpoint:
+    spec = _external_native_model(config)
+    if config.init.resample:
+      logging.warning(
+          "init.resample=True: %s, %s, is resampled to the data's sizes; the "
+          "evaluated network is not the one timm defines",
+          config.init.checkpoint, spec.describe())
+    else:
+      data_config = _native_data_config(config, data_config, spec)
+  splits = data_lib.load(data_config,
+                         with_extra=purpose == "train",
+                         train=purpose != "eval")
+  if spec is not None:  # the checkpoint's normalisation, not the data set's
+    splits = dataclasses.replace(splits, mean=spec.mean, std=spec.std)
+    if config.init.resample:
+      spec = None  # the config's model, sized for the data
+    else:
+      _refuse_other_size(config, spec, splits.image_size)
+      _check_head_classes(config, spec, splits)
+      _log_native(config, spec, splits)
+      config = _native_config(config, spec, data_config)
   validate.check_classes(config, splits.num_classes)
   model = state_lib.build_model(config, splits)
   precision.log_policy(
       config.matmul_precision, model.dtype,
       parallel.compute_dtype_for(config.eval.compute_dtype or
                                  config.compute_dtype))
-  if config.tricks.prm:  # the image size may have come from the data
+  if config.tricks.prm and spec is None:  # the size may come from the data
     objectives.check_prm_patch_size(config.tricks.prm_patch_size,
                                     model.img_size)
-  steps_per_epoch = pipeline.steps_per_epoch(len(splits.train),
-                                             config.batch_size - extra_rows)
+  if splits.train is None:
+    steps_per_epoch = _eval_steps_per_epoch(workdir)
+  else:
+    steps_per_epoch = pipeline.steps_per_epoch(len(splits.train),
+                                               config.batch_size - extra_rows)
   tx, schedule = optim.make_optimizer(config.optim, config.epochs,
                                       steps_per_epoch, config.model.name)
   if purpose == "train":  # training 0 steps is an error; evaluating is not
@@ -180,8 +317,11 @@ def prepare(config,
   else:
     total_steps = optim.epochs_to_steps(config.epochs, steps_per_epoch)
   if config.init.checkpoint:
-    pretrained.check(config.init.checkpoint, model, config.init.format,
-                     config.init.allow_pickle)
+    pretrained.check(config.init.checkpoint,
+                     model,
+                     config.init.format,
+                     config.init.allow_pickle,
+                     warn_resampling=purpose == "eval")
   if purpose == "train" and not overwrite:
     checkpointing.check_same_data(workdir_lib.read_meta(workdir),
                                   steps_per_epoch, f"the run in {workdir!r}")
@@ -197,4 +337,5 @@ def prepare(config,
                total_steps=total_steps,
                cache_dir=cache_dir,
                extra=pipeline.Extra(splits.extra, extra_rows)
-               if splits.extra is not None else None)
+               if splits.extra is not None else None,
+               native=spec)

@@ -149,7 +149,7 @@ def abstract_state(model, tx, seed: int, *, ema: bool = False) -> TrainState:
                     jax.eval_shape(tx.init, params), params if ema else None)
 
 
-def initial_params(config, model, key):
+def initial_params(config, model, key, *, warn_resampling: bool = False):
   """Random params, replaced by `config.init.checkpoint`'s where set (a
   timm / npz / exported file, resampled to the model; a new head)."""
   params = jax.jit(model.init)(key, _dummy_images(model))["params"]
@@ -158,9 +158,26 @@ def initial_params(config, model, key):
                              model,
                              init_params=params,
                              format=config.init.format,
-                             allow_pickle=config.init.allow_pickle)
+                             allow_pickle=config.init.allow_pickle,
+                             warn_resampling=warn_resampling)
     logging.info("initialised from %s", config.init.checkpoint)
   return params
+
+
+def checkpoint_params(config, model, *, warn_resampling: bool = False):
+  """`config.init.checkpoint`'s params for `model`, for evaluation: mapped
+  (resampled where the model's sizes differ), nothing compiled; a tensor it
+  would have to re-initialise (another class count) stays a shape, which
+  `setup.prepare` has refused before."""
+  abstract = jax.eval_shape(model.init,
+                            jax.eval_shape(lambda: jax.random.key(0)),
+                            _dummy_images(model, shape_only=True))["params"]
+  return pretrained.load(config.init.checkpoint,
+                         model,
+                         init_params=abstract,
+                         format=config.init.format,
+                         allow_pickle=config.init.allow_pickle,
+                         warn_resampling=warn_resampling)
 
 
 def initial_state(config, model, tx, key) -> TrainState:

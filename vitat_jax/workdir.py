@@ -528,6 +528,8 @@ def upgrade_run_config(previous: dict) -> dict:
   if "stats" not in data:
     data["stats"] = _stats_as_trained(data)
   previous.setdefault("init", {}).setdefault("source", "")
+  # Training resampled then as now; the field governs only --mode=eval.
+  previous["init"].setdefault("resample", False)
   # Runs before the precision policy ran float32 dots at the backend's
   # default, which "auto" keeps for training on CPU and GPU.
   previous.setdefault("matmul_precision", "auto")
@@ -599,12 +601,13 @@ def merge_run_config(current: dict, recorded: dict,
 
 # Fields that may change between a run and its resumption (prefixes).
 # (init.source only says where the weights came from; matmul_precision,
-# added later, is how the same computation is rounded.)
+# added later, is how the same computation is rounded; init.resample is read
+# by --mode=eval alone.)
 _RESUMABLE_KEYS = ("eval", "log_every_steps", "checkpoint_every_steps",
                    "checkpoint_every_minutes", "checkpoint_every_epochs",
                    "compilation_cache_dir", "keep_checkpoints",
                    "data.cache_dir", "init.source", "matmul_precision",
-                   "device_memory_gb")
+                   "device_memory_gb", "init.resample")
 
 
 def _run_defining(config_dict: dict) -> Dict[str, Any]:

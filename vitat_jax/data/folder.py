@@ -108,17 +108,25 @@ def check_root(root: str) -> pathlib.Path:
   return root_path
 
 
-def check_layout(root: str) -> tuple[pathlib.Path, tuple[str, ...]]:
-  """The resolved root and its class names; one-line errors otherwise."""
+def check_layout(
+    root: str,
+    splits=("train", "test")) -> tuple[pathlib.Path, tuple[str, ...]]:
+  """The resolved root and its class names; one-line errors otherwise.
+
+  `splits=("test",)` (evaluation) needs no train/: the classes are test/'s.
+  """
   root_path = check_root(root)
-  for split in ("train", "test"):
+  for split in splits:
     if not (root_path / split).is_dir():
+      what = (" and ".join(f"{s}/<class>/*.jpg" for s in splits))
       raise UserError(f"{root_path / split} is missing; an image folder needs "
-                      "train/<class>/*.jpg and test/<class>/*.jpg")
-  class_names = _class_folders(root_path / "train")
+                      f"{what}")
+  class_names = _class_folders(root_path / splits[0])
   if not class_names:
-    raise UserError(f"{root_path / 'train'} has no class subfolders; put the "
-                    "images in train/<class>/*.jpg")
+    raise UserError(f"{root_path / splits[0]} has no class subfolders; put "
+                    f"the images in {splits[0]}/<class>/*.jpg")
+  if tuple(splits) == ("test",):
+    return root_path, class_names
   test_classes = _class_folders(root_path / "test")
   if test_classes != class_names:
     missing = sorted(set(class_names) ^ set(test_classes))

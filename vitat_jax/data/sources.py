@@ -207,9 +207,10 @@ class TfdsSource:
 
 @dataclasses.dataclass(frozen=True)
 class DataSplits:
-  """The two splits of a dataset and what a model needs to know about them."""
+  """The two splits of a dataset and what a model needs to know about them
+  (`train` is None when `load` was asked for the test split alone)."""
 
-  train: Source
+  train: Optional[Source]
   test: Source
   num_classes: int
   image_size: int  # H == W
@@ -315,7 +316,10 @@ def extra_rows(data_config, batch_size: int, shards: int = 1) -> int:
                                   batch_size, shards)
 
 
-def load(data_config, with_extra: bool = True) -> DataSplits:
+def load(data_config,
+         with_extra: bool = True,
+         *,
+         train: bool = True) -> DataSplits:
   """Builds the train and test sources that `data_config` describes.
 
   Args:
@@ -328,6 +332,9 @@ def load(data_config, with_extra: bool = True) -> DataSplits:
       `extra_fraction`; missing or empty ones take their defaults.
     with_extra: also build `data.extra`'s set (`DataSplits.extra`; training
       only needs it).
+    train: False: the test split alone (evaluation); the train split is
+      neither opened nor listed nor decoded (an image folder needs no
+      train/), and `DataSplits.train` is None.
 
   Returns:
     The splits. Train and test subsets (`*_examples` > 0) are seeded and
@@ -341,8 +348,9 @@ def load(data_config, with_extra: bool = True) -> DataSplits:
   image_size, subset, mean, std, eval_subset = _fields(data_config)
   train_transform, eval_transform = transforms(data_config, image_size)
 
+  wanted = ("train", "test") if train else ("test",)
   if name == "digits":
-    splits = _load_digits(image_size, **subset)
+    splits = _load_digits(image_size, wanted=wanted, **subset)
   elif name == "image_folder":
     splits = _load_image_folder(root=_get(data_config, "root"),
                                 transforms=(train_transform, eval_transform),
@@ -351,6 +359,7 @@ def load(data_config, with_extra: bool = True) -> DataSplits:
                                 cache_mb=_get_int(data_config,
                                                   "decoded_cache_mb"),
                                 eval_subset=eval_subset,
+                                wanted=wanted,
                                 **subset)
   else:
     splits = _load_tfds(tfds_name=_get(data_config, "tfds_name"),
@@ -358,6 +367,7 @@ def load(data_config, with_extra: bool = True) -> DataSplits:
                         split_names=(_get(data_config, "train_split"),
                                      _get(data_config, "test_split")),
                         transforms=(train_transform, eval_transform),
+                        wanted=wanted,
                         **subset)
   if train_transform.name != "squash" and isinstance(splits.train, ArraySource):
     splits = dataclasses.replace(splits,
@@ -514,8 +524,11 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------- digits ---
 
 
-def _load_digits(image_size: int, train: int, test: int,
-                 seed: int) -> DataSplits:
+def _load_digits(image_size: int,
+                 train: int,
+                 test: int,
+                 seed: int,
+                 wanted=("train", "test")) -> DataSplits:
   """scikit-learn's digits, 1437 train / 360 test after a fixed shuffle."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
@@ -532,10 +545,12 @@ def _load_digits(image_size: int, train: int, test: int,
 
   order = np.random.default_rng(0).permutation(len(labels))
   parts = {"train": order[:DIGITS_NUM_TRAIN], "test": order[DIGITS_NUM_TRAIN:]}
-  sources = {}
-  for split, wanted in (("train", train), ("test", test)):
+  sources = {"train": None}
+  for split, count in (("train", train), ("test", test)):
+    if split not in wanted:
+      continue
     indices = parts[split]
-    keep = _maybe_subset(labels[indices], wanted, 10, seed,
+    keep = _maybe_subset(labels[indices], count, 10, seed,
                          f"data.{split}_examples")
     if keep is not None:
       indices = indices[keep]
@@ -553,15 +568,24 @@ def _load_digits(image_size: int, train: int, test: int,
 # ----------------------------------------------------------- image folder ---
 
 
-def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
-                       eval_subset: str, train: int, test: int,
-                       seed: int) -> DataSplits:
-  """Indexes root/train and root/test; decodes lazily unless small."""
-  root_path, class_names = folder.check_layout(root)
+def _load_image_folder(root: str,
+                       transforms,
+                       cache_dir: str,
+                       cache_mb: int,
+                       eval_subset: str,
+                       train: int,
+                       test: int,
+                       seed: int,
+                       wanted=("train", "test")) -> DataSplits:
+  """Indexes root/train and root/test (or the `wanted` ones); decodes
+  lazily unless small."""
+  root_path, class_names = folder.check_layout(root, wanted)
   cache_path = pathlib.Path(cache_dir)
   # List, check headers and pick subsets before anything is decoded.
   listings = {}
-  for split, wanted in (("train", train), ("test", test)):
+  for split, count in (("train", train), ("test", test)):
+    if split not in wanted:
+      continue
     if split == "test" and eval_subset == "robustbench":
       files, labels = folder.robustbench_files(root_path / split, class_names)
     else:
@@ -570,7 +594,7 @@ def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
                                          allow_empty_class=split != "train")
     files, labels, sizes = folder.index_split(root_path, split, files, labels,
                                               cache_path)
-    keep = _maybe_subset(labels, wanted, len(class_names), seed,
+    keep = _maybe_subset(labels, count, len(class_names), seed,
                          f"data.{split}_examples")
     if keep is not None:
       files, labels, sizes = [files[i] for i in keep], labels[keep], sizes[keep]
@@ -586,11 +610,14 @@ def _load_image_folder(root: str, transforms, cache_dir: str, cache_mb: int,
       raise UserError(f"train and test images under {root_path} differ in "
                       f"size ({native['train']} vs {native['test']}); set "
                       "data.image_size to resize them")
-    train_transform = dataclasses.replace(train_transform, size=native["train"])
-    eval_transform = dataclasses.replace(eval_transform, size=native["train"])
-  sources = {}
+    train_transform = dataclasses.replace(train_transform,
+                                          size=native[wanted[0]])
+    eval_transform = dataclasses.replace(eval_transform, size=native[wanted[0]])
+  sources = {"train": None}
   for split, transform in (("train", train_transform), ("test",
                                                         eval_transform)):
+    if split not in wanted:
+      continue
     files, labels, _ = listings[split]
     sources[split] = _folder_source(root_path, split, files, labels, transform,
                                     cache_path, cache_mb)
@@ -625,13 +652,22 @@ def _folder_source(root_path: pathlib.Path, split: str, files, labels,
 # ------------------------------------------------------------------- tfds ---
 
 
-def _load_tfds(tfds_name: str, data_dir: Optional[str], split_names: tuple[str,
-                                                                           str],
-               transforms, train: int, test: int, seed: int) -> DataSplits:
-  """Opens a prepared tfds dataset for random access."""
+def _load_tfds(tfds_name: str,
+               data_dir: Optional[str],
+               split_names: tuple[str, str],
+               transforms,
+               train: int,
+               test: int,
+               seed: int,
+               wanted=("train", "test")) -> DataSplits:
+  """Opens a prepared tfds dataset for random access (the `wanted` splits
+  of train and test)."""
   # Imported here: tfds takes seconds to import and only this source needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  roles = tuple(role for role in ("train", "test") if role in wanted)
+  split_names = tuple(
+      dict(zip(("train", "test"), split_names))[role] for role in roles)
   data_sources = [
       _open_tfds_split(tfds, tfds_name, split, data_dir)
       for split in split_names
@@ -660,23 +696,24 @@ def _load_tfds(tfds_name: str, data_dir: Optional[str], split_names: tuple[str,
     train_transform = dataclasses.replace(train_transform, size=image_size)
     eval_transform = dataclasses.replace(eval_transform, size=image_size)
 
-  sources = []
-  for data_source, split, wanted, transform in zip(
-      data_sources, split_names, (train, test),
-      (train_transform, eval_transform)):
+  counts = {"train": train, "test": test}
+  role_transforms = {"train": train_transform, "test": eval_transform}
+  sources = {"train": None}
+  for data_source, split, role in zip(data_sources, split_names, roles):
+    count, transform = counts[role], role_transforms[role]
     record_indices = None
     label_reader = functools.partial(_read_labels_of_split, tfds_name, split,
                                      data_dir)
-    if wanted:
+    if count:
       labels = label_reader()
       label_reader = functools.partial(np.asarray, labels)
-      record_indices = balanced_subset(labels, wanted, len(class_names), seed,
-                                       f"data.{split}_examples")
-    sources.append(
-        TfdsSource(data_source, transform, record_indices, label_reader))
+      record_indices = balanced_subset(labels, count, len(class_names), seed,
+                                       f"data.{role}_examples")
+    sources[role] = TfdsSource(data_source, transform, record_indices,
+                               label_reader)
   mean, std = default_stats(_tfds_base_name(tfds_name))
-  return DataSplits(train=sources[0],
-                    test=sources[1],
+  return DataSplits(train=sources["train"],
+                    test=sources["test"],
                     num_classes=len(class_names),
                     image_size=image_size,
                     mean=mean,

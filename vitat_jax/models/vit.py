@@ -247,9 +247,12 @@ def _register_all():
                         distilled=True,
                         **common)
   # The reference repository's `vit_small_patch16_224` is timm's early custom
-  # model, not today's ViT-S/16; it lives here under a distinct name.
+  # model, not today's ViT-S/16; it lives here under a distinct name, with
+  # the ImageNet mean/std of timm 0.4's cfg for it.
   registry.register("vit_small_patch16_224_legacy",
                     VisionTransformer,
+                    mean=IMAGENET_DEFAULT_MEAN,
+                    std=IMAGENET_DEFAULT_STD,
                     embed_dim=768,
                     depth=8,
                     num_heads=8,

@@ -60,7 +60,9 @@ def load(
     model,
     init_params: Optional[Any] = None,
     format: str = "auto",  # pylint: disable=redefined-builtin
-    allow_pickle: bool = False):
+    allow_pickle: bool = False,
+    *,
+    warn_resampling: bool = False):
   """Params for `model` (a pytree like `model.init(...)["params"]`).
 
   Args:
@@ -73,6 +75,8 @@ def load(
     format: "auto" (from the file), "safetensors", "torch" or "npz".
     allow_pickle: let `.pth` files hold arbitrary pickled objects. Only for
       files from a trusted source: unpickling can run code.
+    warn_resampling: log each resampled tensor as a WARNING, not INFO
+      (evaluating a resampled checkpoint is not evaluating timm's network).
 
   Raises:
     UserError: a missing file, a checkpoint of another family or size, or a
@@ -107,7 +111,8 @@ def load(
       if root in reinit_roots:
         reinit.append((flax_path, f"{key} {value.shape} -> {want}"))
         continue
-      value = _resample(key, value, want, model, fam, path)
+      value = _resample(key, value, want, model, fam, path,
+                        logging.WARNING if warn_resampling else logging.INFO)
     out[flax_path] = naming.to_flax(value, leaf).astype(spec.dtype)
 
   unused = sorted(k for k in state if k not in used)
@@ -164,7 +169,9 @@ def check(
     path: str,
     model,
     format: str = "auto",  # pylint: disable=redefined-builtin
-    allow_pickle: bool = False) -> None:
+    allow_pickle: bool = False,
+    *,
+    warn_resampling: bool = False) -> None:
   """Raises the UserError `load` would raise, without compiling anything.
 
   Runs the whole mapping and resampling in NumPy against the model's
@@ -175,10 +182,11 @@ def check(
        model,
        init_params=_abstract_params(model),
        format=format,
-       allow_pickle=allow_pickle)
+       allow_pickle=allow_pickle,
+       warn_resampling=warn_resampling)
 
 
-def _resample(key, value, want, model, fam, path):
+def _resample(key, value, want, model, fam, path, level):
   """`value` resampled to the shape `want`, or a one-line UserError."""
   if key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
     prefix = _num_prefix_tokens(model, fam)
@@ -188,23 +196,24 @@ def _resample(key, value, want, model, fam, path):
     except ValueError:
       new = None
     if new is not None and new.shape == want:
-      logging.info(
-          "checkpoint: resampled %s %s -> %s (bilinear, %d prefix "
+      logging.log(
+          level, "checkpoint: resampled %s %s -> %s (bilinear, %d prefix "
           "token(s) kept)", key, value.shape, want, prefix)
       return new
   elif key == "patch_embed.proj.weight" and value.shape[:2] == want[:2]:
     new = resample.resample_patch_kernel(value, want[-1])
     how = "sum-pooled" if value.shape[-1] % want[-1] == 0 else "nearest"
-    logging.info("checkpoint: resampled %s %s -> %s (%s)", key, value.shape,
-                 want, how)
+    logging.log(level, "checkpoint: resampled %s %s -> %s (%s)", key,
+                value.shape, want, how)
     return new
   elif (key.endswith("relative_position_bias_table") and
         value.shape[1:] == want[1:]):
     window = (int(round(np.sqrt(want[0]))) + 1) // 2
     new = resample.resize_relative_position_table(value, window)
     if new.shape == want:
-      logging.info("checkpoint: resized %s %s -> %s (bilinear, window %d)", key,
-                   value.shape, want, window)
+      logging.log(level,
+                  "checkpoint: resized %s %s -> %s (bilinear, window %d)", key,
+                  value.shape, want, window)
       return new
   raise UserError(
       f"checkpoint {path}: {key} has shape {tuple(value.shape)}, the model "

@@ -10,7 +10,7 @@ import json
 import os
 import struct
 import zipfile
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -59,10 +59,9 @@ def detect_format(path: str) -> str:
                   ".pth/.pt or .npz, or pass format=")
 
 
-def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """All tensors of a .safetensors file as numpy arrays (no torch needed)."""
-  with open(path, "rb") as f:
-    data = f.read()
+def _safetensors_header(path: str, data: bytes) -> Tuple[dict, int]:
+  """(the header of a .safetensors file, the offset of its tensors) from
+  `data`, the file's bytes (at least its header's)."""
   try:
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + size])
@@ -72,7 +71,15 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   if not isinstance(header, dict):
     raise UserError(f"{path} is not a valid .safetensors file (its header is "
                     f"a {type(header).__name__}, not an object)")
-  body = memoryview(data)[8 + size:]
+  return header, 8 + size
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """All tensors of a .safetensors file as numpy arrays (no torch needed)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  header, start_of_body = _safetensors_header(path, data)
+  body = memoryview(data)[start_of_body:]
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
@@ -98,6 +105,24 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
           f"{name!r}: {end - start} bytes for shape {shape})") from None
     out[name] = array.copy()
   return out
+
+
+def _read_safetensors_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+  """The tensors' shapes from a .safetensors header alone."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+    size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    data = head + f.read(size)
+  header, _ = _safetensors_header(path, data)
+  try:
+    return {
+        name: tuple(int(v) for v in info["shape"])
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+  except (TypeError, KeyError, ValueError):
+    raise UserError(f"{path} is not a valid .safetensors file (a bad header "
+                    "entry)") from None
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray],
@@ -216,3 +241,17 @@ def read(
       "torch": lambda p: read_torch(p, allow_pickle)
   }[format]
   return reader(path), format
+
+
+def read_shapes(
+    path: str,
+    format: str = "auto",  # pylint: disable=redefined-builtin
+    allow_pickle: bool = False
+) -> Dict[str, Tuple[int, ...]]:
+  """{name: shape} of a checkpoint's tensors (a .safetensors file's header
+  alone; other formats are read whole)."""
+  if os.path.isfile(path) and (format == "safetensors" or format == "auto" and
+                               detect_format(path) == "safetensors"):
+    return _read_safetensors_shapes(path)
+  tensors, _ = read(path, format, allow_pickle)
+  return {name: tuple(value.shape) for name, value in tensors.items()}
