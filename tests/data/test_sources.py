@@ -1,5 +1,6 @@
 """Sources: digits, image folders (with cache) and tfds, behind `load`."""
 
+import os
 import pathlib
 import shutil
 import types
@@ -496,6 +497,34 @@ def test_tfds_unknown_split_is_a_user_error(tiny_tfds_dir):
                      tfds_data_dir=str(tiny_tfds_dir),
                      test_split="val"))
   _assert_one_line_error(excinfo, "'val'", "data.train_split/test_split")
+
+
+def test_the_test_split_alone_never_opens_the_train_split(
+    tiny_tfds_dir, tmp_path):
+  """Evaluation's `load(..., train=False)`: a train split that does not
+  exist is never asked for (tfds split, folder train/), and `train` is
+  None."""
+  tfds_splits = data.load(_tfds_config(tfds_name="vitat_test_tiny_gray",
+                                       tfds_data_dir=str(tiny_tfds_dir),
+                                       train_split="no_such_split"),
+                          train=False)
+  assert tfds_splits.train is None and tfds_splits.num_classes == 3
+  _assert_split(tfds_splits.test, 6)
+  for c in ("a", "b"):
+    os.makedirs(tmp_path / "only_test" / "test" / c)
+    Image.new("RGB", (5, 5)).save(tmp_path / "only_test" / "test" / c / "x.png")
+  folder_splits = data.load(_config(name="image_folder",
+                                    root=str(tmp_path / "only_test"),
+                                    cache_dir=str(tmp_path / "cache")),
+                            train=False)
+  assert folder_splits.train is None and folder_splits.image_size == 5
+  assert folder_splits.class_names == ("a", "b")
+  with pytest.raises(UserError, match="train is missing"):
+    data.load(
+        _config(name="image_folder",
+                root=str(tmp_path / "only_test"),
+                cache_dir=str(tmp_path / "cache")))
+  assert data.load(_config(name="digits"), train=False).train is None
 
 
 def test_array_source_checks_its_arrays():
