@@ -161,8 +161,8 @@ def _refuse_other_size(config, spec, data_size: int) -> None:
   """The one-line refusal of test images whose size is not the model's."""
   if data_size and data_size != spec.image_size:
     raise UserError(
-        f"{config.init.checkpoint} is {spec.describe()} for "
-        f"{spec.image_size}-px images; the test images are {data_size} px: "
+        f"{config.init.checkpoint} holds timm's {spec.describe()}; the test "
+        f"images are {data_size} px: "
         f"pass --config.eval.resize_to_model=True to resize them to "
         f"{spec.image_size} px, or --config.init.resample=True to resample "
         f"the model to {data_size} px")
