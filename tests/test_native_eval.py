@@ -197,3 +197,40 @@ def test_the_preprocessing_table_is_timm_s():
             prep.interpolation) == (cfg.input_size[1], tuple(cfg.mean),
                                     tuple(cfg.std), cfg.crop_pct,
                                     cfg.interpolation), name
+
+
+def test_a_model_card_beside_the_checkpoint_wins(timm_checkpoint, tmp_path,
+                                                 caplog):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  path, _, _, _, _ = timm_checkpoint
+  exported = tmp_path / "export"
+  exported.mkdir()
+  shutil.copy(path, exported / "model.safetensors")
+  (exported / "model_card.json").write_text(
+      json.dumps({
+          "timm": {
+              "name": NAME,
+              "kwargs": {
+                  "num_classes": NUM_CLASSES,
+                  "img_size": 224
+              }
+          },
+          "input": {
+              "mean": [0.5] * 3,
+              "std": [0.25] * 3
+          }
+      }))
+  root = tmp_path / "small"
+  _write_folder(root, _images(NUM_CLASSES, 32, seed=2), range(NUM_CLASSES))
+  config = _config(
+      str(exported / "model.safetensors"), root, tmp_path, **{
+          "eval.resize_to_model": True,
+          "model.name": "vit_tiny_patch16_224"
+      })
+  with caplog.at_level(logging.INFO, logger="absl"):
+    run = setup.prepare(config, str(tmp_path), "eval")
+  assert run.native.source.startswith("the model card")
+  assert run.model.mean == (0.5,) * 3 and run.model.std == (0.25,) * 3
+  assert run.config.model.name == NAME
+  assert "model.name=vit_tiny_patch16_224 not used" in caplog.text
