@@ -124,6 +124,19 @@ def sizes_from_shapes(shapes: Dict[str, Sequence[int]], name: str,
   return sizes
 
 
+def _timm_shapes(
+    checkpoint: str,
+    format: str,  # pylint: disable=redefined-builtin
+    allow_pickle: bool
+) -> Dict[str, Sequence[int]]:
+  """{timm key: shape} of a checkpoint (a Google .npz renamed to timm's)."""
+  if format == "npz" or format == "auto" and os.path.isfile(
+      checkpoint) and io.detect_format(checkpoint) == "npz":
+    tensors, _ = io.read(checkpoint, "npz")
+    return {k: v.shape for k, v in naming.npz_to_timm(tensors).items()}
+  return io.read_shapes(checkpoint, format, allow_pickle)
+
+
 def native_model(
     checkpoint: str,
     name: Optional[str] = None,
@@ -174,7 +187,7 @@ def native_model(
   if name is None:
     raise UserError(f"no {CARD} beside {checkpoint}: pass {name_flag} (the "
                     "timm model name, e.g. 'deit_tiny_patch16_224')")
-  shapes = io.read_shapes(checkpoint, format, allow_pickle)
+  shapes = _timm_shapes(checkpoint, format, allow_pickle)
   sizes = sizes_from_shapes(shapes, name, checkpoint)
   kwargs = {
       k: v

@@ -10,7 +10,7 @@ timm's evaluation resize (Resize(image_size / crop_pct), CenterCrop, with
 card normalises with this table (`pretrained.native`).
 
 Sources, checked against `timm.models.get_pretrained_cfg(name)` of timm
-1.0.31 for every registered name (tests/pretrained/test_native.py):
+1.0.31 for every registered name (tests/test_native_eval.py):
 - deit_*: timm/models/deit.py's `_cfg` (IMAGENET_DEFAULT_MEAN/STD, crop_pct
   0.9, bicubic; the 384-px models crop_pct 1.0), as Touvron et al.'s
   facebookresearch/deit trained them;
