@@ -1,8 +1,9 @@
 """`--mode=eval` of an external timm checkpoint evaluates timm's network.
 
 timm's `deit_tiny_patch16_224` (random weights, 10 classes) is saved as
-.safetensors; an image folder named `cifar10` (whose name would give
-CIFAR-10's statistics) holds 200 test images of 224 px and no train/ at all.
+.safetensors; an image folder read with the CIFAR-10 recipe (whose
+`data.stats=cifar10` are the data set's statistics, not the model's) holds
+200 test images of 224 px and no train/ at all.
 Each image's folder is timm's own prediction for it, so a clean accuracy of
 200/200 is the argmax of every image agreeing with timm's. One compiled
 evaluation.
@@ -75,7 +76,7 @@ def timm_checkpoint(tmp_path_factory):
   start = time.perf_counter()
   logits = _timm_logits(model, images)
   timm_seconds = time.perf_counter() - start
-  root = tmp / "cifar10"  # the name that means CIFAR-10's mean/std
+  root = tmp / "cifar10"
   _write_folder(root, images, logits.argmax(-1))
   return path, root, images, logits, timm_seconds
 
