@@ -361,13 +361,13 @@ def test_a_run_takes_its_rows_and_its_epoch_length_from_the_config(
   assert run.steps_per_epoch == 320 // 24
   assert setup.prepare(_tiny.config(), str(tmp_path / "plain"),
                        "train").extra is None
-  # Evaluation neither needs nor reads the extra set, and counts the same
-  # steps per epoch.
+  # Evaluation neither needs nor reads the extra set (nor the train split:
+  # its steps per epoch are those its checkpoint records, none here).
   pathlib.Path(path).unlink()
   monkeypatch.setattr(workdir_lib, "has_checkpoints", lambda w: True)
   run = setup.prepare(config, str(tmp_path / "run"), "eval")
   assert run.extra is None and run.splits.extra is None
-  assert run.steps_per_epoch == 320 // 24
+  assert run.splits.train is None and run.steps_per_epoch == 1
 
 
 def test_a_worker_process_reads_the_same_mixed_batches(tmp_path):
