@@ -124,6 +124,14 @@ def sizes_from_shapes(shapes: Dict[str, Sequence[int]], name: str,
   return sizes
 
 
+def _known_preprocessing(name: str) -> Optional[preprocessing.Preprocessing]:
+  """timm's pre-processing of `name`, or None where the table has none."""
+  try:
+    return preprocessing.timm_preprocessing(name)
+  except UserError:
+    return None
+
+
 def _timm_shapes(
     checkpoint: str,
     format: str,  # pylint: disable=redefined-builtin
@@ -169,7 +177,6 @@ def native_model(
       checkpoint of the name.
   """
   card_path = card_beside(checkpoint)
-  prep = None
   if card_path is not None:
     card_name, kwargs, card_mean, card_std = _read_card(card_path, name_flag)
     if strict_name and name is not None and name != card_name:
@@ -179,11 +186,8 @@ def native_model(
     models.model_defaults(card_name)  # a known name, else one line
     kwargs.update(mean=card_mean, std=card_std)
     kwargs.setdefault("img_size", models.model_defaults(card_name)["img_size"])
-    try:
-      prep = preprocessing.timm_preprocessing(card_name)
-    except UserError:
-      prep = None
-    return NativeModel(card_name, kwargs, f"the model card {card_path}", prep)
+    return NativeModel(card_name, kwargs, f"the model card {card_path}",
+                       _known_preprocessing(card_name))
   if name is None:
     raise UserError(f"no {CARD} beside {checkpoint}: pass {name_flag} (the "
                     "timm model name, e.g. 'deit_tiny_patch16_224')")
@@ -202,10 +206,7 @@ def native_model(
   if mean is not None and std is not None:
     kwargs.update(mean=tuple(mean), std=tuple(std))
     stats_from = "the config's data.mean/std"
-    try:
-      prep = preprocessing.timm_preprocessing(name)
-    except UserError:
-      prep = None
+    prep = _known_preprocessing(name)
   else:
     prep = preprocessing.timm_preprocessing(name)
     kwargs.update(mean=prep.mean, std=prep.std)
