@@ -282,6 +282,7 @@ def prepare(config,
   splits = data_lib.load(data_config,
                          with_extra=purpose == "train",
                          train=purpose != "eval")
+  validate.check_classes(config, splits.num_classes)
   if spec is not None:  # the checkpoint's normalisation, not the data set's
     splits = dataclasses.replace(splits, mean=spec.mean, std=spec.std)
     if config.init.resample:
@@ -291,7 +292,6 @@ def prepare(config,
       _check_head_classes(config, spec, splits)
       _log_native(config, spec, splits)
       config = _native_config(config, spec, data_config)
-  validate.check_classes(config, splits.num_classes)
   model = state_lib.build_model(config, splits)
   precision.log_policy(
       config.matmul_precision, model.dtype,
