@@ -210,6 +210,18 @@ def test_training_starts_from_a_resampled_pretrained_checkpoint(
       source_params["blocks_0"]["attn"]["qkv"]["kernel"])
   assert params["pos_embed"].shape == (1, 2 * 2 + 1, 16)  # 4x4 grid -> 2x2
   assert params["head"]["kernel"].shape == (16, 10)  # new head
+  # --mode=eval evaluates the run's own weights, not the file it started
+  # from, whether the command leaves init.checkpoint out (the run's config
+  # is taken) or names the same file again (a paper config does).
+  from vitat_jax import eval_only  # pylint: disable=g-import-not-at-top
+  for init in ({}, {"init.checkpoint": path}):
+    evaluated = eval_only.evaluate_checkpoint(
+        _tiny.config(epochs=1.0, **{
+            "eval.attacks": ("clean",),
+            **init
+        }), str(tmp_path / "w"))
+    assert evaluated["checkpoint"] != path
+    assert evaluated["clean_acc"] == result["clean_acc"]
 
 
 def test_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path):

@@ -25,6 +25,7 @@ training does, with a WARNING).
 """
 
 import dataclasses
+import os
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -95,18 +96,29 @@ def config_for_evaluation(cli_config, workdir: str):
 
   The run's config is the one its newest checkpoint carries (config.json for
   runs saved before checkpoints carried it), completed with the fields added
-  since. Without either (evaluating a converted checkpoint) the command's
+  since; its `init.checkpoint` is cleared, since the file a run started from
+  is not the run: the run's checkpoints are evaluated (also when the
+  command names that same file again, as a paper config does). Without a
+  recorded run, or when the command names another file in
+  `init.checkpoint` (evaluating a converted checkpoint), the command's
   config is used as it is.
   """
-  if cli_config.init.checkpoint:
-    return cli_config
   recorded, _ = workdir_lib.recorded_config(workdir)
-  if recorded is None:
+  external = cli_config.init.checkpoint
+  if recorded is None or (external and not _same_file(
+      external, (recorded.get("init") or {}).get("checkpoint", ""))):
     return cli_config
-  return ml_collections.ConfigDict(
+  config = ml_collections.ConfigDict(
       workdir_lib.merge_run_config(cli_config.to_dict(),
                                    recorded,
                                    keep=("eval",)))
+  config.init.checkpoint = ""
+  return config
+
+
+def _same_file(a: str, b: str) -> bool:
+  return bool(b) and os.path.abspath(os.path.expanduser(a)) == os.path.abspath(
+      os.path.expanduser(b))
 
 
 def _check_workdir(config, workdir: str, purpose: str, overwrite: bool):
@@ -131,7 +143,8 @@ def _check_workdir(config, workdir: str, purpose: str, overwrite: bool):
   if not config.init.checkpoint:
     if not workdir_lib.has_checkpoints(workdir):
       raise checkpointing.no_checkpoint(workdir)
-    workdir_lib.check_same_config(config, workdir)
+    # The run's own config, its starting file cleared (config_for_evaluation).
+    workdir_lib.check_same_config(config, workdir, ignore=("init.checkpoint",))
 
 
 def _external_native_model(config):

@@ -618,13 +618,16 @@ def _run_defining(config_dict: dict) -> Dict[str, Any]:
   }
 
 
-def check_same_config(config, workdir: str) -> None:
-  """Refuses a workdir holding a run with a different config (no writes)."""
+def check_same_config(config, workdir: str, ignore: Tuple[str,
+                                                          ...] = ()) -> None:
+  """Refuses a workdir holding a run with a different config (no writes);
+  the flat keys in `ignore` may differ."""
   previous, source = recorded_config(workdir)
   if previous is None:
     return
   old, new = _run_defining(previous), _run_defining(config_as_dict(config))
-  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  changed = sorted(k for k in set(old) | set(new)
+                   if old.get(k) != new.get(k) and k not in ignore)
   if changed:
     shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
     raise UserError(
