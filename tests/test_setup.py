@@ -53,12 +53,9 @@ def test_eval_and_export_walk_training_s_steps_in_its_order(
   for purpose in ("eval", "export"):
     walked, other = _walk(monkeypatch, purpose, str(tmp_path / purpose), config)
     assert _is_subsequence(walked, train_walk), (purpose, walked)
-    # The same run, built the same way; evaluation reads no train split
-    # (its steps per epoch are the checkpoint's; none here).
-    if purpose == "eval":
-      assert other.splits.train is None and other.steps_per_epoch == 1
-    else:
-      assert other.steps_per_epoch == run.steps_per_epoch
+    # The same run, built the same way; evaluation and export read no
+    # train split (their steps per epoch are the checkpoint's; none here).
+    assert other.splits.train is None and other.steps_per_epoch == 1
     assert other.model == run.model
   # Evaluation writes nothing but its results: the workdir is not required
   # to be writable.

@@ -11,8 +11,8 @@ purpose, the data (as `eval.protocol` reads it), the model, the optimizer
 pre-trained file. Evaluation and export take the
 run's own recorded config (`config_for_evaluation`) with the command's
 `eval` section. Their walk is training's with the training-only checks
-left out, so a new setup step is written once, here. Evaluation reads the
-test split alone.
+left out, so a new setup step is written once, here. Evaluation and export
+read the test split alone.
 
 `--mode=eval` of an external checkpoint (`init.checkpoint`) evaluates the
 network as timm defines it (`pretrained.native`: the model card beside the
@@ -294,7 +294,7 @@ def prepare(config,
       data_config = _native_data_config(config, data_config, spec)
   splits = data_lib.load(data_config,
                          with_extra=purpose == "train",
-                         train=purpose != "eval")
+                         train=purpose == "train")
   validate.check_classes(config, splits.num_classes)
   if spec is not None:  # the checkpoint's normalisation, not the data set's
     splits = dataclasses.replace(splits, mean=spec.mean, std=spec.std)
