@@ -17,7 +17,7 @@ FP32, TF32 on CUDA, AMP-bf16) on the same device, the input pipeline
 (grain workers decoding a JPEG folder at the case's size) against the step's
 rate, and AutoAttack against fra31's (`pyautoattack`) on the same device.
 
-    python -m benchmarks.accelerator                 # full size, ~8 min on an H100
+    python -m benchmarks.accelerator                 # full size (sized for 8 min on an H100; not yet run on one)
     python -m benchmarks.accelerator --tiny          # every part, toy sizes, CPU, < 1 min
     python -m benchmarks.accelerator --cases=b --parts=step,torch --repeats=3
 

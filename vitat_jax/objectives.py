@@ -33,17 +33,16 @@ TRAINING_ATTACKS = ("pgd", "apgd")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean over the batch of -sum_c t_c log softmax(z)_c."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  return -(targets * logp).sum(axis=-1).mean()
-
-
 def soft_cross_entropy_per_example(logits: jax.Array,
                                    targets: jax.Array) -> jax.Array:
   """-sum_c t_c log softmax(z)_c, one value per example (APGD's AT loss)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   return -(targets * logp).sum(axis=-1)
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over the batch of `soft_cross_entropy_per_example`."""
+  return soft_cross_entropy_per_example(logits, targets).mean()
 
 
 def _accuracy(logits, targets):
