@@ -14,7 +14,7 @@ checkpointing) trust it:
 | `optim` | `check_optim` (parameter groups: `_check_param_groups`) |
 | `eval` (attacks, each once, eps, AutoAttack) | `_check_eval` (`eval.protocol`: `data.protocol.check_fields`) |
 | `init` | `_check_init` |
-| `init.resample`, `eval.resize_to_model` against an external checkpoint's own image size and class count (read from its shapes or card) | `setup._refuse_other_size`, `setup._check_head_classes` (`--mode=eval` only) |
+| `init.resample`, `eval.resize_to_model` against an external checkpoint's own image size and class count (read from its shapes or card) | `native_eval._refuse_other_size`, `native_eval._check_head_classes` (`--mode=eval` only) |
 | `data` | `data.check_config`, which `data.load` also runs (a library function taking any attribute object); `data.extra` and `extra_fraction` through `data.extra`, whose rows per batch against the devices `data.extra_rows` checks in `setup.prepare` |
 | `model` | `_check_model_fields`, then building the module (`models.create_from_config`) |
 | `eval` against the data's class count (AutoAttack's targeted and DLR attacks) | `check_classes`, run by `setup.prepare` right after the data is listed |
