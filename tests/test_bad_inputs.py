@@ -821,6 +821,29 @@ def test_lost_storage_ends_in_one_line():
   assert not cli.QuietLibraries().filter(record)
 
 
+def test_a_failed_checkpoint_reads_sibling_tracebacks_are_kept_out():
+  """An unreadable checkpoint's other failed array reads, printed by asyncio
+  when it collects their tasks, are not shown (the first is reported in one
+  line); asyncio's other reports are."""
+  import logging
+  from vitat_jax import cli
+  read = ValueError('OUT_OF_RANGE: Error opening "zarr" driver: Error reading'
+                    ' "params.patch_embed.kernel/.zarray" in OCDBT database '
+                    "[tensorstore_spec='{\"driver\":\"zarr\"}']")
+  record = lambda name, msg, error: logging.LogRecord(
+      name, logging.ERROR, "base_events.py", 1, msg, (),
+      (type(error), error, None))
+  quiet = cli.QuietLibraries()
+  assert not quiet.filter(
+      record("asyncio", "Task exception was never retrieved", read))
+  assert not quiet.filter(
+      record("asyncio", "Future exception was never retrieved", read))
+  assert quiet.filter(
+      record("asyncio", "Task exception was never retrieved",
+             ValueError("a bug in a callback")))
+  assert quiet.filter(record("vitat_jax", "a run's own error", read))
+
+
 def test_hosts_given_different_num_processes_stop_in_one_line(tmp_path):
   """Process 0 expecting 3 processes where 2 come: both stop within the
   --coordinator_timeout in one line; process 0 expecting 2 and process 1

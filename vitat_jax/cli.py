@@ -186,13 +186,28 @@ def default_workdir(config, config_path: str) -> str:
   return path
 
 
+def sibling_read_error(record) -> bool:
+  """asyncio's "... exception was never retrieved" for a tensorstore error:
+  when a checkpoint cannot be read, its arrays' reads fail together; orbax
+  raises the first (the caller reports it in one line: `checkpointing`'s
+  fallback warning, then main.py's error) and asyncio prints the others as
+  tracebacks when it collects their tasks."""
+  return bool(record.name == "asyncio" and record.exc_info and
+              record.exc_info[1] is not None and
+              "never retrieved" in str(record.msg) and
+              "tensorstore_spec=" in str(record.exc_info[1]))
+
+
 class QuietLibraries(std_logging.Filter):
   """Keeps orbax's and JAX's INFO chatter, every library's tracebacks of a
   full disk (orbax's save threads, asyncio's "Task exception was never
-  retrieved"), and gcsfs's fallback notes when no credentials are set, out
-  of the run's log."""
+  retrieved"), the tracebacks of a failed checkpoint read's sibling reads
+  (`sibling_read_error`), and gcsfs's fallback notes when no credentials
+  are set, out of the run's log."""
 
   def filter(self, record):
+    if sibling_read_error(record):
+      return False
     if record.name == "gcsfs" and str(
         record.msg).startswith("Could not determine bucket type"):
       return False  # each GCS call without credentials: falls back, works
