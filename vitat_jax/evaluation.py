@@ -403,8 +403,9 @@ def _autoattack_set(model, params, source, count, *, key, eps, norm, version,
   logging.info(
       "AutoAttack (%s) on %d images, %d at a time in batches of %d "
       "(eval.autoattack.batch_size; a smaller remainder of robust points is "
-      "padded to min(batch, %d))", ", ".join(attacks_to_run or [version]),
-      count, chunk, batch_size, attacks.MIN_PADDED_BATCH)
+      "padded by at most a quarter, to at least %d)",
+      ", ".join(attacks_to_run or
+                [version]), count, chunk, batch_size, attacks.MIN_PADDED_BATCH)
   started, last_line = time.perf_counter(), [time.perf_counter()]
 
   def progress(first, last):

@@ -1,6 +1,7 @@
 """AutoAttack: the sequence's invariants, the sanity checks, evaluation
 wiring, and parity with the reference implementation (fra31's)."""
 
+import importlib
 import logging
 
 import flax.linen as nn
@@ -127,6 +128,22 @@ def test_same_key_same_result_and_batching_is_invisible_to_the_flags():
                  for k in ("looks_like_probabilities", "randomized",
                            "zero_gradient_points", "square_beats_white_box"))
   assert a.warnings == []
+
+
+def test_remainders_are_padded_by_at_most_a_quarter():
+  aa = importlib.import_module("vitat_jax.attacks.autoattack")
+  sizes = {aa.padded_size(k) for k in range(1, 1025)}
+  # Four sizes per octave above the floor: few programs, little padding.
+  assert len(sizes) == 1 + 4 * 7 and min(sizes) == aa.MIN_PADDED_BATCH
+  for k in range(aa.MIN_PADDED_BATCH + 1, 1025):
+    assert k <= aa.padded_size(k) <= 1.25 * k
+  # Full batches of batch_size, a padded remainder, all a multiple of the
+  # device count; every index once, padding repeats the last.
+  chunks = list(aa._chunks(np.arange(239), 100, multiple=3))  # pylint: disable=protected-access
+  assert [(len(c), v) for c, v in chunks] == [(102, 100), (102, 100), (42, 39)]
+  assert np.array_equal(np.concatenate([c[:v] for c, v in chunks]),
+                        np.arange(239))
+  assert (chunks[-1][0][39:] == 238).all()
 
 
 def test_masked_gradients_are_flagged():
@@ -419,7 +436,6 @@ def test_parity_with_the_reference_autoattack():
 
 
 def test_dots_only_cpu_programs_are_chosen_for_models_that_reduce():
-  import importlib
   autoattack_module = importlib.import_module("vitat_jax.attacks.autoattack")
   x, _ = batch(0, n=4)
   normed = lambda v: jax.nn.softmax(mlp(v) / jnp.std(mlp(v), -1, keepdims=1))
