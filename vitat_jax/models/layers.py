@@ -205,10 +205,14 @@ class Attention(nn.Module):
   kernel_init: Any = dense_init
   precision: Optional[str] = None
   fused: Optional[bool] = None
+  # Only the first `queries` tokens attend (None: all): the outputs of the
+  # others, which a model's last block does not pass on, are not computed.
+  queries: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     batch, tokens, dim = x.shape
+    queries = tokens if self.queries is None else self.queries
     head_dim = dim // self.num_heads
     scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
     qkv = nn.Dense(3 * dim,
@@ -220,7 +224,7 @@ class Attention(nn.Module):
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     if use_fused_attention(
         self.fused) and not (train and self.attn_dropout > 0):
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      q, k, v = qkv[:, :queries, 0], qkv[:, :, 1], qkv[:, :, 2]
       out = fused_attention(q * scale,
                             k,
                             v,
@@ -230,6 +234,7 @@ class Attention(nn.Module):
       # Heads before tokens, once: the batched matmuls below then need no
       # operand transposes (about 5% of an attack step on CPU, NOTES.md).
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+      q = q[:, :, :queries]
       logits = jnp.einsum("bhqd,bhkd->bhqk",
                           q * scale,
                           k,
@@ -243,7 +248,7 @@ class Attention(nn.Module):
                    dtype=self.dtype,
                    kernel_init=self.kernel_init,
                    precision=self.precision,
-                   name="proj")(out.reshape(batch, tokens, dim))
+                   name="proj")(out.reshape(batch, queries, dim))
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
 
 
@@ -266,6 +271,9 @@ class Block(nn.Module):
   layer_norm_eps: float = 1e-6
   precision: Optional[str] = None
   fused_attention: Optional[bool] = None  # None: fused off the CPU
+  # The block returns its first `outputs` tokens only (None: all): a
+  # model's last block before a class-token head (`Attention.queries`).
+  outputs: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, attn_keep=None, mlp_keep=None, train: bool = False):
@@ -283,7 +291,10 @@ class Block(nn.Module):
                        kernel_init=self.kernel_init,
                        precision=self.precision,
                        fused=self.fused_attention,
+                       queries=self.outputs,
                        name="attn")(branch, train=train)
+    if self.outputs is not None:
+      x = x[:, :self.outputs]
     branch = gate_gradient(branch, attn_keep)
     rng = self.make_rng("dropout") if train and self.drop_path_rate else None
     x = x + drop_path(branch, self.drop_path_rate, rng, not train)

@@ -158,6 +158,7 @@ class VisionTransformer(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 precision=self.precision,
                 fused_attention=self.fused_attention,
+                outputs=len(prefix) if i == self.depth - 1 else None,
                 name=f"blocks_{i}")(x, *keeps, train)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      name="norm")(x)
