@@ -15,6 +15,17 @@ the wall time of each.
     python -m benchmarks.autoattack_parity --model=vit --num_images=500
     python -m benchmarks.autoattack_parity --version=rand --num_images=500
 
+`--model=export --export=DIR` attacks a trained run's exported model
+(`main.py --mode=export` writes DIR = <workdir>/export: timm weights and
+their card) on the first --num_images CIFAR-10 test images of
+--data_root (the image folder, classes in turn), at --eps; the PyTorch side
+is timm's model loaded from the same file, our side `vitat_jax.load_model`
+of it. benchmarks/NOTES.md ("AutoAttack on a DeiT-Ti-sized ViT") trains one
+(`scripts/autoattack_model.sh`) and compares on it:
+
+    python -m benchmarks.autoattack_parity --model=export \
+        --export=/tmp/aa_run/export --num_images=200 --eps=0.0157
+
 `--version=rand` attacks a randomised copy of the MLP on both sides: Gaussian
 noise of std NOISE_STD added to the input at every call (`jax.random` keyed
 by the attack on ours, `torch.randn` on fra31's), so the two draw different
@@ -170,6 +181,96 @@ def train_robust_vit(images, labels, *, eps=EPS, steps=2000, seed=0):
                       batch_size=128)
 
 
+def cifar_test_images(root: str, count: int):
+  """The first `count` test images of the CIFAR-10 image folder `root`
+  (root/test/<class>/*.jpg), taking the classes in turn (class c's k-th
+  image is row 10 k + c), as [N, 32, 32, 3] float32 in [0, 1], and labels."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  test = os.path.join(root, "test")
+  classes = sorted(os.listdir(test))
+  files = [sorted(os.listdir(os.path.join(test, c))) for c in classes]
+  count = min(count, len(classes) * min(map(len, files)))
+  images, labels = [], []
+  for row in range(count):
+    label, index = row % len(classes), row // len(classes)
+    with Image.open(os.path.join(test, classes[label],
+                                 files[label][index])) as image:
+      images.append(np.asarray(image.convert("RGB"), np.float32) / 255)
+    labels.append(label)
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
+def first_correct(logits_fn, params, images, labels, count: int):
+  """The first `count` of `images` that the model classifies correctly
+  (a set whose cost is the attacks', not the clean check's)."""
+  predict = jax.jit(lambda x: jnp.argmax(logits_fn(params, x), -1))
+  keep = []
+  for start in range(0, len(images), 500):
+    batch = slice(start, start + 500)
+    right = np.asarray(predict(images[batch])) == labels[batch]
+    keep.extend(start + np.flatnonzero(right))
+    if len(keep) >= count:
+      break
+  keep = np.asarray(keep[:count])
+  return images[keep], labels[keep]
+
+
+def load_export(directory: str):
+  """(logits_fn(params, x), params, PyTorch model) of the model that
+  `main.py --mode=export` wrote to `directory`: ours through
+  `vitat_jax.load_model`, timm's from the same weights and card, both
+  taking [0, 1] pixels (the timm model normalised as the card says)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import vitat_jax  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, "model_card.json")) as f:
+    card = json.load(f)
+  weights = os.path.join(directory, card["weights"])
+  loaded = vitat_jax.load_model(weights)
+  model = loaded.model
+  net = timm.create_model(card["timm"]["name"],
+                          pretrained=False,
+                          **card["timm"]["kwargs"])
+  net.load_state_dict(safetensors.torch.load_file(weights), strict=True)
+
+  class Normalized(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.net = net
+      shape = (1, 3, 1, 1)
+      self.register_buffer("mean",
+                           torch.tensor(card["input"]["mean"]).view(shape))
+      self.register_buffer("std",
+                           torch.tensor(card["input"]["std"]).view(shape))
+
+    def forward(self, x):
+      return self.net((x - self.mean) / self.std)
+
+  logits_fn = lambda params, x: model.apply({"params": params}, x)
+  return logits_fn, jax.tree.map(np.asarray, loaded.params), Normalized().eval()
+
+
+_COMPILE_SECONDS = [0.0, 0]  # XLA compilation: seconds, programs
+
+
+def _count_compilation(event: str, duration: float, **kwargs) -> None:
+  del kwargs
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILE_SECONDS[0] += duration
+    _COMPILE_SECONDS[1] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+
+
+def compilation_so_far() -> Tuple[float, int]:
+  """(seconds, programs) XLA has compiled in this process so far."""
+  return _COMPILE_SECONDS[0], _COMPILE_SECONDS[1]
+
+
 def run_ours(params,
              images,
              labels,
@@ -180,6 +281,7 @@ def run_ours(params,
              version="standard",
              logits_fn=mlp_logits,
              stochastic=False,
+             placement=None,
              with_seconds=False) -> Dict[str, float]:
   result = attacks.autoattack(logits_fn,
                               jax.random.key(seed),
@@ -190,6 +292,7 @@ def run_ours(params,
                               batch_size=batch_size,
                               version=version,
                               stochastic=stochastic,
+                              placement=placement,
                               verbose=False)
   if with_seconds:
     return result.robust_accuracy, result.seconds
@@ -334,13 +437,44 @@ def run_reference(params,
   return accuracy
 
 
+def _digits_params(args, images, labels):
+  """The digits model's weights: read from --params_cache, else trained
+  (and written there)."""
+  if args.params_cache and os.path.exists(args.params_cache):
+    with open(args.params_cache, "rb") as f:
+      params = pickle.load(f)
+    print(f"{args.model} weights read from {args.params_cache}")
+    return params
+  start = time.perf_counter()
+  train = {"mlp": train_robust_mlp, "vit": train_robust_vit}[args.model]
+  params = train(images, labels, eps=args.eps)
+  print(f"{args.model} trained in {time.perf_counter() - start:.1f} s")
+  if args.params_cache:
+    with open(args.params_cache, "wb") as f:
+      pickle.dump(params, f)
+  return params
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_images", type=int, default=1797)
   parser.add_argument("--eps", type=float, default=EPS)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=500)
-  parser.add_argument("--model", default="mlp", choices=["mlp", "vit"])
+  parser.add_argument("--model",
+                      default="mlp",
+                      choices=["mlp", "vit", "export"])
+  parser.add_argument("--export",
+                      default="",
+                      help="--model=export: a run's export directory")
+  parser.add_argument("--correct_only",
+                      action="store_true",
+                      help="--model=export: the first --num_images test "
+                      "images the model classifies correctly")
+  parser.add_argument(
+      "--data_root",
+      default=os.path.expanduser("~/.cache/vitat_jax/cifar10-jpeg/cifar10"),
+      help="--model=export: the CIFAR-10 image folder")
   parser.add_argument("--torch_threads",
                       default="",
                       help="comma-separated PyTorch thread counts for fra31, "
@@ -355,6 +489,13 @@ def main():
                       default="",
                       help="a pickle of the trained weights: loaded if it "
                       "exists, else written (saves the training in reruns)")
+  parser.add_argument("--ours_devices",
+                      default="",
+                      help="comma-separated device counts to run ours on, "
+                      "each in turn (at most --cpu_devices; default: all)")
+  parser.add_argument("--no_compiled_rerun",
+                      action="store_true",
+                      help="skip ours' second, compiled run")
   parser.add_argument("--ours_only",
                       action="store_true",
                       help="time ours only (no fra31, no comparison)")
@@ -364,61 +505,77 @@ def main():
   args = parser.parse_args()
   if args.version == "rand" and args.model != "mlp":
     parser.error("--version=rand attacks the randomised MLP: drop --model")
-  images, labels = digits()
+  if (args.model == "export") != bool(args.export):
+    parser.error("--export=DIR goes with --model=export (and only with it)")
   start = time.perf_counter()
-  train = {"mlp": train_robust_mlp, "vit": train_robust_vit}[args.model]
-  if args.params_cache and os.path.exists(args.params_cache):
-    with open(args.params_cache, "rb") as f:
-      params = pickle.load(f)
-    print(f"{args.model} weights read from {args.params_cache}")
+  if args.model == "export":
+    logits_fn, params, torch_model = load_export(args.export)
+    images, labels = cifar_test_images(
+        args.data_root, 10_000 if args.correct_only else args.num_images)
+    if args.correct_only:
+      images, labels = first_correct(logits_fn, params, images, labels,
+                                     args.num_images)
+    print(f"{args.export} loaded, {len(images)} CIFAR-10 test images read in "
+          f"{time.perf_counter() - start:.1f} s")
   else:
-    params = train(images, labels, eps=args.eps)
-    print(f"{args.model} trained in {time.perf_counter() - start:.1f} s")
-    if args.params_cache:
-      with open(args.params_cache, "wb") as f:
-        pickle.dump(params, f)
-  images, labels = images[:args.num_images], labels[:args.num_images]
-  logits_fn = {"mlp": mlp_logits, "vit": vit_logits}[args.model]
-  with tempfile.TemporaryDirectory() as directory:
-    torch_model = (torch_vit(params, directory)
-                   if args.model == "vit" else torch_mlp(params))
+    images, labels = digits()
+    params = _digits_params(args, images, labels)
+    images, labels = images[:args.num_images], labels[:args.num_images]
+    logits_fn = {"mlp": mlp_logits, "vit": vit_logits}[args.model]
+    with tempfile.TemporaryDirectory() as directory:
+      torch_model = (torch_vit(params, directory)
+                     if args.model == "vit" else torch_mlp(params))
   stochastic = args.version == "rand"
   if stochastic:
     logits_fn, torch_model = noisy_mlp_logits, torch_noisy(torch_model)
-  start = time.perf_counter()
   common = dict(eps=args.eps,
                 seed=args.seed,
                 batch_size=args.batch_size,
                 version=args.version)
-  ours, ours_seconds = run_ours(params,
-                                images,
-                                labels,
-                                logits_fn=logits_fn,
-                                stochastic=stochastic,
-                                with_seconds=True,
-                                **common)
-  ours_s = time.perf_counter() - start
-  # Again, compiled: what a second evaluation in the same process costs.
-  start = time.perf_counter()
-  _, warm_seconds = run_ours(params,
-                             images,
-                             labels,
-                             logits_fn=logits_fn,
-                             stochastic=stochastic,
-                             with_seconds=True,
-                             **common)
-  warm_s = time.perf_counter() - start
-  if args.ours_only:
-    print(f"ours on {jax.device_count()} CPU device(s): {ours_s:.1f} s "
-          f"({warm_s:.1f} s compiled)")
+  counts = ([int(k) for k in args.ours_devices.split(",")]
+            if args.ours_devices else [jax.device_count()])
+  if max(counts) > jax.device_count():
+    parser.error(f"--ours_devices={args.ours_devices} but --cpu_devices="
+                 f"{jax.device_count()}")
+  ours = {}  # device count -> (accuracies, seconds, total, compile, compiled)
+  for count in counts:
+    placement = attacks.Placement(devices=jax.local_devices()[:count])
+    run = lambda: run_ours(params,
+                           images,
+                           labels,
+                           logits_fn=logits_fn,
+                           stochastic=stochastic,
+                           placement=placement,
+                           with_seconds=True,
+                           **common)
+    compiled_before = compilation_so_far()
+    start = time.perf_counter()
+    accuracy, seconds = run()
+    total = time.perf_counter() - start
+    compiling = tuple(
+        now - before
+        for now, before in zip(compilation_so_far(), compiled_before))
+    warm = None
+    if not args.no_compiled_rerun:  # what a second evaluation costs
+      start = time.perf_counter()
+      warm = (*run(), time.perf_counter() - start)
+    ours[count] = (accuracy, seconds, total, compiling, warm)
+  for count, (accuracy, seconds, total, (compile_s, programs),
+              warm) in ours.items():
+    print(f"ours on {count} CPU device(s): {total:.1f} s including "
+          f"compilation ({compile_s:.1f} s compiling {programs} XLA programs)" +
+          (f", {warm[2]:.1f} s compiled" if warm else ""))
     for name in attacks.VERSIONS[args.version]:
-      print(f"{name:10s} {100 * ours[name]:9.2f}% {ours_seconds[name]:8.1f}"
-            f" {warm_seconds[name]:8.1f}")
+      print(
+          f"  {name:10s} {100 * accuracy[name]:9.2f}% {seconds[name]:8.1f} s" +
+          (f" ({warm[1][name]:.1f} s compiled)" if warm else ""))
+  if args.ours_only:
     return
   threads = [
       int(t) for t in (args.torch_threads or {
           "mlp": "1",
-          "vit": "1,2"
+          "vit": "1,2",
+          "export": "2"
       }[args.model]).split(",")
   ]
   references = {}
@@ -433,25 +590,24 @@ def main():
     references[count] = (result, time.perf_counter() - start)
   best = min(references, key=lambda t: references[t][1])
   theirs, theirs_s = references[best]
-  print(f"{args.model}, {len(images)} digits, eps={args.eps}, version "
-        f"{args.version}, ours on {jax.device_count()} CPU device(s), fra31 "
-        f"with {best} thread(s) (fastest of {threads})")
-  print(f"{'after':10s} {'vitat_jax':>10s} {'fra31':>10s} {'diff (pp)':>10s}"
-        f" {'ours s':>8s} {'compiled':>8s} {'fra31 s':>8s}")
+  what = "CIFAR-10 images" if args.model == "export" else "digits"
+  print(f"{args.model}, {len(images)} {what}, eps={args.eps}, version "
+        f"{args.version}, fra31 with {best} thread(s) (fastest of {threads})")
+  head = "".join(f" {f'ours {k} dev':>11s}" for k in ours)
+  print(f"{'after':10s} {'fra31':>10s}{head} (robust accuracy; seconds)")
   for name in ("clean", *attacks.VERSIONS[args.version]):
-    a, b = ours[name], theirs[name]
-    times = ("" if name == "clean" else
-             f" {ours_seconds[name]:8.1f} {warm_seconds[name]:8.1f} "
-             f"{theirs.get(name + '_s', float('nan')):8.1f}")
-    print(f"{name:10s} {100 * a:9.2f}% {100 * b:9.2f}% {100 * (a - b):+10.2f}" +
-          times)
-  print(f"{'time':10s} {ours_s:9.1f}s {theirs_s:9.1f}s   (ours including "
-        "compilation)")
-  print(f"{'compiled':10s} {warm_s:9.1f}s")
+    row = f"{name:10s} {100 * theirs[name]:9.2f}%"
+    row += "".join(f" {100 * ours[k][0][name]:10.2f}%" for k in ours)
+    if name != "clean":
+      row += f"   {theirs.get(name + '_s', float('nan')):7.1f}"
+      row += "".join(f" {ours[k][1][name]:7.1f}" for k in ours)
+    print(row)
   for count, (_, seconds) in sorted(references.items()):
     print(f"fra31 with {count} PyTorch thread(s): {seconds:.1f} s")
-  print(f"speed-up over fra31: {theirs_s / ours_s:.2f}x including "
-        f"compilation, {theirs_s / warm_s:.2f}x compiled")
+  for count, (_, _, total, _, warm) in ours.items():
+    print(f"speed-up over fra31 on {count} CPU device(s): "
+          f"{theirs_s / total:.2f}x including compilation" +
+          (f", {theirs_s / warm[2]:.2f}x compiled" if warm else ""))
 
 
 if __name__ == "__main__":
