@@ -223,7 +223,6 @@ def load_export(directory: str):
   import json  # pylint: disable=g-import-not-at-top
   import safetensors.torch  # pylint: disable=g-import-not-at-top
   import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   import vitat_jax  # pylint: disable=g-import-not-at-top
   with open(os.path.join(directory, "model_card.json")) as f:
     card = json.load(f)
@@ -234,23 +233,10 @@ def load_export(directory: str):
                           pretrained=False,
                           **card["timm"]["kwargs"])
   net.load_state_dict(safetensors.torch.load_file(weights), strict=True)
-
-  class Normalized(torch.nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.net = net
-      shape = (1, 3, 1, 1)
-      self.register_buffer("mean",
-                           torch.tensor(card["input"]["mean"]).view(shape))
-      self.register_buffer("std",
-                           torch.tensor(card["input"]["std"]).view(shape))
-
-    def forward(self, x):
-      return self.net((x - self.mean) / self.std)
-
+  torch_model = normalized_torch(net, card["input"]["mean"],
+                                 card["input"]["std"])
   logits_fn = lambda params, x: model.apply({"params": params}, x)
-  return logits_fn, jax.tree.map(np.asarray, loaded.params), Normalized().eval()
+  return logits_fn, jax.tree.map(np.asarray, loaded.params), torch_model
 
 
 _COMPILE_SECONDS = [0.0, 0]  # XLA compilation: seconds, programs
@@ -362,12 +348,30 @@ def torch_noisy(module):
   return Noisy().eval()
 
 
+def normalized_torch(net, mean, std):
+  """`net` (a timm model: normalised NCHW input) taking [0, 1] pixels, as
+  this library's models do, in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class Normalized(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.net = net
+      self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+      self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+      return self.net((x - self.mean) / self.std)
+
+  return Normalized().eval()
+
+
 def torch_vit(params, directory):
   """timm's DeiT with the JAX weights (through `pretrained.export_timm`),
   normalising its [0, 1] NCHW input as the JAX model does."""
   import safetensors.torch  # pylint: disable=g-import-not-at-top
   import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   from vitat_jax import pretrained  # pylint: disable=g-import-not-at-top
   model = tiny_vit()
   path = os.path.join(directory, "tiny_vit.safetensors")
@@ -376,19 +380,7 @@ def torch_vit(params, directory):
                           pretrained=False,
                           **VIT_KWARGS)
   vit.load_state_dict(safetensors.torch.load_file(path), strict=True)
-
-  class Normalized(torch.nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.vit = vit
-      self.register_buffer("mean", torch.tensor(model.mean).view(1, 3, 1, 1))
-      self.register_buffer("std", torch.tensor(model.std).view(1, 3, 1, 1))
-
-    def forward(self, x):
-      return self.vit((x - self.mean) / self.std)
-
-  return Normalized().eval()
+  return normalized_torch(vit, model.mean, model.std)
 
 
 def run_reference(params,
