@@ -117,8 +117,11 @@ def analytic_flops(case: Case) -> Dict[str, float]:
   the gradients to activations and weights; none to the pixels)."""
   n, d = case.tokens, case.embed_dim
   hidden = int(case.mlp_ratio * d)
-  linear = case.depth * 2 * n * (4 * d * d + 2 * d * hidden)
-  attention = case.depth * 2 * 2 * n * n * d
+  # The last block computes the class token alone (`layers.Block.outputs`):
+  # its qkv projection sees every token, the rest only the class token.
+  linear = ((case.depth - 1) * 2 * n * (4 * d * d + 2 * d * hidden) +
+            2 * n * 3 * d * d + 2 * (d * d + 2 * d * hidden))
+  attention = (case.depth - 1) * 2 * 2 * n * n * d + 2 * 2 * n * d
   patch = 2 * (n - 1) * case.patch_size**2 * 3 * d
   head = 2 * d * case.num_classes
   forward = linear + attention + patch + head

@@ -13,11 +13,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_analytic_count_of_a_vit_b_step():
-  """ViT-B/16 at 224 px: 17.56 GFLOP per forward pass (the usual figure),
-  and a PGD-5 AT step is 5 attack iterations (forward + input gradient)
-  and one update (forward + activation and weight gradients)."""
-  flops = accelerator.analytic_flops(accelerator.CASES["a"])
-  assert abs(flops["forward"] / 1e9 - 35.1) < 0.2  # 2 x 17.56 GMACs
+  """ViT-B/16 at 224 px: 17.56 GMACs per forward pass (the usual figure)
+  less the last block's work on the 196 patch tokens, which the head does
+  not read (16.5 GMACs), and a PGD-5 AT step is 5 attack iterations
+  (forward + input gradient) and one update (forward + activation and
+  weight gradients)."""
+  case = accelerator.CASES["a"]
+  flops = accelerator.analytic_flops(case)
+  d, n = case.embed_dim, case.tokens
+  # The last block's MLP, projection and attention rows of 196 tokens.
+  skipped = 2 * (n - 1) * (d * d + 8 * d * d) + 2 * 2 * (n - 1) * n * d
+  assert abs((flops["forward"] + skipped) / 1e9 - 35.1) < 0.2  # 2 x 17.56
+  assert abs(flops["forward"] / 1e9 - 32.9) < 0.1
   assert 13 * flops["forward"] < flops["step"] < 14 * flops["forward"]
 
 
