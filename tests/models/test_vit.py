@@ -265,10 +265,19 @@ def test_a_last_block_computing_the_prefix_alone_equals_the_full_block(fused):
   x = jax.random.normal(jax.random.key(0), (3, 17, 16))
   full = layers.Block(2, fused_attention=fused)
   params = full.init(jax.random.key(1), x)
-  for outputs in (1, 2):
-    prefix = layers.Block(2, fused_attention=fused, outputs=outputs)
-    want = lambda v, n=outputs: full.apply(params, v)[:, :n]
-    got = lambda v, m=prefix: m.apply(params, v)
-    np.testing.assert_allclose(got(x), want(x), rtol=1e-6, atol=1e-6)
-    grad = lambda f: jax.grad(lambda v: jnp.sum(jnp.sin(f(v))))(x)
-    np.testing.assert_allclose(grad(got), grad(want), rtol=1e-5, atol=1e-6)
+
+  @jax.jit
+  def both(v):  # (prefix blocks' values and input gradients, the full one's)
+    out = []
+    for outputs in (1, 2):
+      prefix = layers.Block(2, fused_attention=fused, outputs=outputs)
+      for f in (lambda u, m=prefix: m.apply(params, u),
+                lambda u, n=outputs: full.apply(params, u)[:, :n]):
+        out.append((f(v), jax.grad(lambda u, f=f: jnp.sum(jnp.sin(f(u))))(v)))
+    return out
+
+  results = both(x)
+  for (got, grad_got), (want, grad_want) in zip(results[::2], results[1::2]):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad_got, grad_want, rtol=1e-5, atol=1e-6)
