@@ -181,17 +181,18 @@ def train_robust_vit(images, labels, *, eps=EPS, steps=2000, seed=0):
                       batch_size=128)
 
 
-def cifar_test_images(root: str, count: int):
-  """The first `count` test images of the CIFAR-10 image folder `root`
-  (root/test/<class>/*.jpg), taking the classes in turn (class c's k-th
-  image is row 10 k + c), as [N, 32, 32, 3] float32 in [0, 1], and labels."""
+def cifar_test_images(root: str, count: int, first: int = 0):
+  """`count` test images of the CIFAR-10 image folder `root`
+  (root/test/<class>/*.jpg) from row `first` on, taking the classes in turn
+  (class c's k-th image is row 10 k + c), as [N, 32, 32, 3] float32 in
+  [0, 1], and labels (fewer at the end of the split)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   test = os.path.join(root, "test")
   classes = sorted(os.listdir(test))
   files = [sorted(os.listdir(os.path.join(test, c))) for c in classes]
-  count = min(count, len(classes) * min(map(len, files)))
+  end = min(first + count, len(classes) * min(map(len, files)))
   images, labels = [], []
-  for row in range(count):
+  for row in range(first, end):
     label, index = row % len(classes), row // len(classes)
     with Image.open(os.path.join(test, classes[label],
                                  files[label][index])) as image:
@@ -200,19 +201,23 @@ def cifar_test_images(root: str, count: int):
   return np.stack(images), np.asarray(labels, np.int32)
 
 
-def first_correct(logits_fn, params, images, labels, count: int):
-  """The first `count` of `images` that the model classifies correctly
-  (a set whose cost is the attacks', not the clean check's)."""
+def first_correct(logits_fn, params, root: str, count: int):
+  """The first `count` test images of `root` (`cifar_test_images`) that the
+  model classifies correctly (a set whose cost is the attacks', not the
+  clean check's), read and classified 500 at a time until there are
+  enough."""
   predict = jax.jit(lambda x: jnp.argmax(logits_fn(params, x), -1))
-  keep = []
-  for start in range(0, len(images), 500):
-    batch = slice(start, start + 500)
-    right = np.asarray(predict(images[batch])) == labels[batch]
-    keep.extend(start + np.flatnonzero(right))
-    if len(keep) >= count:
+  kept_images, kept_labels, found = [], [], 0
+  for first in range(0, 10_000, 500):
+    images, labels = cifar_test_images(root, 500, first)
+    right = np.asarray(predict(images)) == labels
+    kept_images.append(images[right])
+    kept_labels.append(labels[right])
+    found += int(right.sum())
+    if found >= count or len(images) < 500:
       break
-  keep = np.asarray(keep[:count])
-  return images[keep], labels[keep]
+  return (np.concatenate(kept_images)[:count],
+          np.concatenate(kept_labels)[:count])
 
 
 def load_export(directory: str):
@@ -502,11 +507,11 @@ def main():
   start = time.perf_counter()
   if args.model == "export":
     logits_fn, params, torch_model = load_export(args.export)
-    images, labels = cifar_test_images(
-        args.data_root, 10_000 if args.correct_only else args.num_images)
     if args.correct_only:
-      images, labels = first_correct(logits_fn, params, images, labels,
+      images, labels = first_correct(logits_fn, params, args.data_root,
                                      args.num_images)
+    else:
+      images, labels = cifar_test_images(args.data_root, args.num_images)
     print(f"{args.export} loaded, {len(images)} CIFAR-10 test images read in "
           f"{time.perf_counter() - start:.1f} s")
   else:
